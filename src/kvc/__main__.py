@@ -1,0 +1,5 @@
+import sys
+
+from kvc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""A kernel module file: name, modinfo, symbols, modversions and signature, read like libkmod."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional, Union
+
+from kvc.kmod import compression
+from kvc.kmod.elf import ElfFile, Symbol, decode, split_strings
+from kvc.kmod.errors import ModuleFormatError
+from kvc.kmod.signature import ModuleSignature, read_signature
+
+# A module file bigger than this is not a kernel module; refuse before reading it into memory.
+MAX_MODULE_FILE = 1024 * 1024 * 1024
+
+
+def name_from_path(path: str) -> str:
+    """kmod's module name for a file: the basename up to the first '.', with '-' as '_'."""
+    return normalize_name(os.path.basename(path).split(".", 1)[0])
+
+
+def normalize_name(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def is_module_filename(filename: str) -> bool:
+    return filename.endswith(compression.MODULE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class ModinfoEntry:
+    key: str
+    value: str
+
+
+def parse_modinfo(strings: list[bytes]) -> tuple[ModinfoEntry, ...]:
+    """``key=value`` strings as kmod splits them; a string without '=' is a key with an empty value."""
+    entries = []
+    for raw in strings:
+        key, _sep, value = raw.partition(b"=")
+        entries.append(ModinfoEntry(decode(key), decode(value)))
+    return tuple(entries)
+
+
+class ModuleFile:
+    """One ``.ko`` file (optionally xz/zstd/gzip compressed), parsed lazily."""
+
+    def __init__(self, path: str, raw: Union[bytes, mmap.mmap]) -> None:
+        self.path = path
+        self.raw = raw
+        self.compression, self.image = compression.decompress(raw, path)
+
+    @classmethod
+    def open(cls, path: str) -> ModuleFile:
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size > MAX_MODULE_FILE:
+                    raise ModuleFormatError(path, f"file is {size} bytes, larger than any kernel module",
+                                            errno=errno.EFBIG)
+                if size == 0:
+                    raw: Union[bytes, mmap.mmap] = b""
+                elif compression.detect(handle.read(8)) is None:
+                    # Uncompressed modules are mapped, not read: modinfo touches only a few pages.
+                    raw = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                else:
+                    handle.seek(0)
+                    raw = handle.read()
+        except IsADirectoryError:
+            raise ModuleFormatError(path, "is a directory", errno=errno.EISDIR) from None
+        return cls(path, raw)
+
+    @property
+    def name(self) -> str:
+        return name_from_path(self.path)
+
+    @cached_property
+    def elf(self) -> ElfFile:
+        return ElfFile(self.image, self.path)
+
+    @cached_property
+    def modinfo(self) -> tuple[ModinfoEntry, ...]:
+        return parse_modinfo(self.elf.strings(".modinfo"))
+
+    def info_values(self, key: str) -> list[str]:
+        return [entry.value for entry in self.modinfo if entry.key == key]
+
+    def info_value(self, key: str) -> Optional[str]:
+        values = self.info_values(key)
+        return values[0] if values else None
+
+    @property
+    def vermagic(self) -> Optional[str]:
+        return self.info_value("vermagic")
+
+    @property
+    def depends(self) -> list[str]:
+        value = self.info_value("depends")
+        return [name for name in value.split(",") if name] if value else []
+
+    @property
+    def aliases(self) -> list[str]:
+        return self.info_values("alias")
+
+    @property
+    def softdeps(self) -> list[str]:
+        return self.info_values("softdep")
+
+    @property
+    def weakdeps(self) -> list[str]:
+        return self.info_values("weakdep")
+
+    @property
+    def firmware(self) -> list[str]:
+        return self.info_values("firmware")
+
+    @cached_property
+    def exported_symbols(self) -> list[Symbol]:
+        return self.elf.exported_symbols()
+
+    @cached_property
+    def dependency_symbols(self) -> list[Symbol]:
+        return self.elf.dependency_symbols()
+
+    @cached_property
+    def modversions(self) -> list[Symbol]:
+        return [Symbol(decode(name[1:] if name.startswith(b".") else name), crc, "undefined")
+                for crc, name in self.elf.modversions()]
+
+    @cached_property
+    def this_module_name(self) -> Optional[str]:
+        """The name the kernel will register, from ``struct module`` in ``.gnu.linkonce.this_module``."""
+        data = self.elf.section_data(".gnu.linkonce.this_module")
+        if data is None:
+            return None
+        # struct module starts with `enum module_state state; struct list_head list; char name[]`.
+        offset = 24 if self.elf.is_64 else 12
+        field = data[offset:offset + 56]
+        end = field.find(b"\0")
+        return decode(field if end < 0 else field[:end]) or None
+
+    @cached_property
+    def signature(self) -> Optional[ModuleSignature]:
+        return read_signature(self.image, self.path)
+
+    @property
+    def parameters(self) -> list[tuple[str, Optional[str], Optional[str]]]:
+        """(name, description, type) for each parameter, in order of first appearance."""
+        found: dict[str, list[Optional[str]]] = {}
+        for entry in self.modinfo:
+            if entry.key not in ("parm", "parmtype"):
+                continue
+            name, _sep, rest = entry.value.partition(":")
+            slot = found.setdefault(name, [None, None])
+            slot[0 if entry.key == "parm" else 1] = rest
+        return [(name, desc, kind) for name, (desc, kind) in found.items()]
+
+
+def strip_for_force(image: bytes, elf: ElfFile, *, modversions: bool, vermagic: bool) -> bytes:
+    """A copy of ``image`` prepared for a forced load, like kmod_elf_strip: clear SHF_ALLOC on
+    ``__versions`` and/or blank the ``vermagic=`` string of ``.modinfo``."""
+    changed = bytearray(image)
+    if modversions:
+        section = elf.section("__versions")
+        if section is not None:
+            flags_at = section.header_offset + 8
+            fmt = elf.order + ("Q" if elf.is_64 else "I")
+            (flags,) = struct.unpack_from(fmt, changed, flags_at)
+            struct.pack_into(fmt, changed, flags_at, flags & ~0x2)
+    if vermagic:
+        section = elf.section(".modinfo")
+        if section is not None:
+            data = image[section.offset:section.offset + section.size]
+            position = 0
+            for text in split_strings(data):
+                position = data.index(text, position)
+                if text.startswith(b"vermagic="):
+                    start = section.offset + position
+                    changed[start:start + len(text)] = bytes(len(text))
+                    break
+                position += len(text)
+    return bytes(changed)

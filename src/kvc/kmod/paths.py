@@ -1,0 +1,46 @@
+"""Where host files live. ``KVC_ROOT=DIR`` makes every host path resolve under DIR, so tests and
+image builds can point kvc at a fake ``/proc``, ``/sys``, ``/lib/modules`` and ``/etc``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+ROOT_ENV = "KVC_ROOT"
+KERNEL_ENV = "KVC_KERNEL"
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    root: str = "/"
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> HostPaths:
+        env = os.environ if environ is None else environ
+        return cls(env.get(ROOT_ENV) or "/")
+
+    def host(self, path: str) -> str:
+        """An absolute host path, resolved under the root."""
+        if self.root in ("", "/"):
+            return path
+        return os.path.join(self.root, path.lstrip("/"))
+
+    @property
+    def proc(self) -> str:
+        return self.host("/proc")
+
+    @property
+    def sys_module(self) -> str:
+        return self.host("/sys/module")
+
+    @property
+    def lib_modules(self) -> str:
+        return self.host("/lib/modules")
+
+    def module_dir(self, kernel_release: str) -> str:
+        return os.path.join(self.lib_modules, kernel_release)
+
+    @property
+    def etc(self) -> str:
+        return self.host("/etc")

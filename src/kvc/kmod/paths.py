@@ -44,3 +44,16 @@ class HostPaths:
     @property
     def etc(self) -> str:
         return self.host("/etc")
+
+    def kernel_release(self) -> str:
+        """The running kernel's release; under a root, the root's ``proc/sys/kernel/osrelease``
+        when it exists (a fake kernel keeps its release there)."""
+        if self.root not in ("", "/"):
+            try:
+                with open(self.host("/proc/sys/kernel/osrelease"), encoding="utf-8") as handle:
+                    release = handle.read().strip()
+                if release:
+                    return release
+            except OSError:
+                pass
+        return os.uname().release

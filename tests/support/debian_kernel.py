@@ -1,0 +1,94 @@
+"""The real Debian kernel the tests run against: its module tree, vmlinuz and Module.symvers.
+
+The version is the one Debian's ``linux-image-amd64`` metapackage names. The package is fetched
+with ``apt-get download`` and unpacked with ``dpkg-deb -x`` once, into a cache directory
+(``KVC_TEST_CACHE``, default ``~/.cache/kvc-test``) that later runs reuse.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DebianKernel:
+    release: str
+    root: Path  # a root directory holding boot/ and lib/modules/RELEASE/
+
+    @property
+    def moddir(self) -> Path:
+        return self.root / "lib" / "modules" / self.release
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.release}"
+
+    @property
+    def symvers(self) -> Path:
+        return Path("/usr/src") / f"linux-headers-{self.release}" / "Module.symvers"
+
+    @property
+    def system_map(self) -> Path:
+        return self.root / "boot" / f"System.map-{self.release}"
+
+    def modules(self) -> list[Path]:
+        return sorted(self.moddir.rglob("*.ko"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test")
+
+
+def current_release() -> str:
+    """The kernel release (e.g. 6.1.0-56-amd64) that linux-image-amd64 depends on."""
+    out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], check=True,
+                         capture_output=True, text=True).stdout
+    match = re.search(r"Depends: linux-image-(\d+\.\d+\.\d+-\d+-amd64)\b", out)
+    if not match:
+        raise RuntimeError(f"linux-image-amd64 names no kernel image: {out!r}")
+    return match.group(1)
+
+
+@lru_cache(maxsize=None)
+def debian_kernel() -> DebianKernel:
+    release = current_release()
+    base = cache_dir() / release
+    root = base / "tree"
+    done = base / ".complete"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            download = base / "download"
+            shutil.rmtree(download, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
+            download.mkdir()
+            subprocess.run(["apt-get", "download", "-q", f"linux-image-{release}"], cwd=download,
+                           check=True, capture_output=True)
+            (deb,) = download.glob("*.deb")
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+            shutil.rmtree(download)
+            done.touch()
+    return DebianKernel(release, root)
+
+
+@lru_cache(maxsize=None)
+def indexed_debian_kernel() -> DebianKernel:
+    """The same tree with kmod's own depmod output (modules.dep, *.bin, ...) written into it."""
+    kernel = debian_kernel()
+    base = kernel.root.parent
+    done = base / ".indexed"
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            subprocess.run(["depmod", "-C", "/dev/null", "-b", str(kernel.root), kernel.release],
+                           check=True, capture_output=True)
+            done.touch()
+    return kernel

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import mmap
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 from kvc.kmod.errors import ModuleFormatError
@@ -53,8 +52,7 @@ class Section(NamedTuple):
     in_bounds: bool
 
 
-@dataclass(frozen=True)
-class Symbol:
+class Symbol(NamedTuple):
     """A symbol as kmod reports it: name, CRC (0 when unknown) and binding."""
 
     name: str
@@ -107,34 +105,58 @@ class ElfFile:
         if shstrndx == SHN_UNDEF or shstrndx >= shnum:
             self._fail(f"section name table index {shstrndx} out of range")
         fmt = self.order + _SHDR[elf_class]
-        raw_headers = list(struct.iter_unpack(fmt, data[shoff:shoff + shnum * shentsize]))
-        names_off, names_size = raw_headers[shstrndx][4:6]
+        self._headers = list(struct.iter_unpack(fmt, data[shoff:shoff + shnum * shentsize]))
+        self._shentsize = shentsize
+        names_off, names_size = self._headers[shstrndx][4:6]
         if names_off + names_size > size:
             self._fail("section name table runs past the end")
         names = data[names_off:names_off + names_size]
         if not names or names[-1] != 0:
             self._fail("section name table is not NUL-terminated")
-        sections = []
-        for index in range(1, shnum):
-            name_off, sh_type, flags, _addr, offset, sec_size = raw_headers[index][:6]
-            name = decode(names[name_off:names.index(b"\0", name_off)]) if name_off < len(names) else ""
-            sections.append(Section(index, name, sh_type, flags, offset, sec_size,
-                                    shoff + index * shentsize, offset + sec_size <= size))
-        self.sections: tuple[Section, ...] = tuple(sections)
+        self._names = names
+        self._by_name: dict[str, Optional[Section]] = {}
+
+    def _make_section(self, index: int) -> Section:
+        name_off, sh_type, flags, _addr, offset, size = self._headers[index][:6]
+        names = self._names
+        name = decode(names[name_off:names.index(b"\0", name_off)]) if name_off < len(names) else ""
+        return Section(index, name, sh_type, flags, offset, size,
+                       self._shoff + index * self._shentsize, offset + size <= len(self.data))
+
+    @property
+    def sections(self) -> tuple[Section, ...]:
+        """Every section but the null one, in header order."""
+        return tuple(self._make_section(index) for index in range(1, self._shnum))
 
     def _fail(self, problem: str, err: int = errno.EINVAL) -> ModuleFormatError:
         raise ModuleFormatError(self.path, problem, errno=err)
 
     def section(self, name: str) -> Optional[Section]:
         """The first in-bounds section with this name, as kmod_elf_get_section finds it."""
-        for section in self.sections:
-            if section.in_bounds and section.name == name:
-                return section
-        return None
+        if name in self._by_name:
+            return self._by_name[name]
+        # Find where the name is spelled in the name table first, so that a lookup touches
+        # only the headers and never decodes every section name.
+        wanted = name.encode() + b"\0"
+        offsets = set()
+        position = self._names.find(wanted)
+        while position >= 0:
+            offsets.add(position)
+            position = self._names.find(wanted, position + 1)
+        found = None
+        if offsets:
+            size = len(self.data)
+            for index in range(1, self._shnum):
+                header = self._headers[index]
+                if header[0] in offsets and header[4] + header[5] <= size:
+                    found = self._make_section(index)
+                    break
+        self._by_name[name] = found
+        return found
 
     def section_by_index(self, index: int) -> Optional[Section]:
-        if 1 <= index <= len(self.sections):
-            return self.sections[index - 1]
+        if 1 <= index < self._shnum:
+            return self._make_section(index)
         return None
 
     def section_data(self, name: str) -> Optional[bytes]:

@@ -6,9 +6,8 @@ import errno
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 from kvc.kmod import compression
 from kvc.kmod.elf import ElfFile, Symbol, decode, split_strings
@@ -32,18 +31,21 @@ def is_module_filename(filename: str) -> bool:
     return filename.endswith(compression.MODULE_SUFFIXES)
 
 
-@dataclass(frozen=True)
-class ModinfoEntry:
+class ModinfoEntry(NamedTuple):
     key: str
     value: str
 
 
-def parse_modinfo(strings: list[bytes]) -> tuple[ModinfoEntry, ...]:
-    """``key=value`` strings as kmod splits them; a string without '=' is a key with an empty value."""
+def parse_modinfo(section: Optional[bytes]) -> tuple[ModinfoEntry, ...]:
+    """A ``.modinfo`` section's ``key=value`` strings as kmod splits them (runs of NULs separate
+    strings); a string without '=' is a key with an empty value."""
+    if not section:
+        return ()
     entries = []
-    for raw in strings:
-        key, _sep, value = raw.partition(b"=")
-        entries.append(ModinfoEntry(decode(key), decode(value)))
+    for text in decode(section).split("\0"):
+        if text:
+            key, _sep, value = text.partition("=")
+            entries.append(ModinfoEntry(key, value))
     return tuple(entries)
 
 
@@ -85,7 +87,7 @@ class ModuleFile:
 
     @cached_property
     def modinfo(self) -> tuple[ModinfoEntry, ...]:
-        return parse_modinfo(self.elf.strings(".modinfo"))
+        return parse_modinfo(self.elf.section_data(".modinfo"))
 
     def info_values(self, key: str) -> list[str]:
         return [entry.value for entry in self.modinfo if entry.key == key]

@@ -1,0 +1,251 @@
+"""KVC configuration files, parsed safely: ``KEY=value`` assignments in the shell syntax KVC's
+files use (quotes, backslashes, comments, ``export``, ``$VAR``/``${VAR}`` from earlier keys), and
+nothing else — a file is never executed, and command substitution is refused."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from kvc.errors import ConfigError
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:@%=,/-]*")
+_IMAGE_REF = re.compile(r"[a-z0-9][A-Za-z0-9._/:@+-]*")
+_KERNEL_RELEASE = re.compile(r"[0-9][A-Za-z0-9._+~-]*")
+
+CONF_DIR = "/etc/kvc"
+GLOBAL_CONF = "kmods-via-containers.conf"
+RUNTIMES = ("podman", "docker", "buildah")
+
+
+def parse_assignments(text: str, source: str, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The variables a KVC conf file assigns, in order, with shell quoting and expansion of
+    variables assigned earlier in the file (or given in ``environ``)."""
+    values: dict[str, str] = {}
+    known = dict(environ or {})
+    lineno = 0
+    lines = text.split("\n")
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        lineno = index + 1
+        index += 1
+        while line.endswith("\\") and index < len(lines):
+            line = line[:-1] + lines[index]
+            index += 1
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export "):].lstrip()
+        match = _NAME.match(stripped)
+        if not match or stripped[match.end():match.end() + 1] != "=":
+            raise ConfigError(f"{source}:{lineno}: not a KEY=value assignment: {stripped[:60]!r}",
+                              hint="kvc reads conf files as plain assignments and never runs them")
+        name = match.group(0)
+        value, rest = _parse_value(stripped[match.end() + 1:], known, f"{source}:{lineno}")
+        rest = rest.strip()
+        if rest and not rest.startswith("#"):
+            raise ConfigError(f"{source}:{lineno}: unexpected text after the value of {name}: {rest[:40]!r}",
+                              hint="quote values that contain spaces")
+        values[name] = value
+        known[name] = value
+    return values
+
+
+def _parse_value(text: str, known: Mapping[str, str], where: str) -> tuple[str, str]:
+    """(value, remaining text) for one shell word."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(text):
+        char = text[pos]
+        if char in " \t":
+            break
+        if char == "'":
+            end = text.find("'", pos + 1)
+            if end < 0:
+                raise ConfigError(f"{where}: unterminated single quote", hint="close the quote")
+            out.append(text[pos + 1:end])
+            pos = end + 1
+        elif char == '"':
+            pos += 1
+            while True:
+                if pos >= len(text):
+                    raise ConfigError(f"{where}: unterminated double quote", hint="close the quote")
+                char = text[pos]
+                if char == '"':
+                    pos += 1
+                    break
+                if char == "\\" and pos + 1 < len(text) and text[pos + 1] in '"\\$`':
+                    out.append(text[pos + 1])
+                    pos += 2
+                elif char == "$":
+                    expanded, pos = _expand(text, pos, known, where)
+                    out.append(expanded)
+                elif char == "`":
+                    raise ConfigError(f"{where}: command substitution is not allowed",
+                                      hint="write the literal value")
+                else:
+                    out.append(char)
+                    pos += 1
+        elif char == "\\" and pos + 1 < len(text):
+            out.append(text[pos + 1])
+            pos += 2
+        elif char == "$":
+            expanded, pos = _expand(text, pos, known, where)
+            out.append(expanded)
+        elif char in "`;&|<>()":
+            raise ConfigError(f"{where}: shell syntax {char!r} is not allowed in a value",
+                              hint="kvc reads conf files as plain assignments; quote the value")
+        else:
+            out.append(char)
+            pos += 1
+    return "".join(out), text[pos:]
+
+
+def _expand(text: str, pos: int, known: Mapping[str, str], where: str) -> tuple[str, int]:
+    if text.startswith("$(", pos):
+        raise ConfigError(f"{where}: command substitution is not allowed", hint="write the literal value")
+    if text.startswith("${", pos):
+        end = text.find("}", pos)
+        name = text[pos + 2:end] if end > 0 else ""
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{where}: only plain ${{NAME}} expansions are supported",
+                              hint="write the literal value")
+        return known.get(name, ""), end + 1
+    match = _NAME.match(text, pos + 1)
+    if not match:
+        return "$", pos + 1
+    return known.get(match.group(0), ""), match.end()
+
+
+def read_conf(path: str, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", hint="install the instance with 'kvc install'") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_assignments(text, path, environ)
+
+
+def check_word(value: str, what: str, source: str, pattern: re.Pattern[str] = _SAFE_WORD) -> str:
+    """``value`` if it is safe to place on a command line (no option injection, no shell)."""
+    if not pattern.fullmatch(value):
+        raise ConfigError(f"{source}: {what} {value!r} is not allowed",
+                          hint="use letters, digits and . _ - + : @ % = , / (and no leading '-')")
+    return value
+
+
+def check_name(name: str, source: str = "instance name") -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise ConfigError(f"{source}: instance name {name!r} is not allowed",
+                          hint="use letters, digits and . _ - + and start with a letter or digit")
+    return name
+
+
+def check_kernel_release(release: str) -> str:
+    return check_word(release, "kernel release", "--kernel", _KERNEL_RELEASE)
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    runtime: str = "podman"
+    runtime_args: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, conf_dir: str) -> GlobalConfig:
+        path = os.path.join(conf_dir, GLOBAL_CONF)
+        if not os.path.exists(path):
+            return cls()
+        values = read_conf(path)
+        runtime = values.get("KVC_CONTAINER_RUNTIME", "podman") or "podman"
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"{path}: KVC_CONTAINER_RUNTIME={runtime!r} is not supported",
+                              hint=f"use one of: {', '.join(RUNTIMES)}")
+        args = tuple(values.get("KVC_RUNTIME_ARGS", "").split())
+        for arg in args:
+            check_word(arg.lstrip("-") or "-", "runtime argument", path)
+        return cls(runtime, args)
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One instance: ``/etc/kvc/NAME.conf``."""
+
+    name: str
+    source: str
+    build_context: str
+    build_file: str
+    software_version: str
+    module_names: tuple[str, ...]
+    module_params: Mapping[str, str] = field(default_factory=dict)
+    wrapper_tools: tuple[str, ...] = ()
+    build_args: tuple[tuple[str, str], ...] = ()
+    image: str = ""
+    smoke_test: str = ""
+    keep_kernels: int = 3
+
+    @property
+    def image_repository(self) -> str:
+        """KVC's image name: ``NAME-VERSION`` (tagged with the kernel release)."""
+        return f"{self.name}-{self.software_version}"
+
+    @classmethod
+    def load(cls, conf_dir: str, name: str) -> InstanceConfig:
+        check_name(name)
+        path = os.path.join(conf_dir, f"{name}.conf")
+        values = read_conf(path)
+        return cls.from_values(name, path, values)
+
+    @classmethod
+    def from_values(cls, name: str, path: str, values: Mapping[str, str]) -> InstanceConfig:
+        def required(key: str) -> str:
+            value = values.get(key, "")
+            if not value:
+                raise ConfigError(f"{path}: {key} is not set", hint=f"add {key}=... to {path}")
+            return value
+
+        image = values.get("KVC_IMAGE", "")
+        if image:
+            check_word(image, "KVC_IMAGE", path, _IMAGE_REF)
+        context = values.get("KMOD_CONTAINER_BUILD_CONTEXT", "")
+        if not image:
+            context = required("KMOD_CONTAINER_BUILD_CONTEXT")
+        if context:
+            check_word(context, "KMOD_CONTAINER_BUILD_CONTEXT", path)
+        build_file = values.get("KMOD_CONTAINER_BUILD_FILE", "") or "Containerfile"
+        check_word(build_file, "KMOD_CONTAINER_BUILD_FILE", path)
+        version = check_word(required("KMOD_SOFTWARE_VERSION"), "KMOD_SOFTWARE_VERSION", path)
+        modules = tuple(required("KMOD_NAMES").split())
+        for module in modules:
+            check_word(module, "module name in KMOD_NAMES", path)
+        params = {}
+        prefix = "KVC_MODULE_PARAMS_"
+        for key, value in values.items():
+            if key.startswith(prefix):
+                module = key[len(prefix):]
+                if module not in {m.replace("-", "_") for m in modules}:
+                    raise ConfigError(f"{path}: {key} names no module of KMOD_NAMES",
+                                      hint="use the module name with '-' written as '_'")
+                params[module] = value
+        tools = tuple(values.get("KVC_WRAPPER_TOOLS", "").split())
+        for tool in tools:
+            check_word(tool, "wrapper tool", path)
+        build_args = []
+        for item in values.get("KVC_BUILD_ARGS", "").split():
+            key, sep, value = item.partition("=")
+            if not sep or not _NAME.fullmatch(key):
+                raise ConfigError(f"{path}: KVC_BUILD_ARGS item {item!r} is not NAME=value")
+            build_args.append((key, value))
+        keep = values.get("KVC_KEEP_KERNELS", "3")
+        if not keep.isdigit() or int(keep) < 1:
+            raise ConfigError(f"{path}: KVC_KEEP_KERNELS={keep!r} must be a whole number >= 1")
+        return cls(name=name, source=path, build_context=context, build_file=build_file,
+                   software_version=version, module_names=modules, module_params=params,
+                   wrapper_tools=tools, build_args=tuple(build_args), image=image,
+                   smoke_test=values.get("KVC_SMOKE_TEST", ""), keep_kernels=int(keep))

@@ -1,0 +1,57 @@
+"""Where the framework keeps things on a host, all under ``KVC_ROOT`` when it is set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from kvc.kmod.paths import HostPaths
+
+# The original framework's library directories; later entries are sourced later and win.
+LEGACY_LIBRARY_DIRS = ("/usr/local/lib/kvc", "/usr/lib/kvc")
+# tigera's layout keeps everything under /etc; sourced after the others when present.
+ETC_LIBRARY_DIR = "/etc/kvc/lib/kvc"
+
+
+@dataclass(frozen=True)
+class Layout:
+    host: HostPaths
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Layout:
+        return cls(HostPaths.from_env(environ))
+
+    @property
+    def conf_dir(self) -> str:
+        return self.host.host("/etc/kvc")
+
+    def instance_conf(self, name: str) -> str:
+        return os.path.join(self.conf_dir, f"{name}.conf")
+
+    @property
+    def state_dir(self) -> str:
+        return self.host.host("/var/lib/kvc")
+
+    def instance_state(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+    def kernel_state(self, name: str, kernel_release: str) -> str:
+        """Extracted modules of one instance for one kernel: ``/var/lib/kvc/NAME/KVER``."""
+        return os.path.join(self.state_dir, name, kernel_release)
+
+    @property
+    def lock_dir(self) -> str:
+        return self.host.host("/run/kvc")
+
+    @property
+    def library_dirs(self) -> tuple[str, ...]:
+        return tuple(self.host.host(path) for path in (*LEGACY_LIBRARY_DIRS, ETC_LIBRARY_DIR))
+
+    @property
+    def systemd_dir(self) -> str:
+        return self.host.host("/etc/systemd/system")
+
+    @property
+    def bin_dir(self) -> str:
+        return self.host.host("/usr/local/bin")

@@ -1,31 +1,117 @@
-"""kvc's command line: a thin layer over kvc.kmod and the framework."""
+"""kvc's command line: a thin layer over kvc.kmod and the framework.
+
+Exit codes: 0 success; 1 failure; 2 usage; 3 configuration; 4 container runtime or build;
+5 modules refused (preflight or kernel); 6 state (not built, locked, in use). ``kvc kmod`` tools
+exit as kmod's do.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from typing import Optional, Sequence
 
-USAGE = """usage: kvc COMMAND [ARG...]
+from kvc.errors import KvcError
 
-commands:
-  kmod TOOL [ARG...]   kmod-compatible tools: lsmod, modinfo, insmod, rmmod
-"""
+PROG = "kvc"
+
+
+def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    if many:
+        parser.add_argument("--kernel", "-k", action="append", metavar="KVER",
+                            help="kernel release (repeatable; default: the running kernel)")
+    else:
+        parser.add_argument("--kernel", "-k", metavar="KVER", help="kernel release (default: running)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Kernel modules via containers.",
+                                     epilog="'kvc kmod TOOL ...' runs the kmod-compatible tools "
+                                            "(lsmod, modinfo, insmod, rmmod).")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log external commands")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("build", help="build the instance image for each kernel")
+    p.add_argument("name")
+    _add_kernel(p, many=True)
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+    p = sub.add_parser("load", help="extract, preflight and load the instance's modules")
+    p.add_argument("name")
+    _add_kernel(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--force", action="store_true", help="re-extract and reload modules already loaded")
+
+    p = sub.add_parser("unload", help="unload the instance's modules in reverse dependency order")
+    p.add_argument("name")
+    _add_kernel(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--force", action="store_true", help="unload even if other modules hold them")
+
+    p = sub.add_parser("reload", help="build if needed, unload, load")
+    p.add_argument("name")
+    _add_kernel(p)
+
+    p = sub.add_parser("wrapper", help="run a userspace tool from the instance image")
+    p.add_argument("name")
+    _add_kernel(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    _add_kernel(p, many=True)
+
+    p = sub.add_parser("install", help="install an instance bundle and the systemd unit")
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+    p = sub.add_parser("uninstall", help="remove an installed instance")
+    p.add_argument("name")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    return parser
+
+
+def report(error: KvcError) -> int:
+    lines = [f"{PROG}: error: {error.brief}"]
+    if error.details:
+        lines.extend("  " + line for line in error.details.rstrip("\n").splitlines())
+    if error.hint:
+        lines.append(f"{PROG}: hint: {error.hint}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    return error.exit_code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
-        return 0 if args else 2
-    command, rest = args[0], args[1:]
-    if command == "kmod":
+    if args and args[0] == "kmod":
         from kvc.kmod import tools
 
-        return tools.main(rest)
-    sys.stderr.write(f"kvc: unknown command '{command}'; run 'kvc --help' for the list\n")
-    return 2
+        return tools.main(args[1:])
+    parser = build_parser()
+    options = parser.parse_args(args)
+    if options.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING,
+                        format=f"{PROG}: %(message)s")
+    from kvc import commands
+
+    try:
+        return commands.dispatch(options)
+    except KvcError as error:
+        return report(error)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
 
 
 def legacy_main(argv: Optional[Sequence[str]] = None) -> int:
-    sys.stderr.write("kmods-via-containers: not available yet in this version\n")
-    return 1
+    from kvc import legacy
+
+    try:
+        return legacy.main(list(sys.argv[1:] if argv is None else argv))
+    except KvcError as error:
+        return report(error)

@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 from kvc.errors import ConfigError
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SAFE_WORD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:@%=,/-]*")
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_.+:@%=,/~#-]*")
 _IMAGE_REF = re.compile(r"[a-z0-9][A-Za-z0-9._/:@+-]*")
 _KERNEL_RELEASE = re.compile(r"[0-9][A-Za-z0-9._+~-]*")
 
@@ -137,7 +137,7 @@ def check_word(value: str, what: str, source: str, pattern: re.Pattern[str] = _S
     """``value`` if it is safe to place on a command line (no option injection, no shell)."""
     if not pattern.fullmatch(value):
         raise ConfigError(f"{source}: {what} {value!r} is not allowed",
-                          hint="use letters, digits and . _ - + : @ % = , / (and no leading '-')")
+                          hint="use letters, digits and . _ - + : @ % = , / ~ # (and no leading '-')")
     return value
 
 

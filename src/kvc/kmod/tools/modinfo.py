@@ -37,8 +37,6 @@ FIELD_SHORTCUTS = {"-a": "author", "--author": "author", "-d": "description",
                    "--description": "description", "-l": "license", "--license": "license",
                    "-p": "parm", "--parameters": "parm", "-n": "filename", "--filename": "filename"}
 HEX_LINE_BYTES = 20
-# Shown by glibc's printf for a NULL string, which kmod passes for an empty hex field.
-NULL_TEXT = "(null)"
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,6 @@ class Options:
 
 def hex_bytes(data: bytes) -> str:
     """Bytes as kmod shows sig_key and signature: ``XX:XX:…`` with a line break every 20 bytes."""
-    if not data:
-        return NULL_TEXT
     text = data.hex(":").upper()
     step = HEX_LINE_BYTES * 3
     return ":\n\t\t".join(text[i:i + step - 1] for i in range(0, len(text), step))

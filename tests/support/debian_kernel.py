@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 
@@ -56,7 +56,7 @@ def current_release() -> str:
     return match.group(1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def debian_kernel() -> DebianKernel:
     release = current_release()
     base = cache_dir() / release
@@ -79,7 +79,7 @@ def debian_kernel() -> DebianKernel:
     return DebianKernel(release, root)
 
 
-@lru_cache(maxsize=None)
+@cache
 def indexed_debian_kernel() -> DebianKernel:
     """The same tree with kmod's own depmod output (modules.dep, *.bin, ...) written into it."""
     kernel = debian_kernel()

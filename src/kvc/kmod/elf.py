@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import mmap
 import struct
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, NoReturn, Optional, Union
 
 from kvc.kmod.errors import ModuleFormatError
 
@@ -42,7 +42,7 @@ _MODVERSION_SIZE = 64
 
 
 class Section(NamedTuple):
-    index: int
+    number: int
     name: str
     type: int
     flags: int
@@ -128,7 +128,7 @@ class ElfFile:
         """Every section but the null one, in header order."""
         return tuple(self._make_section(index) for index in range(1, self._shnum))
 
-    def _fail(self, problem: str, err: int = errno.EINVAL) -> ModuleFormatError:
+    def _fail(self, problem: str, err: int = errno.EINVAL) -> NoReturn:
         raise ModuleFormatError(self.path, problem, errno=err)
 
     def section(self, name: str) -> Optional[Section]:
@@ -241,7 +241,7 @@ class ElfFile:
         order with CRCs from ``__versions``, then unmatched ``__versions`` entries."""
         table = self._symtab()
         if table is None:
-            self._fail("no usable .symtab/.strtab")
+            raise self._fail("no usable .symtab/.strtab")
         strtab, rows = table
         versions = self.modversions()
         first_index: dict[bytes, int] = {}
@@ -260,11 +260,11 @@ class ElfFile:
             name = self._name_at(strtab, name_off)
             if not name:
                 continue
-            index = first_index.get(name)
+            found = first_index.get(name)
             crc = 0
-            if index is not None:
-                visited[index] = True
-                crc = versions[index][0]
+            if found is not None:
+                visited[found] = True
+                crc = versions[found][0]
             imports.append(Symbol(decode(name), crc, "weak" if info >> 4 == STB_WEAK else "undefined"))
         imports.extend(Symbol(decode(name), crc, "undefined")
                        for (crc, name), seen in zip(versions, visited) if not seen)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from kvc.kmod.errors import KmodError, ModuleFormatError
 from kvc.kmod.module import ModinfoEntry, ModuleFile, is_module_filename
 from kvc.kmod.paths import HostPaths
-from kvc.kmod.tools._cli import log_error, parse_options, run_tool, write_err, write_out
+from kvc.kmod.tools._cli import log_error, parse_options, run_tool, write_out
 
 PROG = "modinfo"
 VERSION_TEXT = "kvc kmod modinfo (kmod version 30 compatible)\n+ZSTD +XZ +ZLIB +LIBCRYPTO -EXPERIMENTAL\n"

@@ -218,6 +218,9 @@ class InstanceConfig:
             context = required("KMOD_CONTAINER_BUILD_CONTEXT")
         if context:
             check_word(context, "KMOD_CONTAINER_BUILD_CONTEXT", path)
+            if "://" not in context and not context.startswith("/"):
+                # A relative local context is relative to the directory holding the conf.
+                context = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), context))
         build_file = values.get("KMOD_CONTAINER_BUILD_FILE", "") or "Containerfile"
         check_word(build_file, "KMOD_CONTAINER_BUILD_FILE", path)
         version = check_word(required("KMOD_SOFTWARE_VERSION"), "KMOD_SOFTWARE_VERSION", path)

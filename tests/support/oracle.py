@@ -29,7 +29,9 @@ def kmod_tool(tool: str) -> str:
 
 
 def run_kmod(tool: str, args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> Result:
-    proc = subprocess.run([kmod_tool(tool), *args], capture_output=True, env=dict(env or os.environ))
+    # argv[0] is the bare name, as from PATH: glibc's getopt messages print it.
+    proc = subprocess.run([tool, *args], executable=kmod_tool(tool), capture_output=True,
+                          env=dict(env or os.environ))
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -236,9 +236,10 @@ class ElfFile:
         (crc,) = struct.unpack_from(self.order + "I", self.data, section.offset + value)
         return int(crc)
 
-    def dependency_symbols(self) -> list[Symbol]:
+    def dependency_symbols(self, *, unmatched_versions: bool = True) -> list[Symbol]:
         """Imports as kmod_elf_get_dependency_symbols derives them: undefined symbols in symtab
-        order with CRCs from ``__versions``, then unmatched ``__versions`` entries."""
+        order with CRCs from ``__versions``, then (unless ``unmatched_versions`` is False, which
+        gives what the kernel itself resolves) unmatched ``__versions`` entries."""
         table = self._symtab()
         if table is None:
             raise self._fail("no usable .symtab/.strtab")
@@ -266,8 +267,9 @@ class ElfFile:
                 visited[found] = True
                 crc = versions[found][0]
             imports.append(Symbol(decode(name), crc, "weak" if info >> 4 == STB_WEAK else "undefined"))
-        imports.extend(Symbol(decode(name), crc, "undefined")
-                       for (crc, name), seen in zip(versions, visited) if not seen)
+        if unmatched_versions:
+            imports.extend(Symbol(decode(name), crc, "undefined")
+                           for (crc, name), seen in zip(versions, visited) if not seen)
         return imports
 
 

@@ -1,0 +1,298 @@
+"""Load and unload an instance's modules: preflight, plan, execute, roll back.
+
+Preflight runs before any syscall: every module's vermagic must name the target kernel, and every
+symbol it imports must come from the kernel, from another module of the instance, or from an
+in-tree module of ``/lib/modules/KVER`` (found through kmod's indexes). The plan loads in-tree
+dependencies first (deepest first, as modprobe does), then the instance's modules in dependency
+order. If the kernel refuses module k, everything this run loaded is unloaded again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from kvc.errors import LoadError, StateError
+from kvc.kmod.kernel import Kernel, KernelError
+from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.module import ModuleFile, normalize_name
+
+LOADED_RECORD = "loaded.json"
+
+
+@dataclass(frozen=True)
+class LoadStep:
+    name: str
+    path: str
+    params: str
+    origin: str  # "in-tree" or "instance"
+
+    def describe(self) -> str:
+        params = f" {self.params}" if self.params else ""
+        return f"insmod {self.path}{params}  ({self.origin})"
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    instance: str
+    kernel_release: str
+    steps: tuple[LoadStep, ...]
+    already_loaded: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        lines = [f"load {self.instance} for {self.kernel_release}:"]
+        lines += [f"  {step.describe()}" for step in self.steps]
+        lines += [f"  skip {name} (already loaded)" for name in self.already_loaded]
+        if not self.steps:
+            lines.append("  nothing to load")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class UnloadPlan:
+    instance: str
+    kernel_release: str
+    names: tuple[str, ...]
+    not_loaded: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        lines = [f"unload {self.instance} for {self.kernel_release}:"]
+        lines += [f"  rmmod {name}" for name in self.names]
+        lines += [f"  skip {name} (not loaded)" for name in self.not_loaded]
+        if not self.names:
+            lines.append("  nothing to unload")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Candidate:
+    name: str
+    path: str
+    module: ModuleFile
+    imports: list[str] = field(default_factory=list)
+
+
+def _vermagic_release(module: ModuleFile) -> str:
+    vermagic = module.vermagic or ""
+    return vermagic.split()[0] if vermagic.split() else ""
+
+
+def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
+              params: Mapping[str, str], kernel: Kernel, moddir: Optional[ModuleDirectory],
+              *, reload_loaded: bool = False) -> LoadPlan:
+    """Preflight and plan. ``module_paths`` are the instance's extracted module files in
+    KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string."""
+    candidates: dict[str, _Candidate] = {}
+    problems: list[str] = []
+    for path in module_paths:
+        module = ModuleFile.open(path)
+        release = _vermagic_release(module)
+        if release != kernel_release:
+            problems.append(f"{module.name}: built for kernel {release or '(no vermagic)'}, "
+                            f"not {kernel_release}")
+        candidates[module.name] = _Candidate(module.name, path, module)
+    provided_by_instance = {sym.name: name for name, cand in candidates.items()
+                            for sym in cand.module.exported_symbols}
+    kernel_symbols = kernel.exported_symbols()
+    in_tree: dict[str, list[str]] = {}
+    missing: dict[str, list[str]] = {}
+    for name, cand in candidates.items():
+        for sym in cand.module.dependency_symbols:
+            if sym.name in ("module_layout",) or sym.bind == "weak":
+                continue
+            if sym.name in provided_by_instance:
+                provider = provided_by_instance[sym.name]
+                if provider != name and provider not in cand.imports:
+                    cand.imports.append(provider)
+                continue
+            if sym.name in kernel_symbols:
+                continue
+            owner = moddir.lookup_symbol_owner(sym.name) if moddir is not None else None
+            if owner is not None:
+                in_tree.setdefault(owner, []).append(sym.name)
+                continue
+            missing.setdefault(name, []).append(sym.name)
+        for dep in cand.module.depends:
+            dep = normalize_name(dep)
+            if dep in candidates:
+                if dep not in cand.imports:
+                    cand.imports.append(dep)
+            elif dep not in in_tree and not _is_loaded(kernel, dep):
+                in_tree.setdefault(dep, [])
+    for name, symbols in missing.items():
+        problems.append(f"{name}: unknown symbols: {', '.join(sorted(set(symbols)))} "
+                        "(no provider in the kernel, the instance or the host's module tree)")
+    if problems:
+        raise LoadError(f"preflight refused {instance} for {kernel_release}",
+                        details="\n".join(problems),
+                        hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')")
+    loaded = {entry.name for entry in kernel.loaded_modules()}
+    steps: list[LoadStep] = []
+    seen: set[str] = set()
+    for owner in in_tree:
+        for dep_name, dep_path in _in_tree_chain(moddir, owner):
+            if dep_name in seen or dep_name in loaded:
+                continue
+            seen.add(dep_name)
+            steps.append(LoadStep(dep_name, dep_path, "", "in-tree"))
+    skipped = []
+    for name in _dependency_order(candidates):
+        if name in loaded and not reload_loaded:
+            skipped.append(name)
+            continue
+        steps.append(LoadStep(name, candidates[name].path, params.get(name, ""), "instance"))
+    return LoadPlan(instance, kernel_release, tuple(steps), tuple(skipped))
+
+
+def _is_loaded(kernel: Kernel, name: str) -> bool:
+    return any(entry.name == name for entry in kernel.loaded_modules())
+
+
+def _in_tree_chain(moddir: Optional[ModuleDirectory], name: str) -> list[tuple[str, str]]:
+    """The module and its dependencies from modules.dep, deepest first (modprobe's order)."""
+    if moddir is None:
+        raise LoadError(f"in-tree module {name} is needed but the host has no module directory")
+    entry = moddir.lookup_module(name)
+    if entry is None or entry.path is None:
+        raise LoadError(f"in-tree module {name} is needed but not found in {moddir.path}",
+                        hint="install the kernel's modules package or run depmod")
+    chain = [(normalize_name(os.path.basename(dep).split(".", 1)[0]), dep) for dep in entry.dependencies]
+    return [*reversed(chain), (entry.name, entry.path)]
+
+
+def _dependency_order(candidates: Mapping[str, _Candidate]) -> list[str]:
+    """Providers before users; otherwise the instance's own order (KMOD_NAMES)."""
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "active":
+            cycle = " -> ".join([*trail[trail.index(name):], name])
+            raise LoadError(f"dependency cycle between the instance's modules: {cycle}")
+        state[name] = "active"
+        for dep in candidates[name].imports:
+            visit(dep, [*trail, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in candidates:
+        visit(name, [])
+    return order
+
+
+def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> list[str]:
+    """Load every step; on a refusal unload what this run loaded (reverse order) and raise."""
+    done: list[LoadStep] = []
+    for step in plan.steps:
+        try:
+            kernel.insert(step.path, step.params, 0)
+        except KernelError as exc:
+            rollback_errors = []
+            for loaded in reversed(done):
+                try:
+                    kernel.remove(loaded.name, 0)
+                except KernelError as undo:
+                    rollback_errors.append(f"could not unload {loaded.name}: {undo}")
+            details = [str(exc), *exc.log_lines]
+            details += rollback_errors
+            rolled = ", ".join(s.name for s in reversed(done)) or "nothing"
+            raise LoadError(f"the kernel refused {step.name} ({step.path}); unloaded again: {rolled}",
+                            details="\n".join(details),
+                            hint="see the kernel log lines above; 'kvc status' shows what is loaded") from None
+        done.append(step)
+    names = [step.name for step in done]
+    if record_path is not None:
+        _record_loaded(record_path, plan, done)
+    return names
+
+
+def _record_loaded(path: str, plan: LoadPlan, done: Sequence[LoadStep]) -> None:
+    """Remember which in-tree modules this instance pulled in, so unload can drop them again."""
+    previous = read_loaded_record(path)
+    in_tree = [s.name for s in done if s.origin == "in-tree"]
+    record = {"schema": 1, "kernel": plan.kernel_release,
+              "in_tree": sorted(set(previous.get("in_tree", [])) | set(in_tree))}
+    write_json_atomic(path, record)
+
+
+def read_loaded_record(path: str) -> dict[str, list[str]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    in_tree = data.get("in_tree", []) if isinstance(data, dict) else []
+    return {"in_tree": [str(name) for name in in_tree if isinstance(name, str)]}
+
+
+def write_json_atomic(path: str, data: object) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def plan_unload(instance: str, kernel_release: str, module_names: Sequence[str], kernel: Kernel,
+                *, force: bool = False) -> UnloadPlan:
+    """Unload in reverse dependency order; refuse modules held by modules outside the instance."""
+    loaded = {entry.name: entry for entry in kernel.loaded_modules()}
+    ours = [normalize_name(name) for name in module_names]
+    present = [name for name in ours if name in loaded]
+    absent = tuple(name for name in ours if name not in loaded)
+    order: list[str] = []
+    remaining = list(present)
+    while remaining:
+        # A module can go once no remaining module of ours holds it.
+        free = [n for n in remaining if not any(h in remaining for h in loaded[n].holders)]
+        if not free:
+            free = [remaining[-1]]
+        pick = free[-1]
+        order.append(pick)
+        remaining.remove(pick)
+    if not force:
+        held = []
+        for name in order:
+            outsiders = [h for h in loaded[name].holders if h not in ours]
+            if outsiders:
+                held.append(f"{name} is in use by: {' '.join(outsiders)}")
+        if held:
+            raise StateError(f"cannot unload {instance}: modules are in use", details="\n".join(held),
+                             hint="unload the users first, or pass --force")
+    return UnloadPlan(instance, kernel_release, tuple(order), absent)
+
+
+def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path: Optional[str]) -> None:
+    failures = []
+    for name in plan.names:
+        try:
+            kernel.remove(name, kernel.REMOVE_FORCE if force else 0)
+        except KernelError as exc:
+            failures.append(f"{name}: {exc}")
+    if record_path is not None:
+        record = read_loaded_record(record_path)
+        loaded = {entry.name: entry for entry in kernel.loaded_modules()}
+        still_needed = []
+        for name in reversed(record.get("in_tree", [])):
+            entry = loaded.get(name)
+            if entry is None:
+                continue
+            if entry.refcnt == 0:
+                try:
+                    kernel.remove(name, 0)
+                    continue
+                except KernelError:
+                    pass
+            still_needed.append(name)
+        write_json_atomic(record_path, {"schema": 1, "kernel": plan.kernel_release,
+                                        "in_tree": sorted(still_needed)})
+    if failures:
+        raise LoadError(f"could not unload every module of {plan.instance}", details="\n".join(failures),
+                        hint="'kvc status' shows what is still loaded")

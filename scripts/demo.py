@@ -12,17 +12,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from support.debian_kernel import indexed_debian_kernel  # noqa: E402
-
-from kvc.kmod.fakekernel import FakeKernel  # noqa: E402
-from kvc.kmod.moddir import ModuleDirectory  # noqa: E402
-from kvc.kmod.paths import HostPaths  # noqa: E402
+from kvc.kmod.fakekernel import FakeKernel
+from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.paths import HostPaths
+from support.debian_kernel import indexed_debian_kernel
 
 KVC = str(Path(sys.executable).parent / "kvc")
+KERNEL_DIR = str(indexed_debian_kernel().moddir)
 
 
 def show(title: str, argv: list[str], env: dict[str, str] | None = None, lines: int = 0) -> None:
-    print(f"\n$ {' '.join(argv if len(argv) < 8 else [*argv[:6], '...'])}   # {title}")
+    shown = ["kvc", *argv[1:]] if argv[0] == KVC else argv
+    shown = [os.path.relpath(a, KERNEL_DIR) if a.startswith(KERNEL_DIR + "/") else a for a in shown]
+    print(f"\n$ {' '.join(shown)}   # {title}")
     proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})})
     out = proc.stdout.splitlines()
     for line in out[:lines] if lines else out:
@@ -57,13 +59,19 @@ def main() -> int:
     try:
         FakeKernel.create(HostPaths(root), kernel.release, symvers=str(kernel.symvers))
         env = {"KVC_ROOT": root, "KVC_KERNEL": "fake"}
-        for dep in [*reversed(entry.dependencies), entry.path]:
-            assert dep is not None
-            show(f"load {Path(dep).name} into a fake {kernel.release} kernel", [KVC, "kmod", "insmod", dep], env)
+        chain = [*reversed(entry.dependencies), str(entry.path)]
+        print(f"\nLoading wireguard and its dependencies into a fake {kernel.release} kernel "
+              "(a directory standing in for /proc and /sys):")
+        for dep in chain:
+            subprocess.run([KVC, "kmod", "insmod", dep], env={**os.environ, **env}, check=True)
+            print(f"  kvc kmod insmod {os.path.relpath(dep, kernel.moddir)}")
         show("what the kernel now holds", [KVC, "kmod", "lsmod"], env)
         show("a module in use cannot go", [KVC, "kmod", "rmmod", "udp_tunnel"], env)
-        show("a module loaded before its dependency is refused",
-             [KVC, "kmod", "insmod", str(next(p for p in kernel.modules() if p.name == "vxlan.ko"))], env)
+        ext4 = str(next(p for p in kernel.modules() if p.name == "ext4.ko"))
+        show("ext4 before jbd2 and mbcache: refused, as the kernel would", [KVC, "kmod", "insmod", ext4], env)
+        print("  the fake kernel's log (what dmesg would show):")
+        for line in FakeKernel(HostPaths(root)).dmesg()[:3]:
+            print(f"    {line}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -38,7 +38,8 @@ def module_path(kernel: DebianKernel, name: str) -> str:
 
 @pytest.fixture
 def fake(indexed_kernel_tree: DebianKernel, tmp_path: Path) -> FakeKernel:
-    return FakeKernel.create(HostPaths(str(tmp_path / "root")), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers))
+    return FakeKernel.create(HostPaths(str(tmp_path / "root")), indexed_kernel_tree.release,
+                             symvers=str(indexed_kernel_tree.symvers))
 
 
 def env_for(fake: FakeKernel) -> dict[str, str]:
@@ -62,21 +63,23 @@ def load_wireguard(fake: FakeKernel, kernel: DebianKernel) -> int:
     return len(chain)
 
 
-def test_dependencies_take_references_and_lsmod_matches_kmod(fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
+def test_dependencies_take_references_and_lsmod_matches_kmod(
+        fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
     load_wireguard(fake, indexed_kernel_tree)
     fake.insert(module_path(indexed_kernel_tree, "vxlan"), "", 0)
     state = fake.module_state("udp_tunnel")
     assert state is not None and state.refcnt == 2 and sorted(state.holders) == ["vxlan", "wireguard"]
     loaded = {m.name: m for m in fake.loaded_modules()}
     assert loaded["wireguard"].refcnt == 0 and loaded["libchacha"].refcnt >= 1
-    assert [m.name for m in fake.loaded_modules()][0] == "vxlan"  # newest first, like /proc/modules
+    assert next(m.name for m in fake.loaded_modules()) == "vxlan"  # newest first, like /proc/modules
     ours = run_kvc("lsmod", [], env_for(fake))
     theirs = run_kmod_on(fake, "lsmod", [])
     assert theirs.returncode == 0 and b"wireguard" in theirs.stdout
     assert ours == theirs
 
 
-def test_unknown_symbols_are_refused_with_the_kernels_log_lines(fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
+def test_unknown_symbols_are_refused_with_the_kernels_log_lines(
+        fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
     with pytest.raises(KernelError) as refused:
         fake.insert(module_path(indexed_kernel_tree, "wireguard"), "", 0)
     assert refused.value.errno == 2

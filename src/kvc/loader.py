@@ -107,11 +107,14 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
                 if provider != name and provider not in cand.imports:
                     cand.imports.append(provider)
                 continue
-            if sym.name in kernel_symbols:
+            if kernel_symbols is not None and sym.name in kernel_symbols:
                 continue
             owner = moddir.lookup_symbol_owner(sym.name) if moddir is not None else None
-            if owner is not None:
+            if owner is not None and not _is_loaded(kernel, owner):
                 in_tree.setdefault(owner, []).append(sym.name)
+                continue
+            if owner is not None or kernel_symbols is None:
+                # Loaded already, or the kernel's export table is unknown: the kernel judges.
                 continue
             missing.setdefault(name, []).append(sym.name)
         for dep in cand.module.depends:
@@ -251,7 +254,7 @@ def plan_unload(instance: str, kernel_release: str, module_names: Sequence[str],
     remaining = list(present)
     while remaining:
         # A module can go once no remaining module of ours holds it.
-        free = [n for n in remaining if not any(h in remaining for h in loaded[n].holders)]
+        free = [n for n in remaining if not any(h in remaining for h in loaded[n].users)]
         if not free:
             free = [remaining[-1]]
         pick = free[-1]
@@ -260,7 +263,7 @@ def plan_unload(instance: str, kernel_release: str, module_names: Sequence[str],
     if not force:
         held = []
         for name in order:
-            outsiders = [h for h in loaded[name].holders if h not in ours]
+            outsiders = [h for h in loaded[name].users if h not in ours]
             if outsiders:
                 held.append(f"{name} is in use by: {' '.join(outsiders)}")
         if held:

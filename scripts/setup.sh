@@ -1,43 +1,140 @@
 #!/usr/bin/env bash
-# Set up a Debian 12 machine for kvc, idempotently: system packages, a virtualenv with kvc and
-# its test tools, and the real Debian kernel the tests and the demo run against.
-# Usage: bash scripts/setup.sh            (as root, from anywhere)
+# setup.sh: prepare a Debian 12 machine for kvc, idempotently. Run as root, from anywhere.
+#
+# Usage: bash scripts/setup.sh [--containers] [--help]
+#
+#   1. System packages (apt-get): Python with venv and headers, gcc and make, Debian's kmod
+#      (the reference the kmod tools are compared with), the kernel headers of the current
+#      Debian 6.1 ABI (linux-headers-amd64), util-linux, ca-certificates, xz-utils and zstd.
+#      The package lists are refreshed first when they are missing or older than a day.
+#   2. A virtualenv .venv in the repository made by Debian's /usr/bin/python3, with kvc
+#      installed editable plus its test tools (pip install -e '.[test]'); reinstalled only
+#      when pyproject.toml changes.
+#   3. The Debian kernel package that linux-image-amd64 names, unpacked into the test cache
+#      (~/.cache/kvc-test, or $KVC_TEST_CACHE) with Debian's depmod output written into it.
+#   --containers  also make rootful podman work (scripts/setup-podman.sh) and build the local
+#                 Debian base image (scripts/bootstrap-base-image.sh): what the container tests need.
+#
+# Running it again only checks: a few seconds. Exit status: 0 ready; 1 failure; 2 usage error.
+
 set -euo pipefail
+
+PROG=setup
+say() { printf '%s: %s\n' "$PROG" "$*"; }
+die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
+
+CONTAINERS=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --containers) CONTAINERS=1 ;;
+        -h|--help) sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        *) printf '%s: error: unknown argument %q (see --help)\n' "$PROG" "$1" >&2; exit 2 ;;
+    esac
+    shift
+done
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
+[ -f pyproject.toml ] && [ -d src/kvc ] || die "$top does not look like a kvc checkout"
+[ "$(id -u)" -eq 0 ] || die "must run as root (it installs system packages with apt-get)"
+command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 \
+    || die "apt-get and dpkg not found: this script sets up Debian 12"
+if [ -r /etc/os-release ] && ! grep -qx 'VERSION_ID="12"' /etc/os-release; then
+    say "warning: this is not Debian 12 ($(. /etc/os-release && echo "${PRETTY_NAME:-unknown}")); continuing"
+fi
 
-die() { echo "setup: $*" >&2; exit 1; }
-[ "$(id -u)" -eq 0 ] || die "run as root (apt-get installs system packages)"
-command -v apt-get >/dev/null || die "apt-get not found: this script is for Debian 12"
+started=$(date +%s)
+LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/kvc-setup.XXXXXX")
+trap 'rm -rf "$LOGDIR"' EXIT
+# run_logged WHAT CMD...: run CMD with its output in a log; on failure, one line and exit 1.
+run_logged() {
+    local what=$1 log
+    shift
+    log=$LOGDIR/$(printf '%s' "$what" | tr -c 'A-Za-z0-9' '_').log
+    if ! "$@" </dev/null >"$log" 2>&1; then
+        local keep=${TMPDIR:-/tmp}/kvc-setup-failed.log
+        cp "$log" "$keep" 2>/dev/null || keep=$log
+        die "$what failed: $(grep -v '^[[:space:]]*$' "$log" | tail -n 1 || true) (full output: $keep)"
+    fi
+}
+
+# One setup at a time (two would race on apt, the venv and the kernel cache).
+exec 9>"${TMPDIR:-/tmp}/kvc-setup.lock"
+flock 9 || die "could not lock ${TMPDIR:-/tmp}/kvc-setup.lock"
+
+# ---- 1. system packages -------------------------------------------------------------------
+# Groups of Debian packages; later parts of kvc add their own group here.
+BASE_PACKAGES=(python3 python3-venv python3-dev gcc make kmod util-linux ca-certificates xz-utils zstd)
+KERNEL_PACKAGES=(linux-headers-amd64)  # the headers of the current 6.1 ABI: Module.symvers, kbuild
+PACKAGES=("${BASE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}")
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(python3 python3-venv python3-dev gcc make kmod util-linux ca-certificates
-          linux-headers-amd64 xz-utils zstd
-          podman buildah skopeo runc crun fuse-overlayfs slirp4netns netavark aardvark-dns
-          containernetworking-plugins uidmap iptables conmon catatonit debootstrap systemd)
+APT=(apt-get -q -o DPkg::Lock::Timeout=300)
 missing=()
-for package in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+for package in "${PACKAGES[@]}"; do
+    case $(dpkg-query -W -f='${db:Status-Abbrev}' "$package" 2>/dev/null || true) in
+        ii*) ;;
+        *) missing+=("$package") ;;
+    esac
 done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  apt-get update -qq || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install failed"
+# Fresh lists also tell debian_kernel() which kernel linux-image-amd64 names now.
+if [ ${#missing[@]} -gt 0 ] || [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit)" ]; then
+    say "apt-get update"
+    run_logged "apt-get update" "${APT[@]}" update
 fi
+[ ${#missing[@]} -eq 0 ] || say "installing ${missing[*]}"
+# Also brings linux-headers-amd64 up to the ABI the package lists name (a no-op when it is).
+run_logged "apt-get install" "${APT[@]}" install -y --no-install-recommends "${PACKAGES[@]}"
+kver=$(dpkg-query -W -f='${Depends}' linux-headers-amd64 | grep -o 'linux-headers-[0-9][^ ,]*-amd64' | head -n 1 || true)
+kver=${kver#linux-headers-}
+[ -n "$kver" ] && [ -f "/usr/src/linux-headers-$kver/Module.symvers" ] \
+    || die "kernel headers incomplete: /usr/src/linux-headers-${kver:-?}/Module.symvers is missing"
 
+# ---- 2. the virtualenv ----------------------------------------------------------------------
+PYTHON=/usr/bin/python3
+[ -x "$PYTHON" ] || die "$PYTHON is missing after installing python3"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "$PYTHON is older than 3.9"
+if [ -e .venv ] && ! grep -qx 'home = /usr/bin' .venv/pyvenv.cfg 2>/dev/null; then
+    say "replacing .venv: it was not made by $PYTHON"
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
-  /usr/bin/python3 -m venv .venv || die "could not create .venv with /usr/bin/python3"
+    say "creating .venv with $PYTHON ($("$PYTHON" -c 'import platform; print(platform.python_version())'))"
+    run_logged "creating .venv" "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]' || die "pip install of kvc failed"
+stamp=$( { sha256sum pyproject.toml; .venv/bin/python -VV; } | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.kvc-setup 2>/dev/null || true)" != "$stamp" ] || [ ! -x .venv/bin/kvc ]; then
+    say "pip install -e '.[test]' into .venv"
+    rm -f .venv/.kvc-setup
+    run_logged "pip install -e '.[test]'" .venv/bin/python -m pip install --disable-pip-version-check \
+        --no-input -e '.[test]'
+    echo "$stamp" >.venv/.kvc-setup
+fi
+.venv/bin/python -c 'import kvc.kmod' 2>/dev/null || die "kvc does not import in .venv (rm -rf .venv and run again)"
 
-# The real Debian kernel package the tests and the demo read (cached in ~/.cache/kvc-test).
-.venv/bin/python - <<'PY'
+# ---- 3. the real Debian kernel the demo and the tests read -------------------------------
+.venv/bin/python - <<'PY' || exit 1
+import subprocess
 import sys
+
 sys.path.insert(0, "tests")
 from support.debian_kernel import indexed_debian_kernel
-kernel = indexed_debian_kernel()
-print(f"setup: Debian kernel {kernel.release} unpacked in {kernel.root}")
+
+try:
+    kernel = indexed_debian_kernel()
+except subprocess.CalledProcessError as exc:
+    output = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+    sys.exit(f"setup: error: {' '.join(map(str, exc.cmd))} failed: {output[-1] if output else exc}")
+except (OSError, RuntimeError, ValueError) as exc:
+    sys.exit(f"setup: error: cannot fetch the Debian kernel package: {exc}")
+print(f"setup: Debian kernel {kernel.release}: {len(kernel.modules())} modules in {kernel.moddir}")
 PY
-echo "setup: done"
+
+# ---- 4. optional parts ----------------------------------------------------------------------
+if [ "$CONTAINERS" -eq 1 ]; then
+    bash scripts/setup-podman.sh || die "podman is not usable (scripts/setup-podman.sh failed)"
+    bash scripts/bootstrap-base-image.sh || die "no local Debian base image (scripts/bootstrap-base-image.sh failed)"
+fi
+# (VM tests will add their qemu setup here.)
+
+say "ready in $(( $(date +%s) - started )) s"

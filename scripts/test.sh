@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite, including the oracle, podman and VM tests.
+# test.sh: set everything up (scripts/setup.sh --containers, idempotent), then run every test:
+# unit, oracle (against Debian's kmod), podman and VM tests, plus mypy --strict and ruff
+# (tests/test_quality.py). Run as root on Debian 12, from anywhere.
+#
+# Usage: bash scripts/test.sh [PYTEST-ARG...]     (arguments go to pytest, e.g. -x or -k modinfo)
+#
+# Exit status: pytest's, except that "no tests collected" (pytest's 5) is a failure (1) too.
+
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
-bash scripts/setup.sh
-bash scripts/setup-podman.sh
-bash scripts/bootstrap-base-image.sh
+
+bash scripts/setup.sh --containers
+
+echo "test: .venv/bin/python -m pytest -q $*"
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
-if [ "$status" -eq 5 ]; then
-  echo "test: no tests were collected" >&2
-  exit 1
-fi
+case $status in
+    0) echo "test: all tests passed" ;;
+    5) echo "test: FAILED: pytest collected no tests" >&2; exit 1 ;;
+    *) echo "test: FAILED: pytest exited with status $status (see the summary above)" >&2 ;;
+esac
 exit "$status"

@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING,
                         format=f"{PROG}: %(message)s")
-    from kvc import commands
+    import kvc.commands as commands
 
     try:
         return commands.dispatch(options)
@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def legacy_main(argv: Optional[Sequence[str]] = None) -> int:
-    from kvc import legacy
+    import kvc.legacy as legacy
 
     try:
         return legacy.main(list(sys.argv[1:] if argv is None else argv))

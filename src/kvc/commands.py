@@ -1,0 +1,290 @@
+"""The framework's commands: each plans first, prints the plan with --dry-run, else executes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Optional
+
+from kvc import systemd
+from kvc.build import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, context_digest, execute_build, image_tag, plan_build
+from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release, check_name
+from kvc.errors import ConfigError, StateError, UsageError
+from kvc.extract import extract, read_manifest
+from kvc.kmod.kernel import Kernel, kernel_from_env
+from kvc.kmod.moddir import ModuleDirectory
+from kvc.layout import Layout
+from kvc.loader import LOADED_RECORD, execute_load, execute_unload, plan_load, plan_unload
+from kvc.lock import instance_lock
+from kvc.runtime import ContainerRuntime, runtime_for
+
+STATUS_SCHEMA = 1
+
+
+@dataclass
+class Context:
+    layout: Layout
+
+    @cached_property
+    def global_config(self) -> GlobalConfig:
+        return GlobalConfig.load(self.layout.conf_dir)
+
+    @cached_property
+    def runtime(self) -> ContainerRuntime:
+        return runtime_for(self.global_config)
+
+    @cached_property
+    def kernel(self) -> Kernel:
+        return kernel_from_env(self.layout.host)
+
+    def instance(self, name: str) -> InstanceConfig:
+        return InstanceConfig.load(self.layout.conf_dir, name)
+
+    def kernel_release(self, requested: Optional[str]) -> str:
+        return check_kernel_release(requested) if requested else self.kernel.release()
+
+    def moddir(self, kernel_release: str) -> Optional[ModuleDirectory]:
+        path = self.layout.host.module_dir(kernel_release)
+        return ModuleDirectory(path) if os.path.isdir(path) else None
+
+    def instance_names(self) -> list[str]:
+        try:
+            entries = sorted(os.listdir(self.layout.conf_dir))
+        except FileNotFoundError:
+            return []
+        return [entry[:-5] for entry in entries
+                if entry.endswith(".conf") and entry != "kmods-via-containers.conf"]
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
+    plans = [plan_build(instance, kernel, ctx.runtime, force=args.force) for kernel in kernels]
+    if args.dry_run:
+        for plan in plans:
+            say(plan.describe())
+        return 0
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        for plan in plans:
+            say(execute_build(plan, ctx.runtime))
+    return 0
+
+
+def _load(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool) -> int:
+    tag = image_tag(instance, kernel)
+    if dry_run and read_manifest(ctx.layout, instance.name, kernel) is None:
+        say(f"extract {instance.name} modules from {tag} into {ctx.layout.kernel_state(instance.name, kernel)}")
+        return 0
+    manifest = (read_manifest(ctx.layout, instance.name, kernel) if dry_run
+                else extract(ctx.layout, instance, kernel, ctx.runtime, tag, force=force))
+    assert manifest is not None
+    manifest.verify()
+    paths = [manifest.path_of(m.name) for m in manifest.modules]
+    plan = plan_load(instance.name, kernel, paths, instance.module_params, ctx.kernel, ctx.moddir(kernel),
+                     reload_loaded=False)
+    say(plan.describe())
+    if dry_run:
+        return 0
+    loaded = execute_load(plan, ctx.kernel, os.path.join(manifest.directory, LOADED_RECORD))
+    say(f"loaded {', '.join(loaded) or 'nothing new'}")
+    return 0
+
+
+def _unload(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool) -> int:
+    plan = plan_unload(instance.name, kernel, instance.module_names, ctx.kernel, force=force)
+    say(plan.describe())
+    if dry_run:
+        return 0
+    execute_unload(plan, ctx.kernel, force=force,
+                   record_path=os.path.join(ctx.layout.kernel_state(instance.name, kernel), LOADED_RECORD))
+    return 0
+
+
+def cmd_load(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    kernel = ctx.kernel_release(args.kernel)
+    if args.dry_run:
+        return _load(ctx, instance, kernel, dry_run=True, force=args.force)
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        return _load(ctx, instance, kernel, dry_run=False, force=args.force)
+
+
+def cmd_unload(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    kernel = ctx.kernel_release(args.kernel)
+    if args.dry_run:
+        return _unload(ctx, instance, kernel, dry_run=True, force=args.force)
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        return _unload(ctx, instance, kernel, dry_run=False, force=args.force)
+
+
+def cmd_reload(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    kernel = ctx.kernel_release(args.kernel)
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        say(execute_build(plan_build(instance, kernel, ctx.runtime), ctx.runtime))
+        _unload(ctx, instance, kernel, dry_run=False, force=False)
+        return _load(ctx, instance, kernel, dry_run=False, force=False)
+
+
+def cmd_wrapper(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    kernel = ctx.kernel_release(args.kernel)
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("wrapper needs a command: kvc wrapper NAME -- CMD [ARG...]")
+    tag = image_tag(instance, kernel)
+    if not ctx.runtime.image_exists(tag):
+        raise StateError(f"image {tag} does not exist", hint=f"run 'kvc build {instance.name}' first")
+    return ctx.runtime.run(tag, command, privileged=True, host_network=True)
+
+
+def instance_status(ctx: Context, instance: InstanceConfig, kernels: list[str]) -> dict[str, Any]:
+    loaded = {m.name: m for m in ctx.kernel.loaded_modules()}
+    entries = []
+    for kernel in kernels:
+        tag = image_tag(instance, kernel)
+        info = ctx.runtime.inspect(tag)
+        manifest = read_manifest(ctx.layout, instance.name, kernel)
+        modules = []
+        for name in (n.replace("-", "_") for n in instance.module_names):
+            live = loaded.get(name) if kernel == ctx.kernel.release() else None
+            state = ctx.kernel.module_state(name) if live is not None else None
+            modules.append({"name": name, "loaded": live is not None,
+                            "refcnt": live.refcnt if live else None,
+                            "taint": (state.taint if state else live.taints) if live else None})
+        entries.append({
+            "kernel": kernel,
+            "image": {"tag": tag, "exists": info is not None, "id": info.id if info else None,
+                      "up_to_date": bool(info and (instance.image or info.labels.get(LABEL_DIGEST)
+                                                   == context_digest(instance, kernel)))},
+            "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
+            "modules": modules,
+        })
+    return {"name": instance.name, "version": instance.software_version, "kernels": entries}
+
+
+def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
+    names = [args.name] if args.name else ctx.instance_names()
+    running = ctx.kernel.release()
+    report = []
+    for name in names:
+        instance = ctx.instance(name)
+        kernels = [ctx.kernel_release(k) for k in args.kernel] if args.kernel else [running]
+        if not args.kernel:
+            built = {info.labels.get(LABEL_KERNEL, "") for info in
+                     ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")}
+            kernels += sorted(k for k in built if k and k != running)
+        report.append(instance_status(ctx, instance, kernels))
+    if args.json:
+        say(json.dumps({"schema": STATUS_SCHEMA, "running_kernel": running, "instances": report}, indent=2))
+        return 0
+    for item in report:
+        say(f"{item['name']} {item['version']}")
+        for entry in item["kernels"]:
+            image = entry["image"]
+            image_text = ("up to date" if image["up_to_date"] else "outdated") if image["exists"] else "not built"
+            say(f"  kernel {entry['kernel']}: image {image['tag']} {image_text}, "
+                f"{'extracted' if entry['extracted'] else 'not extracted'}")
+            for module in entry["modules"]:
+                if module["loaded"]:
+                    say(f"    {module['name']}: loaded, refcnt {module['refcnt']}, taint {module['taint'] or '-'}")
+                else:
+                    say(f"    {module['name']}: not loaded")
+    if not report:
+        say("no instances installed")
+    return 0
+
+
+def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
+    bundle = os.path.abspath(args.bundle)
+    confs = [e for e in sorted(os.listdir(bundle)) if e.endswith(".conf")] if os.path.isdir(bundle) else []
+    if len(confs) != 1:
+        raise ConfigError(f"{bundle}: a bundle directory holds exactly one NAME.conf (found {len(confs)})")
+    name = check_name(confs[0][:-5])
+    target = os.path.join(ctx.layout.conf_dir, "bundles", name)
+    instance = InstanceConfig.load(bundle, name)
+    steps = [f"copy {bundle} to {target}", f"write {ctx.layout.instance_conf(name)}"]
+    library = os.path.join(bundle, f"{name}-lib.sh")
+    lib_target = os.path.join(ctx.layout.host.host("/etc/kvc/lib/kvc"), f"{name}-lib.sh")
+    if os.path.exists(library):
+        steps.append(f"install {lib_target}")
+    tools = [os.path.join(ctx.layout.bin_dir, tool) for tool in instance.wrapper_tools]
+    steps += [f"install wrapper {tool}" for tool in tools]
+    steps.append(f"install {os.path.join(ctx.layout.systemd_dir, systemd.UNIT_NAME)}")
+    if args.dry_run:
+        for step in steps:
+            say(step)
+        return 0
+    with instance_lock(ctx.layout.lock_dir, name):
+        staging = tempfile.mkdtemp(prefix=f".{name}.new-", dir=_ensure_dir(os.path.dirname(target)))
+        shutil.copytree(bundle, staging, dirs_exist_ok=True, symlinks=True)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(staging, target)
+        with open(os.path.join(bundle, confs[0]), encoding="utf-8") as handle:
+            text = handle.read()
+        lines = [f"KMOD_CONTAINER_BUILD_CONTEXT={target}" if line.startswith("KMOD_CONTAINER_BUILD_CONTEXT=")
+                 and not line.split("=", 1)[1].strip("\"'").startswith(("/", "git", "http")) else line
+                 for line in text.splitlines()]
+        systemd.write_atomic(ctx.layout.instance_conf(name), "\n".join(lines) + "\n", 0o644)
+        if os.path.exists(library):
+            with open(library, encoding="utf-8") as handle:
+                systemd.write_atomic(lib_target, handle.read(), 0o644)
+        for tool in tools:
+            systemd.write_atomic(tool, f"#!/bin/sh\nexec kvc wrapper {name} -- {os.path.basename(tool)} \"$@\"\n",
+                                 0o755)
+        systemd.install_unit(ctx.layout)
+    for step in steps:
+        say(f"done: {step}")
+    systemd.enable_instance(name)
+    return 0
+
+
+def _ensure_dir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
+    name = check_name(args.name)
+    instance = ctx.instance(name)
+    paths = [ctx.layout.instance_conf(name), os.path.join(ctx.layout.conf_dir, "bundles", name),
+             os.path.join(ctx.layout.host.host("/etc/kvc/lib/kvc"), f"{name}-lib.sh"),
+             *[os.path.join(ctx.layout.bin_dir, tool) for tool in instance.wrapper_tools],
+             ctx.layout.instance_state(name)]
+    present = [path for path in paths if os.path.lexists(path)]
+    if args.dry_run:
+        for path in present:
+            say(f"remove {path}")
+        return 0
+    systemd.disable_instance(name)
+    with instance_lock(ctx.layout.lock_dir, name):
+        for path in present:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            say(f"removed {path}")
+    return 0
+
+
+COMMANDS = {"build": cmd_build, "load": cmd_load, "unload": cmd_unload, "reload": cmd_reload,
+            "wrapper": cmd_wrapper, "status": cmd_status, "install": cmd_install, "uninstall": cmd_uninstall}
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](Context(Layout.from_env()), args)

@@ -1,18 +1,29 @@
-"""Benchmark: kvc kmod modinfo vs kmod's modinfo over every module of the Debian tree.
+"""Benchmark: ``kvc kmod modinfo`` against kmod's C ``modinfo`` over every module of a Debian kernel.
 
-Both run in this process tree in one run, several times each; prints best and median wall times,
-the ratio ours/C, and whether the outputs are identical.
-Run: .venv/bin/python benchmarks/bench_modinfo.py [--repeat N]
+In one run, each command gets all module files of Debian's current 6.1 kernel package in a single
+invocation, several times, interleaved (after one warm-up round that is not counted):
+
+- ``modinfo FILE...``                     kmod's C tool
+- ``kvc kmod modinfo FILE...``            the console script installed in this interpreter's venv
+- ``python -m kvc kmod modinfo FILE...``  the same through ``python -m`` with this interpreter
+
+It prints best and median wall times, the ratio ours/C (best against best), and compares each
+command's stdout, stderr and exit status with the C tool's, module by module. Exit status: 0 when
+every output is identical, 1 when any differs, 2 on bad usage or a missing prerequisite.
+
+Run: ``.venv/bin/python benchmarks/bench_modinfo.py [--repeat N] [--limit N]``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -21,40 +32,111 @@ from support.debian_kernel import debian_kernel
 from support.oracle import kmod_tool
 
 
-def timed(argv: list[str]) -> tuple[float, bytes]:
+@dataclass(frozen=True)
+class Output:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def run(argv: list[str]) -> tuple[float, Output]:
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, check=True)
-    return time.perf_counter() - started, proc.stdout
+    proc = subprocess.run(argv, capture_output=True)
+    elapsed = time.perf_counter() - started
+    return elapsed, Output(proc.returncode, proc.stdout, proc.stderr)
+
+
+def blocks(stdout: bytes) -> list[bytes]:
+    """modinfo's output split per module: each module's block starts with its filename line."""
+    result: list[bytes] = []
+    for line in stdout.splitlines(keepends=True):
+        if line.startswith(b"filename:") or not result:
+            result.append(line)
+        else:
+            result[-1] += line
+    return result
+
+
+def mismatches(ours: Output, theirs: Output) -> list[str]:
+    """What differs, one entry per module block (plus stderr and exit status)."""
+    found = []
+    mine, reference = blocks(ours.stdout), blocks(theirs.stdout)
+    if len(mine) != len(reference):
+        found.append(f"{len(mine)} module blocks, C modinfo printed {len(reference)}")
+    for index, (a, b) in enumerate(zip(mine, reference)):
+        if a != b:
+            first = b.split(b"\n", 1)[0].decode(errors="replace")
+            found.append(f"block {index + 1} ({first}) differs")
+    if ours.stderr != theirs.stderr:
+        found.append(f"stderr differs ({len(ours.stderr)} bytes, C modinfo {len(theirs.stderr)})")
+    if ours.returncode != theirs.returncode:
+        found.append(f"exit status {ours.returncode}, C modinfo {theirs.returncode}")
+    return found
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = argparse.ArgumentParser(description="kvc kmod modinfo vs kmod's modinfo over a real module tree.")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per command (default 5)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N modules (default: all)")
     args = parser.parse_args()
-    kernel = debian_kernel()
+    if args.repeat < 1 or args.limit < 0:
+        parser.error("--repeat must be at least 1 and --limit not negative")
+
+    kvc = Path(sys.executable).parent / "kvc"
+    if not kvc.is_file():
+        print(f"bench_modinfo: error: no kvc console script next to {sys.executable}; "
+              "run with .venv/bin/python after bash scripts/setup.sh", file=sys.stderr)
+        return 2
+    try:
+        c_modinfo = kmod_tool("modinfo")
+        kernel = debian_kernel()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"bench_modinfo: error: {exc}", file=sys.stderr)
+        return 2
     files = [str(path) for path in kernel.modules()]
-    kvc = str(Path(sys.executable).parent / "kvc")
+    if args.limit:
+        files = files[:args.limit]
+    if not files:
+        print(f"bench_modinfo: error: no modules found under {kernel.moddir}", file=sys.stderr)
+        return 2
+
     commands = {
-        "C modinfo": [kmod_tool("modinfo"), *files],
-        "kvc kmod modinfo": [kvc, "kmod", "modinfo", *files],
+        "C modinfo": [c_modinfo, *files],
+        "kvc kmod modinfo": [str(kvc), "kmod", "modinfo", *files],
         "python -m kvc kmod modinfo": [sys.executable, "-m", "kvc", "kmod", "modinfo", *files],
     }
-    results: dict[str, list[float]] = {}
-    outputs: dict[str, bytes] = {}
-    for _ in range(args.repeat):
+    times: dict[str, list[float]] = {label: [] for label in commands}
+    outputs: dict[str, Output] = {}
+    unstable: set[str] = set()
+    for round_ in range(args.repeat + 1):  # round 0 warms the page cache and is not counted
         for label, argv in commands.items():
-            elapsed, out = timed(argv)
-            results.setdefault(label, []).append(elapsed)
-            outputs[label] = out
-    print(f"modinfo over {len(files)} modules of Debian {kernel.release}, {args.repeat} runs each, "
-          f"{os.cpu_count()} CPUs")
-    base = min(results["C modinfo"])
-    for label, times in results.items():
-        print(f"  {label:28s} best {min(times):.3f}s  median {statistics.median(times):.3f}s  "
-              f"ratio {min(times) / base:.2f}x")
-    same = all(out == outputs["C modinfo"] for out in outputs.values())
-    print(f"  outputs identical: {'yes' if same else 'NO'}")
-    return 0 if same else 1
+            elapsed, output = run(argv)
+            if round_:
+                times[label].append(elapsed)
+            if outputs.setdefault(label, output) != output:
+                unstable.add(label)
+
+    print(f"modinfo over {len(files)} modules of Debian {kernel.release} ({kernel.moddir})")
+    print(f"{args.repeat} timed runs each, interleaved; Python {platform.python_version()} "
+          f"({sys.executable}), {os.cpu_count()} CPUs")
+    base = min(times["C modinfo"])
+    reference = outputs["C modinfo"]
+    print(f"  {'command':28s} {'best':>8s} {'median':>8s} {'ours/C':>7s}  output")
+    failed = False
+    for label, runs in times.items():
+        problems = [] if label == "C modinfo" else mismatches(outputs[label], reference)
+        if label in unstable:
+            problems.append("output differs from one run to the next")
+        failed = failed or bool(problems)
+        verdict = "reference" if label == "C modinfo" else (
+            "identical" if not problems else f"{len(problems)} MISMATCHES")
+        print(f"  {label:28s} {min(runs):7.3f}s {statistics.median(runs):7.3f}s "
+              f"{min(runs) / base:6.2f}x  {verdict}")
+        for problem in problems[:10]:
+            print(f"      {problem}")
+        if len(problems) > 10:
+            print(f"      ... and {len(problems) - 10} more")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

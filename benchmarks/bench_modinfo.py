@@ -62,7 +62,7 @@ def mismatches(ours: Output, theirs: Output) -> list[str]:
     found = []
     mine, reference = blocks(ours.stdout), blocks(theirs.stdout)
     if len(mine) != len(reference):
-        found.append(f"{len(mine)} module blocks, C modinfo printed {len(reference)}")
+        found.append(f"printed {len(mine)} module blocks where C modinfo printed {len(reference)}")
     for index, (a, b) in enumerate(zip(mine, reference)):
         if a != b:
             first = b.split(b"\n", 1)[0].decode(errors="replace")

@@ -5,7 +5,8 @@
 #
 #   1. System packages (apt-get): Python with venv and headers, gcc and make, Debian's kmod
 #      (the reference the kmod tools are compared with), the kernel headers of the current
-#      Debian 6.1 ABI (linux-headers-amd64), util-linux, ca-certificates, xz-utils and zstd.
+#      Debian 6.1 ABI (linux-headers-amd64), util-linux, ca-certificates, xz-utils, zstd and
+#      systemd (for systemd-analyze).
 #      apt-get update runs first, every time (about a second when nothing changed).
 #   2. A virtualenv .venv in the repository made by Debian's /usr/bin/python3, with kvc
 #      installed editable plus its test tools (pip install -e '.[test]'); reinstalled only
@@ -51,22 +52,25 @@ run_logged() {
     local what=$1 log
     shift
     log=$LOGDIR/$(printf '%s' "$what" | tr -c 'A-Za-z0-9' '_').log
-    if ! "$@" </dev/null >"$log" 2>&1; then
+    if ! "$@" </dev/null >"$log" 2>&1 9>&-; then
         local keep=${TMPDIR:-/tmp}/kvc-setup-failed.log
         cp "$log" "$keep" 2>/dev/null || keep=$log
         die "$what failed: $(grep -v '^[[:space:]]*$' "$log" | tail -n 1 || true) (full output: $keep)"
     fi
 }
 
-# One setup at a time (two would race on apt, the venv and the kernel cache).
-exec 9>"${TMPDIR:-/tmp}/kvc-setup.lock"
-flock 9 || die "could not lock ${TMPDIR:-/tmp}/kvc-setup.lock"
+# One setup at a time (two would race on apt, the venv and the kernel cache). Commands that may
+# leave daemons behind (apt, podman) run with the lock's descriptor closed so that none keeps it.
+lock=${TMPDIR:-/tmp}/kvc-setup.lock
+exec 9>"$lock"
+flock -w 1200 9 || die "another setup has held $lock for 20 minutes"
 
 # ---- 1. system packages -------------------------------------------------------------------
 # Groups of Debian packages; later parts of kvc add their own group here.
 BASE_PACKAGES=(python3 python3-venv python3-dev gcc make kmod util-linux ca-certificates xz-utils zstd)
 KERNEL_PACKAGES=(linux-headers-amd64)  # the headers of the current 6.1 ABI: Module.symvers, kbuild
-PACKAGES=("${BASE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}")
+SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
+PACKAGES=("${BASE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}")
 
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -q -o DPkg::Lock::Timeout=300)
@@ -129,8 +133,8 @@ PY
 
 # ---- 4. optional parts ----------------------------------------------------------------------
 if [ "$CONTAINERS" -eq 1 ]; then
-    bash scripts/setup-podman.sh || die "podman is not usable (scripts/setup-podman.sh failed)"
-    bash scripts/bootstrap-base-image.sh || die "no local Debian base image (scripts/bootstrap-base-image.sh failed)"
+    bash scripts/setup-podman.sh 9>&- || die "podman is not usable (scripts/setup-podman.sh failed)"
+    bash scripts/bootstrap-base-image.sh 9>&- || die "no local Debian base image (scripts/bootstrap-base-image.sh failed)"
 fi
 # (VM tests will add their qemu setup here.)
 

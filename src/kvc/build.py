@@ -1,20 +1,44 @@
-"""Build an instance's image for a kernel: plan (is it up to date?), then execute (build under a
-candidate tag, verify the modules in it, tag it, prune old kernels' images)."""
+"""Build (or pull) an instance's image for one kernel: plan, then execute.
+
+:func:`plan_build` decides, without starting a container, whether the image ``NAME-VERSION:KVER``
+is up to date: it is when it exists and its ``kvc.digest`` label equals :func:`context_digest` of
+the current configuration. That check is one ``image inspect`` (well under a second).
+
+:func:`execute_build` builds under a candidate tag, verifies the image (every ``KMOD_NAMES`` module
+is under ``/lib/modules/KVER/``, in any subdirectory, plain or compressed, and its vermagic names
+exactly KVER, read with :mod:`kvc.kmod` from copies of the files), and only then moves the real tag
+onto it. An image that fails verification is removed and never tagged. After a successful build
+the instance's images are pruned to the newest ``KVC_KEEP_KERNELS`` kernels.
+
+Image naming follows KVC: ``NAME-VERSION:KVER`` with the label ``name=NAME``, so images of the
+original framework and kvc's are found alike. Characters a tag cannot hold (``+`` in Debian
+backport kernels such as ``6.12.9+bpo-amd64``) become ``_`` in the tag and the repository is
+lowercased; the ``kvc.kernel`` label keeps the exact release.
+
+Prebuilt images (``KVC_IMAGE``): the reference for a kernel is ``KVC_IMAGE`` with ``{kver}``
+replaced by the kernel release when it contains ``{kver}``; else, when it already has a tag,
+``-KVER`` appended to that tag (``reg/x:1.0`` -> ``reg/x:1.0-6.1.0-56-amd64``); else ``:KVER``
+appended (``reg/x`` -> ``reg/x:6.1.0-56-amd64``); a digest reference (``@sha256:...``) is used as
+is. The pulled image gets the same verification and then the local tag ``NAME-VERSION:KVER``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import shlex
 import stat
 import tempfile
-from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
 
 from kvc.config import InstanceConfig
 from kvc.errors import BuildError, CommandError
 from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile, is_module_filename, name_from_path, normalize_name
-from kvc.runtime import ContainerRuntime, ImageInfo
+from kvc.runtime import BuildCommandError, ContainerRuntime, ImageFiles, ImageInfo, normalize_ref
 
 LABEL_NAME = "name"  # KVC's label: name=NAME
 LABEL_KERNEL = "kvc.kernel"
@@ -22,181 +46,455 @@ LABEL_VERSION = "kvc.version"
 LABEL_MODULES = "kvc.modules"
 LABEL_DIGEST = "kvc.digest"
 CANDIDATE_SUFFIX = "-kvc-candidate"
+DIGEST_SCHEME = "kvc-context-digest-1"
+EXCLUDED_DIRS = (".git",)
+
+ACTION_UP_TO_DATE = "up-to-date"
+ACTION_BUILD = "build"
+ACTION_PULL = "pull"
+
+_TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+_MAX_TAG = 128
 
 
-@dataclass(frozen=True)
-class BuildPlan:
-    instance: InstanceConfig
-    kernel_release: str
-    tag: str
-    labels: Mapping[str, str]
-    action: str  # "up-to-date", "build" or "pull"
-    reason: str
-    source: str = ""  # the image pulled, for "pull"
+# ---- names --------------------------------------------------------------------------------------------
 
-    def describe(self) -> str:
-        what = {"up-to-date": "nothing to do", "build": "build", "pull": f"pull {self.source}"}[self.action]
-        return f"{self.tag}: {what} ({self.reason})"
+def kernel_tag(kernel_release: str, suffix: str = "") -> str:
+    """The tag for a kernel release: characters a tag cannot hold become '_' (at most 128 chars)."""
+    tag = _TAG_BAD.sub("_", kernel_release)
+    return tag[:_MAX_TAG - len(suffix)] + suffix
+
+
+def image_repository(instance: InstanceConfig) -> str:
+    return instance.image_repository.lower()
 
 
 def image_tag(instance: InstanceConfig, kernel_release: str) -> str:
-    return f"{instance.image_repository}:{kernel_release}"
+    """KVC's image name for the instance and kernel: ``NAME-VERSION:KVER``."""
+    return f"{image_repository(instance)}:{kernel_tag(kernel_release)}"
+
+
+def candidate_tag(instance: InstanceConfig, kernel_release: str) -> str:
+    """Where a new build goes until it has been verified."""
+    return f"{image_repository(instance)}:{kernel_tag(kernel_release, CANDIDATE_SUFFIX)}"
+
+
+def prebuilt_ref(image: str, kernel_release: str) -> str:
+    """The reference to pull for a kernel from ``KVC_IMAGE`` (rules in the module docstring)."""
+    if "{kver}" in image:
+        return image.replace("{kver}", kernel_release)
+    if "@" in image:
+        return image
+    if ":" in image.rsplit("/", 1)[-1]:
+        return f"{image}-{kernel_tag(kernel_release)}"
+    return f"{image}:{kernel_tag(kernel_release)}"
+
+
+def context_is_local(instance: InstanceConfig) -> bool:
+    context = instance.build_context
+    return bool(context) and "://" not in context and os.path.isdir(context)
+
+
+def build_file_path(instance: InstanceConfig) -> str:
+    """The build file argument: inside a local context unless absolute; as written for URL contexts
+    (the runtime finds it in the fetched context, as KVC's --file did)."""
+    if context_is_local(instance) and not os.path.isabs(instance.build_file):
+        return os.path.join(instance.build_context, instance.build_file)
+    return instance.build_file
+
+
+def build_args(instance: InstanceConfig, kernel_release: str) -> list[tuple[str, str]]:
+    """KVC's build arguments KVER and KMODVER, then the instance's own (which cannot replace them)."""
+    ours = [("KVER", kernel_release), ("KMODVER", instance.software_version)]
+    return ours + [(k, v) for k, v in instance.build_args if k not in ("KVER", "KMODVER")]
+
+
+# ---- the context digest ----------------------------------------------------------------------------------
+
+def _hash_tree(update: Callable[[bytes], None], top: str) -> None:
+    """Every entry below ``top`` in sorted order: relative path, type and mode, and the content of
+    files (link targets for symlinks). ``.git`` directories are left out."""
+
+    def walk(directory: str, relative: str) -> None:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as exc:
+            raise BuildError(f"cannot read the build context: {exc}",
+                             hint="the build context must be readable by kvc") from None
+        for name in names:
+            path = os.path.join(directory, name)
+            rel = f"{relative}/{name}" if relative else name
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode) and name in EXCLUDED_DIRS:
+                continue
+            kind = stat.S_IFMT(info.st_mode)
+            update(f"{rel}\0{kind:o}\0{stat.S_IMODE(info.st_mode):o}\0".encode())
+            if stat.S_ISLNK(info.st_mode):
+                update(os.readlink(path).encode() + b"\0")
+            elif stat.S_ISDIR(info.st_mode):
+                walk(path, rel)
+            elif stat.S_ISREG(info.st_mode):
+                update(f"{info.st_size}\0".encode())
+                try:
+                    with open(path, "rb") as handle:
+                        for chunk in iter(lambda: handle.read(1 << 20), b""):
+                            update(chunk)
+                except OSError as exc:
+                    raise BuildError(f"cannot read the build context: {exc}",
+                                     hint="the build context must be readable by kvc") from None
+
+    walk(top, "")
 
 
 def context_digest(instance: InstanceConfig, kernel_release: str) -> str:
-    """What the image is built from: every file of a local context (path, mode, content), the
-    build file name, version, build args and kernel. A git or tarball URL context counts by its
-    URL only — kvc cannot see what the URL serves."""
+    """sha256 over what the image is built from: the files of a local build context (sorted
+    relative paths, type, mode and content; ``.git`` left out), the build file's name (and content
+    when it lies outside the context), the software version, the build arguments, the module names
+    and the kernel release. A git or tarball URL context counts by its URL string only: kvc cannot
+    see what the URL serves, so a change behind it needs ``--force``."""
     digest = hashlib.sha256()
-    for part in (instance.build_file, instance.software_version, kernel_release,
-                 repr(sorted(instance.build_args)), repr(list(instance.module_names))):
+    parts = [DIGEST_SCHEME, instance.build_file, instance.software_version, kernel_release,
+             repr(build_args(instance, kernel_release)), repr(list(instance.module_names))]
+    for part in parts:
         digest.update(part.encode() + b"\0")
-    context = instance.build_context
-    if "://" in context or not os.path.isdir(context):
-        digest.update(b"url\0" + context.encode())
+    if not context_is_local(instance):
+        digest.update(b"url\0" + instance.build_context.encode() + b"\0")
         return digest.hexdigest()
-    for root, dirs, files in os.walk(context):
-        dirs[:] = sorted(d for d in dirs if d != ".git")
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            info = os.lstat(path)
-            digest.update(os.path.relpath(path, context).encode() + b"\0")
-            digest.update(f"{stat.S_IMODE(info.st_mode):o}\0".encode())
-            if stat.S_ISLNK(info.st_mode):
-                digest.update(os.readlink(path).encode())
-            elif stat.S_ISREG(info.st_mode):
-                with open(path, "rb") as handle:
-                    for chunk in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(chunk)
-            digest.update(b"\0")
+    digest.update(b"dir\0")
+    _hash_tree(digest.update, instance.build_context)
+    build_file = build_file_path(instance)
+    inside = os.path.realpath(build_file).startswith(os.path.realpath(instance.build_context) + os.sep)
+    if not inside and os.path.isfile(build_file):
+        digest.update(b"build-file\0")
+        with open(build_file, "rb") as handle:
+            digest.update(handle.read())
     return digest.hexdigest()
 
 
+def image_labels(instance: InstanceConfig, kernel_release: str, digest: str) -> dict[str, str]:
+    return {LABEL_NAME: instance.name, LABEL_KERNEL: kernel_release, LABEL_VERSION: instance.software_version,
+            LABEL_MODULES: " ".join(instance.module_names), LABEL_DIGEST: digest}
+
+
+# ---- planning ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What :func:`execute_build` will do for one instance and kernel, and why."""
+
+    instance: InstanceConfig
+    kernel_release: str
+    tag: str  # NAME-VERSION:KVER
+    labels: Mapping[str, str]
+    action: str  # "up-to-date", "build" or "pull"
+    reason: str
+    source: str = ""  # the reference pulled, for "pull" (and prebuilt "up-to-date")
+    digest: str = ""
+    existing_id: str = ""  # the image the tag names now, if any
+    command: tuple[str, ...] = field(default=())  # the build command line, for "build"
+
+    def describe(self) -> str:
+        """The plan for --dry-run: a summary line, then the steps."""
+        if self.action == ACTION_UP_TO_DATE:
+            return f"{self.tag}: up to date ({self.reason})"
+        names = ", ".join(normalize_name(name) for name in self.instance.module_names)
+        verify = (f"verify {names} under /lib/modules/{self.kernel_release} (vermagic {self.kernel_release}), "
+                  f"then tag {self.tag}")
+        if self.action == ACTION_PULL:
+            return "\n".join([f"{self.tag}: pull {self.source} ({self.reason})",
+                              f"  tag {self.source} as {candidate_tag(self.instance, self.kernel_release)}",
+                              f"  {verify}"])
+        lines = [f"{self.tag}: build ({self.reason})"]
+        if not context_is_local(self.instance):
+            lines.append(f"  context {self.instance.build_context} is a URL: its digest covers the URL string "
+                         "only, so changes behind it need --force")
+        if self.command:
+            lines.append(f"  {shlex.join(self.command)}")
+        lines.append(f"  {verify}")
+        lines.append(f"  prune images labelled {LABEL_NAME}={self.instance.name} to the newest "
+                     f"{self.instance.keep_kernels} kernel(s)")
+        return "\n".join(lines)
+
+
 def plan_build(instance: InstanceConfig, kernel_release: str, runtime: ContainerRuntime, *,
-               force: bool = False) -> BuildPlan:
+               force: bool = False, pull: Optional[str] = None, no_cache: bool = False) -> BuildPlan:
+    """Decide what to do. Starts no container: one or two ``image inspect`` calls."""
     tag = image_tag(instance, kernel_release)
     digest = context_digest(instance, kernel_release)
-    labels = {LABEL_NAME: instance.name, LABEL_KERNEL: kernel_release, LABEL_VERSION: instance.software_version,
-              LABEL_MODULES: " ".join(instance.module_names), LABEL_DIGEST: digest}
+    labels = image_labels(instance, kernel_release, digest)
     existing = runtime.inspect(tag)
+    existing_id = existing.id if existing else ""
     if instance.image:
-        source = instance.image.replace("{kver}", kernel_release) if "{kver}" in instance.image \
-            else f"{instance.image}:{kernel_release}"
-        if existing is not None and not force:
-            return BuildPlan(instance, kernel_release, tag, labels, "up-to-date", f"pulled from {source}", source)
-        return BuildPlan(instance, kernel_release, tag, labels, "pull", "prebuilt image configured", source)
+        source = prebuilt_ref(instance.image, kernel_release)
+        if force:
+            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL, "--force", source, digest,
+                             existing_id)
+        if existing is None:
+            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL, "no image yet", source, digest)
+        local = runtime.inspect(source)
+        if local is not None and local.id != existing.id:
+            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL,
+                             f"{source} is a different image now", source, digest, existing_id)
+        return BuildPlan(instance, kernel_release, tag, labels, ACTION_UP_TO_DATE,
+                         f"pulled from {source}; --force pulls again", source, digest, existing_id)
+    command = tuple(runtime.build_argv(instance.build_context, build_file_path(instance),
+                                       candidate_tag(instance, kernel_release), build_args(instance, kernel_release),
+                                       labels, pull=pull, no_cache=no_cache))
+    url_note = "" if context_is_local(instance) else " (URL context: only the URL string is compared)"
+
+    def plan(action: str, reason: str) -> BuildPlan:
+        return BuildPlan(instance, kernel_release, tag, labels, action, reason, "", digest, existing_id,
+                         command if action == ACTION_BUILD else ())
+
     if force:
-        return BuildPlan(instance, kernel_release, tag, labels, "build", "--force")
+        return plan(ACTION_BUILD, "--force")
     if existing is None:
-        return BuildPlan(instance, kernel_release, tag, labels, "build", "no image yet")
-    if existing.labels.get(LABEL_DIGEST) != digest:
-        return BuildPlan(instance, kernel_release, tag, labels, "build", "build context, version or args changed")
-    return BuildPlan(instance, kernel_release, tag, labels, "up-to-date", "image matches the build context")
+        return plan(ACTION_BUILD, "no image yet")
+    recorded = existing.labels.get(LABEL_DIGEST)
+    if recorded is None:
+        return plan(ACTION_BUILD, f"the image has no {LABEL_DIGEST} label (built outside kvc)")
+    if recorded != digest:
+        return plan(ACTION_BUILD, "build context, version or args changed" + url_note)
+    return plan(ACTION_UP_TO_DATE, "image matches the build context" + url_note)
+
+
+# ---- failures ------------------------------------------------------------------------------------------------
+
+_NETWORK = ("Temporary failure resolving", "Temporary failure in name resolution", "Could not resolve",
+            "Failed to fetch", "Network is unreachable", "Connection refused", "Connection timed out",
+            "Could not connect to", "Name or service not known", "No route to host", "TLS handshake timeout",
+            "pinging container registry", "no such host", "i/o timeout", "dial tcp", "Could not resolve host")
+_COMPILER_ERROR = re.compile(r"^.*\.(?:c|h|S):\d+(?::\d+)?: (?:fatal )?error: .*$", re.MULTILINE)
+_MODPOST_ERROR = re.compile(r"^.*ERROR: modpost: .*$", re.MULTILINE)
+_MISSING_PACKAGE = ("Unable to locate package", "has no installation candidate", "No match for argument",
+                    "No package", "Couldn't find any package", "not found")
 
 
 def classify_failure(output: str, kernel_release: str) -> tuple[str, str]:
-    """(one-line cause, hint) for a failed build, from its output."""
-    if f"linux-headers-{kernel_release}" in output and ("Unable to locate" in output or "no package" in output.lower()):
-        return (f"no kernel headers for {kernel_release} in the build image's package sources",
-                "check the kernel release, or point the Containerfile at a repository that has its headers")
-    if any(marker in output for marker in ("Temporary failure resolving", "Could not resolve", "Failed to fetch",
-                                           "Network is unreachable", "connection refused")):
-        return ("the build could not reach the network", "check the host's network, proxy and DNS settings")
+    """(one-line cause, hint) for a failed build, recognized from its output: no network (which
+    also explains packages that cannot be found), kernel headers missing for the release, the
+    compiler or modpost failing, a full disk."""
+    lines = output.splitlines()
+    network = next((line.strip() for line in lines if any(marker in line for marker in _NETWORK)), "")
+    header_names = (f"linux-headers-{kernel_release}", f"kernel-devel-{kernel_release}",
+                    f"kernel-headers-{kernel_release}")
+    headers = next((line.strip() for line in lines
+                    if any(name in line for name in header_names) and any(m in line for m in _MISSING_PACKAGE)), "")
+    if not headers and f"/lib/modules/{kernel_release}/build" in output and "No such file or directory" in output:
+        headers = f"/lib/modules/{kernel_release}/build is missing"
+    network_hint = "check the host's network, proxy and DNS settings (builds fetch packages and sources)"
+    if headers and network:
+        return (f"the build could not reach the network, so the package lists are incomplete ({network[:160]})",
+                network_hint)
+    if headers:
+        return (f"no kernel headers for {kernel_release} in the build image's package sources ({headers[:160]})",
+                "check the kernel release; its headers package may be in another suite (e.g. "
+                "bookworm-security or backports), or point the Containerfile at a repository that has it")
+    match = _COMPILER_ERROR.search(output)
+    if match:
+        return (f"the module source failed to compile: {match.group(0).strip()[:160]}",
+                "fix the source for this kernel's API (see the compiler errors in the log)")
+    match = _MODPOST_ERROR.search(output)
+    if match:
+        return (f"the module failed to link (modpost): {match.group(0).strip()[:160]}",
+                "a symbol the module uses is not exported by this kernel")
+    if network:
+        return (f"the build could not reach the network ({network[:160]})", network_hint)
+    if "no space left on device" in output.lower():
+        return ("the build ran out of disk space", "free space where images are stored (/var/lib/containers)")
     if "error:" in output and (".c:" in output or ".h:" in output):
-        return ("the module source failed to compile", "see the compiler errors above")
+        return ("the module source failed to compile", "see the compiler errors in the log")
     return ("the image build failed", "see the build output above")
+
+
+# ---- verification -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FoundModule:
+    name: str  # kmod's name (with '_')
+    path: str  # in the image
+    vermagic: str
+
+
+def _priority(path: str, directory: str) -> tuple[int, str]:
+    relative = path[len(directory):].lstrip("/")
+    first = relative.split("/", 1)[0] if "/" in relative else ""
+    return ({"updates": 0, "extra": 1}.get(first, 2), path)
+
+
+def match_modules(paths: Sequence[str], kernel_release: str, names: Sequence[str]) -> dict[str, str]:
+    """{module name: image path} for the wanted ``names`` ('-'/'_' alike) among ``paths`` under
+    ``/lib/modules/KVER``. Several candidates: ``updates/`` wins, then ``extra/``, then the first path."""
+    directory = f"/lib/modules/{kernel_release}"
+    wanted = {normalize_name(name) for name in names}
+    found: dict[str, str] = {}
+    for path in sorted(paths, key=lambda p: _priority(p, directory)):
+        if not path.startswith(directory + "/") or not is_module_filename(path):
+            continue
+        name = name_from_path(path)
+        if name in wanted and name not in found:
+            found[name] = path
+    return found
 
 
 def find_modules(runtime: ContainerRuntime, image: str, kernel_release: str,
                  names: Sequence[str]) -> dict[str, str]:
     """{module name: path in the image} for the wanted modules under /lib/modules/KVER."""
+    with runtime.open_image(image) as files:
+        return match_modules(files.list(f"/lib/modules/{kernel_release}"), kernel_release, names)
+
+
+def _elsewhere(files: ImageFiles, names: Sequence[str]) -> list[str]:
     wanted = {normalize_name(name) for name in names}
-    found: dict[str, str] = {}
-    for path in sorted(runtime.list_files(image, f"/lib/modules/{kernel_release}")):
-        name = name_from_path(path)
-        if is_module_filename(path) and name in wanted and name not in found:
-            found[name] = path
-    return found
+    return [path for path in files.list("/lib/modules")
+            if is_module_filename(path) and name_from_path(path) in wanted]
 
 
-def verify_modules(runtime: ContainerRuntime, image: str, instance: InstanceConfig, kernel_release: str) -> None:
-    """Every KMOD_NAMES module is in the image and built for ``kernel_release``."""
-    found = find_modules(runtime, image, kernel_release, instance.module_names)
-    missing = [name for name in instance.module_names if normalize_name(name) not in found]
-    if missing:
-        raise BuildError(f"the image lacks module(s) {', '.join(missing)} under /lib/modules/{kernel_release}",
-                         details="found: " + (", ".join(sorted(found)) or "no module files"),
-                         hint="install the modules into /lib/modules/$KVER/ in the Containerfile")
-    with tempfile.TemporaryDirectory(prefix="kvc-verify-") as scratch:
-        runtime.copy_out(image, list(found.values()), scratch)
-        problems = []
-        for name, path in found.items():
-            try:
-                vermagic = ModuleFile.open(os.path.join(scratch, os.path.basename(path))).vermagic or ""
-            except KmodError as exc:
-                problems.append(f"{name}: {exc.brief}")
-                continue
-            if vermagic.split()[:1] != [kernel_release]:
-                problems.append(f"{name} ({path}) has vermagic {vermagic.strip()!r}")
+def verify_image(runtime: ContainerRuntime, image: str, instance: InstanceConfig,
+                 kernel_release: str) -> list[FoundModule]:
+    """Every KMOD_NAMES module is in the image under /lib/modules/KVER and has a vermagic whose
+    first word is KVER; else BuildError naming each module and what was found."""
+    directory = f"/lib/modules/{kernel_release}"
+    with runtime.open_image(image) as files:
+        listed = files.list(directory)
+        found = match_modules(listed, kernel_release, instance.module_names)
+        missing = [name for name in instance.module_names if normalize_name(name) not in found]
+        if missing:
+            others = [p for p in _elsewhere(files, missing) if not p.startswith(directory + "/")]
+            present = sorted(p[len(directory) + 1:] for p in listed if is_module_filename(p))
+            details = [f"missing: {name} (no {normalize_name(name)}.ko[.xz|.zst|.gz] below {directory})"
+                       for name in missing]
+            details.append(f"module files below {directory}: " + (", ".join(present[:20]) or "none")
+                           + (f" (and {len(present) - 20} more)" if len(present) > 20 else ""))
+            if others:
+                details.append("found for another kernel: " + ", ".join(others[:10]))
+            raise BuildError(f"image {image} lacks module(s) {', '.join(missing)} for kernel {kernel_release}",
+                             details="\n".join(details),
+                             hint="install the modules into /lib/modules/$KVER/ (any subdirectory) in the "
+                                  "Containerfile, built for the KVER build argument")
+        with tempfile.TemporaryDirectory(prefix="kvc-verify-") as scratch:
+            copies = files.copy(list(found.values()), scratch)
+            results: list[FoundModule] = []
+            problems: list[str] = []
+            for name in (normalize_name(n) for n in instance.module_names):
+                path = found[name]
+                try:
+                    vermagic = (ModuleFile.open(copies[path]).vermagic or "").strip()
+                except KmodError as exc:
+                    problems.append(f"{name} ({path}): not a readable module: {exc}")
+                    continue
+                release = vermagic.split()[0] if vermagic.split() else ""
+                if release != kernel_release:
+                    problems.append(f"{name} ({path}): vermagic {vermagic or '(none)'!r} names kernel "
+                                    f"{release or '(none)'}, not {kernel_release}")
+                results.append(FoundModule(name, path, vermagic))
     if problems:
-        raise BuildError(f"the image's modules are not built for kernel {kernel_release}",
+        raise BuildError(f"image {image} has modules that are not built for kernel {kernel_release}",
                          details="\n".join(problems),
                          hint="build against the headers of exactly this kernel release (build arg KVER)")
+    return results
 
 
-def execute_build(plan: BuildPlan, runtime: ContainerRuntime) -> str:
-    """Carry out a plan; returns a one-line summary. A failed verification leaves no tag."""
-    if plan.action == "up-to-date":
+# ---- execution ----------------------------------------------------------------------------------------------
+
+def _remove_quietly(runtime: ContainerRuntime, ref: str) -> None:
+    with contextlib.suppress(CommandError):
+        runtime.remove(ref, missing_ok=True)
+
+
+def execute_build(plan: BuildPlan, runtime: ContainerRuntime, *, stream: bool = False, pull: Optional[str] = None,
+                  no_cache: bool = False) -> str:
+    """Carry out a plan and return a one-line summary. The tag moves only onto a verified image;
+    a build or verification failure raises BuildError and leaves no candidate behind."""
+    if plan.action == ACTION_UP_TO_DATE:
         return f"{plan.tag} is up to date"
-    candidate = plan.tag + CANDIDATE_SUFFIX
     instance = plan.instance
-    try:
-        if plan.action == "pull":
+    candidate = candidate_tag(instance, plan.kernel_release)
+    if plan.action == ACTION_PULL:
+        try:
             runtime.pull(plan.source)
-            runtime.tag(plan.source, candidate)
-        else:
-            build_args = {"KVER": plan.kernel_release, "KMODVER": instance.software_version,
-                          **dict(instance.build_args)}
-            build_file = instance.build_file
-            if "://" not in instance.build_context and not os.path.isabs(build_file):
-                build_file = os.path.join(instance.build_context, build_file)
-            runtime.build(instance.build_context, build_file, candidate, build_args, plan.labels)
-    except CommandError as exc:
-        cause, hint = classify_failure(exc.output_tail, plan.kernel_release)
-        raise BuildError(f"{plan.tag}: {cause}", details=exc.output_tail, hint=hint) from None
+        except CommandError as exc:
+            raise BuildError(f"{plan.tag}: pulling {plan.source} failed", details=exc.output_tail,
+                             hint=exc.hint or "check the reference (KVC_IMAGE) and that the registry is reachable") \
+                from None
+        runtime.tag(plan.source, candidate)
+    else:
+        try:
+            runtime.build(instance.build_context, build_file_path(instance), candidate,
+                          build_args(instance, plan.kernel_release), plan.labels, pull=pull, no_cache=no_cache,
+                          stream=stream)
+        except BuildCommandError as exc:
+            cause, hint = classify_failure(exc.output, plan.kernel_release)
+            _remove_quietly(runtime, candidate)
+            raise BuildError(f"{plan.tag}: {cause}", details=exc.output_tail, hint=hint) from None
     try:
-        verify_modules(runtime, candidate, instance, plan.kernel_release)
-        runtime.tag(candidate, plan.tag)
-    finally:
-        runtime.remove(candidate)
+        found = verify_image(runtime, candidate, instance, plan.kernel_release)
+    except BaseException:
+        _remove_quietly(runtime, candidate)
+        raise
+    runtime.tag(candidate, plan.tag)
+    runtime.remove(candidate)
     pruned = prune_images(runtime, instance, keep_tag=plan.tag)
+    verb = "pulled" if plan.action == ACTION_PULL else "built"
+    modules = ", ".join(module.name for module in found)
     suffix = f"; removed {len(pruned)} old image(s)" if pruned else ""
-    return f"built {plan.tag}{suffix}"
+    return f"{verb} {plan.tag} ({modules} verified for {plan.kernel_release}){suffix}"
 
 
-def _kernel_of(info: ImageInfo) -> str:
-    if LABEL_KERNEL in info.labels:
-        return info.labels[LABEL_KERNEL]
-    return info.names[0].rsplit(":", 1)[-1] if info.names else ""
+def image_kernel(info: ImageInfo) -> str:
+    """The kernel an image of kvc's is for: its kvc.kernel label."""
+    return info.labels.get(LABEL_KERNEL, "")
+
+
+def _is_candidate(name: str) -> bool:
+    return name.endswith(CANDIDATE_SUFFIX)
+
+
+def _ours(instance: InstanceConfig, name: str) -> bool:
+    return normalize_ref(name).split(":", 1)[0].startswith(f"{instance.name.lower()}-")
+
+
+def prune_plan(images: Sequence[ImageInfo], instance: InstanceConfig, *,
+               keep_tag: Optional[str] = None) -> tuple[list[ImageInfo], list[ImageInfo]]:
+    """(keep, remove) among the instance's images. Only images kvc built are considered (label
+    name=NAME *and* a kvc.kernel label; KVC-library images are left alone). The image named
+    ``keep_tag`` stays, and its kernel counts first; then the newest image (by creation time) of
+    each of the newest ``keep_kernels`` kernels stays. Older images of a kept kernel (earlier
+    versions), images of older kernels, stale candidates and dangling images go."""
+    ours = [info for info in images if info.labels.get(LABEL_NAME) == instance.name and image_kernel(info)]
+    keep: list[ImageInfo] = []
+    remove: list[ImageInfo] = []
+    kernels: list[str] = []
+    current = [info for info in ours if keep_tag is not None and info.has_name(keep_tag)]
+    for info in current:
+        keep.append(info)
+        if image_kernel(info) not in kernels:
+            kernels.append(image_kernel(info))
+    for info in sorted(ours, key=lambda i: (i.created_epoch, i.id), reverse=True):
+        if info in current:
+            continue
+        tagged = [name for name in info.names if not _is_candidate(name)]
+        kernel = image_kernel(info)
+        if tagged and kernel not in kernels and len(kernels) < instance.keep_kernels:
+            kernels.append(kernel)
+            keep.append(info)
+        else:
+            remove.append(info)
+    return keep, remove
 
 
 def prune_images(runtime: ContainerRuntime, instance: InstanceConfig, *, keep_tag: Optional[str] = None) -> list[str]:
-    """Keep this instance's images (label name=NAME) for the newest ``keep_kernels`` kernels;
-    remove older ones and untagged leftovers. The image just built always stays."""
-    images = runtime.list_images(f"{LABEL_NAME}={instance.name}")
-    newest_first = sorted(images, key=lambda info: info.created, reverse=True)
-    kept_kernels: list[str] = []
-    removed = []
-    for info in newest_first:
-        is_current = keep_tag is not None and any(name.endswith(keep_tag) for name in info.names)
-        kernel = _kernel_of(info)
-        if is_current or (info.names and (kernel in kept_kernels or len(kept_kernels) < instance.keep_kernels)):
-            if kernel not in kept_kernels:
-                kept_kernels.append(kernel)
-            continue
-        try:
-            runtime.remove(info.id, force=True)
-            removed.append(info.names[0] if info.names else info.id)
-        except CommandError:
-            continue
+    """Remove what :func:`prune_plan` says goes; returns the names (or ids) removed. Only the
+    instance's own tags are removed from an image (another tag keeps it alive), and an image in
+    use by a container stays (the failure is ignored)."""
+    _keep, remove = prune_plan(runtime.list_images(f"{LABEL_NAME}={instance.name}"), instance, keep_tag=keep_tag)
+    removed: list[str] = []
+    for info in remove:
+        refs = [name for name in info.names if _ours(instance, name)] if info.names else [info.id]
+        for ref in refs:
+            try:
+                runtime.remove(ref, missing_ok=True)
+            except CommandError:
+                continue
+            removed.append(ref)
     return removed

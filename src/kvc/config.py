@@ -13,7 +13,7 @@ from kvc.errors import ConfigError
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_.+:@%=,/~#-]*")
-_IMAGE_REF = re.compile(r"[a-z0-9][A-Za-z0-9._/:@+-]*")
+_IMAGE_REF = re.compile(r"[a-z0-9][A-Za-z0-9._/:@+{}-]*")
 _KERNEL_RELEASE = re.compile(r"[0-9][A-Za-z0-9._+~-]*")
 
 CONF_DIR = "/etc/kvc"

@@ -1,24 +1,36 @@
 """The instance's modules, extracted from its image into ``/var/lib/kvc/NAME/KVER`` for loading.
 
-Extraction is atomic: files go to a temporary directory beside the target with a manifest of
-their digests, then the directory is swapped in by rename. It is redone only when the image
-changed, and loaders check the files against the manifest before use.
+Extraction is atomic: the module files are copied out of the image into a temporary directory
+beside the target, described by ``manifest.json`` (schema 1: the image, its id and ``kvc.digest``
+label, the kernel, and per module its name, file, sha256, vermagic and depends), fsynced, and the
+directory then replaces the old one in one step (``renameat2(RENAME_EXCHANGE)``; where that is not
+available: rename the old one away, rename the new one in, remove the old one). Other files in the
+old directory that are not part of its extraction (the loader's ``loaded.json``) are carried over.
+A failure at any point leaves the previous extraction as it was.
+
+It is redone only when the image id changed (or the module list, or a file no longer matches its
+digest); loaders and ``status`` read :func:`read_manifest` and check files with
+:meth:`Manifest.verify` before use.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Optional
 
-from kvc.build import LABEL_DIGEST, find_modules
+from kvc.build import LABEL_DIGEST, match_modules
 from kvc.config import InstanceConfig
 from kvc.errors import StateError
-from kvc.kmod.module import ModuleFile
+from kvc.kmod.errors import KmodError
+from kvc.kmod.module import ModuleFile, normalize_name
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime
 
@@ -28,11 +40,16 @@ SCHEMA = 1
 
 @dataclass(frozen=True)
 class ExtractedModule:
-    name: str
+    name: str  # kmod's name (with '_')
     file: str  # relative to the extraction directory
     sha256: str
     vermagic: str
     depends: tuple[str, ...]
+    image_path: str = ""  # where it was in the image
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "file": self.file, "sha256": self.sha256, "vermagic": self.vermagic,
+                "depends": list(self.depends), "image_path": self.image_path}
 
 
 @dataclass(frozen=True)
@@ -40,26 +57,42 @@ class Manifest:
     directory: str
     image: str
     image_id: str
-    image_digest: str
+    image_digest: str  # the image's kvc.digest label ("" for images kvc did not build)
     kernel: str
     modules: tuple[ExtractedModule, ...]
+    extracted_at: float = 0.0
 
     def path_of(self, name: str) -> str:
+        wanted = normalize_name(name)
         for module in self.modules:
-            if module.name == name:
+            if module.name == wanted:
                 return os.path.join(self.directory, module.file)
         raise KeyError(name)
 
-    def verify(self) -> None:
-        """The files still are what was extracted."""
+    def problems(self) -> list[str]:
+        """Files that are missing or no longer match their recorded sha256."""
+        found = []
         for module in self.modules:
             path = os.path.join(self.directory, module.file)
-            if not os.path.exists(path) or _sha256(path) != module.sha256:
-                raise StateError(f"{path} changed since it was extracted",
-                                 hint="run the load again with --force to re-extract")
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                found.append(f"{path}: {exc.strerror or exc}")
+                continue
+            if digest != module.sha256:
+                found.append(f"{path}: sha256 {digest} differs from the extracted {module.sha256}")
+        return found
+
+    def verify(self) -> None:
+        """The files still are what was extracted; StateError otherwise."""
+        problems = self.problems()
+        if problems:
+            raise StateError(f"the extracted modules in {self.directory} changed since extraction",
+                             details="\n".join(problems),
+                             hint="run the load again with --force to extract them from the image again")
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -67,65 +100,210 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _parse_manifest(directory: str, data: object) -> Optional[Manifest]:
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        return None
+    try:
+        modules = tuple(
+            ExtractedModule(str(m["name"]), str(m["file"]), str(m["sha256"]), str(m["vermagic"]),
+                            tuple(str(d) for d in m["depends"]), str(m.get("image_path", "")))
+            for m in data["modules"])
+        for module in modules:
+            if os.path.isabs(module.file) or ".." in module.file.split("/"):
+                return None
+        return Manifest(directory, str(data["image"]), str(data["image_id"]), str(data.get("image_digest", "")),
+                        str(data["kernel"]), modules, float(data.get("extracted_at", 0.0)))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def read_manifest(layout: Layout, name: str, kernel_release: str) -> Optional[Manifest]:
+    """The manifest of the current extraction, or None when there is none (or it is unreadable)."""
     directory = layout.kernel_state(name, kernel_release)
     try:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as handle:
             data = json.load(handle)
-        if data.get("schema") != SCHEMA:
-            return None
-        return Manifest(directory, data["image"], data["image_id"], data.get("image_digest", ""), data["kernel"],
-                        tuple(ExtractedModule(m["name"], m["file"], m["sha256"], m["vermagic"], tuple(m["depends"]))
-                              for m in data["modules"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
+    return _parse_manifest(directory, data)
 
+
+def verify_extraction(layout: Layout, name: str, kernel_release: str) -> Manifest:
+    """The current extraction, checked against its manifest; StateError when missing or changed."""
+    manifest = read_manifest(layout, name, kernel_release)
+    if manifest is None:
+        raise StateError(f"{name} has no extracted modules for kernel {kernel_release}",
+                         hint=f"run 'kvc load {name}' (it extracts them from the image)")
+    manifest.verify()
+    return manifest
+
+
+def is_current(manifest: Optional[Manifest], instance: InstanceConfig, image_id: str) -> bool:
+    """Whether an extraction can be reused for the image ``image_id``: same image, same modules,
+    files intact."""
+    if manifest is None or manifest.image_id != image_id:
+        return False
+    if [m.name for m in manifest.modules] != [normalize_name(n) for n in instance.module_names]:
+        return False
+    return not manifest.problems()
+
+
+# ---- the directory swap ---------------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
+    import ctypes  # only here: the CLI's start-up stays small
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(staging: str, target: str) -> None:
+    """Put ``staging`` in place of ``target`` (which may not exist) so that ``target`` is always
+    either the old or the new directory; the old one is removed afterwards."""
+    parent = os.path.dirname(target)
+    base = os.path.basename(target)
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        _fsync_dir(parent)
+        return
+    if _exchange(staging, target):
+        _fsync_dir(parent)
+        shutil.rmtree(staging, ignore_errors=True)  # now the old directory
+        return
+    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(target: str) -> None:
+    """Undo what an interrupted extraction left: temporary directories, or (after a crash between
+    the two renames of the fallback swap) an old directory that must become the target again."""
+    parent = os.path.dirname(target)
+    base = os.path.basename(target)
+    olds = sorted(glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.old-*")))
+    if not os.path.exists(target) and olds:
+        os.rename(olds.pop(), target)
+    for leftover in [*olds, *glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(base)}.new-*"))]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---- extraction ---------------------------------------------------------------------------------------------
 
 def extract(layout: Layout, instance: InstanceConfig, kernel_release: str, runtime: ContainerRuntime,
             image: str, *, force: bool = False) -> Manifest:
+    """Extract the instance's modules from ``image`` into ``layout.kernel_state(NAME, KVER)`` and
+    return the manifest; reuse the current extraction when it came from the same image id (unless
+    ``force``). The caller holds the instance lock."""
     info = runtime.inspect(image)
     if info is None:
-        raise StateError(f"image {image} does not exist", hint=f"run 'kvc build {instance.name} --kernel "
-                                                                f"{kernel_release}' first")
-    current = read_manifest(layout, instance.name, kernel_release)
-    if current is not None and current.image_id == info.id and not force:
-        return current
+        raise StateError(f"image {image} does not exist",
+                         hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first")
     target = layout.kernel_state(instance.name, kernel_release)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{kernel_release}.new-", dir=parent)
+    _recover(target)
+    current = read_manifest(layout, instance.name, kernel_release)
+    if not force and current is not None and is_current(current, instance, info.id):
+        return current
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.new-", dir=parent)
     try:
-        found = find_modules(runtime, image, kernel_release, instance.module_names)
-        runtime.copy_out(image, list(found.values()), staging)
+        directory = f"/lib/modules/{kernel_release}"
+        with runtime.open_image(image) as files:
+            found = match_modules(files.list(directory), kernel_release, instance.module_names)
+            missing = [name for name in instance.module_names if normalize_name(name) not in found]
+            if missing:
+                raise StateError(f"image {image} has no module(s) {', '.join(missing)} below {directory}",
+                                 hint=f"rebuild it: 'kvc build {instance.name} --kernel {kernel_release} --force'")
+            copies = files.copy([found[normalize_name(n)] for n in instance.module_names], staging)
         modules = []
-        for name in (n.replace("-", "_") for n in instance.module_names):
-            if name not in found:
-                raise StateError(f"image {image} has no module {name}", hint="rebuild with 'kvc build --force'")
-            file = os.path.basename(found[name])
-            module = ModuleFile.open(os.path.join(staging, file))
-            modules.append(ExtractedModule(name, file, _sha256(os.path.join(staging, file)),
-                                           module.vermagic or "", tuple(module.depends)))
+        for name in (normalize_name(n) for n in instance.module_names):
+            local = copies[found[name]]
+            os.chmod(local, 0o644)
+            _fsync_file(local)
+            try:
+                module = ModuleFile.open(local)
+                vermagic, depends = (module.vermagic or "").strip(), tuple(module.depends)
+            except KmodError as exc:
+                raise StateError(f"{found[name]} in image {image} is not a readable module: {exc}",
+                                 hint="rebuild the image") from None
+            modules.append(ExtractedModule(name, os.path.basename(local), sha256_file(local), vermagic, depends,
+                                           found[name]))
+        if current is not None:
+            _carry_over(current, staging)
         manifest = {"schema": SCHEMA, "image": image, "image_id": info.id,
                     "image_digest": info.labels.get(LABEL_DIGEST, ""), "kernel": kernel_release,
-                    "modules": [m.__dict__ | {"depends": list(m.depends)} for m in modules]}
-        with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as handle:
+                    "extracted_at": time.time(), "modules": [m.to_json() for m in modules]}
+        manifest_path = os.path.join(staging, MANIFEST)
+        with open(manifest_path, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
-        for entry in os.listdir(staging):
-            os.chmod(os.path.join(staging, entry), 0o644)
+        os.chmod(manifest_path, 0o644)
         os.chmod(staging, 0o755)
-        old = None
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=f".{kernel_release}.old-", dir=parent)
-            os.rename(target, os.path.join(old, "x"))
-        os.rename(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(staging)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     result = read_manifest(layout, instance.name, kernel_release)
-    assert result is not None
+    if result is None:
+        raise StateError(f"{os.path.join(target, MANIFEST)} cannot be read back after extraction")
     return result
+
+
+def _carry_over(previous: Manifest, staging: str) -> None:
+    """Copy files the old extraction directory holds besides its modules and manifest (state
+    written by others, such as the loader's record) into the new one."""
+    extracted = {m.file for m in previous.modules} | {MANIFEST}
+    try:
+        entries = os.listdir(previous.directory)
+    except OSError:
+        return
+    for entry in entries:
+        source = os.path.join(previous.directory, entry)
+        if entry in extracted or not os.path.isfile(source) or os.path.islink(source):
+            continue
+        target = os.path.join(staging, entry)
+        if not os.path.exists(target):
+            shutil.copy2(source, target)
+            _fsync_file(target)

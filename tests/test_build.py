@@ -1,0 +1,479 @@
+"""Build planning and execution against a recording fake podman (names, the context digest,
+up-to-date detection that starts no container, verification that refuses an image and removes it,
+failure causes, pruning), and for real with podman: a FROM-scratch image holding real Debian
+modules is built, verified, extracted, found up to date, and refused for the wrong kernel."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import pytest
+
+from kvc.build import (
+    LABEL_DIGEST,
+    BuildPlan,
+    candidate_tag,
+    classify_failure,
+    context_digest,
+    execute_build,
+    image_tag,
+    kernel_tag,
+    plan_build,
+    prebuilt_ref,
+    prune_images,
+    prune_plan,
+)
+from kvc.config import InstanceConfig
+from kvc.errors import BuildError
+from kvc.extract import extract, read_manifest
+from kvc.kmod.paths import HostPaths
+from kvc.layout import Layout
+from kvc.runtime import ImageInfo, PodmanRuntime
+from support import fakeprog
+from support.debian_kernel import DebianKernel
+from test_runtime import KVER, FakeRuntime, fake, inspect_entry, module_bytes
+
+__all__ = ["fake"]  # the fixture, imported for these tests
+
+ROOT = Path(__file__).resolve().parent.parent
+TAG = f"demo-1.0:{KVER}"
+CANDIDATE = f"demo-1.0:{KVER}-kvc-candidate"
+
+
+def instance(tmp_path: Path, *, keep: int = 3, modules: str = "demo-mod", **extra: str) -> InstanceConfig:
+    context = tmp_path / "ctx"
+    if not context.exists():
+        context.mkdir()
+        (context / "Containerfile").write_text("FROM scratch\n")
+        (context / "src").mkdir()
+        (context / "src" / "demo-mod.c").write_text("int x;\n")
+    values = {"KMOD_CONTAINER_BUILD_CONTEXT": str(context), "KMOD_SOFTWARE_VERSION": "1.0",
+              "KMOD_NAMES": modules, "KVC_KEEP_KERNELS": str(keep), **extra}
+    return InstanceConfig.from_values("demo", str(tmp_path / "demo.conf"), values)
+
+
+def good_image(fake: FakeRuntime, vermagic: str = f"{KVER} SMP preempt mod_unload modversions ") -> None:
+    fake.files({f"/lib/modules/{KVER}/extra/demo-mod.ko": module_bytes("demo-mod", vermagic)})
+
+
+# ---- names ----------------------------------------------------------------------------------------------
+
+def test_image_names_follow_kvc() -> None:
+    config = InstanceConfig("simple-kmod", "s", "/c", "Containerfile", "dd1a7d4", ("simple-kmod",))
+    assert image_tag(config, "5.3.7-301.fc31.x86_64") == "simple-kmod-dd1a7d4:5.3.7-301.fc31.x86_64"
+    assert candidate_tag(config, KVER) == f"simple-kmod-dd1a7d4:{KVER}-kvc-candidate"
+    # A tag cannot hold '+' (Debian backports) and a repository is lowercase; the label keeps the release.
+    upper = InstanceConfig("Demo", "s", "/c", "Containerfile", "V1", ("m",))
+    assert image_tag(upper, "6.12.9+bpo-amd64") == "demo-v1:6.12.9_bpo-amd64"
+    assert len(kernel_tag("9" * 200, "-kvc-candidate")) == 128
+
+
+def test_prebuilt_references() -> None:
+    assert prebuilt_ref("quay.io/org/kmod", KVER) == f"quay.io/org/kmod:{KVER}"
+    assert prebuilt_ref("localhost:5000/kmod", KVER) == f"localhost:5000/kmod:{KVER}"
+    assert prebuilt_ref("quay.io/org/kmod:1.0", KVER) == f"quay.io/org/kmod:1.0-{KVER}"
+    assert prebuilt_ref("reg/kmod:{kver}-v2", KVER) == f"reg/kmod:{KVER}-v2"
+    pinned = "reg/kmod@sha256:" + "0" * 64
+    assert prebuilt_ref(pinned, KVER) == pinned
+
+
+# ---- the context digest --------------------------------------------------------------------------------------
+
+def test_the_digest_covers_files_modes_version_args_and_kernel(tmp_path: Path) -> None:
+    config = instance(tmp_path)
+    source = tmp_path / "ctx" / "src" / "demo-mod.c"
+    first = context_digest(config, KVER)
+    assert context_digest(config, KVER) == first
+    os.utime(source, (1, 1))  # times do not count
+    assert context_digest(config, KVER) == first
+    assert context_digest(config, "6.1.0-57-amd64") != first
+    assert context_digest(instance(tmp_path, KMOD_SOFTWARE_VERSION="1.1"), KVER) != first
+    assert context_digest(instance(tmp_path, KVC_BUILD_ARGS="X=1"), KVER) != first
+    assert context_digest(instance(tmp_path, KMOD_CONTAINER_BUILD_FILE="Other"), KVER) != first
+    changes = []
+    source.write_text("int y;\n")
+    changes.append(context_digest(config, KVER))
+    source.chmod(0o600)
+    changes.append(context_digest(config, KVER))
+    (tmp_path / "ctx" / "src" / "new.h").write_text("")
+    changes.append(context_digest(config, KVER))
+    (tmp_path / "ctx" / "src" / "new.h").rename(tmp_path / "ctx" / "src" / "renamed.h")
+    changes.append(context_digest(config, KVER))
+    (tmp_path / "ctx" / "link").symlink_to("src")
+    changes.append(context_digest(config, KVER))
+    assert len({first, *changes}) == 6
+    # .git is left out.
+    (tmp_path / "ctx" / ".git").mkdir()
+    (tmp_path / "ctx" / ".git" / "HEAD").write_text("ref: x\n")
+    assert context_digest(config, KVER) == changes[-1]
+
+
+def test_a_build_file_outside_the_context_counts(tmp_path: Path) -> None:
+    outside = tmp_path / "Containerfile.demo"
+    outside.write_text("FROM scratch\n")
+    config = instance(tmp_path, KMOD_CONTAINER_BUILD_FILE=str(outside))
+    first = context_digest(config, KVER)
+    outside.write_text("FROM scratch\nRUN true\n")
+    assert context_digest(config, KVER) != first
+
+
+def test_a_url_context_counts_by_its_url_only(tmp_path: Path, fake: FakeRuntime) -> None:
+    url = "git://github.com/kmods-via-containers/kvc-simple-kmod.git"
+    config = instance(tmp_path, KMOD_CONTAINER_BUILD_CONTEXT=url, KMOD_CONTAINER_BUILD_FILE="Dockerfile.fedora")
+    assert context_digest(config, KVER) != context_digest(
+        instance(tmp_path, KMOD_CONTAINER_BUILD_CONTEXT=url + "#main", KMOD_CONTAINER_BUILD_FILE="Dockerfile.fedora"),
+        KVER)
+    fake.install([fakeprog.Rule(["image", "inspect"], "", 125, "Error: image not known\n")])
+    plan = plan_build(config, KVER, PodmanRuntime())
+    assert plan.command[-1] == url and plan.command[plan.command.index("--file") + 1] == "Dockerfile.fedora"
+    assert "its digest covers the URL string only" in plan.describe()
+
+
+# ---- planning ----------------------------------------------------------------------------------------------
+
+def inspect_rule(tag: str, labels: Mapping[str, str], image_id: str = "ab" * 32) -> fakeprog.RuleSpec:
+    return (["image", "inspect", tag], json.dumps([inspect_entry(image_id, [f"localhost/{tag}"], labels)]), 0)
+
+
+NOT_KNOWN = fakeprog.Rule(["image", "inspect"], "", 125, "Error: image not known\n")
+
+
+def test_plan_without_an_image_builds(tmp_path: Path, fake: FakeRuntime) -> None:
+    fake.install([NOT_KNOWN])
+    config = instance(tmp_path, KVC_BUILD_ARGS="EXTRA=1 KVER=ignored")
+    plan = plan_build(config, KVER, PodmanRuntime())
+    assert (plan.action, plan.reason, plan.tag) == ("build", "no image yet", TAG)
+    assert plan.labels == {"name": "demo", "kvc.kernel": KVER, "kvc.version": "1.0", "kvc.modules": "demo-mod",
+                           "kvc.digest": context_digest(config, KVER)}
+    context = str(tmp_path / "ctx")
+    assert list(plan.command) == [
+        "podman", "build", "-t", CANDIDATE, "--file", f"{context}/Containerfile", "--label=name=demo",
+        f"--label=kvc.kernel={KVER}", "--label=kvc.version=1.0", "--label=kvc.modules=demo-mod",
+        f"--label=kvc.digest={plan.digest}", "--build-arg", f"KVER={KVER}", "--build-arg", "KMODVER=1.0",
+        "--build-arg", "EXTRA=1", context]
+    described = plan.describe().splitlines()
+    assert described[0] == f"{TAG}: build (no image yet)"
+    assert f"verify demo_mod under /lib/modules/{KVER} (vermagic {KVER}), then tag {TAG}" in described[2]
+    assert fake.calls() == [["image", "inspect", TAG]]
+
+
+def test_up_to_date_is_one_inspect_and_fast(tmp_path: Path, fake: FakeRuntime) -> None:
+    config = instance(tmp_path)
+    fake.install([inspect_rule(TAG, {LABEL_DIGEST: context_digest(config, KVER)})])
+    started = time.monotonic()
+    plan = plan_build(config, KVER, PodmanRuntime())
+    summary = execute_build(plan, PodmanRuntime())
+    elapsed = time.monotonic() - started
+    assert plan.action == "up-to-date" and summary == f"{TAG} is up to date"
+    assert plan.describe() == f"{TAG}: up to date (image matches the build context)"
+    assert fake.calls() == [["image", "inspect", TAG]]
+    assert elapsed < 1.0, elapsed
+
+
+def test_plan_reasons(tmp_path: Path, fake: FakeRuntime) -> None:
+    config = instance(tmp_path)
+    fake.install([inspect_rule(TAG, {"name": "demo"})])
+    assert plan_build(config, KVER, PodmanRuntime()).reason == "the image has no kvc.digest label (built outside kvc)"
+    fake.install([inspect_rule(TAG, {LABEL_DIGEST: "0" * 64})])
+    assert plan_build(config, KVER, PodmanRuntime()).reason == "build context, version or args changed"
+    fake.install([inspect_rule(TAG, {LABEL_DIGEST: context_digest(config, KVER)})])
+    forced = plan_build(config, KVER, PodmanRuntime(), force=True, pull="never", no_cache=True)
+    assert (forced.action, forced.reason) == ("build", "--force")
+    assert "--pull=never" in forced.command and "--no-cache" in forced.command
+    assert forced.existing_id == "ab" * 32
+
+
+def test_plan_for_a_prebuilt_image(tmp_path: Path, fake: FakeRuntime) -> None:
+    config = instance(tmp_path, KVC_IMAGE="quay.io/org/demo")
+    source = f"quay.io/org/demo:{KVER}"
+    fake.install([NOT_KNOWN])
+    plan = plan_build(config, KVER, PodmanRuntime())
+    assert (plan.action, plan.source, plan.reason) == ("pull", source, "no image yet")
+    assert plan.describe().splitlines() == [
+        f"{TAG}: pull {source} (no image yet)", f"  tag {source} as {CANDIDATE}",
+        f"  verify demo_mod under /lib/modules/{KVER} (vermagic {KVER}), then tag {TAG}"]
+    fake.install([inspect_rule(TAG, {}), inspect_rule(source, {})])
+    assert plan_build(config, KVER, PodmanRuntime()).action == "up-to-date"
+    fake.install([inspect_rule(TAG, {}), inspect_rule(source, {}, image_id="cd" * 32)])
+    changed = plan_build(config, KVER, PodmanRuntime())
+    assert (changed.action, changed.reason) == ("pull", f"{source} is a different image now")
+    assert plan_build(config, KVER, PodmanRuntime(), force=True).reason == "--force"
+
+
+# ---- execution ---------------------------------------------------------------------------------------------
+
+def build_rules(listing: str = "", inspect: str = "[]") -> list[fakeprog.RuleSpec]:
+    return [(["build"], "STEP 1/1: FROM scratch\n", 0), (["images"], listing, 0), (["image", "inspect"], inspect, 0)]
+
+
+def test_a_good_build_is_verified_tagged_and_its_candidate_removed(tmp_path: Path, fake: FakeRuntime) -> None:
+    good_image(fake)
+    fake.install([NOT_KNOWN])
+    config = instance(tmp_path)
+    plan = plan_build(config, KVER, PodmanRuntime())
+    fake.clear()
+    fake.install(build_rules())
+    assert execute_build(plan, PodmanRuntime()) == f"built {TAG} (demo_mod verified for {KVER})"
+    calls = fake.calls()
+    assert calls[0] == list(plan.command[1:])
+    assert calls[1:] == [["image", "mount", CANDIDATE], ["image", "unmount", CANDIDATE], ["tag", CANDIDATE, TAG],
+                         ["rmi", CANDIDATE], ["images", "-q", "--no-trunc", "--filter", "label=name=demo"]]
+    assert not [c for c in calls if c[0] in ("run", "create")]
+
+
+def test_a_module_for_another_kernel_fails_and_the_candidate_goes(tmp_path: Path, fake: FakeRuntime) -> None:
+    good_image(fake, vermagic="5.10.0-9-amd64 SMP mod_unload ")
+    fake.install(build_rules())
+    plan = BuildPlan(instance(tmp_path), KVER, TAG, {}, "build", "test")
+    with pytest.raises(BuildError) as failed:
+        execute_build(plan, PodmanRuntime())
+    assert failed.value.brief == f"image {CANDIDATE} has modules that are not built for kernel {KVER}"
+    assert failed.value.details == (f"demo_mod (/lib/modules/{KVER}/extra/demo-mod.ko): vermagic "
+                                    f"'5.10.0-9-amd64 SMP mod_unload' names kernel 5.10.0-9-amd64, not {KVER}")
+    assert "KVER" in failed.value.hint
+    calls = fake.calls()
+    assert ["rmi", CANDIDATE] in calls
+    assert not [c for c in calls if c[0] == "tag"]
+    assert not [c for c in calls if c[0] == "images"]  # no pruning after a failure
+
+
+def test_a_missing_module_is_named_with_what_was_found(tmp_path: Path, fake: FakeRuntime) -> None:
+    fake.files({f"/lib/modules/{KVER}/extra/other.ko": module_bytes("other", KVER),
+                "/lib/modules/5.10.0-9-amd64/extra/demo_mod.ko": module_bytes("demo_mod", "5.10.0-9-amd64")})
+    fake.install(build_rules())
+    plan = BuildPlan(instance(tmp_path), KVER, TAG, {}, "build", "test")
+    with pytest.raises(BuildError) as failed:
+        execute_build(plan, PodmanRuntime())
+    assert failed.value.brief == f"image {CANDIDATE} lacks module(s) demo-mod for kernel {KVER}"
+    assert failed.value.details.splitlines() == [
+        f"missing: demo-mod (no demo_mod.ko[.xz|.zst|.gz] below /lib/modules/{KVER})",
+        f"module files below /lib/modules/{KVER}: extra/other.ko",
+        "found for another kernel: /lib/modules/5.10.0-9-amd64/extra/demo_mod.ko"]
+    assert ["rmi", CANDIDATE] in fake.calls()
+    assert not [c for c in fake.calls() if c[0] == "tag"]
+
+
+def test_modules_in_any_subdirectory_compressed_with_either_spelling(tmp_path: Path, fake: FakeRuntime) -> None:
+    xz = lzma.compress(module_bytes("b_mod", KVER + " SMP"), check=lzma.CHECK_CRC32)
+    fake.files({f"/lib/modules/{KVER}/updates/dkms/a_mod.ko": module_bytes("a_mod", KVER + " SMP"),
+                f"/lib/modules/{KVER}/kernel/drivers/b-mod.ko.xz": xz,
+                # the copy in updates/ wins over extra/, as with depmod
+                f"/lib/modules/{KVER}/extra/a-mod.ko": module_bytes("a_mod", "1.0.0 SMP")})
+    fake.install(build_rules())
+    plan = BuildPlan(instance(tmp_path, modules="a-mod b_mod"), KVER, TAG, {}, "build", "test")
+    assert execute_build(plan, PodmanRuntime()).startswith(f"built {TAG} (a_mod, b_mod verified")
+
+
+@pytest.mark.parametrize(("output", "brief", "hint"), [
+    ("Get:1 http://deb.debian.org bookworm InRelease\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n"
+     "Error: building at STEP \"RUN apt-get install\": exit status 100\n",
+     "no kernel headers for 6.1.0-56-amd64 in the build image's package sources "
+     "(E: Unable to locate package linux-headers-6.1.0-56-amd64)", "another suite"),
+    ("W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving "
+     "'deb.debian.org'\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n",
+     "the build could not reach the network, so the package lists are incomplete (W: Failed to fetch "
+     "http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving 'deb.debian.org')",
+     "proxy"),
+    ("  CC [M]  /build/simple-kmod.c\n/build/simple-kmod.c:12:5: error: implicit declaration of function 'x'\n"
+     "make[2]: *** [scripts/Makefile.build:250: /build/simple-kmod.o] Error 1\n",
+     "the module source failed to compile: /build/simple-kmod.c:12:5: error: implicit declaration of function 'x'",
+     "kernel's API"),
+    ("ERROR: modpost: \"foo\" [/build/simple-kmod.ko] undefined!\n",
+     "the module failed to link (modpost): ERROR: modpost: \"foo\" [/build/simple-kmod.ko] undefined!", "exported"),
+    ("make: *** /lib/modules/6.1.0-56-amd64/build: No such file or directory.  Stop.\n",
+     "no kernel headers for 6.1.0-56-amd64 in the build image's package sources "
+     "(/lib/modules/6.1.0-56-amd64/build is missing)", "another suite"),
+    ("Error: creating build container: initializing source docker://fedora:30: pinging container registry "
+     "registry.fedoraproject.org: dial tcp: lookup registry.fedoraproject.org: no such host\n",
+     "the build could not reach the network (Error: creating build container: initializing source docker://fedora:30:"
+     " pinging container registry registry.fedoraproject.org: dial tcp: lookup registry.fedo", "DNS"),
+    ("something odd\n", "the image build failed", "build output"),
+])
+def test_build_failures_name_their_cause(tmp_path: Path, fake: FakeRuntime, output: str, brief: str,
+                                         hint: str) -> None:
+    fake.install([(["build"], output, 1)])
+    plan = BuildPlan(instance(tmp_path), KVER, TAG, {}, "build", "test")
+    with pytest.raises(BuildError) as failed:
+        execute_build(plan, PodmanRuntime())
+    assert failed.value.brief.startswith(f"{TAG}: {brief}")
+    assert failed.value.details == output.rstrip("\n")
+    assert hint in failed.value.hint
+    assert fake.calls()[-1] == ["rmi", CANDIDATE]
+
+
+def test_failure_causes_prefer_the_compiler_over_a_stray_warning() -> None:
+    output = "W: Failed to fetch http://x Temporary failure resolving 'x'\nx.c:1:1: error: expected ';'\n"
+    assert classify_failure(output, KVER)[0] == "the module source failed to compile: x.c:1:1: error: expected ';'"
+
+
+def test_pulling_a_prebuilt_image_verifies_it(tmp_path: Path, fake: FakeRuntime) -> None:
+    good_image(fake)
+    fake.install(build_rules())
+    config = instance(tmp_path, KVC_IMAGE="quay.io/org/demo")
+    plan = BuildPlan(config, KVER, TAG, {}, "pull", "no image yet", f"quay.io/org/demo:{KVER}")
+    assert execute_build(plan, PodmanRuntime()) == f"pulled {TAG} (demo_mod verified for {KVER})"
+    assert fake.calls()[:3] == [["pull", f"quay.io/org/demo:{KVER}"], ["tag", f"quay.io/org/demo:{KVER}", CANDIDATE],
+                                ["image", "mount", CANDIDATE]]
+    fake.install([fakeprog.Rule(["pull"], "", 125, "Error: reading manifest: manifest unknown\n")])
+    with pytest.raises(BuildError) as failed:
+        execute_build(plan, PodmanRuntime())
+    assert failed.value.brief == f"{TAG}: pulling quay.io/org/demo:{KVER} failed"
+    assert "registry has no such image" in failed.value.hint
+
+
+# ---- pruning ------------------------------------------------------------------------------------------------
+
+def image(image_id: str, names: list[str], kernel: Optional[str], created: str, name: str = "demo") -> ImageInfo:
+    labels = {"name": name}
+    if kernel is not None:
+        labels["kvc.kernel"] = kernel
+    return ImageInfo(image_id, tuple(names), labels, created)
+
+
+def test_prune_keeps_the_newest_kernels_and_the_current_image(tmp_path: Path) -> None:
+    config = instance(tmp_path, keep=3)
+    images = [image(f"k{i}", [f"localhost/demo-1.0:6.1.0-{i}-amd64"], f"6.1.0-{i}-amd64", f"2026-11-{10 + i}T00:00:00Z")
+              for i in range(6)]
+    images += [
+        image("old-version", ["localhost/demo-0.9:6.1.0-5-amd64"], "6.1.0-5-amd64", "2026-11-01T00:00:00Z"),
+        image("dangling", [], "6.1.0-5-amd64", "2026-11-30T00:00:00Z"),
+        image("stale-candidate", ["localhost/demo-1.0:6.1.0-5-amd64-kvc-candidate"], "6.1.0-5-amd64",
+              "2026-11-30T00:00:00Z"),
+        image("legacy", ["localhost/demo-0.1:5.0.0"], None, "2020-01-01T00:00:00Z"),
+        image("other-instance", ["localhost/demox-1.0:6.1.0-0-amd64"], "6.1.0-0-amd64", "2020-01-01T00:00:00Z",
+              name="demox"),
+    ]
+    # An older kernel built just now: it stays and counts as one of the three.
+    keep, remove = prune_plan(images, config, keep_tag="demo-1.0:6.1.0-0-amd64")
+    assert [i.id for i in keep] == ["k0", "k5", "k4"]
+    assert sorted(i.id for i in remove) == ["dangling", "k1", "k2", "k3", "old-version", "stale-candidate"]
+    keep, _ = prune_plan(images, config, keep_tag="demo-1.0:6.1.0-5-amd64")
+    assert [i.id for i in keep] == ["k5", "k4", "k3"]
+    keep, _ = prune_plan(images, instance(tmp_path, keep=1), keep_tag="localhost/demo-1.0:6.1.0-4-amd64")
+    assert [i.id for i in keep] == ["k4"]
+
+
+def test_prune_removes_only_our_names_and_tolerates_images_in_use(tmp_path: Path, fake: FakeRuntime) -> None:
+    images = [inspect_entry("a" * 64, [f"localhost/demo-1.0:{KVER}"], {"name": "demo", "kvc.kernel": KVER},
+                            "2026-11-24T10:00:00Z"),
+              inspect_entry("b" * 64, ["localhost/demo-1.0:6.1.0-1-amd64", "quay.io/me/keep:1"],
+                            {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"}, "2026-11-20T10:00:00Z"),
+              inspect_entry("c" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"}, "2026-11-19T10:00:00Z"),
+              inspect_entry("d" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-2-amd64"}, "2026-11-18T10:00:00Z")]
+    fake.install([(["images"], "".join(f"sha256:{c * 64}\n" for c in "abcd"), 0),
+                  (["image", "inspect"], json.dumps(images), 0),
+                  fakeprog.Rule(["rmi", "c" * 64], "", 2, "Error: image is in use by a container\n")])
+    removed = prune_images(PodmanRuntime(), instance(tmp_path, keep=1), keep_tag=TAG)
+    assert removed == ["localhost/demo-1.0:6.1.0-1-amd64", "d" * 64]
+    assert [c for c in fake.calls() if c[0] == "rmi"] == [["rmi", "localhost/demo-1.0:6.1.0-1-amd64"],
+                                                           ["rmi", "c" * 64], ["rmi", "d" * 64]]
+
+
+# ---- real podman --------------------------------------------------------------------------------------------
+
+DROPIN = """[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+"""
+
+
+@pytest.fixture(scope="session")
+def podman_works() -> None:
+    """Rootful podman that can run containers: scripts/setup-podman.sh (which applies the
+    runc/ulimits drop-in only where it is needed), or the drop-in itself when the script is absent."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("kvc uses rootful podman")
+    script = ROOT / "scripts" / "setup-podman.sh"
+    if script.exists():
+        result = subprocess.run(["bash", str(script), "--no-install"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return
+    dropin = Path("/etc/containers/containers.conf.d/50-kvc.conf")
+    if not dropin.exists():
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(DROPIN)
+
+
+@pytest.fixture
+def scratch_instance(tmp_path: Path, kernel_tree: DebianKernel, podman_works: None) -> Iterator[InstanceConfig]:
+    """An instance whose Containerfile copies two real Debian modules into /lib/modules/$KVER/extra/
+    of a FROM-scratch image (no registry, no base image); its images are removed afterwards."""
+    wanted = {"udp_tunnel.ko", "ip6_udp_tunnel.ko"}
+    modules = [path for path in kernel_tree.modules() if path.name in wanted]
+    assert len(modules) == 2
+    context = tmp_path / "ctx"
+    context.mkdir()
+    for module in modules:
+        shutil.copyfile(module, context / module.name)
+    (context / "Containerfile").write_text("FROM scratch\nARG KVER\nCOPY *.ko /lib/modules/${KVER}/extra/\n")
+    name = f"kvctest-{uuid.uuid4().hex[:8]}"
+    config = InstanceConfig.from_values(name, str(tmp_path / f"{name}.conf"), {
+        "KMOD_CONTAINER_BUILD_CONTEXT": str(context), "KMOD_SOFTWARE_VERSION": "1.0",
+        "KMOD_NAMES": "udp-tunnel ip6_udp_tunnel"})
+    yield config
+    ids = subprocess.run(["podman", "images", "-a", "-q", "--filter", f"label=name={name}"], capture_output=True,
+                         text=True).stdout.split()
+    for tag in (f"{name}-1.0:{kernel_tree.release}", f"{name}-1.0:6.1.0-0-fake"):
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+    if ids:
+        subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
+
+
+@pytest.mark.podman
+def test_real_build_verify_extract_and_up_to_date(scratch_instance: InstanceConfig, kernel_tree: DebianKernel,
+                                                  tmp_path: Path) -> None:
+    runtime = PodmanRuntime()
+    release = kernel_tree.release
+    plan = plan_build(scratch_instance, release, runtime)
+    assert plan.action == "build"
+    started = time.monotonic()
+    summary = execute_build(plan, runtime)
+    build_seconds = time.monotonic() - started
+    # (FROM scratch leaves a parent-less, labelled image of the ARG step, which the pruning removes.)
+    assert summary.startswith(f"built {plan.tag} (udp_tunnel, ip6_udp_tunnel verified for {release})")
+    info = runtime.inspect(plan.tag)
+    assert info is not None and info.labels[LABEL_DIGEST] == plan.digest
+    assert runtime.inspect(candidate_tag(scratch_instance, release)) is None
+
+    layout = Layout(HostPaths(str(tmp_path / "host")))
+    manifest = extract(layout, scratch_instance, release, runtime, plan.tag)
+    assert [(m.name, m.file) for m in manifest.modules] == [("udp_tunnel", "udp_tunnel.ko"),
+                                                            ("ip6_udp_tunnel", "ip6_udp_tunnel.ko")]
+    assert all(m.vermagic.split()[0] == release for m in manifest.modules)
+    assert manifest.image_id == info.id and manifest.image_digest == plan.digest
+    manifest.verify()
+    assert read_manifest(layout, scratch_instance.name, release) == manifest
+
+    started = time.monotonic()
+    again = plan_build(scratch_instance, release, runtime)
+    plan_seconds = time.monotonic() - started
+    assert again.action == "up-to-date"
+    assert plan_seconds < 1.0, plan_seconds
+    print(f"\nreal FROM-scratch build+verify: {build_seconds:.2f} s, up-to-date plan: {plan_seconds:.3f} s")
+
+    # Through a container instead of a mount (what rootless podman does) the result is the same.
+    via_container = PodmanRuntime(use_mount=False)
+    assert extract(layout, scratch_instance, release, via_container, plan.tag, force=True).modules == manifest.modules
+
+
+@pytest.mark.podman
+def test_real_build_for_the_wrong_kernel_leaves_no_tag(scratch_instance: InstanceConfig) -> None:
+    runtime = PodmanRuntime()
+    plan = plan_build(scratch_instance, "6.1.0-0-fake", runtime)
+    with pytest.raises(BuildError) as failed:
+        execute_build(plan, runtime)
+    assert "not built for kernel 6.1.0-0-fake" in failed.value.brief
+    assert "udp_tunnel" in failed.value.details and "ip6_udp_tunnel" in failed.value.details
+    assert runtime.inspect(plan.tag) is None
+    assert runtime.inspect(candidate_tag(scratch_instance, "6.1.0-0-fake")) is None

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from kvc import systemd
 from kvc.build import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, context_digest, execute_build, image_tag, plan_build
@@ -111,22 +111,22 @@ def _unload(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: boo
     return 0
 
 
-def cmd_load(ctx: Context, args: argparse.Namespace) -> int:
+def _locked_action(ctx: Context, args: argparse.Namespace, action: Callable[..., int]) -> int:
+    """Load or unload: a dry run plans without the lock; a real run holds it."""
     instance = ctx.instance(args.name)
     kernel = ctx.kernel_release(args.kernel)
     if args.dry_run:
-        return _load(ctx, instance, kernel, dry_run=True, force=args.force)
+        return action(ctx, instance, kernel, dry_run=True, force=args.force)
     with instance_lock(ctx.layout.lock_dir, instance.name):
-        return _load(ctx, instance, kernel, dry_run=False, force=args.force)
+        return action(ctx, instance, kernel, dry_run=False, force=args.force)
+
+
+def cmd_load(ctx: Context, args: argparse.Namespace) -> int:
+    return _locked_action(ctx, args, _load)
 
 
 def cmd_unload(ctx: Context, args: argparse.Namespace) -> int:
-    instance = ctx.instance(args.name)
-    kernel = ctx.kernel_release(args.kernel)
-    if args.dry_run:
-        return _unload(ctx, instance, kernel, dry_run=True, force=args.force)
-    with instance_lock(ctx.layout.lock_dir, instance.name):
-        return _unload(ctx, instance, kernel, dry_run=False, force=args.force)
+    return _locked_action(ctx, args, _unload)
 
 
 def cmd_reload(ctx: Context, args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ flock -w 1200 9 || die "another setup has held $lock for 20 minutes"
 
 # ---- 1. system packages -------------------------------------------------------------------
 # Groups of Debian packages; later parts of kvc add their own group here.
-BASE_PACKAGES=(python3 python3-venv python3-dev gcc make kmod util-linux ca-certificates xz-utils zstd)
+BASE_PACKAGES=(python3 python3-venv python3-dev gcc make kmod util-linux ca-certificates xz-utils zstd strace)
 KERNEL_PACKAGES=(linux-headers-amd64)  # the headers of the current 6.1 ABI: Module.symvers, kbuild
 SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
 PACKAGES=("${BASE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}")

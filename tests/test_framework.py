@@ -22,7 +22,7 @@ from kvc.kmod.paths import HostPaths
 from kvc.loader import execute_load, plan_load
 from support import fakeprog
 from support.debian_kernel import DebianKernel
-from support.elfbuild import ElfSpec, SymbolSpec, build, modinfo_section, this_module_section
+from support.modbuild import Export, ModuleSpec, build_module
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "simple-kmod"
@@ -129,16 +129,17 @@ def test_a_refused_second_module_leaves_nothing_loaded(host: Host) -> None:
     assert host.kernel().loaded_modules() == []
 
 
+SYMVERS_CRCS = {"_printk": 0x92997ED8, "udp_tunnel_sock_release": 0xC810759E}
+
+
 def crafted(tmp_path: Path, name: str, release: str, *, imports: tuple[str, ...] = (),
             exports: tuple[str, ...] = ()) -> str:
-    spec = ElfSpec(symbols=[SymbolSpec(symbol) for symbol in ("_printk", *imports)])
-    vermagic = f"{release} SMP preempt mod_unload modversions "
-    spec.add(".modinfo", modinfo_section([("license", "GPL"), ("vermagic", vermagic)]))
-    spec.add(".gnu.linkonce.this_module", this_module_section(name))
-    if exports:
-        spec.add("__ksymtab_strings", b"".join(e.encode() + b"\0" for e in exports))
+    """A module shaped as kbuild makes them, importing with the CRCs the kernel's symvers has."""
+    spec = ModuleSpec(name=name, vermagic=f"{release} SMP preempt mod_unload modversions ",
+                      imports=[(sym, SYMVERS_CRCS.get(sym, 0x12345678)) for sym in ("_printk", *imports)],
+                      exports=[Export(sym) for sym in exports], modinfo=[("license", "GPL")])
     path = tmp_path / f"{name}.ko"
-    path.write_bytes(build(spec))
+    path.write_bytes(build_module(spec))
     return str(path)
 
 

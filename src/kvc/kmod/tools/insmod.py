@@ -1,4 +1,13 @@
-"""``insmod``: insert one module file into the kernel, as kmod's insmod does."""
+"""``insmod``: insert one module file into the kernel, as kmod 30's insmod does.
+
+The arguments after the file name are joined with single spaces and passed to the kernel as
+they are (kmod 30 quotes nothing: ``insmod m.ko 'p=a b'`` gives the kernel ``p=a b``). ``-f``
+ignores symbol versions and the version magic; ``-p`` and ``-s`` are accepted and ignored.
+Errors are kmod's: ``could not load module F: <strerror>`` when the file cannot be used, and
+``could not insert module F: <reason>`` with kmod's reading of the kernel's errno (ENOEXEC
+"Invalid module format", ENOENT "Unknown symbol in module", ESRCH "Module has wrong symbol
+version", EINVAL "Invalid parameters", anything else its strerror). Exit status 0 or 1.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +16,15 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from kvc.kmod.errors import ModuleFormatError
-from kvc.kmod.kernel import MODULE_INIT_IGNORE_MODVERSIONS, MODULE_INIT_IGNORE_VERMAGIC, KernelError, kernel_from_env
-from kvc.kmod.tools._cli import log_error, parse_options, run_tool, write_out
+from kvc.kmod.kernel import (
+    MODULE_INIT_IGNORE_MODVERSIONS,
+    MODULE_INIT_IGNORE_VERMAGIC,
+    KernelError,
+    kernel_from_env,
+    path_to_modname,
+)
+from kvc.kmod.tools._cli import log_error, run_tool, write_out
+from kvc.kmod.tools.rmmod import getopt_sequence
 
 PROG = "insmod"
 VERSION_TEXT = "kvc kmod insmod (kmod version 30 compatible)\n+ZSTD +XZ +ZLIB +LIBCRYPTO -EXPERIMENTAL\n"
@@ -19,6 +34,8 @@ Options:
 \t-V, --version     show version
 \t-h, --help        show this help
 """
+SHORT_OPTIONS = "psfVh"
+LONG_OPTIONS = {"version": "V", "help": "h"}
 # kmod's mod_strerror: the kernel's errno read as what it means for a module load.
 MODULE_ERRORS = {
     errno.ENOEXEC: "Invalid module format",
@@ -33,17 +50,19 @@ def module_strerror(err: int) -> str:
 
 
 def _run(argv: list[str]) -> int:
-    opts, args = parse_options(PROG, argv, "psfVh", ("version", "help"))
     flags = 0
-    for opt, _value in opts:
-        if opt == "-f":
+    args: list[str] = []
+    for opt in getopt_sequence(PROG, argv, SHORT_OPTIONS, LONG_OPTIONS, args):
+        if opt == "f":
             flags |= MODULE_INIT_IGNORE_MODVERSIONS | MODULE_INIT_IGNORE_VERMAGIC
-        elif opt in ("-h", "--help"):
+        elif opt == "h":
             write_out(HELP.format(prog=PROG))
             return 0
-        elif opt in ("-V", "--version"):
+        elif opt == "V":
             write_out(VERSION_TEXT)
             return 0
+        elif opt == "?":
+            return 1
     if not args:
         log_error(PROG, "missing filename.")
         return 1
@@ -52,19 +71,18 @@ def _run(argv: list[str]) -> int:
         log_error(PROG, "this tool does not support loading from stdin!")
         return 1
     params = " ".join(args[1:])
-    if not os.path.exists(filename):
+    try:
+        os.stat(filename)
+    except OSError as exc:
+        log_error(PROG, f"could not load module {filename}: {os.strerror(exc.errno or errno.ENOENT)}")
+        return 1
+    if path_to_modname(filename) is None:
         log_error(PROG, f"could not load module {filename}: {os.strerror(errno.ENOENT)}")
         return 1
     try:
         kernel_from_env().insert(filename, params, flags)
     except KernelError as exc:
         log_error(PROG, f"could not insert module {filename}: {module_strerror(exc.errno)}")
-        return 1
-    except ModuleFormatError as exc:
-        log_error(PROG, f"could not insert module {filename}: {module_strerror(errno.ENOEXEC)} ({exc.problem})")
-        return 1
-    except OSError as exc:
-        log_error(PROG, f"could not load module {filename}: {os.strerror(exc.errno or errno.EIO)}")
         return 1
     return 0
 

@@ -1,62 +1,61 @@
-"""``lsmod``: show the loaded modules, exactly as kmod's lsmod prints them."""
+"""``lsmod``: show the loaded modules, exactly as kmod 30's lsmod prints them.
+
+kmod 30's lsmod takes no options at all (any argument prints ``Usage: lsmod``). For each
+``/proc/modules`` line it prints ``%-19s %8ld  %d`` (name, size, refcnt) and the holders after
+a space, comma-separated. Size, refcount and holders come from libkmod's readers
+(:class:`~kvc.kmod.kernel.LibkmodView`), whose errors are logged by libkmod's default logger
+(``libkmod: ERROR file:line function: message``) and show up as negative numbers.
+"""
 
 from __future__ import annotations
 
-import errno
-import os
 import sys
 from typing import Optional, Sequence
 
+from kvc.kmod.kernel import LibkmodLog, LibkmodView
 from kvc.kmod.paths import HostPaths
 from kvc.kmod.tools._cli import run_tool, write_err, write_out
 
 PROG = "lsmod"
+HEADER = "Module                  Size  Used by\n"
 
 
-def _read_long(path: str) -> Optional[int]:
-    try:
-        with open(path, encoding="ascii") as handle:
-            return int(handle.read().strip())
-    except (OSError, ValueError):
-        return None
+def format_default_log(log: LibkmodLog) -> str:
+    """libkmod's default logger (log_filep), used by tools that set none."""
+    return f"libkmod: ERROR {log.file}:{log.line} {log.function}: {log.message}"
+
+
+def _pad(text: str, width: int) -> str:
+    """printf's %-Ns: pads to N bytes, not characters."""
+    return text + " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
 
 
 def _run(argv: list[str]) -> int:
     if argv:
         write_err(f"Usage: {PROG}\n")
         return 1
-    paths = HostPaths.from_env()
-    proc_modules = os.path.join(paths.proc, "modules")
+    view = LibkmodView(HostPaths.from_env())
     try:
-        with open(proc_modules, encoding="utf-8", errors="surrogateescape") as handle:
-            lines = handle.read().splitlines()
+        names = view.loaded_names()
     except OSError as exc:
-        reason = os.strerror(exc.errno or errno.ENOENT)
-        write_err("libkmod: ERROR ../libkmod/libkmod-module.c:1725 kmod_module_new_from_loaded: "
-                  f"could not open /proc/modules: {reason}\n"
-                  f"Error: could not get list of modules: {reason}\n")
+        for log in view.take_logs():
+            write_err(format_default_log(log))
+        write_err(f"Error: could not get list of modules: {exc.strerror}\n")
         return 1
-    out = ["Module                  Size  Used by\n"]
-    for line in lines:
-        fields = line.split()
-        if not fields:
-            continue
-        name = fields[0]
-        base = os.path.join(paths.sys_module, name)
-        size = _read_long(os.path.join(base, "coresize"))
-        if size is None:
-            size = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else -errno.ENOENT
-        refcnt = _read_long(os.path.join(base, "refcnt"))
-        if refcnt is None:
-            refcnt = -errno.ENOENT
-        row = f"{name:<19} {size:>8}  {refcnt}"
-        try:
-            holders = os.listdir(os.path.join(base, "holders"))
-        except OSError:
-            holders = []
+    out = [HEADER]
+    for name in names:
+        refcnt = view.refcnt(name)
+        size = view.size(name)
+        holders = view.holders(name)
+        for log in view.take_logs():
+            write_err(format_default_log(log))
+        row = f"{_pad(name, 19)} {size:>8}  {refcnt}"
         if holders:
             row += " " + ",".join(holders)
         out.append(row + "\n")
+        if len(out) > 256:
+            write_out("".join(out))
+            out = []
     write_out("".join(out))
     return 0
 

@@ -28,28 +28,9 @@ from kvc.kmod.kernel import (
     kernel_from_env,
     read_symvers,
 )
-from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.module import ModuleFile
-from kvc.kmod.paths import HostPaths
-from support.debian_kernel import DebianKernel
+from support.debian_kernel import DebianKernel, dependency_chain, module_path
 from support.modbuild import Export, ModuleSpec, Param, build_module, signature_trailer
-
-
-def chain(kernel: DebianKernel, name: str) -> list[str]:
-    """A module and its dependencies as modules.dep lists them, deepest first."""
-    entry = ModuleDirectory(str(kernel.moddir)).lookup_module(name)
-    assert entry is not None and entry.path is not None
-    return [*reversed(entry.dependencies), entry.path]
-
-
-def module_path(kernel: DebianKernel, name: str) -> str:
-    return chain(kernel, name)[-1]
-
-
-@pytest.fixture
-def fake(indexed_kernel_tree: DebianKernel, tmp_path: Path) -> FakeKernel:
-    return FakeKernel.create(HostPaths(str(tmp_path / "root")), indexed_kernel_tree.release,
-                             symvers=str(indexed_kernel_tree.symvers))
 
 
 @pytest.fixture
@@ -95,7 +76,7 @@ def refused(fake: FakeKernel, module: Any, params: str = "", flags: int = 0) -> 
 
 
 def test_wireguard_and_its_dependencies_load_in_order(fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
-    paths = chain(indexed_kernel_tree, "wireguard")
+    paths = dependency_chain(indexed_kernel_tree, "wireguard")
     for path in paths:
         fake.insert(path, "", 0)
     fake.insert(module_path(indexed_kernel_tree, "vxlan"), "", 0)
@@ -126,7 +107,7 @@ def test_a_module_before_its_dependency_has_unknown_symbols(fake: FakeKernel,
 
 
 def test_removal_follows_delete_module(fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
-    for path in chain(indexed_kernel_tree, "wireguard"):
+    for path in dependency_chain(indexed_kernel_tree, "wireguard"):
         fake.insert(path, "", 0)
     for flags in (0, O_TRUNC):  # a module other modules use stays, even when forced
         with pytest.raises(KernelError) as busy:

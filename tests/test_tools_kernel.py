@@ -32,9 +32,8 @@ from kvc.kmod.kernel import (
     LiveKernel,
     read_symvers,
 )
-from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
-from support.debian_kernel import DebianKernel
+from support.debian_kernel import DebianKernel, dependency_chain, module_path
 from support.modbuild import Export, ModuleSpec, Param, build_module
 from support.oracle import Result, kmod_tool, run_kmod, run_kvc
 
@@ -60,20 +59,6 @@ exec "$@"
 """
 
 
-def chain(kernel: DebianKernel, name: str) -> list[str]:
-    entry = ModuleDirectory(str(kernel.moddir)).lookup_module(name)
-    assert entry is not None and entry.path is not None
-    return [*reversed(entry.dependencies), entry.path]
-
-
-def module_path(kernel: DebianKernel, name: str) -> str:
-    return chain(kernel, name)[-1]
-
-
-@pytest.fixture
-def fake(indexed_kernel_tree: DebianKernel, tmp_path: Path) -> FakeKernel:
-    return FakeKernel.create(HostPaths(str(tmp_path / "root")), indexed_kernel_tree.release,
-                             symvers=str(indexed_kernel_tree.symvers))
 
 
 def env_for(fake: FakeKernel) -> dict[str, str]:
@@ -111,7 +96,7 @@ def copy_of(fake: FakeKernel, tmp_path: Path) -> FakeKernel:
 
 def load(fake: FakeKernel, kernel: DebianKernel, *names: str) -> None:
     for name in names:
-        for path in chain(kernel, name):
+        for path in dependency_chain(kernel, name):
             if fake.module_state(Path(path).name.split(".")[0].replace("-", "_")) is None:
                 fake.insert(path, "", 0)
 

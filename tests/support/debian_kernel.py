@@ -92,3 +92,16 @@ def indexed_debian_kernel() -> DebianKernel:
                            check=True, capture_output=True)
             done.touch()
     return kernel
+
+
+def dependency_chain(kernel: DebianKernel, name: str) -> list[str]:
+    """A module and its dependencies as the kernel's modules.dep lists them, deepest first."""
+    from kvc.kmod.moddir import ModuleDirectory
+
+    entry = ModuleDirectory(str(kernel.moddir)).lookup_module(name)
+    assert entry is not None and entry.path is not None
+    return [*reversed(entry.dependencies), entry.path]
+
+
+def module_path(kernel: DebianKernel, name: str) -> str:
+    return dependency_chain(kernel, name)[-1]

@@ -14,6 +14,7 @@ uncompressed file (or one compressed the way the kernel itself decompresses, see
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import errno
 import os
@@ -300,23 +301,23 @@ def read_system_map_exports(path: str) -> Optional[dict[str, Export]]:
 # -- inserting like libkmod ----------------------------------------------------------------------
 
 
-class SyscallKernel:
+class SyscallKernel(abc.ABC):
     """The part shared by the live and the fake kernel: libkmod's insert and remove logic on
     top of three syscalls that subclasses provide. Each syscall returns 0 or an errno."""
 
     REMOVE_FORCE = REMOVE_FORCE
 
-    def compression(self) -> Optional[str]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def compression(self) -> Optional[str]: ...
 
-    def sys_finit_module(self, fd: int, params: str, flags: int) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def sys_finit_module(self, fd: int, params: str, flags: int) -> int: ...
 
-    def sys_init_module(self, image: bytes, params: str) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def sys_init_module(self, image: bytes, params: str) -> int: ...
 
-    def sys_delete_module(self, name: str, flags: int) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def sys_delete_module(self, name: str, flags: int) -> int: ...
 
     def _raise(self, err: int, what: str) -> None:
         """Turn a syscall's errno into :class:`KernelError` (the fake kernel adds its log)."""

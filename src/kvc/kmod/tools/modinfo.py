@@ -181,7 +181,7 @@ def _path_record(printer: Printer, path: str) -> bool:
 def _lookup_records(printer: Printer, options: Options, paths: HostPaths, arg: str) -> bool:
     from kvc.kmod.moddir import ModuleDirectory
 
-    directory = ModuleDirectory(options.module_dir or paths.module_dir(paths.kernel_release()))
+    directory = ModuleDirectory(options.module_dir or paths.module_dir(paths.kernel_release()), preload=False)
     try:
         found = directory.lookup_name(arg) if options.by_name else directory.resolve(arg)
     except KmodError as exc:

@@ -142,9 +142,10 @@ def check_word(value: str, what: str, source: str, pattern: re.Pattern[str] = _S
 
 
 def check_name(name: str, source: str = "instance name") -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+    # Also a systemd instance name (kmods-via-containers@NAME.service): no '+'.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ConfigError(f"{source}: instance name {name!r} is not allowed",
-                          hint="use letters, digits and . _ - + and start with a letter or digit")
+                          hint="use letters, digits and . _ - and start with a letter or digit")
     return name
 
 

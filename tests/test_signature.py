@@ -26,6 +26,7 @@ from kvc.kmod.signature import (
     SIG_MAGIC,
     ModuleSignature,
     SignatureProblem,
+    encode_oid,
     parse_signature,
     read_signature,
     signature_problem,
@@ -64,16 +65,7 @@ def set_of(*content: bytes, form: str = "short") -> bytes:
 
 
 def oid(dotted: str) -> bytes:
-    arcs = [int(arc) for arc in dotted.split(".")]
-    body = bytearray()
-    for arc in [40 * arcs[0] + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        body += bytes(reversed(chunk))
-    return tlv(0x06, bytes(body))
+    return tlv(0x06, encode_oid(dotted))
 
 
 def integer(content: bytes) -> bytes:

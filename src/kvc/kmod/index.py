@@ -494,6 +494,20 @@ _CLASSES: dict[bytes, frozenset[int]] = {
 _FAIL, _MATCH, _LITERAL = 0, 1, 2
 
 
+def _collating_symbol(at: Callable[[int], int], p: int) -> Optional[tuple[int, int]]:
+    """Scan a ``[.x.]`` whose '.' is at ``p``: (position after ``.]``, symbol length), or None
+    when the pattern ends first."""
+    length = 0
+    while True:
+        p += 1
+        c = at(p)
+        if c == _PERIOD and at(p + 1) == _RBRACKET:
+            return p + 2, length
+        if c == 0:
+            return None
+        length += 1
+
+
 def _bracket(pattern: bytes, start: int, byte: int) -> tuple[int, int]:
     """Match ``byte`` against the bracket expression whose '[' precedes ``start``.
 
@@ -571,16 +585,10 @@ def _bracket(pattern: bytes, start: int, byte: int) -> tuple[int, int]:
             return _LITERAL, 0
         elif c == _LBRACKET and at(p) == _PERIOD:
             startp = p
-            length = 0
-            while True:
-                p += 1
-                c = at(p)
-                if c == _PERIOD and at(p + 1) == _RBRACKET:
-                    p += 2
-                    break
-                if c == 0:
-                    return _FAIL, 0
-                length += 1
+            scanned = _collating_symbol(at, p)
+            if scanned is None:
+                return _FAIL, 0
+            p, length = scanned
             is_range = at(p) == _DASH and at(p + 1) != 0
             if length != 1:
                 return _FAIL, 0
@@ -607,16 +615,10 @@ def _bracket(pattern: bytes, start: int, byte: int) -> tuple[int, int]:
             p += 1
             if cend == _LBRACKET and at(p) == _PERIOD:
                 startp = p
-                length = 0
-                while True:
-                    p += 1
-                    c = at(p)
-                    if c == _PERIOD and at(p + 1) == _RBRACKET:
-                        p += 2
-                        break
-                    if c == 0:
-                        return _FAIL, 0
-                    length += 1
+                scanned = _collating_symbol(at, p)
+                if scanned is None:
+                    return _FAIL, 0
+                p, length = scanned
                 if length != 1:
                     return _FAIL, 0
                 cend = at(startp + 1)

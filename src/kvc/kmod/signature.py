@@ -42,7 +42,7 @@ ID_PKCS7 = 2
 Image = Union[bytes, mmap.mmap]
 
 
-def _oid(dotted: str) -> bytes:
+def encode_oid(dotted: str) -> bytes:
     """The DER content octets of an OBJECT IDENTIFIER."""
     arcs = [int(arc) for arc in dotted.split(".")]
     out = bytearray()
@@ -60,17 +60,17 @@ def _oid(dotted: str) -> bytes:
 # Any other digest algorithm makes libkmod drop the whole signature (checked against Debian's
 # kmod 30+20221128: e.g. sha3-256 gives no signature fields; later kmod prints OBJ_obj2txt).
 _DIGEST_NAMES: Dict[bytes, str] = {
-    _oid("1.2.840.113549.2.4"): "md4",
-    _oid("1.2.840.113549.2.5"): "md5",
-    _oid("1.3.14.3.2.26"): "sha1",
-    _oid("1.3.36.3.2.1"): "rmd160",
-    _oid("2.16.840.1.101.3.4.2.1"): "sha256",
-    _oid("2.16.840.1.101.3.4.2.2"): "sha384",
-    _oid("2.16.840.1.101.3.4.2.3"): "sha512",
-    _oid("2.16.840.1.101.3.4.2.4"): "sha224",
-    _oid("1.2.156.10197.1.401"): "sm3",
+    encode_oid("1.2.840.113549.2.4"): "md4",
+    encode_oid("1.2.840.113549.2.5"): "md5",
+    encode_oid("1.3.14.3.2.26"): "sha1",
+    encode_oid("1.3.36.3.2.1"): "rmd160",
+    encode_oid("2.16.840.1.101.3.4.2.1"): "sha256",
+    encode_oid("2.16.840.1.101.3.4.2.2"): "sha384",
+    encode_oid("2.16.840.1.101.3.4.2.3"): "sha512",
+    encode_oid("2.16.840.1.101.3.4.2.4"): "sha224",
+    encode_oid("1.2.156.10197.1.401"): "sm3",
 }
-_OID_COMMON_NAME = _oid("2.5.4.3")
+_OID_COMMON_NAME = encode_oid("2.5.4.3")
 
 
 @dataclass(frozen=True)

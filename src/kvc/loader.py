@@ -96,6 +96,7 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
     provided_by_instance = {sym.name: name for name, cand in candidates.items()
                             for sym in cand.module.exported_symbols}
     kernel_symbols = kernel.exported_symbols()
+    loaded = {entry.name for entry in kernel.loaded_modules()}
     in_tree: dict[str, list[str]] = {}
     missing: dict[str, list[str]] = {}
     for name, cand in candidates.items():
@@ -110,7 +111,7 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
             if kernel_symbols is not None and sym.name in kernel_symbols:
                 continue
             owner = moddir.lookup_symbol_owner(sym.name) if moddir is not None else None
-            if owner is not None and not _is_loaded(kernel, owner):
+            if owner is not None and owner not in loaded:
                 in_tree.setdefault(owner, []).append(sym.name)
                 continue
             if owner is not None or kernel_symbols is None:
@@ -122,7 +123,7 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
             if dep in candidates:
                 if dep not in cand.imports:
                     cand.imports.append(dep)
-            elif dep not in in_tree and not _is_loaded(kernel, dep):
+            elif dep not in in_tree and dep not in loaded:
                 in_tree.setdefault(dep, [])
     for name, symbols in missing.items():
         problems.append(f"{name}: unknown symbols: {', '.join(sorted(set(symbols)))} "
@@ -131,7 +132,6 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
         raise LoadError(f"preflight refused {instance} for {kernel_release}",
                         details="\n".join(problems),
                         hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')")
-    loaded = {entry.name for entry in kernel.loaded_modules()}
     steps: list[LoadStep] = []
     seen: set[str] = set()
     for owner in in_tree:
@@ -147,10 +147,6 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
             continue
         steps.append(LoadStep(name, candidates[name].path, params.get(name, ""), "instance"))
     return LoadPlan(instance, kernel_release, tuple(steps), tuple(skipped))
-
-
-def _is_loaded(kernel: Kernel, name: str) -> bool:
-    return any(entry.name == name for entry in kernel.loaded_modules())
 
 
 def _in_tree_chain(moddir: Optional[ModuleDirectory], name: str) -> list[tuple[str, str]]:

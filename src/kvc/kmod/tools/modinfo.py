@@ -64,6 +64,14 @@ def signature_entries(module: ModuleFile) -> list[ModinfoEntry]:
             ModinfoEntry("signature", hex_bytes(sig.signature))]
 
 
+def _param_text(name: str, desc: Optional[str], kind: Optional[str], *, field_only: bool) -> str:
+    """One parameter as modinfo prints it; a type without a description reads ``name: (type)``
+    under ``-F parm`` and ``name:type`` in the full listing."""
+    if desc is None:
+        return f"{name}: ({kind})" if field_only else f"{name}:{kind}"
+    return f"{name}:{desc} ({kind})" if kind is not None else f"{name}:{desc}"
+
+
 class Printer:
     """Formats modinfo records into one output buffer, as modinfo_do does."""
 
@@ -91,13 +99,7 @@ class Printer:
         if field is None:
             out.append(f"{'filename:':<16}{filename}{sep}")
         if field == "parm":
-            for pname, desc, kind in self._params(entries):
-                if desc is None:
-                    out.append(f"{pname}: ({kind}){sep}")
-                elif kind is not None:
-                    out.append(f"{pname}:{desc} ({kind}){sep}")
-                else:
-                    out.append(f"{pname}:{desc}{sep}")
+            out.extend(f"{_param_text(*param, field_only=True)}{sep}" for param in self._params(entries))
             return
         if field is not None:
             out.extend(f"{entry.value}{sep}" for entry in entries if entry.key == field)
@@ -111,13 +113,7 @@ class Printer:
             else:
                 # kmod pads with printf("%-*s", 15 - len(key)): a negative width still pads.
                 out.append(f"{key}:{' ' * abs(15 - len(key))}{entry.value}{sep}")
-        for pname, desc, kind in self._params(entries):
-            if desc is None:
-                out.append(f"{'parm:':<16}{pname}:{kind}{sep}")
-            elif kind is not None:
-                out.append(f"{'parm:':<16}{pname}:{desc} ({kind}){sep}")
-            else:
-                out.append(f"{'parm:':<16}{pname}:{desc}{sep}")
+        out.extend(f"{'parm:':<16}{_param_text(*param, field_only=False)}{sep}" for param in self._params(entries))
 
     def _params(self, entries: Sequence[ModinfoEntry]) -> list[tuple[str, Optional[str], Optional[str]]]:
         """parm/parmtype merged per name, newest name first (kmod keeps a prepend list)."""

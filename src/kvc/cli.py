@@ -1,8 +1,9 @@
 """kvc's command line: a thin layer over kvc.kmod and the framework.
 
-Exit codes: 0 success; 1 failure; 2 usage; 3 configuration; 4 container runtime or build;
-5 modules refused (preflight or kernel); 6 state (not built, locked, in use). ``kvc kmod`` tools
-exit as kmod's do.
+Exit codes: 0 success; 1 failure; 2 usage; 3 configuration; 4 container runtime, build or
+another external program (qemu); 5 modules refused (preflight or kernel); 6 state (not built,
+locked, in use); 7 kernel files not found; 8 smoke test failed; 9 verification guest crashed or
+timed out. ``kvc kmod`` tools exit as kmod's do.
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     _add_kernel(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    p = sub.add_parser("verify", help="load, smoke-test and unload the built modules on the target kernel in a VM")
+    p.add_argument("name")
+    _add_kernel(p)
+    p.add_argument("--kernel-dir", metavar="DIR",
+                   help="the kernel's files: DIR/boot/vmlinuz-KVER and DIR/lib/modules/KVER "
+                        "(default: this host's, else the distribution's package, cached)")
+    p.add_argument("--json", action="store_true", help="machine-readable report (schema 1)")
+    p.add_argument("--keep-artifacts", action="store_true",
+                   help="keep the console log, job and initramfs even when verified")
+    p.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
+                   help="qemu accelerator (auto: KVM if a probe boot works, else TCG)")
+    p.add_argument("--memory", type=int, default=1024, metavar="MIB", help="guest memory (default 1024)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="hard limit for the whole guest run (default 300)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, boot nothing")
 
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
     p.add_argument("name", nargs="?")

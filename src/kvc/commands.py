@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any, Callable, Optional
 
 from kvc import systemd
+from kvc.atomic import write_file
 from kvc.build import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, context_digest, execute_build, image_tag, plan_build
 from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.errors import ConfigError, StateError, UsageError
@@ -240,12 +241,12 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
         lines = [f"KMOD_CONTAINER_BUILD_CONTEXT={target}" if line.startswith("KMOD_CONTAINER_BUILD_CONTEXT=")
                  and not line.split("=", 1)[1].strip("\"'").startswith(("/", "git", "http")) else line
                  for line in text.splitlines()]
-        systemd.write_atomic(ctx.layout.instance_conf(name), "\n".join(lines) + "\n", 0o644)
+        write_file(ctx.layout.instance_conf(name), "\n".join(lines) + "\n", 0o644)
         if os.path.exists(library):
             with open(library, encoding="utf-8") as handle:
-                systemd.write_atomic(lib_target, handle.read(), 0o644)
+                write_file(lib_target, handle.read(), 0o644)
         for tool in tools:
-            systemd.write_atomic(tool, f"#!/bin/sh\nexec kvc wrapper {name} -- {os.path.basename(tool)} \"$@\"\n",
+            write_file(tool, f"#!/bin/sh\nexec kvc wrapper {name} -- {os.path.basename(tool)} \"$@\"\n",
                                  0o755)
         systemd.install_unit(ctx.layout)
     for step in steps:
@@ -282,8 +283,28 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.kernelfiles import find_kernel
+    from kvc.verify import VerifyOptions, execute_verify, format_report, plan_verify
+
+    if args.memory < 256 or args.timeout <= 0:
+        raise UsageError("verify needs --memory of at least 256 MiB and a positive --timeout")
+    instance = ctx.instance(args.name)
+    options = VerifyOptions(args.accel, args.memory, args.timeout, args.keep_artifacts)
+    plan = plan_verify(instance, ctx.kernel_release(args.kernel), ctx.runtime, options,
+                       lambda release: find_kernel(release, kernel_dir=args.kernel_dir,
+                                                   host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir))
+    if args.dry_run:
+        say(plan.describe())
+        return 0
+    report = execute_verify(plan, ctx.runtime, ctx.layout)
+    say(json.dumps(report.data, indent=2) if args.json else format_report(report))
+    return report.exit_code
+
+
 COMMANDS = {"build": cmd_build, "load": cmd_load, "unload": cmd_unload, "reload": cmd_reload,
-            "wrapper": cmd_wrapper, "status": cmd_status, "install": cmd_install, "uninstall": cmd_uninstall}
+            "wrapper": cmd_wrapper, "status": cmd_status, "verify": cmd_verify, "install": cmd_install,
+            "uninstall": cmd_uninstall}
 
 
 def dispatch(args: argparse.Namespace) -> int:

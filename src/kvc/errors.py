@@ -41,6 +41,10 @@ class CommandError(KvcError):
         self.output_tail = output_tail
 
 
+class CommandTimeout(CommandError):
+    """An external program did not finish in time (it has been killed)."""
+
+
 class BuildError(KvcError):
     """A module image could not be built, or was built without the modules it must contain."""
 
@@ -57,3 +61,21 @@ class StateError(KvcError):
     """The instance is not in a state the action needs (not built, not extracted, locked, held)."""
 
     exit_code = 6
+
+
+class KernelMissingError(KvcError):
+    """The files of the kernel to verify against (vmlinuz and its module tree) cannot be found."""
+
+    exit_code = 7
+
+
+class SmokeTestError(KvcError):
+    """The modules loaded, but the instance's smoke test failed."""
+
+    exit_code = 8
+
+
+class GuestError(KvcError):
+    """The verification VM crashed or did not finish in time."""
+
+    exit_code = 9

@@ -14,13 +14,23 @@ LEGACY_LIBRARY_DIRS = ("/usr/local/lib/kvc", "/usr/lib/kvc")
 ETC_LIBRARY_DIR = "/etc/kvc/lib/kvc"
 
 
+CACHE_ENV = "KVC_CACHE_DIR"
+
+
 @dataclass(frozen=True)
 class Layout:
     host: HostPaths
+    cache_override: str = ""  # KVC_CACHE_DIR: a cache shared by several KVC_ROOTs (tests, CI)
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Layout:
-        return cls(HostPaths.from_env(environ))
+        env = os.environ if environ is None else environ
+        return cls(HostPaths.from_env(env), env.get(CACHE_ENV, ""))
+
+    @property
+    def cache_dir(self) -> str:
+        """Downloaded kernels and probe results: ``/var/cache/kvc`` unless ``KVC_CACHE_DIR`` is set."""
+        return self.cache_override or self.host.host("/var/cache/kvc")
 
     @property
     def conf_dir(self) -> str:
@@ -39,6 +49,10 @@ class Layout:
     def kernel_state(self, name: str, kernel_release: str) -> str:
         """Extracted modules of one instance for one kernel: ``/var/lib/kvc/NAME/KVER``."""
         return os.path.join(self.state_dir, name, kernel_release)
+
+    def verify_dir(self, name: str, kernel_release: str) -> str:
+        """What ``kvc verify`` keeps of a failed (or ``--keep-artifacts``) run."""
+        return os.path.join(self.state_dir, name, "verify", kernel_release)
 
     @property
     def lock_dir(self) -> str:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
+from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
 from kvc.kmod.kernel import Kernel, KernelError
 from kvc.kmod.moddir import ModuleDirectory
@@ -81,9 +82,11 @@ def _vermagic_release(module: ModuleFile) -> str:
 
 def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
               params: Mapping[str, str], kernel: Kernel, moddir: Optional[ModuleDirectory],
-              *, reload_loaded: bool = False) -> LoadPlan:
+              *, reload_loaded: bool = False, preflight: bool = True) -> LoadPlan:
     """Preflight and plan. ``module_paths`` are the instance's extracted module files in
-    KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string."""
+    KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string. Without
+    ``preflight`` what it finds wrong is left for the kernel to refuse (verification wants the
+    real kernel's verdict)."""
     candidates: dict[str, _Candidate] = {}
     problems: list[str] = []
     for path in module_paths:
@@ -128,7 +131,7 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
     for name, symbols in missing.items():
         problems.append(f"{name}: unknown symbols: {', '.join(sorted(set(symbols)))} "
                         "(no provider in the kernel, the instance or the host's module tree)")
-    if problems:
+    if problems and preflight:
         raise LoadError(f"preflight refused {instance} for {kernel_release}",
                         details="\n".join(problems),
                         hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')")
@@ -215,7 +218,7 @@ def _record_loaded(path: str, plan: LoadPlan, done: Sequence[LoadStep]) -> None:
     in_tree = [s.name for s in done if s.origin == "in-tree"]
     record = {"schema": 1, "kernel": plan.kernel_release,
               "in_tree": sorted(set(previous.get("in_tree", [])) | set(in_tree))}
-    write_json_atomic(path, record)
+    write_json(path, record)
 
 
 def read_loaded_record(path: str) -> dict[str, list[str]]:
@@ -226,17 +229,6 @@ def read_loaded_record(path: str) -> dict[str, list[str]]:
         return {}
     in_tree = data.get("in_tree", []) if isinstance(data, dict) else []
     return {"in_tree": [str(name) for name in in_tree if isinstance(name, str)]}
-
-
-def write_json_atomic(path: str, data: object) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def plan_unload(instance: str, kernel_release: str, module_names: Sequence[str], kernel: Kernel,
@@ -290,7 +282,7 @@ def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path
                 except KernelError:
                     pass
             still_needed.append(name)
-        write_json_atomic(record_path, {"schema": 1, "kernel": plan.kernel_release,
+        write_json(record_path, {"schema": 1, "kernel": plan.kernel_release,
                                         "in_tree": sorted(still_needed)})
     if failures:
         raise LoadError(f"could not unload every module of {plan.instance}", details="\n".join(failures),

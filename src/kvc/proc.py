@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from kvc.errors import CommandError
+from kvc.errors import CommandError, CommandTimeout
 
 log = logging.getLogger("kvc.proc")
 
@@ -49,7 +49,7 @@ def run(argv: Sequence[str], *, check: bool = True, capture: bool = True, input_
     except subprocess.TimeoutExpired as exc:
         log.error("command timed out after %ss: %s", timeout, shlex.join(args))
         output = exc.stdout if isinstance(exc.stdout, str) else ""
-        raise CommandError(args, -1, tail(output), hint=hint or "it did not finish in time") from None
+        raise CommandTimeout(args, -1, tail(output), hint=hint or "it did not finish in time") from None
     completed = Completed(tuple(args), proc.returncode, proc.stdout or "", proc.stderr or "")
     if check and proc.returncode != 0:
         log.error("command failed (status %d): %s", proc.returncode, shlex.join(args))

@@ -240,6 +240,7 @@ class ImageFiles(abc.ABC):
     """Read access to one image's files, open for a ``with`` block (see ContainerRuntime.open_image)."""
 
     via = ""  # "mount" or "container"
+    root: Optional[str] = None  # the image's root directory on the host, while open, when mounted
 
     @abc.abstractmethod
     def list(self, directory: str) -> list[str]:
@@ -275,11 +276,12 @@ class _MountedImage(ImageFiles):
     via = "mount"
 
     def __init__(self, root: str, image: str = "") -> None:
+        self.top = root
         self.root = root
         self.image = image
 
     def list(self, directory: str) -> list[str]:
-        top = resolve_in_root(self.root, directory)
+        top = resolve_in_root(self.top, directory)
         if not os.path.isdir(top):
             return []
         base = posixpath.normpath("/" + directory.strip("/"))
@@ -295,7 +297,7 @@ class _MountedImage(ImageFiles):
     def copy(self, paths: Sequence[str], destination: str) -> dict[str, str]:
         targets = _local_names(paths, destination)
         for path, target in targets.items():
-            source = resolve_in_root(self.root, path)
+            source = resolve_in_root(self.top, path)
             try:
                 info = os.lstat(source)
             except FileNotFoundError:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from importlib import resources
 from typing import Optional, TextIO
 
 from kvc import proc
+from kvc.atomic import write_file
 from kvc.errors import ConfigError
 from kvc.layout import Layout
 
@@ -29,31 +29,6 @@ _UNIT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 def unit_text() -> str:
     """The template unit, as installed."""
     return resources.files("kvc").joinpath("data").joinpath(UNIT_NAME).read_text(encoding="utf-8")
-
-
-def write_atomic(path: str, text: str, mode: int) -> None:
-    """Replace ``path`` with ``text``: a temporary file in the same directory, fsync'd, chmod'ed,
-    renamed over it, then the directory fsync'd. Readers see the old file or the new one, never
-    a partial one, even across a crash."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def unit_path(layout: Layout) -> str:
@@ -71,7 +46,7 @@ def install_unit(layout: Layout) -> str:
     except (OSError, UnicodeDecodeError):
         unchanged = False
     if not unchanged:
-        write_atomic(path, text, UNIT_MODE)
+        write_file(path, text, UNIT_MODE)
     return path
 
 

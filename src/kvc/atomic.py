@@ -1,0 +1,36 @@
+"""Files replaced in one step: a temporary file in the same directory, fsynced, renamed over the
+target, then the directory fsynced. Readers see the old file or the new one, never a partial one,
+even across a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Union
+
+
+def write_file(path: str, data: Union[str, bytes], mode: int = 0o644) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str, data: object) -> None:
+    write_file(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,128 @@
+"""Where the files of a kernel to verify against come from: its ``vmlinuz`` and its module tree
+``lib/modules/KVER`` (with kmod's indexes).
+
+Sources, tried in order: a directory the user names (``--kernel-dir``), else the host's own
+``/boot`` and ``/lib/modules`` (also ``/lib/modules/KVER/vmlinuz``, as Fedora, CoreOS and bootc
+keep it), else the distribution's package: on Debian ``apt-get download linux-image-KVER`` and
+``dpkg-deb -x`` into the cache, indexed with ``depmod``. Unpacked packages are kept in the cache
+(``/var/cache/kvc/kernels/KVER``), so only the first verification of a kernel downloads it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from kvc import proc
+from kvc.errors import CommandError, KernelMissingError
+
+INDEX_FILES = ("modules.dep.bin", "modules.dep")
+COMPLETE_MARK = ".complete"
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    release: str
+    vmlinuz: str
+    moddir: str  # .../lib/modules/KVER
+    source: str  # where they came from, for people
+
+
+def _first_existing(paths: Sequence[str]) -> Optional[str]:
+    return next((path for path in paths if os.path.isfile(path)), None)
+
+
+def _indexed(moddir: str) -> bool:
+    return any(os.path.isfile(os.path.join(moddir, name)) for name in INDEX_FILES)
+
+
+def find_in_tree(root: str, release: str) -> tuple[Optional[KernelFiles], str]:
+    """The kernel's files in a root directory laid out like a system (or holding them directly),
+    and, when they are not all there, what is missing."""
+    moddirs = [os.path.join(root, sub, release) for sub in ("lib/modules", "usr/lib/modules", "modules")]
+    moddir = next((path for path in moddirs if os.path.isdir(os.path.join(path, "kernel"))), None)
+    vmlinuz = _first_existing([os.path.join(root, "boot", f"vmlinuz-{release}"),
+                               os.path.join(root, f"vmlinuz-{release}"),
+                               *([os.path.join(moddir, "vmlinuz")] if moddir else []),
+                               os.path.join(root, "vmlinuz")])
+    if vmlinuz is None:
+        return None, f"no vmlinuz-{release} in {os.path.join(root, 'boot')}"
+    if moddir is None:
+        return None, f"no module tree {moddirs[0]}"
+    if not _indexed(moddir):
+        return None, f"{moddir} has no modules.dep (run 'depmod -b {root} {release}')"
+    return KernelFiles(release, vmlinuz, moddir, root), ""
+
+
+def _debian_package(release: str) -> str:
+    return f"linux-image-{release}"
+
+
+def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFiles], str]:
+    """Debian's package for ``release``, unpacked (once) under ``cache_dir/kernels/KVER``."""
+    base = os.path.join(cache_dir, "kernels", release)
+    root = os.path.join(base, "tree")
+    package = _debian_package(release)
+    if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            return None, "no apt-get and dpkg-deb here to fetch a Debian kernel package"
+        os.makedirs(base, exist_ok=True)
+        with open(os.path.join(base, ".lock"), "w", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
+                problem = _unpack_debian_package(base, root, package, release)
+                if problem:
+                    return None, problem
+    found, problem = find_in_tree(root, release)
+    if found is None:
+        return None, f"the unpacked {package} is incomplete: {problem}"
+    return KernelFiles(release, found.vmlinuz, found.moddir, f"Debian package {package} (cached in {base})"), ""
+
+
+def _unpack_debian_package(base: str, root: str, package: str, release: str) -> str:
+    download = os.path.join(base, "download")
+    for path in (download, root):
+        shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(download)
+    try:
+        proc.run(["apt-get", "download", "-q", package], cwd=download)
+        debs = glob.glob(os.path.join(glob.escape(download), "*.deb"))
+        if len(debs) != 1:
+            return f"apt-get download {package} gave {len(debs)} packages"
+        proc.run(["dpkg-deb", "-x", debs[0], root])
+        # Debian's package carries no indexes: its postinst runs depmod on install.
+        proc.run(["depmod", "-C", "/dev/null", "-b", root, release])
+    except CommandError as exc:
+        last = exc.output_tail.strip().splitlines()
+        return f"{' '.join(exc.argv[:3])} failed: {last[-1] if last else exc.brief}"
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    with open(os.path.join(base, COMPLETE_MARK), "w", encoding="utf-8"):
+        pass
+    return ""
+
+
+def find_kernel(release: str, *, kernel_dir: Optional[str], host_root: str, cache_dir: str) -> KernelFiles:
+    """The kernel's files from the first source that has them; KernelMissingError naming what
+    each source lacked otherwise."""
+    if kernel_dir is not None:
+        found, problem = find_in_tree(os.path.abspath(kernel_dir), release)
+        if found is None:
+            raise KernelMissingError(f"kernel {release} not found in {kernel_dir}: {problem}",
+                                     hint=f"give a directory with boot/vmlinuz-{release} and an indexed "
+                                          f"lib/modules/{release}")
+        return found
+    found, host_problem = find_in_tree(host_root, release)
+    if found is not None:
+        return KernelFiles(release, found.vmlinuz, found.moddir, f"this host ({found.vmlinuz})")
+    found, package_problem = fetch_debian_kernel(cache_dir, release)
+    if found is not None:
+        return found
+    raise KernelMissingError(f"kernel {release} not found",
+                             details=f"host: {host_problem}\ndistribution package: {package_problem}",
+                             hint=f"pass --kernel-dir DIR, a directory holding boot/vmlinuz-{release} and "
+                                  f"lib/modules/{release} (e.g. the kernel package unpacked)")

@@ -1,0 +1,141 @@
+"""The qemu adapter: the one place kvc starts a virtual machine.
+
+A :class:`GuestMachine` is a frozen description (kernel, initramfs, command line, 9p shares,
+memory, accelerator); :func:`run_guest` boots it with no network, the serial console written to a
+file, no reboot (a guest panic ends qemu) and a hard timeout after which qemu is killed.
+:func:`choose_accel` uses KVM only when a quick probe boot under KVM works, else TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from kvc import proc
+from kvc.atomic import write_json
+from kvc.errors import CommandError, CommandTimeout
+
+QEMU = "qemu-system-x86_64"
+ACCELS = ("auto", "tcg", "kvm")
+PROBE_TIMEOUT = 30.0
+PROBE_ARGUMENT = "kvc.probe"
+PROBE_OK = "kvc-guest: probe ok"
+QEMU_HINT = "install qemu: 'apt-get install qemu-system-x86' (Debian) or 'dnf install qemu-kvm' (Fedora)"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory the guest mounts over virtio-9p under ``tag``."""
+
+    tag: str
+    path: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class GuestMachine:
+    kernel: str
+    initrd: str
+    append: str
+    console_log: str
+    shares: tuple[Share, ...] = ()
+    memory_mb: int = 1024
+    accel: str = "tcg"
+    program: str = QEMU
+
+    def argv(self) -> list[str]:
+        argv = [self.program, "-accel", self.accel]
+        if self.accel == "kvm":
+            argv += ["-cpu", "host"]
+        argv += ["-m", f"{self.memory_mb}M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+                 "-no-reboot", "-nic", "none", "-serial", f"file:{self.console_log}",
+                 "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append]
+        for share in self.shares:
+            options = [f"local,path={share.path}", f"mount_tag={share.tag}", "security_model=none",
+                       "multidevs=remap"]
+            if share.readonly:
+                options.append("readonly=on")
+            argv += ["-virtfs", ",".join(options)]
+        return argv
+
+
+@dataclass(frozen=True)
+class GuestRun:
+    returncode: Optional[int]  # None: killed at the timeout
+    seconds: float
+    output: str  # qemu's own stdout and stderr (the guest's console is in the console log)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
+def run_guest(machine: GuestMachine, timeout: float) -> GuestRun:
+    """Boot ``machine`` until it powers off, panics (no reboot) or ``timeout`` seconds pass."""
+    started = time.monotonic()
+    try:
+        result = proc.run(machine.argv(), check=False, timeout=timeout, hint=QEMU_HINT)
+    except CommandTimeout:
+        return GuestRun(None, time.monotonic() - started, "")
+    return GuestRun(result.returncode, time.monotonic() - started, (result.stdout + result.stderr).strip())
+
+
+def _probe_key(machine: GuestMachine) -> str:
+    parts = []
+    for path in (machine.program, machine.kernel):
+        resolved = path if os.path.isabs(path) else _which(path) or path
+        try:
+            info = os.stat(resolved)
+            parts.append(f"{resolved}:{info.st_size}:{int(info.st_mtime)}")
+        except OSError:
+            parts.append(resolved)
+    return "|".join([*parts, os.uname().release])
+
+
+def _which(program: str) -> Optional[str]:
+    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
+        candidate = os.path.join(directory, program)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def kvm_works(machine: GuestMachine, cache_file: str) -> bool:
+    """Boot ``machine`` under KVM to the guest init's probe answer (cached per qemu, guest kernel
+    and host kernel). /dev/kvm can exist and still not run a stock kernel (nested hypervisors)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    key = _probe_key(machine)
+    try:
+        with open(cache_file, encoding="utf-8") as handle:
+            cached = json.load(handle)
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and isinstance(cached.get(key), bool):
+        return bool(cached[key])
+    probe_log = f"{machine.console_log}.kvm-probe"
+    probe = GuestMachine(machine.kernel, machine.initrd, f"{machine.append} {PROBE_ARGUMENT}", probe_log,
+                         (), min(machine.memory_mb, 512), "kvm", machine.program)
+    try:
+        run = run_guest(probe, PROBE_TIMEOUT)
+        with open(probe_log, encoding="utf-8", errors="replace") as handle:
+            works = run.returncode == 0 and PROBE_OK in handle.read()
+    except (CommandError, OSError):
+        works = False
+    finally:
+        if os.path.exists(probe_log):
+            os.unlink(probe_log)
+    verdicts = cached if isinstance(cached, dict) else {}
+    verdicts[key] = works
+    write_json(cache_file, verdicts)
+    return works
+
+
+def choose_accel(requested: str, machine: GuestMachine, cache_file: str) -> str:
+    """``tcg`` or ``kvm`` for ``requested`` (``auto``: KVM when the probe works)."""
+    if requested != "auto":
+        return requested
+    return "kvm" if kvm_works(machine, cache_file) else "tcg"

@@ -1,0 +1,305 @@
+"""``kvc verify``: prove an instance's modules on the real target kernel in a throwaway VM.
+
+The host side: find the image (it must be built), the target kernel's files
+(:mod:`kvc.kernelfiles`), copy the instance's modules out of the image into a work directory,
+write the initramfs (:mod:`kvc.initramfs`) and the job, and boot the kernel under qemu
+(:mod:`kvc.qemu`: TCG unless a KVM probe works, no network, bounded memory, a hard timeout). The
+guest mounts the host's root read-only over 9p and runs this very installation of kvc
+(:mod:`kvc.vmguest`), which loads the modules with kvc's loader and the live kernel, runs the
+smoke test in the image, unloads and writes ``result.json``; the host turns it into the report.
+
+Outcomes and exit codes: 0 verified; 5 a module refused by the kernel (or not unloadable);
+6 the image is not built; 7 the kernel's files cannot be found; 8 the smoke test failed; 9 the
+guest crashed or timed out. A failed run (or any run with ``--keep-artifacts``) is kept in
+``/var/lib/kvc/NAME/verify/KVER/`` (console log, job, result, initramfs, modules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import kvc
+from kvc.atomic import write_json
+from kvc.build import image_tag, match_modules
+from kvc.config import InstanceConfig
+from kvc.errors import CommandError, StateError
+from kvc.extract import replace_dir
+from kvc.initramfs import boot_modules, build_initramfs, find_busybox
+from kvc.kernelfiles import KernelFiles
+from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.module import normalize_name
+from kvc.layout import Layout
+from kvc.qemu import GuestMachine, Share, choose_accel, run_guest
+from kvc.runtime import ContainerRuntime, ImageFiles
+
+REPORT_SCHEMA = 1
+GUEST_APPEND = "console=ttyS0 panic=-1 oops=panic quiet"
+SMOKE_TIMEOUT = 120.0
+GUEST_WORK = "/kvc/work"
+GUEST_MODULES = "/kvc/kernel-modules"
+GUEST_IMAGE = "/kvc/image"
+TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+EXIT_CODES = {"verified": 0, "load-refused": 5, "unload-failed": 5, "smoke-failed": 8,
+              "crashed": 9, "timed-out": 9}
+_CRASH_LINE = re.compile(r"Kernel panic|kernel BUG at|BUG:|Oops|general protection fault|RIP:|Call Trace|"
+                         r"Unable to handle")
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    accel: str = "auto"
+    memory_mb: int = 1024
+    timeout: float = 300.0
+    keep_artifacts: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyPlan:
+    instance: InstanceConfig
+    kernel: KernelFiles
+    image: str
+    image_id: str
+    options: VerifyOptions
+
+    def describe(self) -> str:
+        return "\n".join([
+            f"verify {self.instance.name} {self.instance.software_version} for {self.kernel.release}:",
+            f"  image {self.image} ({self.image_id[:12]})",
+            f"  kernel {self.kernel.vmlinuz}, modules {self.kernel.moddir} ({self.kernel.source})",
+            f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
+            f"timeout {self.options.timeout:g} s",
+            f"  load {' '.join(self.instance.module_names)} with their in-tree dependencies, "
+            f"smoke test: {self.instance.smoke_test or '(none)'}, unload"])
+
+
+def plan_verify(instance: InstanceConfig, release: str, runtime: ContainerRuntime, options: VerifyOptions,
+                find_kernel: Callable[[str], KernelFiles]) -> VerifyPlan:
+    """The image first (a missing build is reported before any kernel download), then the kernel."""
+    tag = image_tag(instance, release)
+    info = runtime.inspect(tag)
+    if info is None:
+        raise StateError(f"image {tag} does not exist: {instance.name} is not built for {release}",
+                         hint=f"run 'kvc build {instance.name} --kernel {release}' first")
+    return VerifyPlan(instance, find_kernel(release), tag, info.id, options)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    status: str
+    data: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+
+def _copy_modules(files: ImageFiles, plan: VerifyPlan, destination: str) -> list[str]:
+    release = plan.kernel.release
+    found = match_modules(files.list(f"/lib/modules/{release}"), release, plan.instance.module_names)
+    missing = [name for name in plan.instance.module_names if normalize_name(name) not in found]
+    if missing:
+        raise StateError(f"image {plan.image} has no module(s) {', '.join(missing)} below /lib/modules/{release}",
+                         hint=f"rebuild it: 'kvc build {plan.instance.name} --kernel {release} --force'")
+    os.makedirs(destination)
+    copies = files.copy([found[normalize_name(name)] for name in plan.instance.module_names], destination)
+    return [os.path.basename(copies[found[normalize_name(name)]]) for name in plan.instance.module_names]
+
+
+def _copy_tools(files: ImageFiles, plan: VerifyPlan, destination: str) -> None:
+    """Without a mounted image the smoke test runs on the guest's root; the image's wrapper tools
+    are put on its PATH."""
+    wanted = set(plan.instance.wrapper_tools)
+    paths = {}
+    for directory in TOOL_DIRS:
+        for path in files.list(directory):
+            base = os.path.basename(path)
+            if base in wanted and base not in paths:
+                paths[base] = path
+    os.makedirs(destination, exist_ok=True)
+    for local in files.copy(list(paths.values()), destination).values():
+        os.chmod(local, 0o755)
+
+
+def _crash_lines(console: str) -> list[str]:
+    lines = console.splitlines()
+    for index, line in enumerate(lines):
+        if _CRASH_LINE.search(line):
+            return [text.rstrip() for text in lines[index:index + 24]]
+    return [text.rstrip() for text in lines[-12:]]
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def _status_of(result: dict[str, Any]) -> str:
+    if result.get("plan_error") or not all(m.get("loaded") for m in result.get("modules", [])):
+        return "load-refused"
+    smoke = result.get("smoke")
+    if smoke is not None and (smoke.get("timed_out") or smoke.get("exit_code") != 0):
+        return "smoke-failed"
+    if not all(u.get("removed") for u in result.get("unload", [])):
+        return "unload-failed"
+    return "verified"
+
+
+def execute_verify(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout) -> VerifyReport:
+    started = time.monotonic()
+    final = layout.verify_dir(plan.instance.name, plan.kernel.release)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.run-", dir=parent)
+    os.chmod(work, 0o755)
+    keep = plan.options.keep_artifacts
+    try:
+        report = _run_in_vm(plan, runtime, layout, work, started)
+        keep = keep or report.status != "verified"
+    except BaseException:
+        keep = True
+        raise
+    finally:
+        if keep:
+            replace_dir(work, final)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if keep:
+        report.data["artifacts"] = final
+        report.data["console_log"] = os.path.join(final, "console.log")
+    return report
+
+
+def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work: str,
+               started: float) -> VerifyReport:
+    instance, kernel = plan.instance, plan.kernel
+    moddir = ModuleDirectory(kernel.moddir)
+    boot = boot_modules(moddir)
+    settings = {"KVC_BOOT_MODULES": " ".join(name for name, _ in boot), "KVC_PYTHON": sys.executable,
+                "KVC_PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__)))}
+    with runtime.open_image(plan.image) as files:
+        module_files = _copy_modules(files, plan, os.path.join(work, "modules"))
+        image_root = files.root
+        if image_root is None and instance.wrapper_tools:
+            _copy_tools(files, plan, os.path.join(work, "bin"))
+        settings["KVC_IMAGE_SHARE"] = "1" if image_root else "0"
+        initrd = os.path.join(work, "initramfs.cpio")
+        build_initramfs(initrd, find_busybox(), boot, settings)
+        job = {"instance": instance.name, "kernel": kernel.release, "moddir": GUEST_MODULES,
+               "modules": [f"{GUEST_WORK}/modules/{name}" for name in module_files],
+               "params": dict(instance.module_params), "smoke_test": instance.smoke_test,
+               "smoke_timeout": SMOKE_TIMEOUT, "image_root": GUEST_IMAGE if image_root else "",
+               "tools": f"{GUEST_WORK}/bin" if image_root is None else "",
+               "result": f"{GUEST_WORK}/result.json", "progress": f"{GUEST_WORK}/progress"}
+        write_json(os.path.join(work, "job.json"), job)
+        shares = [Share("kvcroot", "/"), Share("kvcwork", work, readonly=False), Share("kvcmods", kernel.moddir)]
+        if image_root:
+            shares.append(Share("kvcimage", image_root))
+        machine = GuestMachine(kernel.vmlinuz, initrd, GUEST_APPEND, os.path.join(work, "console.log"),
+                               tuple(shares), plan.options.memory_mb)
+        accel = choose_accel(plan.options.accel, machine,
+                             os.path.join(layout.cache_dir, "accel-probe.json"))
+        machine = GuestMachine(machine.kernel, machine.initrd, machine.append, machine.console_log,
+                               machine.shares, machine.memory_mb, accel)
+        run = run_guest(machine, plan.options.timeout)
+    console = _read_text(machine.console_log)
+    data: dict[str, Any] = {
+        "schema": REPORT_SCHEMA, "instance": instance.name, "version": instance.software_version,
+        "kernel": kernel.release, "image": {"tag": plan.image, "id": plan.image_id},
+        "kernel_files": {"vmlinuz": kernel.vmlinuz, "moddir": kernel.moddir, "source": kernel.source},
+        "vm": {"accel": accel, "memory_mb": plan.options.memory_mb, "timeout": plan.options.timeout,
+               "qemu_exit": run.returncode},
+        "modules": [], "smoke": None, "unload": [], "crash": None, "artifacts": None, "console_log": None}
+    result_text = _read_text(os.path.join(work, "result.json"))
+    try:
+        result = json.loads(result_text) if result_text else None
+    except ValueError:
+        result = None
+    timings: dict[str, Any] = {"vm_seconds": round(run.seconds, 2)}
+    if isinstance(result, dict):
+        status = _status_of(result)
+        data.update(modules=result.get("modules", []), smoke=result.get("smoke"), unload=result.get("unload", []),
+                    plan_error=result.get("plan_error"), tainted=result.get("tainted"))
+        timings["boot_seconds"] = result.get("boot_seconds")
+        timings["guest_seconds"] = result.get("agent_seconds")
+    else:
+        if run.returncode not in (None, 0) and not console.strip():
+            raise CommandError(machine.argv(), run.returncode, run.output,
+                               hint="qemu could not start the guest; see its message above")
+        status = "timed-out" if run.timed_out else "crashed"
+        progress = _read_text(os.path.join(work, "progress")).split("\n")
+        during = next((line for line in reversed(progress) if line.strip()), "boot")
+        data["crash"] = {"during": during, "lines": _crash_lines(console)}
+    timings["total_seconds"] = round(time.monotonic() - started, 2)
+    data["timings"] = timings
+    data["status"] = status
+    return VerifyReport(status, data)
+
+
+# ---- the report, for people ---------------------------------------------------------------------------------
+
+def _log_lines(lines: Any, indent: str = "      ") -> list[str]:
+    return [f"{indent}kernel: {line}" for line in lines or []]
+
+
+def format_report(report: VerifyReport) -> str:
+    data = report.data
+    vm = data["vm"]
+    lines = [f"verify {data['instance']} {data['version']} on kernel {data['kernel']} "
+             f"(qemu {vm['accel']}, {vm['memory_mb']} MiB, no network)",
+             f"  kernel files: {data['kernel_files']['source']}",
+             f"  image: {data['image']['tag']} ({data['image']['id'][:12]})"]
+    if data.get("plan_error"):
+        lines.append(f"  plan: {data['plan_error']}")
+    if data["modules"]:
+        lines.append("  load:")
+    for module in data["modules"]:
+        params = f" {module['params']}" if module.get("params") else ""
+        if module["loaded"]:
+            lines.append(f"    {module['name']}{params} ({module['origin']}): loaded in {module['seconds']:.2f} s, "
+                         f"refcnt {module['refcnt']}, taint {module['taint'] or '-'}")
+        else:
+            lines.append(f"    {module['name']}{params} ({module['origin']}): REFUSED by the kernel: "
+                         f"{module['errno']} ({module['error']})")
+        lines += _log_lines(module.get("log"))
+    smoke = data.get("smoke")
+    if smoke is not None:
+        outcome = "timed out" if smoke.get("timed_out") else f"exit {smoke['exit_code']}"
+        where = "in the image" if smoke.get("in_image") else "in the guest"
+        lines.append(f"  smoke test ({where}): {smoke['command']}")
+        lines.append(f"    {outcome} in {smoke['seconds']:.2f} s")
+        lines += [f"    | {line}" for line in (smoke.get("stdout", "") + smoke.get("stderr", "")).splitlines()]
+        lines += _log_lines(smoke.get("log"), "    ")
+    if data["unload"]:
+        lines.append("  unload:")
+    for entry in data["unload"]:
+        state = "removed" if entry["removed"] else f"NOT REMOVED: {entry['errno']} ({entry['error']})"
+        lines.append(f"    {entry['name']}: {state}")
+        lines += _log_lines(entry.get("log"))
+    crash = data.get("crash")
+    if crash is not None:
+        what = "timed out" if report.status == "timed-out" else "crashed"
+        lines.append(f"  the guest {what} during: {crash['during']}")
+        lines += [f"    {line}" for line in crash["lines"]]
+    timings = data["timings"]
+    boot = timings.get("boot_seconds")
+    boot_text = f"boot {boot:.1f} s, " if isinstance(boot, (int, float)) else ""
+    summary = {"verified": "VERIFIED", "load-refused": "FAILED: the kernel refused a module",
+               "unload-failed": "FAILED: a module did not unload", "smoke-failed": "FAILED: the smoke test failed",
+               "crashed": "FAILED: the guest kernel crashed", "timed-out": "FAILED: the guest timed out"}
+    lines.append(f"{summary[report.status]} ({boot_text}VM {timings['vm_seconds']:.1f} s, "
+                 f"total {timings['total_seconds']:.1f} s)")
+    if data.get("artifacts"):
+        lines.append(f"  console log and artifacts kept in {data['artifacts']}")
+    return "\n".join(lines)

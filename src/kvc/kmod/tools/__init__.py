@@ -6,7 +6,7 @@ import importlib
 import sys
 from typing import Callable, Optional, Sequence
 
-TOOLS = ("lsmod", "modinfo", "insmod", "rmmod", "modprobe")
+TOOLS = ("lsmod", "modinfo", "insmod", "rmmod", "depmod", "modprobe")
 
 
 def run(tool: str, argv: Sequence[str]) -> int:

@@ -1,0 +1,1039 @@
+"""depmod as Debian's kmod 30 runs it: find the modules of ``$BASEDIR/lib/modules/$KVER`` (and
+depmod.d ``external`` directories), resolve symbols into dependencies, and write modules.dep,
+modules.alias, modules.softdep, modules.symbols, modules.devname and the five binary indexes.
+
+Orders follow kmod exactly: the module array starts in the iteration order of depmod's
+512-bucket name hash and is then stably sorted by modules.order; symbols come out in the order
+of its 2048-bucket symbol hash; dependencies are ranked by a LIFO topological sort. Messages
+are reported through a :class:`Log` with kmod's wording; the caller prints them.
+
+Per-module parse results are cached (see :class:`ParseCache`), keyed by path, size, mtime,
+ctime, inode and device, so a changed file is always re-read. A run whose every input (config,
+module files, modules.order, modules.builtin*, symbol files, options) is unchanged replays the
+previous outputs and messages from the same cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import marshal
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+from kvc.kmod.depmodparse import ModuleRecord, hash_superfast, read_module
+from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
+from kvc.kmod.moddir import BuiltinModinfo, normalize_alias
+
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+# Debian's kmod 30 is built with xz and zstd but without zlib.
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
+CONFIG_DIRS = ("/etc/depmod.d", "/run/depmod.d", "/usr/local/lib/depmod.d", "/lib/depmod.d")
+TEXT_OUTPUTS = ("modules.dep", "modules.alias", "modules.softdep", "modules.symbols", "modules.devname")
+OUTPUTS = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
+           "modules.symbols", "modules.symbols.bin", "modules.builtin.bin", "modules.builtin.alias.bin",
+           "modules.devname")
+CACHE_ENV = "KVC_DEPMOD_CACHE"
+CACHE_FORMAT = 1
+_NAME_BUCKETS = 512
+_SYMBOL_BUCKETS = 2048
+_FAKE_SYMBOLS = (b"__this_module", b"_GLOBAL_OFFSET_TABLE_", b"TOC.")
+# Below this many modules to parse, starting worker processes costs more than it saves.
+_PARALLEL_MIN = 256
+
+# kmod's syslog priorities and their names in messages.
+FATAL, ERROR, WARNING, NOTICE, INFO, DEBUG = 2, 3, 4, 5, 6, 7
+LEVEL_NAMES = {FATAL: "FATAL", ERROR: "ERROR", WARNING: "WARNING", NOTICE: "NOTICE", INFO: "INFO", DEBUG: "DEBUG"}
+STDOUT = -1  # a "level" for the -v lines depmod prints on stdout
+
+
+class DepmodError(Exception):
+    """depmod stops: the FATAL/ERROR message is already logged."""
+
+
+class Log:
+    """Collects kmod's messages in order. ``verbosity`` is kmod's (LOG_WARNING + the number of
+    -v): a message is shown when its priority is at most that. Events after :meth:`record`
+    are also kept for the replay cache."""
+
+    def __init__(self, emit: Callable[[int, str], None], verbosity: int = WARNING) -> None:
+        self._emit = emit
+        self.verbosity = verbosity
+        self.recorded: Optional[list[tuple[int, str]]] = None
+
+    def __call__(self, level: int, message: str) -> None:
+        if level != STDOUT and level > self.verbosity:
+            return
+        if self.recorded is not None:
+            self.recorded.append((level, message))
+        self._emit(level, message)
+
+    def record(self) -> None:
+        self.recorded = []
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Search:
+    kind: str  # "path", "built-in" or "external"
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class DepmodConfig:
+    """depmod.d, in the order depmod consults it: ``searches`` and ``overrides`` are kept the way
+    kmod's prepend lists hold them (the last line of the last file first); ``externals`` in
+    file order."""
+
+    searches: tuple[Search, ...] = (Search("path", "updates"),)
+    overrides: tuple[str, ...] = ()
+    externals: tuple[str, ...] = ()
+    excludes: tuple[str, ...] = ()
+
+
+def _kernel_matches(pattern: str, kernel_version: str) -> bool:
+    """depmod's cfg_kernel_matches: ``*`` or an unanchored extended regex (Python's re stands in
+    for POSIX ERE; an invalid pattern matches nothing)."""
+    if pattern == "*":
+        return True
+    try:
+        return re.search(pattern, kernel_version) is not None
+    except re.error:
+        return False
+
+
+def logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    """kmod's getline_wrapped: a backslash before the newline joins the next line; the number is
+    that of the last physical line."""
+    number = 0
+    pending = ""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in lines:
+        number += 1
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        yield number, pending + line
+        pending = ""
+    if pending:
+        yield number, pending
+
+
+@dataclass
+class _ConfigBuilder:
+    kernel_version: str
+    searches: list[Search] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    externals: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+
+    def parse(self, text: str, filename: str, log: Log) -> None:
+        for number, line in logical_lines(text):
+            if not line or line[0] == "#":
+                continue
+            words = line.replace("\t", " ").split()
+            if not words:
+                continue
+            command, args = words[0], words[1:]
+            if command == "search":
+                for word in args:
+                    kind = word if word in ("built-in", "external") else "path"
+                    self.searches.insert(0, Search(kind, "" if kind != "path" else word))
+            elif command == "override" and len(args) >= 3:
+                if not _kernel_matches(args[1], self.kernel_version):
+                    log(INFO, f"{filename}:{number}: override kernel did not match {args[1]}\n")
+                    continue
+                self.overrides.insert(0, f"{args[2]}/{args[0]}")
+            elif command == "external" and len(args) >= 2:
+                if not _kernel_matches(args[0], self.kernel_version):
+                    log(INFO, f"{filename}:{number}: external directory did not match {args[0]}\n")
+                    continue
+                self.externals.append(args[1])
+            elif command == "exclude":
+                self.excludes.extend(args)
+            elif command in ("include", "make_map_files"):
+                log(INFO, f"{filename}:{number}: command {command} not implemented yet\n")
+            else:
+                log(ERROR, f"{filename}:{number}: ignoring bad line starting with '{command}'\n")
+
+    def build(self) -> DepmodConfig:
+        searches = tuple(self.searches) or (Search("path", "updates"),)
+        return DepmodConfig(searches, tuple(self.overrides), tuple(self.externals), tuple(self.excludes))
+
+
+def config_files(paths: Sequence[str], log: Log) -> list[str]:
+    """The config files depmod reads from ``paths``: every ``*.conf`` of a directory (not dot
+    files), any other path as a file, merged and sorted by basename; the first of a repeated
+    basename wins."""
+    chosen: dict[str, str] = {}
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if not stat.S_ISDIR(mode):
+            chosen.setdefault(os.path.basename(path), path)
+            continue
+        try:
+            names = [entry.name for entry in os.scandir(path)]
+        except OSError as exc:
+            log(ERROR, f"files list {path}: {os.strerror(exc.errno or errno.EIO)}\n")
+            continue
+        for name in names:
+            if name.startswith("."):
+                continue
+            if len(name) < 6 or not name.endswith(".conf"):
+                log(INFO, f"All cfg files need .conf: {path}/{name}\n")
+                continue
+            if os.path.isdir(os.path.join(path, name)):
+                log(ERROR, f"Directories inside directories are not supported: {path}/{name}\n")
+                continue
+            chosen.setdefault(name, f"{path}/{name}")
+    return [chosen[name] for name in sorted(chosen, key=lambda n: n.encode(ENCODING, ERRORS))]
+
+
+def load_config(paths: Optional[Sequence[str]], kernel_version: str, log: Log) -> tuple[DepmodConfig, bytes]:
+    """The merged depmod.d configuration and a digest of the files read (for the replay cache)."""
+    builder = _ConfigBuilder(kernel_version)
+    digest = hashlib.sha256()
+    for path in config_files(CONFIG_DIRS if paths is None else paths, log):
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            log(ERROR, f"file parse {path}: {os.strerror(exc.errno or errno.EIO)}\n")
+            continue
+        digest.update(path.encode(ENCODING, ERRORS) + b"\0" + data + b"\0")
+        builder.parse(data.decode(ENCODING, ERRORS), path, log)
+    return builder.build(), digest.digest()
+
+
+# ---- options and modules ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DepmodOptions:
+    kernel_version: str
+    basedir: str = ""
+    config_paths: Optional[tuple[str, ...]] = None
+    module_paths: tuple[str, ...] = ()  # explicit modules; empty means all
+    symvers: Optional[str] = None
+    system_map: Optional[str] = None
+    print_unknown: bool = False
+    warn_dups: bool = False
+    symbol_prefix: str = ""
+    cache_dir: Optional[str] = None
+    jobs: int = 0  # worker processes for parsing; 0 picks from the CPU count
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.basedir}/lib/modules/{self.kernel_version}"
+
+
+@dataclass
+class _Module:
+    name: str
+    path: str
+    relpath: Optional[str]
+    hash: int
+    record: ModuleRecord = (None, (), (), (), ())
+    sort_idx: int = 1
+    idx: int = 0
+    users: int = 0
+    deps: list[_Module] = field(default_factory=list)
+    dep_sort_idx: int = 0
+    visited: bool = False
+
+    @property
+    def shown_path(self) -> str:
+        return self.relpath if self.relpath is not None else self.path
+
+
+def module_name(filename: str) -> str:
+    return filename.split(".", 1)[0].replace("-", "_")
+
+
+def _is_module_file(name: str) -> bool:
+    return any(len(name) > len(suffix) and name.endswith(suffix) for suffix in MODULE_SUFFIXES)
+
+
+class _Discovery:
+    """depmod_modules_search: the module directory, then each external directory, readdir order,
+    keeping per name the file depmod_module_is_higher_priority prefers."""
+
+    def __init__(self, dirname: str, config: DepmodConfig, log: Log) -> None:
+        self.dirname = dirname
+        self.config = config
+        self.log = log
+        self.by_name: dict[str, _Module] = {}
+
+    def _relative(self, path: str) -> Optional[str]:
+        base = self.dirname
+        return path[len(base) + 1:] if path.startswith(base) and path[len(base):len(base) + 1] == "/" else None
+
+    def search_path(self, top: str) -> bool:
+        try:
+            entries = os.scandir(top)
+        except OSError as exc:
+            self.log(ERROR, f"could not open directory {top}: {os.strerror(exc.errno or errno.EIO)}\n")
+            return False
+        self._walk(top + "/", entries)
+        return True
+
+    def _walk(self, prefix: str, entries: Iterable[os.DirEntry[str]]) -> None:
+        excludes = self.config.excludes
+        for entry in list(entries):
+            name = entry.name
+            if name in ("build", "source") or name in excludes:
+                continue
+            path = prefix + name
+            try:
+                is_dir = entry.is_dir()
+                is_file = not is_dir and entry.is_file()
+            except OSError:
+                continue
+            if is_dir:
+                try:
+                    children = os.scandir(path)
+                except OSError as exc:
+                    self.log(ERROR, f"openat({path}, O_RDONLY): {os.strerror(exc.errno or errno.EIO)}\n")
+                    continue
+                self._walk(path + "/", children)
+            elif is_file:
+                if _is_module_file(name):
+                    self._add(path, prefix, name)
+            else:
+                self.log(ERROR, f"unsupported file type {path}: 0\n")
+
+    def _add(self, path: str, prefix: str, filename: str) -> None:
+        name = module_name(filename)
+        relpath = self._relative(path)
+        old = self.by_name.get(name)
+        if old is not None and self._keeps(old, relpath, prefix, name):
+            return
+        self.by_name[name] = _Module(name, path, relpath, hash_superfast(name.encode(ENCODING, ERRORS)))
+
+    def _keeps(self, old: _Module, relpath: Optional[str], prefix: str, name: str) -> bool:
+        """Whether the module already found has priority over a new file of the same name."""
+        new_key = None
+        if relpath is not None:
+            new_key = prefix[len(self.dirname) + 1:] + name
+        old_key = None
+        if old.relpath is not None:
+            old_key = old.relpath[:old.relpath.rfind("/") + 1] + old.name
+        for override in self.config.overrides:
+            # depmod compares the override with the path bytes, not with the normalized name.
+            if new_key is not None and override == _raw_key(relpath, new_key):
+                return False
+            if old_key is not None and override == _raw_key(old.relpath, old_key):
+                return True
+        builtin = new_prio = old_prio = -1
+        for position, search in enumerate(self.config.searches):
+            if search.kind == "built-in":
+                builtin = position
+            elif _search_matches(search, relpath, new_key):
+                new_prio = position
+            elif _search_matches(search, old.relpath, old_key):
+                old_prio = position
+        if new_prio < 0:
+            new_prio = builtin
+        if old_prio < 0:
+            old_prio = builtin
+        return new_prio <= old_prio
+
+
+def _raw_key(relpath: Optional[str], key: str) -> str:
+    """The first len(key) characters of the relative path: directory plus as many characters
+    of the file name as the module name has."""
+    return (relpath or "")[:len(key)]
+
+
+def _search_matches(search: Search, relpath: Optional[str], key: Optional[str]) -> bool:
+    if search.kind == "external":
+        return relpath is None
+    return key is not None and _raw_key(relpath, key).startswith(search.path)
+
+
+# ---- the parse cache -------------------------------------------------------------------------
+
+def default_cache_dir() -> Optional[str]:
+    """``$KVC_DEPMOD_CACHE`` (``off`` disables the cache), else ``$XDG_CACHE_HOME/kvc/depmod``,
+    else ``~/.cache/kvc/depmod``."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return None if configured in ("", "off", "0", "none") else configured
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kvc", "depmod")
+
+
+StatKey = tuple[int, int, int, int, int]
+
+
+def stat_key(path: str) -> Optional[StatKey]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+class ParseCache:
+    """Parse results of one module directory in ``DIR/<sha256 of dirname>.modules``, and the
+    last run's outputs in ``.outputs`` next to it. Unreadable or foreign files count as empty;
+    writes go through a temp file and rename, so a crash leaves the old cache."""
+
+    def __init__(self, directory: str, dirname: str) -> None:
+        tag = hashlib.sha256(dirname.encode(ENCODING, ERRORS)).hexdigest()[:24]
+        self.modules_path = os.path.join(directory, f"{tag}.modules")
+        self.outputs_path = os.path.join(directory, f"{tag}.outputs")
+
+    @staticmethod
+    def _load(path: str) -> object:
+        try:
+            with open(path, "rb") as handle:
+                data = marshal.load(handle)
+        except (OSError, EOFError, ValueError, TypeError):
+            return None
+        if isinstance(data, tuple) and len(data) == 2 and data[0] == CACHE_FORMAT:
+            return data[1]
+        return None
+
+    @staticmethod
+    def _store(path: str, payload: object) -> None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            temp = f"{path}.{os.getpid()}.tmp"
+            with open(temp, "wb") as handle:
+                marshal.dump((CACHE_FORMAT, payload), handle)
+            os.replace(temp, path)
+        except (OSError, ValueError):
+            return
+
+    def modules(self) -> dict[str, tuple[StatKey, ModuleRecord]]:
+        data = self._load(self.modules_path)
+        return data if isinstance(data, dict) else {}
+
+    def store_modules(self, entries: dict[str, tuple[StatKey, ModuleRecord]]) -> None:
+        self._store(self.modules_path, entries)
+
+    def outputs(self, key: bytes) -> Optional[tuple[list[tuple[int, str]], list[tuple[str, bytes]], int]]:
+        data = self._load(self.outputs_path)
+        if isinstance(data, tuple) and len(data) == 4 and data[0] == key:
+            return data[1], data[2], data[3]
+        return None
+
+    def store_outputs(self, key: bytes, messages: list[tuple[int, str]], files: list[tuple[str, bytes]],
+                      status: int) -> None:
+        self._store(self.outputs_path, (key, messages, files, status))
+
+
+def _parse_chunk(paths: list[str]) -> list[ModuleRecord]:
+    return [read_module(path) for path in paths]
+
+
+def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
+    """Records for ``paths``, parsed by ``jobs`` forked workers when that pays off."""
+    if jobs <= 0:
+        jobs = min(os.cpu_count() or 1, 8)
+    if jobs == 1 or len(paths) < _PARALLEL_MIN:
+        return _parse_chunk(paths)
+    import multiprocessing
+
+    try:
+        context = multiprocessing.get_context("fork")
+    except ValueError:
+        return _parse_chunk(paths)
+    # Interleaved chunks balance big and small modules across workers.
+    chunks = [paths[start::jobs * 4] for start in range(jobs * 4)]
+    with context.Pool(jobs) as pool:
+        results = pool.map(_parse_chunk, chunks)
+    records: list[Optional[ModuleRecord]] = [None] * len(paths)
+    for start, chunk in enumerate(results):
+        records[start::jobs * 4] = chunk
+    return [record if record is not None else (None, (), (), (), ()) for record in records]
+
+
+# ---- the computation -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DepmodResult:
+    """Outputs in kmod's order as (file name, bytes); text outputs only with ``-n``."""
+
+    files: tuple[tuple[str, bytes], ...]
+    status: int
+
+
+class _Symbol:
+    __slots__ = ("crc", "hash", "name", "owner")
+
+    def __init__(self, name: bytes, crc: int, owner: Optional[_Module], hashed: int) -> None:
+        self.name = name
+        self.crc = crc
+        self.owner = owner
+        self.hash = hashed
+
+
+class Depmod:
+    def __init__(self, options: DepmodOptions, log: Log) -> None:
+        self.options = options
+        self.log = log
+        self.dirname = options.dirname
+        self.symbols: dict[bytes, _Symbol] = {}
+        self.inputs = hashlib.sha256(repr(options).encode(ENCODING, ERRORS))
+        prefix = options.symbol_prefix.encode(ENCODING, ERRORS)
+        self.prefix = prefix[:1]
+
+    def _strip(self, name: bytes) -> bytes:
+        return name[1:] if self.prefix and name[:1] == self.prefix else name
+
+    def _add_symbol(self, name: bytes, crc: int, owner: Optional[_Module], hashed: Optional[int] = None) -> None:
+        stripped = self._strip(name)
+        if stripped is not name:
+            hashed = None
+        self.symbols[stripped] = _Symbol(stripped, crc, owner, hash_superfast(stripped) if hashed is None else hashed)
+
+    def _read_input(self, path: str) -> bytes:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        self.inputs.update(path.encode(ENCODING, ERRORS) + b"\0" + hashlib.sha256(data).digest())
+        return data
+
+    def load_symvers(self, path: str) -> None:
+        """Module.symvers: ``0xCRC<TAB>symbol<TAB>vmlinux<TAB>...`` lines give owner-less symbols."""
+        data = self._read_input(path)
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            fields = line.replace(b"\t", b" ").split()
+            if len(fields) < 3 or fields[2] != b"vmlinux":
+                continue
+            try:
+                crc = int(fields[0], 16)
+            except ValueError:
+                self.log(ERROR, f"{path}:{number} Invalid symbol version {fields[0].decode(ENCODING, ERRORS)}: "
+                                "Success\n")
+                continue
+            self._add_symbol(fields[1], crc, None)
+        self._fake_symbols()
+
+    def load_system_map(self, path: str) -> None:
+        """System.map: only ``__ksymtab_<sym>`` entries count."""
+        data = self._read_input(path)
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            first = line.find(b" ")
+            second = line.find(b" ", first + 1) if first >= 0 else -1
+            if second < 0:
+                if line:
+                    self.log(ERROR, f"{path}:{number}: invalid line: {line.decode(ENCODING, ERRORS)}\n")
+                continue
+            name = line[second + 1:]
+            if name.startswith(b"__ksymtab_"):
+                self._add_symbol(name[len(b"__ksymtab_"):], 0, None)
+        self._fake_symbols()
+
+    def _fake_symbols(self) -> None:
+        for name in _FAKE_SYMBOLS:
+            self._add_symbol(name, 0, None)
+
+    def discover(self, config: Optional[DepmodConfig]) -> list[_Module]:
+        if config is None:
+            return self._explicit()
+        found = _Discovery(self.dirname, config, self.log)
+        if not found.search_path(self.dirname):
+            self.log(FATAL, "could not search modules: No such file or directory\n")
+            raise DepmodError
+        for external in config.externals:
+            found.search_path(external)
+        return list(found.by_name.values())
+
+    def _explicit(self) -> list[_Module]:
+        modules: dict[str, _Module] = {}
+        finder = _Discovery(self.dirname, DepmodConfig(), self.log)
+        for path in self.options.module_paths:
+            if not path.startswith("/"):
+                self.log(FATAL, f"{path}: not absolute path.\n")
+                raise DepmodError
+            if not os.path.exists(path):
+                self.log(FATAL, f"could not create module {path}: No such file or directory\n")
+                raise DepmodError
+            name = module_name(os.path.basename(path))
+            if name in modules:
+                self.log(FATAL, f"could not add module {path}: File exists\n")
+                raise DepmodError
+            modules[name] = _Module(name, path, finder._relative(path), hash_superfast(name.encode(ENCODING, ERRORS)))
+        return list(modules.values())
+
+    def read_records(self, modules: list[_Module], cache: Optional[ParseCache]) -> None:
+        stored = cache.modules() if cache is not None else {}
+        fresh: dict[str, tuple[StatKey, ModuleRecord]] = {}
+        missing: list[_Module] = []
+        keys: list[Optional[StatKey]] = []
+        for module in modules:
+            key = stat_key(module.path)
+            keys.append(key)
+            hit = stored.get(module.path)
+            if key is not None and hit is not None and tuple(hit[0]) == key:
+                module.record = hit[1]
+                fresh[module.path] = hit
+            else:
+                missing.append(module)
+        if missing:
+            for module, record in zip(missing, parse_modules([m.path for m in missing], self.options.jobs)):
+                module.record = record
+                key = stat_key(module.path)
+                if key is not None:
+                    fresh[module.path] = (key, record)
+        if cache is not None and (missing or len(fresh) != len(stored)):
+            cache.store_modules(fresh)
+
+    def input_key(self, modules: list[_Module], config_digest: bytes) -> bytes:
+        digest = self.inputs.copy()
+        digest.update(config_digest)
+        for module in modules:
+            digest.update(f"{module.path}\0{stat_key(module.path)}\0".encode(ENCODING, ERRORS))
+        for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+            path = f"{self.dirname}/{name}"
+            digest.update(f"{name}\0{stat_key(path)}\0".encode())
+            try:
+                with open(path, "rb") as handle:
+                    digest.update(hashlib.sha256(handle.read()).digest())
+            except OSError:
+                digest.update(b"-")
+        return digest.digest()
+
+    # -- ordering --------------------------------------------------------------------------
+
+    def order(self, modules: list[_Module]) -> list[_Module]:
+        """The module array: name-hash iteration order, then modules.order (stable)."""
+        array = sorted(modules, key=lambda m: (m.hash & (_NAME_BUCKETS - 1), m.name.encode(ENCODING, ERRORS)))
+        order_file = f"{self.dirname}/modules.order"
+        try:
+            with open(order_file, "rb") as handle:
+                lines = handle.read().split(b"\n")
+        except OSError as exc:
+            self.log(WARNING, f"could not open modules.order at {self.dirname}: "
+                              f"{os.strerror(exc.errno or errno.EIO)}\n")
+            return self._indexed(array)
+        if lines[-1] != b"":
+            self.log(ERROR, f"{order_file}:{len(lines)} corrupted line misses '\\n'\n")
+            return self._indexed(array)
+        lines.pop()
+        by_relpath = {_uncompressed(m.relpath): m for m in array if m.relpath is not None}
+        total = len(lines) + 1
+        for number, line in enumerate(lines, start=1):
+            module = by_relpath.get(line.decode(ENCODING, ERRORS))
+            if module is not None:
+                module.sort_idx = number - total
+        array.sort(key=lambda m: m.sort_idx)
+        return self._indexed(array)
+
+    @staticmethod
+    def _indexed(array: list[_Module]) -> list[_Module]:
+        for position, module in enumerate(array):
+            module.idx = position
+        return array
+
+    def load_symbols(self, array: list[_Module]) -> None:
+        for module in array:
+            error = module.record[0]
+            if error is not None:
+                self.log(ERROR, f"failed to load symbols from {module.path}: {error}\n")
+                continue
+            for name, crc, hashed in module.record[1]:
+                self._add_symbol(name, crc, module, hashed)
+
+    def load_dependencies(self, array: list[_Module]) -> None:
+        print_unknown = self.options.print_unknown
+        check_crcs = self.options.symvers is not None
+        symbols = self.symbols
+        show = self.log.verbosity > WARNING
+        for module in array:
+            deps = module.deps
+            for name, crc, weak in module.record[2]:
+                key = name[1:] if name[:1] == b"." else name
+                symbol = symbols.get(self._strip(key))
+                if symbol is None:
+                    if print_unknown and not weak:
+                        self.log(WARNING, f"{module.path} needs unknown symbol {_text(name)}\n")
+                    continue
+                if check_crcs and symbol.crc != crc and not weak and print_unknown:
+                    self.log(WARNING, f"{module.path} disagrees about version of symbol {_text(name)}\n")
+                owner = symbol.owner
+                if owner is None or owner in deps:
+                    continue
+                deps.append(owner)
+                owner.users += 1
+                if show:
+                    self.log(STDOUT, f'{module.path} needs "{_text(symbol.name)}": {owner.path}\n')
+
+    def sort_dependencies(self, array: list[_Module]) -> None:
+        users = [module.users for module in array]
+        roots = [module.idx for module in array if module.users == 0]
+        sorted_count = 0
+        while roots:
+            source = array[roots.pop()]
+            source.dep_sort_idx = sorted_count
+            sorted_count += 1
+            for dep in source.deps:
+                users[dep.idx] -= 1
+                if users[dep.idx] == 0:
+                    roots.append(dep.idx)
+        if sorted_count < len(array):
+            self._report_cycles(array, users)
+            raise DepmodError
+
+    def _report_cycles(self, array: list[_Module], users: list[int]) -> None:
+        """depmod_report_cycles: a depth-first walk from each module left with users; a walk that
+        comes back to its start reports that cycle and drops its members from the roots."""
+        roots = [module for module in array if users[module.idx] > 0]
+        limit = len(roots)
+        in_cycles: set[str] = set()
+        while roots:
+            root = roots.pop(0)
+            stack: list[tuple[_Module, Optional[tuple[object, ...]]]] = [(root, None)]
+            while stack:
+                if len(stack) > limit:
+                    break
+                module, parents = stack.pop()
+                if module.visited and module is root:
+                    chain: list[_Module] = []
+                    link = parents
+                    while link is not None:
+                        member = link[0]
+                        assert isinstance(member, _Module)
+                        chain.append(member)
+                        link = link[1]  # type: ignore[assignment]
+                    names = [member.name for member in reversed(chain)]
+                    for member in chain:
+                        in_cycles.add(member.name)
+                        if member in roots:
+                            roots.remove(member)
+                    self.log(ERROR, f"Cycle detected: {' -> '.join([*names, module.name])}\n")
+                    continue
+                module.visited = True
+                if not module.deps:
+                    if module in roots:
+                        roots.remove(module)
+                    continue
+                for dep in module.deps:
+                    stack.append((dep, (module, parents)))
+        self.log(ERROR, f"Found {len(in_cycles)} modules in dependency cycles!\n")
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _closure(module: _Module, memo: dict[int, list[_Module]]) -> list[_Module]:
+        found = memo.get(module.idx)
+        if found is not None:
+            return found
+        seen: dict[int, _Module] = {}
+        for dep in module.deps:
+            seen[dep.idx] = dep
+            for indirect in Depmod._closure(dep, memo):
+                seen[indirect.idx] = indirect
+        found = sorted(seen.values(), key=lambda m: m.dep_sort_idx)
+        memo[module.idx] = found
+        return found
+
+    def dep_lines(self, array: list[_Module]) -> list[str]:
+        memo: dict[int, list[_Module]] = {}
+        # Walk deepest first so the memoized closures never recurse far.
+        for module in sorted(array, key=lambda m: -m.dep_sort_idx):
+            self._closure(module, memo)
+        return [module.shown_path + ":" + "".join(" " + dep.shown_path for dep in memo[module.idx])
+                for module in array]
+
+    def _index(self, name: str, builder: IndexBuilder, entries: Iterable[tuple[bytes, bytes, int]],
+               duplicate_label: Optional[str]) -> bytes:
+        try:
+            for key, value, priority in entries:
+                if builder.add(key, value, priority) and duplicate_label is not None and self.options.warn_dups:
+                    if duplicate_label == "deps":
+                        self.log(WARNING, f"duplicate module deps:\n{_text(value)}\n")
+                    else:
+                        self.log(WARNING, f"duplicate module {duplicate_label}:\n{_text(key)} {_text(value)}\n")
+        except IndexCharacterError:
+            self.log(ERROR, f"Could not create index '{name}'. Output is truncated: Invalid argument\n")
+        return builder.to_bytes()
+
+    def _alias_entries(self, array: list[_Module]) -> Iterator[tuple[bytes, bytes, int]]:
+        for module in array:
+            name = module.name.encode(ENCODING, ERRORS)
+            for alias in module.record[3]:
+                try:
+                    normalized = normalize_alias(alias)
+                except ValueError:
+                    self.log(WARNING, f"Unmatched bracket in {alias}\n")
+                    continue
+                yield normalized.encode(ENCODING, ERRORS), name, module.idx
+
+    def _owned_symbols(self) -> list[_Symbol]:
+        owned = [symbol for symbol in self.symbols.values() if symbol.owner is not None]
+        owned.sort(key=lambda s: (s.hash & (_SYMBOL_BUCKETS - 1), s.name))
+        return owned
+
+    def _builtin_bin(self) -> bytes:
+        path = f"{self.dirname}/modules.builtin"
+        try:
+            with open(path, "rb") as handle:
+                lines = handle.read().splitlines(keepends=True)
+        except OSError as exc:
+            self.log(WARNING, f"could not open modules.builtin at {self.dirname}: "
+                              f"{os.strerror(exc.errno or errno.EIO)}\n")
+            return b""
+        builder = IndexBuilder()
+        entries = []
+        for line in lines:
+            if not line[:1].isalpha():
+                self.log(ERROR, f"Invalid modules.builtin line: {_text(line)}\n")
+                continue
+            base = line.rsplit(b"/", 1)[-1]
+            entries.append((base.split(b".", 1)[0].replace(b"-", b"_"), b"", 0))
+        return self._index("modules.builtin.bin", builder, entries, None)
+
+    def _builtin_alias_bin(self) -> bytes:
+        path = f"{self.dirname}/modules.builtin.modinfo"
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            self.log(WARNING, f"could not open modules.builtin.modinfo at {self.dirname}: "
+                              f"{os.strerror(exc.errno or errno.EIO)}\n")
+            return b""
+        info = BuiltinModinfo.parse(data, path)
+        entries = []
+        seen: set[str] = set()
+        for module, _strings in info.blocks:
+            if module in seen:
+                continue
+            seen.add(module)
+            for text in info.strings(module) or ():
+                key, _sep, value = text.partition("=")
+                if key != "alias":
+                    continue
+                try:
+                    normalized = normalize_alias(value)
+                except ValueError:
+                    self.log(WARNING, f"Unmatched bracket in {value}\n")
+                    continue
+                entries.append((normalized.encode(ENCODING, ERRORS), module.encode(ENCODING, ERRORS), 0))
+        if not seen:
+            return b""
+        return self._index("modules.builtin.alias.bin", IndexBuilder(), entries, None)
+
+    def _devname(self, array: list[_Module]) -> str:
+        out = []
+        for module in array:
+            devname: Optional[str] = None
+            kind = ""
+            major = minor = 0
+            for alias in module.record[3]:
+                if alias.startswith("devname:"):
+                    devname = alias[len("devname:"):]
+                else:
+                    match = _DEVICE.match(alias)
+                    if match is not None:
+                        kind = "c" if match.group(1) == "char" else "b"
+                        major, minor = _c_unsigned(match.group(2)), _c_unsigned(match.group(3))
+                if kind and devname is not None:
+                    break
+            if devname is None:
+                continue
+            if kind:
+                if not out:
+                    out.append("# Device nodes to trigger on-demand module loading.\n")
+                out.append(f"{module.name} {devname} {kind}{major}:{minor}\n")
+            else:
+                self.log(WARNING, f"Module '{module.name}' has devname ({devname}) but lacks major and minor "
+                                  "information. Ignoring.\n")
+        return "".join(out)
+
+    def outputs(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
+        files: list[tuple[str, bytes]] = []
+        lines = self.dep_lines(array)
+        files.append(("modules.dep", _raw("".join(line + "\n" for line in lines))))
+        if not show:
+            entries = ((module.name.encode(ENCODING, ERRORS), _raw(line), module.idx)
+                       for module, line in zip(array, lines))
+            files.append(("modules.dep.bin", self._index("modules.dep.bin", IndexBuilder(), entries, "deps")))
+        alias_text = ["# Aliases extracted from modules themselves.\n"]
+        for module in array:
+            alias_text.extend(f"alias {alias} {module.name}\n" for alias in module.record[3])
+        files.append(("modules.alias", _raw("".join(alias_text))))
+        if not show:
+            files.append(("modules.alias.bin", self._index("modules.alias.bin", IndexBuilder(),
+                                                           self._alias_entries(array), "alias")))
+        softdep_text = ["# Soft dependencies extracted from modules themselves.\n"]
+        for module in array:
+            softdep_text.extend(f"softdep {module.name} {value}\n" for value in module.record[4])
+        files.append(("modules.softdep", _raw("".join(softdep_text))))
+        owned = self._owned_symbols()
+        symbol_text = [b"# Aliases for symbols, used by symbol_request().\n"]
+        for symbol in owned:
+            assert symbol.owner is not None
+            symbol_text.append(b"alias symbol:" + symbol.name + b" " + _raw(symbol.owner.name) + b"\n")
+        files.append(("modules.symbols", b"".join(symbol_text)))
+        if not show:
+            entries = ((b"symbol:" + s.name, _raw(s.owner.name), s.owner.idx) for s in owned if s.owner is not None)
+            files.append(("modules.symbols.bin", self._index("modules.symbols.bin", IndexBuilder(), entries, "syms")))
+            files.append(("modules.builtin.bin", self._builtin_bin()))
+            files.append(("modules.builtin.alias.bin", self._builtin_alias_bin()))
+        files.append(("modules.devname", _raw(self._devname(array))))
+        return files
+
+
+_DEVICE = re.compile(r"(char|block)-major-\s*([+-]?\d+)-\s*([+-]?\d+)", re.ASCII)
+
+
+def _c_unsigned(text: str) -> int:
+    """sscanf's %u: a sign is accepted and the value wraps to 32 bits."""
+    return int(text) & 0xFFFFFFFF
+
+
+def _uncompressed(relpath: str) -> str:
+    for suffix in (".xz", ".zst", ".gz"):
+        if relpath.endswith(".ko" + suffix):
+            return relpath[:-len(suffix)]
+    return relpath
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode(ENCODING, ERRORS)
+
+
+def _raw(text: str) -> bytes:
+    return text.encode(ENCODING, ERRORS)
+
+
+def run(options: DepmodOptions, log: Log, *, show: bool = False) -> DepmodResult:
+    """One depmod run up to its outputs (written by the caller: see :func:`write_outputs`).
+    Raises DepmodError after logging when depmod would exit with failure before writing."""
+    depmod = Depmod(options, log)
+    try:
+        if options.symvers is not None:
+            depmod.load_symvers(options.symvers)
+        elif options.system_map is not None:
+            depmod.load_system_map(options.system_map)
+    except OSError as exc:
+        log(FATAL, f"could not load {options.symvers or options.system_map}: "
+                   f"{os.strerror(exc.errno or errno.EIO)}\n")
+        raise DepmodError from None
+    if options.print_unknown and options.symvers is None and options.system_map is None:
+        log(WARNING, "-e needs -E or -F\n")
+        options = _replace_print_unknown(options)
+        depmod.options = options
+    config: Optional[DepmodConfig] = None
+    config_digest = b""
+    if not options.module_paths:
+        config, config_digest = load_config(options.config_paths, options.kernel_version, log)
+    modules = depmod.discover(config)
+    cache_dir = options.cache_dir
+    cache = ParseCache(cache_dir, depmod.dirname) if cache_dir else None
+    key = b""
+    if cache is not None and log.verbosity <= WARNING:
+        key = depmod.input_key(modules, config_digest + (b"show" if show else b"write"))
+        replay = cache.outputs(key)
+        if replay is not None:
+            messages, files, status = replay
+            for level, message in messages:
+                log(level, message)
+            if status:
+                raise DepmodError
+            return DepmodResult(tuple((name, data) for name, data in files), status)
+    log.record()
+    try:
+        depmod.read_records(modules, cache)
+        array = depmod.order(modules)
+        depmod.load_symbols(array)
+        depmod.load_dependencies(array)
+        depmod.sort_dependencies(array)
+    except DepmodError:
+        if cache is not None and key:
+            cache.store_outputs(key, log.recorded or [], [], 1)
+        raise
+    files = depmod.outputs(array, show)
+    if cache is not None and key:
+        cache.store_outputs(key, log.recorded or [], files, 0)
+    return DepmodResult(tuple(files), 0)
+
+
+def _replace_print_unknown(options: DepmodOptions) -> DepmodOptions:
+    from dataclasses import replace
+
+    return replace(options, print_unknown=False)
+
+
+def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log) -> bool:
+    """Write each file to a temp file in ``dirname``, fsync it and rename it into place (mode
+    0644 less the umask, as depmod creates them)."""
+    try:
+        directory = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        log(FATAL, f"could not open directory {dirname}: {os.strerror(exc.errno or errno.EIO)}\n")
+        return False
+    try:
+        for name, data in files:
+            now = time.time()
+            temp = f"{name}.{os.getpid()}.{int(now * 1e6) % 1000000}.{int(now)}"
+            try:
+                fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, dir_fd=directory)
+            except OSError as exc:
+                log(ERROR, f"openat({dirname}, {temp}, {os.O_CREAT | os.O_TRUNC | os.O_WRONLY:o}, 644): "
+                           f"{os.strerror(exc.errno or errno.EIO)}\n")
+                continue
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)
+                os.unlink(temp, dir_fd=directory)
+                log(ERROR, f"Could not write index '{name}': {os.strerror(exc.errno or errno.EIO)}\n")
+                return False
+            os.close(fd)
+            try:
+                os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
+            except OSError as exc:
+                log(FATAL, f"renameat({dirname}, {temp}, {dirname}, {name}): "
+                           f"{os.strerror(exc.errno or errno.EIO)}\n")
+                return False
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return True
+
+
+def modules_dep_up_to_date(dirname: str, log: Log) -> bool:
+    """``-A``: true when no module file under ``dirname`` is newer than its modules.dep."""
+    try:
+        reference = os.stat(f"{dirname}/modules.dep").st_mtime
+    except OSError as exc:
+        log(ERROR, f"could not fstatat({dirname}, modules.dep): {os.strerror(exc.errno or errno.EIO)}\n")
+        return False
+    return _up_to_date(dirname + "/", int(reference))
+
+
+def _up_to_date(prefix: str, mtime: int) -> bool:
+    try:
+        entries = list(os.scandir(prefix))
+    except OSError:
+        return True
+    for entry in entries:
+        if entry.name in ("build", "source"):
+            continue
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if not _up_to_date(prefix + entry.name + "/", mtime):
+                return False
+        elif stat.S_ISREG(st.st_mode) and _is_module_file(entry.name) and int(st.st_mtime) > mtime:
+            return False
+    return True

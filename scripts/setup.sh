@@ -6,7 +6,7 @@
 #   1. System packages (apt-get): Python with venv and headers, gcc and make, Debian's kmod
 #      (the reference the kmod tools are compared with), the kernel headers of the current
 #      Debian 6.1 ABI (linux-headers-amd64), util-linux, ca-certificates, xz-utils, zstd and
-#      systemd (for systemd-analyze).
+#      systemd (for systemd-analyze), qemu-system-x86 and busybox-static (kvc verify's VM).
 #      apt-get update runs first, every time (about a second when nothing changed).
 #   2. A virtualenv .venv in the repository made by Debian's /usr/bin/python3, with kvc
 #      installed editable plus its test tools (pip install -e '.[test]'); reinstalled only
@@ -14,7 +14,7 @@
 #   3. The Debian kernel package that linux-image-amd64 names, unpacked into the test cache
 #      (~/.cache/kvc-test, or $KVC_TEST_CACHE) with Debian's depmod output written into it.
 #   --containers  also make rootful podman work (scripts/setup-podman.sh) and build the local
-#                 Debian base image (scripts/bootstrap-base-image.sh): what the container tests need.
+#                 Debian base image (scripts/bootstrap-base-image.sh): what builds need.
 #
 # Running it again only checks: a few seconds. Exit status: 0 ready; 1 failure; 2 usage error.
 
@@ -70,7 +70,8 @@ flock -w 1200 9 || die "another setup has held $lock for 20 minutes"
 BASE_PACKAGES=(python3 python3-venv python3-dev gcc make kmod util-linux ca-certificates xz-utils zstd strace)
 KERNEL_PACKAGES=(linux-headers-amd64)  # the headers of the current 6.1 ABI: Module.symvers, kbuild
 SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
-PACKAGES=("${BASE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}")
+VM_PACKAGES=(qemu-system-x86 busybox-static)  # kvc verify boots the target kernel under qemu
+PACKAGES=("${BASE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}")
 
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -q -o DPkg::Lock::Timeout=300)
@@ -136,6 +137,5 @@ if [ "$CONTAINERS" -eq 1 ]; then
     bash scripts/setup-podman.sh 9>&- || die "podman is not usable (scripts/setup-podman.sh failed)"
     bash scripts/bootstrap-base-image.sh 9>&- || die "no local Debian base image (scripts/bootstrap-base-image.sh failed)"
 fi
-# (VM tests will add their qemu setup here.)
 
 say "ready in $(( $(date +%s) - started )) s"

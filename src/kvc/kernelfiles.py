@@ -70,6 +70,9 @@ def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFi
     if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
         if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
             return None, "no apt-get and dpkg-deb here to fetch a Debian kernel package"
+        known = proc.run(["apt-cache", "show", "--no-all-versions", package], check=False)
+        if known.returncode != 0 or not known.stdout.strip():
+            return None, f"no package {package} in this machine's apt sources (apt-cache show {package})"
         os.makedirs(base, exist_ok=True)
         with open(os.path.join(base, ".lock"), "w", encoding="utf-8") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -1,0 +1,60 @@
+"""Kernel headers of another Debian kernel series (bookworm's 6.12 kernels), for building a module
+"for another kernel release" without installing anything: Debian's 6.12 headers package depends
+on its kernel image, so the three packages kbuild needs (headers, their -common part, kbuild) are
+fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into the test cache once.
+
+(Modules built for another 6.1 ABI are no use: with modversions Linux compares only
+``module_layout``'s CRC and ignores the release in the vermagic, and it is the same across 6.1.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+from support.debian_kernel import cache_dir
+
+SERIES = re.compile(r"^linux-headers-(6\.12\.\d+\+deb12)-amd64$")
+
+
+def newest_foreign_release() -> str:
+    """The newest bookworm 6.12 ABI, e.g. ``6.12.115+deb12`` (without the flavour)."""
+    out = subprocess.run(["apt-cache", "search", "--names-only", r"^linux-headers-6\.12\.[0-9]+\+deb12-amd64$"],
+                         check=True, capture_output=True, text=True).stdout
+    versions = [m.group(1) for m in (SERIES.match(line.split(" ", 1)[0]) for line in out.splitlines()) if m]
+    if not versions:
+        raise RuntimeError("the apt sources name no linux-headers-6.12.*+deb12-amd64 package")
+    return max(versions, key=lambda v: [int(x) for x in re.findall(r"\d+", v)])
+
+
+@cache
+def foreign_headers() -> Path:
+    """A kbuild tree (``.../usr/src/linux-headers-RELEASE``) of a 6.12 kernel."""
+    abi = newest_foreign_release()
+    release = f"{abi}-amd64"
+    base = cache_dir() / "headers" / release
+    root = base / "tree"
+    done = base / ".complete"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            download = base / "download"
+            shutil.rmtree(download, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
+            download.mkdir()
+            packages = [f"linux-headers-{release}", f"linux-headers-{abi}-common", f"linux-kbuild-{abi}"]
+            subprocess.run(["apt-get", "download", "-q", *packages], cwd=download, check=True, capture_output=True)
+            for deb in sorted(download.glob("*.deb")):
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+            # The flavour's Makefile includes the common one by its installed, absolute path.
+            makefile = root / "usr" / "src" / f"linux-headers-{release}" / "Makefile"
+            common = root / "usr" / "src" / f"linux-headers-{abi}-common" / "Makefile"
+            makefile.write_text(f"include {common}\n")
+            shutil.rmtree(download)
+            done.touch()
+    return root / "usr" / "src" / f"linux-headers-{release}"

@@ -1,0 +1,377 @@
+"""``kvc verify``: the instance's modules on the real target kernel, in a VM.
+
+Fast tests cover the initramfs (unpacked by busybox's own cpio), the boot-module closure on the
+real Debian tree, where kernel files are found, and the error paths with fake ``podman`` and
+``qemu-system-x86_64`` programs (image missing, kernel missing, qemu failing, a guest that hangs).
+
+The ``vm`` tests boot Debian's real kernel under qemu (TCG): simple-kmod built with podman and
+verified with the kernel fetched as Debian's package into the cache; and three modules built
+from tests/kmods against Debian's headers that go wrong on a real kernel: one built for another
+kernel release (Debian's 6.12 headers, tests/support/debian_headers.py), one importing a symbol
+nobody exports, one that hits BUG() in its init.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from kvc.initramfs import BOOT_MODULE_ROOTS, CpioEntry, boot_modules, find_busybox, write_cpio
+from kvc.kernelfiles import find_in_tree
+from kvc.kmod.moddir import ModuleDirectory
+from support import fakeprog
+from support.debian_headers import foreign_headers
+from support.debian_kernel import DebianKernel
+from support.modbuild import ModuleSpec, build_module
+
+ROOT = Path(__file__).resolve().parent.parent
+KMODS = ROOT / "tests" / "kmods"
+EXAMPLE = ROOT / "examples" / "simple-kmod"
+SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
+BASE_IMAGE = "localhost/debian:bookworm"
+
+
+def kvc(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvc", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout, check=False)
+
+
+def write_conf(root: Path, name: str, values: dict[str, str]) -> None:
+    conf_dir = root / "etc" / "kvc"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / f"{name}.conf").write_text("".join(f"{key}={json.dumps(value)}\n" for key, value in values.items()))
+
+
+# ---- the initramfs ----------------------------------------------------------------------------------
+
+def test_cpio_archive_unpacks_with_busybox(tmp_path: Path) -> None:
+    archive = tmp_path / "a.cpio"
+    entries = [CpioEntry("dir", stat.S_IFDIR | 0o755), CpioEntry("dir/script", stat.S_IFREG | 0o755, b"#!/bin/sh\n"),
+               CpioEntry("odd", stat.S_IFREG | 0o600, b"12345"), CpioEntry("empty", stat.S_IFREG | 0o644),
+               CpioEntry("console", stat.S_IFCHR | 0o600, rdev=(5, 1))]
+    with open(archive, "wb") as out:
+        write_cpio(out, entries)
+    assert archive.stat().st_size % 4 == 0
+    busybox = find_busybox()
+    listing = subprocess.run([busybox, "cpio", "-tv"], input=archive.read_bytes(), capture_output=True,
+                             check=True).stdout.decode().splitlines()
+    assert [line.split()[-1] for line in listing] == ["dir", "dir/script", "odd", "empty", "console"]
+    assert listing[-1].startswith("crw-------")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    subprocess.run([busybox, "cpio", "-i", "-d"], input=archive.read_bytes(), cwd=out_dir, check=True,
+                   capture_output=True)
+    assert (out_dir / "dir" / "script").read_bytes() == b"#!/bin/sh\n"
+    assert stat.S_IMODE((out_dir / "dir" / "script").stat().st_mode) == 0o755
+    assert (out_dir / "odd").read_bytes() == b"12345"
+    assert (out_dir / "empty").read_bytes() == b""
+
+
+def test_boot_modules_are_the_virtio_and_9p_closure_deepest_first(indexed_kernel_tree: DebianKernel) -> None:
+    moddir = ModuleDirectory(str(indexed_kernel_tree.moddir))
+    order = [name for name, _ in boot_modules(moddir)]
+    for root in BOOT_MODULE_ROOTS:
+        assert f"{root}.ko" in order
+    assert order.index("virtio_ring.ko") < order.index("virtio.ko") < order.index("virtio_pci.ko")
+    assert order.index("9pnet.ko") < order.index("9pnet_virtio.ko")
+    assert order.index("netfs.ko") < order.index("9p.ko")
+    assert len(order) == len(set(order))
+    for _, path in boot_modules(moddir):
+        assert os.path.isfile(path)
+
+
+def test_busybox_must_be_static(tmp_path: Path) -> None:
+    dynamic = tmp_path / "busybox"
+    shutil.copyfile("/bin/sh", dynamic)
+    with pytest.raises(Exception, match="statically linked busybox"):
+        find_busybox([str(dynamic), str(tmp_path / "missing")])
+
+
+# ---- kernel files -----------------------------------------------------------------------------------
+
+def test_kernel_files_in_the_layouts_people_have(tmp_path: Path) -> None:
+    release = "6.1.0-99-amd64"
+    debian = tmp_path / "debian"
+    (debian / "boot").mkdir(parents=True)
+    (debian / "boot" / f"vmlinuz-{release}").write_bytes(b"k")
+    (debian / "lib" / "modules" / release / "kernel").mkdir(parents=True)
+    found, problem = find_in_tree(str(debian), release)
+    assert found is None and "has no modules.dep" in problem and f"depmod -b {debian} {release}" in problem
+    (debian / "lib" / "modules" / release / "modules.dep").write_text("")
+    found, problem = find_in_tree(str(debian), release)
+    assert found is not None and found.vmlinuz == str(debian / "boot" / f"vmlinuz-{release}") and not problem
+    bootc = tmp_path / "bootc"  # Fedora, CoreOS and bootc keep vmlinuz in the module directory
+    moddir = bootc / "usr" / "lib" / "modules" / release
+    (moddir / "kernel").mkdir(parents=True)
+    (moddir / "modules.dep.bin").write_bytes(b"")
+    (moddir / "vmlinuz").write_bytes(b"k")
+    found, _ = find_in_tree(str(bootc), release)
+    assert found is not None and found.vmlinuz == str(moddir / "vmlinuz") and found.moddir == str(moddir)
+    found, problem = find_in_tree(str(tmp_path / "nothing"), release)
+    assert found is None and f"no vmlinuz-{release}" in problem
+
+
+# ---- error paths with fake programs -----------------------------------------------------------------
+
+RELEASE = "6.1.0-57-amd64"
+
+
+@pytest.fixture
+def fake_host(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A KVC_ROOT with an instance whose image a fake podman "mounts" from a directory, a kernel
+    directory, and a fake qemu; the caller adds qemu's behaviour."""
+    root = tmp_path / "root"
+    image_root = tmp_path / "image"
+    extra = image_root / "lib" / "modules" / RELEASE / "extra"
+    extra.mkdir(parents=True)
+    (extra / "kvc_hello.ko").write_bytes(build_module(ModuleSpec("kvc_hello", f"{RELEASE} SMP mod_unload ")))
+    kernel = tmp_path / "kernel"
+    (kernel / "boot").mkdir(parents=True)
+    (kernel / "boot" / f"vmlinuz-{RELEASE}").write_bytes(b"not really a kernel")
+    moddir = kernel / "lib" / "modules" / RELEASE
+    (moddir / "kernel").mkdir(parents=True)
+    (moddir / "modules.dep").write_text("".join(f"kernel/{name}.ko:\n" for name in BOOT_MODULE_ROOTS))
+    for name in BOOT_MODULE_ROOTS:
+        (moddir / "kernel" / f"{name}.ko").write_bytes(build_module(ModuleSpec(name, f"{RELEASE} SMP ")))
+    write_conf(root, "hello", {"KMOD_CONTAINER_BUILD_CONTEXT": str(tmp_path), "KMOD_SOFTWARE_VERSION": "1.0",
+                               "KMOD_NAMES": "kvc-hello"})
+    bin_dir = tmp_path / "bin"
+    log = tmp_path / "calls.log"
+    image = json.dumps([{"Id": "sha256:" + "ab" * 32, "RepoTags": [f"hello-1.0:{RELEASE}"],
+                         "Labels": {"name": "hello"}}])
+    fakeprog.install(bin_dir, "podman", log, rules=[
+        (["image", "inspect", f"hello-1.0:{RELEASE}"], image, 0),
+        fakeprog.Rule(["image", "inspect"], code=125, stderr="Error: image not known\n"),
+        (["image", "mount", "**"], f"{image_root}\n", 0),
+        (["image", "unmount", "**"], "", 0)])
+    env = {"KVC_ROOT": str(root), "KVC_CACHE_DIR": str(tmp_path / "cache"), "PATH": fakeprog.path_with(bin_dir)}
+    yield {"root": root, "env": env, "bin": bin_dir, "log": log, "kernel": kernel, "tmp": tmp_path}
+
+
+def test_a_missing_build_is_exit_6_before_any_kernel_lookup(fake_host: dict[str, Any]) -> None:
+    write_conf(fake_host["root"], "other", {"KMOD_CONTAINER_BUILD_CONTEXT": str(fake_host["tmp"]),
+                                            "KMOD_SOFTWARE_VERSION": "2.0", "KMOD_NAMES": "x"})
+    result = kvc(["verify", "other", "--kernel", "6.1.0-0-nowhere-amd64"], fake_host["env"])
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.splitlines()[0] == ("kvc: error: image other-2.0:6.1.0-0-nowhere-amd64 does not exist: "
+                                             "other is not built for 6.1.0-0-nowhere-amd64")
+    assert "kvc build other --kernel 6.1.0-0-nowhere-amd64" in result.stderr
+    assert not (fake_host["tmp"] / "cache").exists()
+
+
+def test_a_kernel_nobody_has_is_exit_7_naming_every_source(fake_host: dict[str, Any]) -> None:
+    release = "6.1.0-0-nowhere-amd64"
+    write_conf(fake_host["root"], "gone", {"KMOD_CONTAINER_BUILD_CONTEXT": str(fake_host["tmp"]),
+                                           "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": "x"})
+    fakeprog.install(fake_host["bin"], "podman", fake_host["log"], rules=[
+        (["image", "inspect", "**"], json.dumps([{"Id": "sha256:" + "cd" * 32}]), 0)])
+    result = kvc(["verify", "gone", "--kernel", release], fake_host["env"])
+    assert result.returncode == 7, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"kvc: error: kernel {release} not found"
+    assert f"host: no vmlinuz-{release} in {fake_host['root']}/boot" in result.stderr
+    assert f"no package linux-image-{release} in this machine's apt sources" in result.stderr  # real apt-cache
+    assert not (fake_host["tmp"] / "cache" / "kernels" / release).exists()
+    assert lines[-1].startswith("kvc: hint: pass --kernel-dir DIR")
+    result = kvc(["verify", "gone", "--kernel", release, "--kernel-dir", str(fake_host["tmp"])], fake_host["env"])
+    assert result.returncode == 7 and f"not found in {fake_host['tmp']}" in result.stderr
+
+
+def test_qemu_gets_no_network_bounded_memory_and_read_only_host(fake_host: dict[str, Any]) -> None:
+    fakeprog.install(fake_host["bin"], "qemu-system-x86_64", fake_host["log"], default_code=1,
+                     rules=[fakeprog.Rule(["**"], code=1, stderr="qemu: could not load kernel\n")])
+    result = kvc(["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]),
+                  "--accel", "tcg", "--memory", "768"], fake_host["env"])
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith("kvc: error: qemu-system-x86_64 exited with status 1\n"
+                                    "  qemu: could not load kernel")
+    (argv,) = fakeprog.calls(fake_host["log"], "qemu-system-x86_64")
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-m") + 1] == "768M"
+    assert argv[argv.index("-nic") + 1] == "none" and "-no-reboot" in argv
+    assert argv[argv.index("-kernel") + 1] == str(fake_host["kernel"] / "boot" / f"vmlinuz-{RELEASE}")
+    shares = {opt.split("mount_tag=")[1].split(",")[0]: opt for opt in
+              (argv[i + 1] for i, arg in enumerate(argv) if arg == "-virtfs")}
+    assert set(shares) == {"kvcroot", "kvcwork", "kvcmods", "kvcimage"}
+    assert shares["kvcroot"].startswith("local,path=/,") and "readonly=on" in shares["kvcroot"]
+    assert "readonly=on" not in shares["kvcwork"] and "readonly=on" in shares["kvcimage"]
+    append = argv[argv.index("-append") + 1]
+    assert "panic=-1" in append and "oops=panic" in append
+    kept = fake_host["root"] / "var" / "lib" / "kvc" / "hello" / "verify" / RELEASE
+    job = json.loads((kept / "job.json").read_text())
+    assert job["modules"] == ["/kvc/work/modules/kvc_hello.ko"] and job["moddir"] == "/kvc/kernel-modules"
+    assert (kept / "modules" / "kvc_hello.ko").exists() and (kept / "initramfs.cpio").exists()
+    assert fakeprog.calls(fake_host["log"], "podman")[-1][:2] == ["image", "unmount"]
+
+
+def test_a_guest_that_hangs_is_killed_at_the_timeout(fake_host: dict[str, Any]) -> None:
+    qemu = fake_host["bin"] / "qemu-system-x86_64"
+    qemu.write_text("#!/bin/sh\nfor arg; do case $arg in file:*) echo 'kvc-guest: init started' > ${arg#file:};; "
+                    "esac; done\nexec sleep 60\n")
+    qemu.chmod(0o755)
+    result = kvc(["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]), "--accel",
+                  "tcg", "--timeout", "2", "--json"], fake_host["env"], timeout=30)
+    assert result.returncode == 9, result.stderr
+    report = json.loads(result.stdout)
+    assert report["schema"] == 1 and report["status"] == "timed-out" and report["vm"]["qemu_exit"] is None
+    assert report["crash"]["during"] == "boot" and report["crash"]["lines"] == ["kvc-guest: init started"]
+    assert 2 <= report["timings"]["vm_seconds"] < 10
+    assert Path(report["console_log"]).read_text() == "kvc-guest: init started\n"
+
+
+# ---- in a real VM -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vm_ready() -> None:
+    for program in ("qemu-system-x86_64", "podman", "make"):
+        assert shutil.which(program), f"{program} is missing: run scripts/setup.sh --containers --tests"
+    find_busybox()
+
+
+def build_kmods(tmp: Path, headers: Path, modules: list[str]) -> dict[str, Path]:
+    work = tmp / f"kmods-{headers.name}-{'-'.join(modules)}"
+    shutil.copytree(KMODS, work)
+    result = subprocess.run(["make", f"KDIR={headers}", f"MODULES={' '.join(modules)}", "modules"], cwd=work,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {name: work / f"{name}.ko" for name in modules}
+
+
+@pytest.fixture(scope="module")
+def vm_env(tmp_path_factory: pytest.TempPathFactory, indexed_kernel_tree: DebianKernel,
+           vm_ready: None) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("verify")
+    release = indexed_kernel_tree.release
+    assert (Path("/usr/src") / f"linux-headers-{release}").is_dir(), "headers and kernel ABI differ"
+    prefix = f"kvcvm{uuid.uuid4().hex[:6]}"
+    env = {"KVC_ROOT": str(tmp / "root"), "KVC_CACHE_DIR": str(SHARED_CACHE)}
+    yield {"tmp": tmp, "release": release, "env": env, "prefix": prefix, "kernel_dir": str(indexed_kernel_tree.root)}
+    ids = subprocess.run(["podman", "images", "-q", "--filter", f"reference={prefix}*"], capture_output=True,
+                         text=True).stdout.split()
+    if ids:
+        subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
+
+
+def scratch_image_instance(vm_env: dict[str, Any], name: str, module: Path, *, build_with_kvc: bool) -> None:
+    """An instance of one module in a FROM-scratch image, built by kvc or (for a module kvc build
+    would refuse) tagged directly as a prebuilt image from elsewhere would be."""
+    context = vm_env["tmp"] / name
+    context.mkdir()
+    shutil.copyfile(module, context / module.name)
+    (context / "Containerfile").write_text("FROM scratch\nARG KVER\nCOPY *.ko /lib/modules/${KVER}/extra/\n")
+    write_conf(Path(vm_env["env"]["KVC_ROOT"]), name, {"KMOD_CONTAINER_BUILD_CONTEXT": str(context),
+                                                       "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": module.stem})
+    release = vm_env["release"]
+    if build_with_kvc:
+        result = kvc(["build", name, "--kernel", release], vm_env["env"])
+        assert result.returncode == 0, result.stderr
+    else:
+        subprocess.run(["podman", "build", "-q", "--build-arg", f"KVER={release}", "--label", f"name={name}",
+                        "-t", f"{name}-1.0:{release}", str(context)], check=True, capture_output=True)
+
+
+def verify_json(vm_env: dict[str, Any], name: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    result = kvc(["verify", name, "--kernel", vm_env["release"], "--json", "--accel", "tcg", *extra],
+                 vm_env["env"], timeout=400)
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None:
+    root = Path(vm_env["env"]["KVC_ROOT"])
+    name = f"{vm_env['prefix']}-simple"
+    conf = (EXAMPLE / "simple-kmod.conf").read_text().replace("KMOD_CONTAINER_BUILD_CONTEXT=.",
+                                                             f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
+    (root / "etc" / "kvc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf)
+    built = kvc(["build", name, "--kernel", vm_env["release"]], vm_env["env"])
+    assert built.returncode == 0, built.stderr
+    # No --kernel-dir: this host has no vmlinuz for it, so Debian's package is fetched (once) into the cache.
+    code, report = verify_json(vm_env, name)
+    assert code == 0, json.dumps(report, indent=2)
+    assert report["status"] == "verified" and report["kernel"] == vm_env["release"]
+    assert report["kernel_files"]["source"].startswith(f"Debian package linux-image-{vm_env['release']}")
+    modules = {m["name"]: m for m in report["modules"]}
+    assert list(modules) == ["simple_kmod", "simple_procfs_kmod"]
+    assert all(m["loaded"] and m["origin"] == "instance" and m["refcnt"] == 0 for m in modules.values())
+    assert "O" in modules["simple_kmod"]["taint"]  # out of tree, as the real kernel marks it
+    assert "Hello world from simple_kmod." in modules["simple_kmod"]["log"]
+    assert modules["simple_procfs_kmod"]["params"] == "number=0"
+    smoke = report["smoke"]
+    assert smoke["exit_code"] == 0 and smoke["in_image"], smoke
+    assert "simple-procfs-kmod number = 0" in smoke["stdout"] and "simple-procfs-kmod number = 44" in smoke["stdout"]
+    assert "Hello world from simple_kmod." in smoke["stdout"]  # the smoke test's dmesg check
+    assert [(u["name"], u["removed"]) for u in report["unload"]] == [("simple_procfs_kmod", True),
+                                                                    ("simple_kmod", True)]
+    assert "Goodbye world from simple_kmod." in report["unload"][1]["log"]
+    assert report["tainted"] & (1 << 12)  # TAINT_OOT_MODULE
+    assert 0 < report["timings"]["boot_seconds"] < report["timings"]["vm_seconds"]
+    assert report["artifacts"] is None
+    assert not (root / "var" / "lib" / "kvc" / name / "verify" / vm_env["release"]).exists()
+    human = kvc(["verify", name, "--kernel", vm_env["release"], "--accel", "tcg", "--keep-artifacts"],
+                vm_env["env"], timeout=400)
+    assert human.returncode == 0, human.stdout + human.stderr
+    assert "      kernel: Hello world from simple_kmod." in human.stdout
+    assert human.stdout.splitlines()[-2].startswith("VERIFIED (boot ")
+    kept = root / "var" / "lib" / "kvc" / name / "verify" / vm_env["release"]
+    assert "kvc-guest: agent starting" in (kept / "console.log").read_text()
+    assert json.loads((kept / "result.json").read_text())["schema"] == 1
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_a_module_for_another_kernel_is_refused_by_the_real_kernel(vm_env: dict[str, Any]) -> None:
+    headers = foreign_headers()
+    module = build_kmods(vm_env["tmp"], headers, ["kvc-hello"])["kvc-hello"]
+    name = f"{vm_env['prefix']}-other"
+    scratch_image_instance(vm_env, name, module, build_with_kvc=False)
+    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    assert code == 5, json.dumps(report, indent=2)
+    (entry,) = report["modules"]
+    assert report["status"] == "load-refused" and not entry["loaded"] and entry["errno"] == "ENOEXEC"
+    # With modversions Linux checks module_layout's symbol version, not the release in the vermagic.
+    assert any("module_layout" in line for line in entry["log"]), entry["log"]
+    assert all(line.startswith("kvc_hello: ") for line in entry["log"])
+    assert report["smoke"] is None and report["unload"] == []
+    assert Path(report["console_log"]).is_file()
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_an_unknown_symbol_is_reported_with_the_kernels_lines(vm_env: dict[str, Any]) -> None:
+    module = build_kmods(vm_env["tmp"], Path("/usr/src") / f"linux-headers-{vm_env['release']}",
+                         ["kvc-unknown-symbol"])["kvc-unknown-symbol"]
+    name = f"{vm_env['prefix']}-unknown"
+    scratch_image_instance(vm_env, name, module, build_with_kvc=True)
+    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    assert code == 5, json.dumps(report, indent=2)
+    (entry,) = report["modules"]
+    assert entry["errno"] == "ENOENT" and entry["error"] == "No such file or directory"
+    assert "kvc_unknown_symbol: Unknown symbol kvc_symbol_nobody_exports (err -2)" in entry["log"]
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_a_module_that_crashes_the_kernel_is_a_crash_with_the_console_kept(vm_env: dict[str, Any]) -> None:
+    module = build_kmods(vm_env["tmp"], Path("/usr/src") / f"linux-headers-{vm_env['release']}",
+                         ["kvc-bug-on-init"])["kvc-bug-on-init"]
+    name = f"{vm_env['prefix']}-bug"
+    scratch_image_instance(vm_env, name, module, build_with_kvc=True)
+    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"], "--timeout", "120")
+    assert code == 9, json.dumps(report, indent=2)
+    assert report["status"] == "crashed" and report["vm"]["qemu_exit"] == 0
+    assert report["crash"]["during"] == "insert kvc_bug_on_init"
+    assert any("kernel BUG at" in line for line in report["crash"]["lines"]), report["crash"]["lines"]
+    console = Path(report["console_log"]).read_text()
+    assert "Kernel panic" in console
+    assert report["timings"]["vm_seconds"] < 120

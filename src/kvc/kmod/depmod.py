@@ -411,7 +411,7 @@ class ParseCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             temp = f"{path}.{os.getpid()}.tmp"
             with open(temp, "wb") as handle:
-                marshal.dump((CACHE_FORMAT, payload), handle)
+                marshal.dump((CACHE_FORMAT, payload), handle)  # type: ignore[arg-type]
             os.replace(temp, path)
         except (OSError, ValueError):
             return
@@ -765,9 +765,8 @@ class Depmod:
         for module in array:
             name = module.name.encode(ENCODING, ERRORS)
             for alias in module.record[3]:
-                try:
-                    normalized = normalize_alias(alias)
-                except ValueError:
+                normalized = _normalize(alias)
+                if normalized is None:
                     self.log(WARNING, f"Unmatched bracket in {alias}\n")
                     continue
                 yield normalized.encode(ENCODING, ERRORS), name, module.idx
@@ -816,9 +815,8 @@ class Depmod:
                 key, _sep, value = text.partition("=")
                 if key != "alias":
                     continue
-                try:
-                    normalized = normalize_alias(value)
-                except ValueError:
+                normalized = _normalize(value)
+                if normalized is None:
                     self.log(WARNING, f"Unmatched bracket in {value}\n")
                     continue
                 entries.append((normalized.encode(ENCODING, ERRORS), module.encode(ENCODING, ERRORS), 0))
@@ -827,7 +825,7 @@ class Depmod:
         return self._index("modules.builtin.alias.bin", IndexBuilder(), entries, None)
 
     def _devname(self, array: list[_Module]) -> str:
-        out = []
+        out: list[str] = []
         for module in array:
             devname: Optional[str] = None
             kind = ""
@@ -888,6 +886,17 @@ class Depmod:
 
 
 _DEVICE = re.compile(r"(char|block)-major-\s*([+-]?\d+)-\s*([+-]?\d+)", re.ASCII)
+
+
+def _normalize(alias: str) -> Optional[str]:
+    """alias_normalize, or None for an unmatched bracket. Most aliases have no brackets and are
+    shorter than PATH_MAX, and then only '-' changes."""
+    if "[" not in alias and "]" not in alias and len(alias) < 2048:
+        return alias.replace("-", "_")
+    try:
+        return normalize_alias(alias)
+    except ValueError:
+        return None
 
 
 def _c_unsigned(text: str) -> int:

@@ -13,7 +13,6 @@ priority.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Iterable, Optional
 
@@ -121,8 +120,7 @@ class _Frame:
         # depmod never gives the root a prefix; every other node is path-compressed.
         end = depth
         if not root and lo < hi:
-            # The byte-wise common prefix of the first and last sorted key is that of the range.
-            end += len(os.path.commonprefix([keys[lo][depth:], keys[hi - 1][depth:]]))  # noqa: RUF071
+            end = len(keys[lo]) if hi - lo == 1 else _common_end(keys[lo], keys[hi - 1], depth)
         self.prefix = keys[lo][depth:end] if lo < hi else b""
         self.ending: Optional[bytes] = None
         if lo < hi and len(keys[lo]) == end:
@@ -133,6 +131,19 @@ class _Frame:
         self.next = lo
         self.pending = 0
         self.children: list[tuple[int, int]] = []
+
+
+def _common_end(first: bytes, last: bytes, depth: int) -> int:
+    """The length of the common prefix of two keys known to share their first ``depth`` bytes
+    (a binary search over slice comparisons, which run at C speed)."""
+    lo, hi = depth, min(len(first), len(last))
+    while lo < hi:
+        middle = (lo + hi + 1) // 2
+        if first[lo:middle] == last[lo:middle]:
+            lo = middle
+        else:
+            hi = middle - 1
+    return lo
 
 
 def _group_end(keys: list[bytes], start: int, hi: int, end: int, char: int) -> int:

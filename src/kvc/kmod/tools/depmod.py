@@ -128,9 +128,8 @@ def _run(argv: list[str]) -> int:
         config_paths=tuple(config_paths) if config_paths else None, module_paths=module_paths,
         symvers=symvers, system_map=system_map, print_unknown=print_unknown, warn_dups=warn_dups,
         symbol_prefix=prefix, cache_dir=cache_dir, jobs=jobs)
-    if quick:
-        if show or engine.modules_dep_up_to_date(options.dirname, log):
-            return 0
+    if quick and (show or engine.modules_dep_up_to_date(options.dirname, log)):
+        return 0
     try:
         result = engine.run(options, log, show=show)
     except engine.DepmodError:

@@ -197,7 +197,7 @@ class Modprobe:
         for name in names:
             mods = self.lookup(name)
             if mods is None:
-                self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1063, "lookup_softdep",
+                self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1567, "lookup_softdep",
                                     f"failed to lookup soft dependency '{name}', continuing anyway.\n"))
                 continue
             found += mods

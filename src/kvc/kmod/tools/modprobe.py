@@ -460,20 +460,11 @@ def _show_symbols(run: _Run, filename: str, *, exports: bool) -> int:
 def _insmod(run: _Run, alias: str, extra_options: Optional[str]) -> int:
     engine = run.engine
     assert engine is not None
-    mods: list[ModuleObject]
-    if alias.startswith(("/", "./")):
-        try:
-            os.stat(alias)
-        except OSError as exc:
-            run.note(f"Failed to get module from path {alias}: {os.strerror(exc.errno or errno.ENOENT)}\n")
-            return -errno.ENOENT
-        mods = [engine.from_path(alias)]
-    else:
-        found = engine.lookup(alias)
-        if not found:
-            run.note(f"Module {alias} not found in directory {run.dirname}\n")
-            return -errno.ENOENT
-        mods = found
+    # kmod 30 looks every argument up, paths too (loading from a path came in kmod 31).
+    mods = engine.lookup(alias)
+    if not mods:
+        run.note(f"Module {alias} not found in directory {run.dirname}\n")
+        return -errno.ENOENT
     err = 0
     for mod in mods:
         err = _insmod_insert(run, mod, extra_options)

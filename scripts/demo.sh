@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # demo.sh: the main job end to end on a fresh Debian 12 machine (as root, from anywhere): set
-# everything up (scripts/setup.sh, idempotent), then run kvc's kmod tools on a real Debian
-# kernel's module tree: the kernel release and module count, `kvc kmod modinfo` of a signed
-# module, its dependency chain from Debian's own depmod output, and those modules loaded with
-# `KVC_KERNEL=fake kvc kmod insmod` into a fake kernel that `kvc kmod lsmod` then lists.
+# everything up (scripts/setup.sh --containers: packages, podman, the local base image; idempotent),
+# build the simple-kmod example with podman for Debian's current 6.1 kernel ABI, and verify it on
+# that real kernel in a VM (`kvc verify`: the kernel package fetched into /var/cache/kvc, booted
+# under qemu; the modules loaded by kvc, the smoke test run, everything unloaded). Then kvc's kmod
+# tools on that kernel's real module tree: `kvc kmod modinfo` over every module against kmod's,
+# a signed module, its dependency chain, and those modules loaded into a fake kernel.
 #
 # Usage: bash scripts/demo.sh
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
 [ $# -eq 0 ] || { echo "demo: error: no arguments expected (got: $*)" >&2; exit 2; }
-bash scripts/setup.sh
+bash scripts/setup.sh --containers
 echo
 exec .venv/bin/python scripts/demo.py

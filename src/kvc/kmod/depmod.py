@@ -847,7 +847,7 @@ class Depmod:
                     out.append("# Device nodes to trigger on-demand module loading.\n")
                 out.append(f"{module.name} {devname} {kind}{major}:{minor}\n")
             else:
-                self.log(WARNING, f"Module '{module.name}' has devname ({devname}) but lacks major and minor "
+                self.log(ERROR, f"Module '{module.name}' has devname ({devname}) but lacks major and minor "
                                   "information. Ignoring.\n")
         return "".join(out)
 

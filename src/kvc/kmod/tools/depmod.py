@@ -101,7 +101,7 @@ def _run(argv: list[str]) -> int:
         elif opt in DEPRECATED:
             log(engine.WARNING, f"Ignored deprecated option -{DEPRECATED[opt]}\n")
         elif opt in ("-h", "--help"):
-            write_err(HELP.format(prog=PROG))
+            write_out(HELP.format(prog=PROG))
             return 0
         elif opt in ("-V", "--version"):
             write_out(VERSION_TEXT)

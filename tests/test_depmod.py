@@ -374,8 +374,8 @@ def test_fuzz_index_round_trip(entries: list[tuple[bytes, bytes, int]]) -> None:
     data = builder.to_bytes()
     index = Index("fuzz", data)
     assert index.to_dict() == expected
-    for key in expected:
-        assert index.lookup(key) == expected[key][0][1]
+    for text, values in expected.items():
+        assert index.lookup(text) == values[0][1]
 
 
 def test_index_rejects_non_ascii() -> None:

@@ -1,0 +1,108 @@
+"""Benchmark: ``kvc kmod depmod`` against kmod's C ``depmod`` on the full Debian 6.1 module tree.
+
+In one run, on hard-link copies of the tree (one per tool, outputs removed), each timed round runs:
+
+- C ``depmod -C /dev/null -b ROOT KVER``
+- ours, cold: the same through ``python -m kvc kmod depmod`` with an empty cache directory
+- ours, warm: again with the cache the cold run left (unchanged tree)
+- ours, uncached: ``--no-cache`` (parsing every module, no replay)
+
+It prints best and median wall times, ours/C ratios (best against best), the peak RSS of each
+command (ru_maxrss of the child, and of the worst worker for the cold run), and checks that every
+output file is byte-identical to kmod's. Exit status: 0 identical, 1 a mismatch, 2 a missing
+prerequisite.
+
+Run: ``.venv/bin/python benchmarks/bench_depmod.py [--repeat N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.debian_kernel import debian_kernel
+from support.oracle import kmod_tool
+
+OUTPUTS = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
+           "modules.symbols", "modules.symbols.bin", "modules.builtin.bin", "modules.builtin.alias.bin",
+           "modules.devname")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    options = parser.parse_args()
+    try:
+        depmod = kmod_tool("depmod")
+        kernel = debian_kernel()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"missing prerequisite: {exc}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-depmod-"))
+    try:
+        roots = {}
+        for who in ("c", "ours"):
+            target = work / who / "lib" / "modules" / kernel.release
+            shutil.copytree(kernel.moddir, target, copy_function=os.link)
+            for name in OUTPUTS:
+                (target / name).unlink(missing_ok=True)
+            roots[who] = work / who
+        env = dict(os.environ)
+        base = ["-C", "/dev/null"]
+        c_cmd = [depmod, *base, "-b", str(roots["c"]), kernel.release]
+        ours = [sys.executable, "-m", "kvc", "kmod", "depmod", *base, "-b", str(roots["ours"])]
+        cache = work / "cache"
+        commands = {
+            "C depmod": (c_cmd, None),
+            "ours cold": ([*ours, f"--cache-dir={cache}", kernel.release], "cold"),
+            "ours warm": ([*ours, f"--cache-dir={cache}", kernel.release], None),
+            "ours --no-cache": ([*ours, "--no-cache", kernel.release], None),
+        }
+        # Warm-up, not timed: fills the page cache.
+        subprocess.run(c_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        peaks: dict[str, int] = {}
+        for _round in range(options.repeat):
+            for name, (argv, mode) in commands.items():
+                if mode == "cold":
+                    shutil.rmtree(cache, ignore_errors=True)
+                # Each command is measured in a fresh child so that ru_maxrss is its own.
+                probe = subprocess.run(
+                    [sys.executable, "-c",
+                     "import resource, subprocess, sys, time; t = time.perf_counter(); "
+                     "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+                     "print(time.perf_counter() - t, r.returncode, "
+                     "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)", *argv],
+                    env=env, capture_output=True, text=True, check=True)
+                elapsed_text, status_text, peak_text = probe.stdout.split()
+                if int(status_text) != 0:
+                    print(f"{name} failed with status {status_text}", file=sys.stderr)
+                    return 1
+                times[name].append(float(elapsed_text))
+                peaks[name] = max(peaks.get(name, 0), int(peak_text))
+        reference = min(times["C depmod"])
+        print(f"{kernel.release}: {len(kernel.modules())} modules, {os.cpu_count()} CPUs, "
+              f"Python {sys.version.split()[0]}, {options.repeat} rounds")
+        print(f"  {'command':<18}{'best':>9}{'median':>9}{'ours/C':>8}{'peak RSS':>11}")
+        for name, values in times.items():
+            print(f"  {name:<18}{min(values):>8.3f}s{statistics.median(values):>8.3f}s"
+                  f"{min(values) / reference:>7.2f}x{peaks[name] / 1024:>8.0f} MB")
+        ours_dir = roots["ours"] / "lib" / "modules" / kernel.release
+        c_dir = roots["c"] / "lib" / "modules" / kernel.release
+        different = [n for n in OUTPUTS if (ours_dir / n).read_bytes() != (c_dir / n).read_bytes()]
+        print("outputs: " + ("byte-identical to kmod" if not different else f"DIFFERENT: {', '.join(different)}"))
+        return 1 if different else 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

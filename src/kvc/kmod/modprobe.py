@@ -345,7 +345,7 @@ class Modprobe:
 
     def _insert(self, mod: ModuleObject, options: str, force_vermagic: bool, force_modversion: bool) -> int:
         if mod.path is None:
-            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 906, "kmod_module_insert_module",
+            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 895, "kmod_module_insert_module",
                                 f"could not find module by name='{mod.name}'\n"))
             return -errno.ENOENT
         if self.kernel is None:
@@ -362,12 +362,12 @@ class Modprobe:
         """libkmod's command_do for an install command."""
         status = self.runner(command, {**self.environ, "MODPROBE_MODULE": mod.name})
         if status == -1:
-            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 994, "command_do",
+            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1041, "command_do",
                                 f"Could not run install command '{command}' for module {mod.name}: "
                                 f"{os.strerror(errno.ECHILD)}\n"))
             return -errno.EINVAL
         if status:
-            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1000, "command_do",
+            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1047, "command_do",
                                 f"Error running install command '{command}' for module {mod.name}: "
                                 f"retcode {status}\n"))
             return -errno.EINVAL

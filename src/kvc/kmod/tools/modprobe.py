@@ -38,6 +38,7 @@ VERSION_TEXT = "kmod version 30\n+ZSTD +XZ -ZLIB +LIBCRYPTO -EXPERIMENTAL\n"
 LOG_EMERG = 0
 LOG_CRIT = 2
 LOG_WARNING = 4
+_STDIO_BLOCK = 4096
 _PRIORITY_NAMES = {2: "FATAL", 3: "ERROR", 4: "WARNING", 5: "NOTICE", 6: "INFO", 7: "DEBUG"}
 SHORT_OPTIONS = "arw:RibfDcnC:d:S:sqvVh"
 # (name, takes an argument, value) in kmod's order; getopt_long resolves abbreviations on it.
@@ -281,6 +282,7 @@ class _Run:
         self.modprobe_options: Optional[str] = os.environ.get("MODPROBE_OPTIONS")
         self.engine: Optional[Modprobe] = None
         self.dirname = ""
+        self.pending = bytearray()
 
     def note(self, message: str) -> None:
         """kmod's LOG(): FATAL, or WARNING with -a."""
@@ -292,10 +294,28 @@ class _Run:
     def append_env(self, value: str) -> None:
         self.modprobe_options = value if self.modprobe_options is None else f"{self.modprobe_options} {value}"
 
+    def out(self, text: str) -> None:
+        """printf to C's stdout: fully buffered in 4096-byte blocks unless it is a terminal, so
+        that install and remove commands' output lands where it lands with kmod."""
+        self.pending += text.encode(ENCODING, ERRORS)
+        if sys.stdout.isatty():
+            self.flush()
+        while len(self.pending) >= _STDIO_BLOCK:
+            sys.stdout.buffer.write(self.pending[:_STDIO_BLOCK])
+            sys.stdout.buffer.flush()
+            del self.pending[:_STDIO_BLOCK]
+
+    def flush(self) -> None:
+        if self.pending:
+            sys.stdout.buffer.write(bytes(self.pending))
+            self.pending.clear()
+        sys.stdout.buffer.flush()
+
     def show(self, text: str) -> None:
+        """kmod's SHOW(): printed with -D or -v, then flushed."""
         if self.do_show or self.verbose > LOG_WARNING:
-            write_out(text)
-            sys.stdout.flush()
+            self.out(text)
+            self.flush()
 
 
 def _run(argv: list[str]) -> int:
@@ -307,6 +327,8 @@ def _run(argv: list[str]) -> int:
     except KmodError as exc:
         _err_bytes(f"{PROG}: ERROR: {exc.brief}\n")
         return 1
+    finally:
+        run.flush()
 
 
 def _modprobe(run: _Run, argv: list[str]) -> int:
@@ -419,7 +441,7 @@ def _modprobe(run: _Run, argv: list[str]) -> int:
     run.engine = Modprobe(directory, config, view=LibkmodView(paths), kernel=kernel_from_env(paths),
                           log=run.log.kmod, environ=environ)
     if show_config:
-        return _show_config(config, directory)
+        return _show_config(run, config, directory)
     if show_modversions or show_exports:
         return _show_symbols(run, args[0], exports=show_exports)
     if do_remove:
@@ -435,10 +457,10 @@ def _modprobe(run: _Run, argv: list[str]) -> int:
     return 1 if _insmod(run, args[0], options_from_array(args[1:])) < 0 else 0
 
 
-def _show_config(config: ModprobeConfig, directory: ModuleDirectory) -> int:
-    write_out("".join(f"{line}\n" for line in config.show_lines()))
-    write_out("\n# End of configuration files. Dumping indexes now:\n\n")
-    sys.stdout.flush()
+def _show_config(run: _Run, config: ModprobeConfig, directory: ModuleDirectory) -> int:
+    run.out("".join(f"{line}\n" for line in config.show_lines()))
+    run.out("\n# End of configuration files. Dumping indexes now:\n\n")
+    run.flush()
     for name in (ALIAS_BIN, SYMBOLS_BIN):
         index = directory.index(name)
         if index is not None:
@@ -453,7 +475,7 @@ def _show_symbols(run: _Run, filename: str, *, exports: bool) -> int:
     except (OSError, KmodError):
         run.note(f"Module {filename} not found.\n")
         return 1
-    write_out("".join(f"0x{symbol.crc:08x}\t{symbol.name}\n" for symbol in symbols))
+    run.out("".join(f"0x{symbol.crc:08x}\t{symbol.name}\n" for symbol in symbols))
     return 0
 
 
@@ -475,19 +497,19 @@ def _print_action(run: _Run, mod: ModuleObject, install: bool, options: str) -> 
     engine = run.engine
     assert engine is not None
     if install:
-        write_out(f"install {engine.install_command(mod)} {options}\n")
+        run.out(f"install {engine.install_command(mod)} {options}\n")
     elif mod.path is None:
         if engine.initstate(mod) == KMOD_MODULE_BUILTIN:
-            write_out(f"builtin {mod.name}\n")
+            run.out(f"builtin {mod.name}\n")
     else:
-        write_out(f"insmod {mod.path} {options}\n")
+        run.out(f"insmod {mod.path} {options}\n")
 
 
 def _insmod_insert(run: _Run, mod: ModuleObject, extra_options: Optional[str]) -> int:
     engine = run.engine
     assert engine is not None
     if run.lookup_only:
-        write_out(f"{mod.name}\n")
+        run.out(f"{mod.name}\n")
         return 0
     show = (lambda m, i, o: _print_action(run, m, i, o)) if run.do_show or run.verbose > LOG_WARNING else None
     err = engine.probe_insert(

@@ -227,6 +227,56 @@ def test_a_guest_that_hangs_is_killed_at_the_timeout(fake_host: dict[str, Any]) 
     assert Path(report["console_log"]).read_text() == "kvc-guest: init started\n"
 
 
+def fake_qemu(path: Path, console: str, code: int = 0, log: Path | None = None) -> None:
+    """A qemu that writes ``console`` to the serial log file it is given and exits with ``code``;
+    with ``log``, it appends its argv there first (one JSON line per call)."""
+    record = f"import json; open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')" if log else ""
+    path.write_text(f"#!{sys.executable}\nimport sys\n{record}\n"
+                    f"serial = sys.argv[sys.argv.index('-serial') + 1][len('file:'):]\n"
+                    f"open(serial, 'w').write({console!r})\nsys.exit({code})\n")
+    path.chmod(0o755)
+
+
+def test_a_failing_guest_agent_is_not_a_kernel_crash(fake_host: dict[str, Any]) -> None:
+    console = ("kvc-guest: init started\nkvc-guest: agent starting\nTraceback (most recent call last):\n"
+               "ModuleNotFoundError: No module named 'kvc'\nkvc-guest: agent exited with status 1\n"
+               "[    4.7] reboot: Power down\n")
+    fake_qemu(fake_host["bin"] / "qemu-system-x86_64", console)
+    result = kvc(["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]), "--accel",
+                  "tcg"], fake_host["env"])
+    assert result.returncode == 9, result.stderr
+    lines = result.stdout.splitlines()
+    assert "  the guest failed during: boot" in lines
+    assert "    ModuleNotFoundError: No module named 'kvc'" in lines
+    assert lines[-2].startswith("FAILED: kvc's guest setup or agent failed")
+    assert lines[-1].startswith("  console log and artifacts kept in ")
+
+
+def test_kvm_only_after_a_probe_boot_works_and_the_verdict_is_cached(fake_host: dict[str, Any]) -> None:
+    calls = fake_host["tmp"] / "qemu-calls"
+    fake_qemu(fake_host["bin"] / "qemu-system-x86_64", "", code=1, log=calls)
+    args = ["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"])]
+    for _ in range(2):
+        kvc(args, fake_host["env"])
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    accels = [argv[argv.index("-accel") + 1] for argv in runs]
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        assert accels == ["tcg", "tcg"]
+        return
+    # A KVM that cannot boot the kernel (here: the probe "fails") means TCG, and is asked once.
+    assert accels == ["kvm", "tcg", "tcg"]
+    assert "kvc.probe" in runs[0][runs[0].index("-append") + 1] and "-virtfs" not in runs[0]
+    verdicts = json.loads((fake_host["tmp"] / "cache" / "accel-probe.json").read_text())
+    assert list(verdicts.values()) == [False]
+    probe_ok = "kvc-guest: probe ok\n"
+    fake_qemu(fake_host["bin"] / "qemu-system-x86_64", probe_ok, log=calls)
+    (fake_host["tmp"] / "cache" / "accel-probe.json").unlink()
+    kvc(args, fake_host["env"])
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [argv[argv.index("-accel") + 1] for argv in runs[3:]] == ["kvm", "kvm"]
+    assert runs[-1][runs[-1].index("-cpu") + 1] == "host"
+
+
 # ---- in a real VM -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ smoke test in the image, unloads and writes ``result.json``; the host turns it i
 
 Outcomes and exit codes: 0 verified; 5 a module refused by the kernel (or not unloadable);
 6 the image is not built; 7 the kernel's files cannot be found; 8 the smoke test failed; 9 the
-guest crashed or timed out. A failed run (or any run with ``--keep-artifacts``) is kept in
+guest kernel crashed, the guest timed out, or kvc's guest init or agent failed. A failed run (or any run with ``--keep-artifacts``) is kept in
 ``/var/lib/kvc/NAME/verify/KVER/`` (console log, job, result, initramfs, modules).
 """
 
@@ -49,7 +49,8 @@ GUEST_IMAGE = "/kvc/image"
 TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 EXIT_CODES = {"verified": 0, "load-refused": 5, "unload-failed": 5, "smoke-failed": 8,
-              "crashed": 9, "timed-out": 9}
+              "crashed": 9, "timed-out": 9, "guest-failed": 9}
+GUEST_FAILURE = re.compile(r"^kvc-guest: (FAILED: .*|agent exited with status [1-9].*)$", re.MULTILINE)
 _CRASH_LINE = re.compile(r"Kernel panic|kernel BUG at|BUG:|Oops|general protection fault|RIP:|Call Trace|"
                          r"Unable to handle")
 
@@ -237,10 +238,18 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         if run.returncode not in (None, 0) and not console.strip():
             raise CommandError(machine.argv(), run.returncode, run.output,
                                hint="qemu could not start the guest; see its message above")
-        status = "timed-out" if run.timed_out else "crashed"
         progress = _read_text(os.path.join(work, "progress")).split("\n")
         during = next((line for line in reversed(progress) if line.strip()), "boot")
-        data["crash"] = {"during": during, "lines": _crash_lines(console)}
+        failure = GUEST_FAILURE.search(console)
+        if run.timed_out:
+            status = "timed-out"
+        elif failure is not None and not _CRASH_LINE.search(console):
+            # The kernel is fine; kvc's guest init or agent is not (its own lines say what).
+            status = "guest-failed"
+        else:
+            status = "crashed"
+        lines = (console.splitlines()[-24:] if status == "guest-failed" else _crash_lines(console))
+        data["crash"] = {"during": during, "lines": [line.rstrip() for line in lines]}
     timings["total_seconds"] = round(time.monotonic() - started, 2)
     data["timings"] = timings
     data["status"] = status
@@ -289,7 +298,7 @@ def format_report(report: VerifyReport) -> str:
         lines += _log_lines(entry.get("log"))
     crash = data.get("crash")
     if crash is not None:
-        what = "timed out" if report.status == "timed-out" else "crashed"
+        what = {"timed-out": "timed out", "guest-failed": "failed"}.get(report.status, "crashed")
         lines.append(f"  the guest {what} during: {crash['during']}")
         lines += [f"    {line}" for line in crash["lines"]]
     timings = data["timings"]
@@ -297,7 +306,8 @@ def format_report(report: VerifyReport) -> str:
     boot_text = f"boot {boot:.1f} s, " if isinstance(boot, (int, float)) else ""
     summary = {"verified": "VERIFIED", "load-refused": "FAILED: the kernel refused a module",
                "unload-failed": "FAILED: a module did not unload", "smoke-failed": "FAILED: the smoke test failed",
-               "crashed": "FAILED: the guest kernel crashed", "timed-out": "FAILED: the guest timed out"}
+               "crashed": "FAILED: the guest kernel crashed", "timed-out": "FAILED: the guest timed out",
+               "guest-failed": "FAILED: kvc's guest setup or agent failed (see its lines above)"}
     lines.append(f"{summary[report.status]} ({boot_text}VM {timings['vm_seconds']:.1f} s, "
                  f"total {timings['total_seconds']:.1f} s)")
     if data.get("artifacts"):

@@ -10,8 +10,9 @@ smoke test in the image, unloads and writes ``result.json``; the host turns it i
 
 Outcomes and exit codes: 0 verified; 5 a module refused by the kernel (or not unloadable);
 6 the image is not built; 7 the kernel's files cannot be found; 8 the smoke test failed; 9 the
-guest kernel crashed, the guest timed out, or kvc's guest init or agent failed. A failed run (or any run with ``--keep-artifacts``) is kept in
-``/var/lib/kvc/NAME/verify/KVER/`` (console log, job, result, initramfs, modules).
+guest kernel crashed, the guest timed out, or kvc's guest init or agent failed. A failed run (or
+any run with ``--keep-artifacts``) is kept in ``/var/lib/kvc/NAME/verify/KVER/`` (console log, job,
+result, initramfs, modules).
 """
 
 from __future__ import annotations

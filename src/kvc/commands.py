@@ -284,7 +284,7 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
-    from kvc.kernelfiles import find_kernel
+    from kvc.kernelfiles import default_sources, find_kernel
     from kvc.verify import VerifyOptions, execute_verify, format_report, plan_verify
 
     if args.memory < 256 or args.timeout <= 0:
@@ -292,8 +292,9 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
     options = VerifyOptions(args.accel, args.memory, args.timeout, args.keep_artifacts)
     plan = plan_verify(instance, ctx.kernel_release(args.kernel), ctx.runtime, options,
-                       lambda release: find_kernel(release, kernel_dir=args.kernel_dir,
-                                                   host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir))
+                       lambda release: find_kernel(release, default_sources(
+                           kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root,
+                           cache_dir=ctx.layout.cache_dir)))
     if args.dry_run:
         say(plan.describe())
         return 0

@@ -1,11 +1,13 @@
 """Where the files of a kernel to verify against come from: its ``vmlinuz`` and its module tree
 ``lib/modules/KVER`` (with kmod's indexes).
 
-Sources, tried in order: a directory the user names (``--kernel-dir``), else the host's own
-``/boot`` and ``/lib/modules`` (also ``/lib/modules/KVER/vmlinuz``, as Fedora, CoreOS and bootc
-keep it), else the distribution's package: on Debian ``apt-get download linux-image-KVER`` and
-``dpkg-deb -x`` into the cache, indexed with ``depmod``. Unpacked packages are kept in the cache
-(``/var/cache/kvc/kernels/KVER``), so only the first verification of a kernel downloads it.
+A source is anything with a ``description`` and ``find(release)`` answering the files or what it
+lacks (:class:`KernelSource`). The default sources, tried in order: a directory the user names
+(``--kernel-dir``, then the only source), else the host's own ``/boot`` and ``/lib/modules`` (also
+``/lib/modules/KVER/vmlinuz``, as Fedora, CoreOS and bootc keep it), else the distribution's
+package: on Debian ``apt-get download linux-image-KVER`` and ``dpkg-deb -x`` into the cache,
+indexed with ``depmod``. Unpacked packages are kept in the cache (``/var/cache/kvc/kernels/KVER``),
+so only the first verification of a kernel downloads it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import glob
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 from kvc import proc
 from kvc.errors import CommandError, KernelMissingError
@@ -30,6 +32,14 @@ class KernelFiles:
     vmlinuz: str
     moddir: str  # .../lib/modules/KVER
     source: str  # where they came from, for people
+
+
+class KernelSource(Protocol):
+    @property
+    def description(self) -> str: ...
+
+    def find(self, release: str) -> tuple[Optional[KernelFiles], str]:
+        """The kernel's files, or None and what this source lacks."""
 
 
 def _first_existing(paths: Sequence[str]) -> Optional[str]:
@@ -109,23 +119,55 @@ def _unpack_debian_package(base: str, root: str, package: str, release: str) -> 
     return ""
 
 
-def find_kernel(release: str, *, kernel_dir: Optional[str], host_root: str, cache_dir: str) -> KernelFiles:
+@dataclass(frozen=True)
+class DirectorySource:
+    """A root directory laid out like a system, or holding the files directly."""
+
+    root: str
+    description: str = "directory"
+
+    def find(self, release: str) -> tuple[Optional[KernelFiles], str]:
+        return find_in_tree(self.root, release)
+
+
+@dataclass(frozen=True)
+class HostSource:
+    """This host's (or ``KVC_ROOT``'s) ``/boot`` and ``/lib/modules``."""
+
+    root: str
+    description: str = "host"
+
+    def find(self, release: str) -> tuple[Optional[KernelFiles], str]:
+        found, problem = find_in_tree(self.root, release)
+        if found is None:
+            return None, problem
+        return KernelFiles(release, found.vmlinuz, found.moddir, f"this host ({found.vmlinuz})"), ""
+
+
+@dataclass(frozen=True)
+class DebianPackageSource:
+    cache_dir: str
+    description: str = "distribution package"
+
+    def find(self, release: str) -> tuple[Optional[KernelFiles], str]:
+        return fetch_debian_kernel(self.cache_dir, release)
+
+
+def default_sources(*, kernel_dir: Optional[str], host_root: str, cache_dir: str) -> list[KernelSource]:
+    if kernel_dir is not None:
+        return [DirectorySource(os.path.abspath(kernel_dir), f"--kernel-dir {kernel_dir}")]
+    return [HostSource(host_root), DebianPackageSource(cache_dir)]
+
+
+def find_kernel(release: str, sources: Sequence[KernelSource]) -> KernelFiles:
     """The kernel's files from the first source that has them; KernelMissingError naming what
     each source lacked otherwise."""
-    if kernel_dir is not None:
-        found, problem = find_in_tree(os.path.abspath(kernel_dir), release)
-        if found is None:
-            raise KernelMissingError(f"kernel {release} not found in {kernel_dir}: {problem}",
-                                     hint=f"give a directory with boot/vmlinuz-{release} and an indexed "
-                                          f"lib/modules/{release}")
-        return found
-    found, host_problem = find_in_tree(host_root, release)
-    if found is not None:
-        return KernelFiles(release, found.vmlinuz, found.moddir, f"this host ({found.vmlinuz})")
-    found, package_problem = fetch_debian_kernel(cache_dir, release)
-    if found is not None:
-        return found
-    raise KernelMissingError(f"kernel {release} not found",
-                             details=f"host: {host_problem}\ndistribution package: {package_problem}",
-                             hint=f"pass --kernel-dir DIR, a directory holding boot/vmlinuz-{release} and "
-                                  f"lib/modules/{release} (e.g. the kernel package unpacked)")
+    problems = []
+    for source in sources:
+        found, problem = source.find(release)
+        if found is not None:
+            return found
+        problems.append(f"{source.description}: {problem}")
+    raise KernelMissingError(f"kernel {release} not found", details="\n".join(problems),
+                             hint=f"pass --kernel-dir DIR, a directory holding boot/vmlinuz-{release} and an "
+                                  f"indexed lib/modules/{release} (e.g. the kernel package unpacked)")

@@ -40,7 +40,7 @@ from kvc.kmod.modprobe import (
 )
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, module_path
-from support.oracle import Result, kmod_tool
+from support.oracle import Result
 from test_index import concrete
 from test_tools_kernel import NAMESPACE, answer, copy_of, env_for, load
 
@@ -502,3 +502,30 @@ def test_parser_units() -> None:
     assert config.module_options("m") == 'a=1 oo b=2 c="d e"'
     assert config.blacklists == ("q", "r") and config.alias_targets("xy") == ["m"]
     assert config.install_command("mod") == "cmd" and config.has_command("m") is False
+
+
+@needs_root
+@needs_strace
+@pytest.mark.oracle
+@pytest.mark.parametrize("args", [["-v", "loop"], ["-r", "-v", "-n", "loop"], ["-r", "loop"]])
+def test_a_coming_module_is_not_in_the_kernel_for_kmod_30(fake_setup: tuple[FakeKernel, Setup], tmp_path: Path,
+                                                          args: list[str]) -> None:
+    """kmod 30 counts only live and built-in modules as loaded: a 'coming' one is inserted again
+    or removed, and the kernel's answer (the fake kernel's, injected for kmod) is reported."""
+    fake, setup = fake_setup
+    load(fake, setup.kernel, "loop")
+    fake.set_initstate("loop", "coming")
+    copy = copy_of(fake, tmp_path)
+    if "-r" in args:
+        err = copy.sys_delete_module("loop", os.O_NONBLOCK)
+    else:
+        try:
+            copy.insert(module_path(setup.kernel, "loop"), "max_part=2 max_loop=8 max_part=4 ", 0)
+            err = 0
+        except KernelError as exc:
+            err = exc.errno
+    full = [*args, *setup.args]
+    theirs = run_kmod_fake(fake, full, {"finit_module": answer(err), "init_module": answer(err),
+                                        "delete_module": answer(err)}, tmp_path / "trace")
+    ours = run_ours_fake(fake, full)
+    assert ours == theirs

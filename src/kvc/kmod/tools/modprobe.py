@@ -23,6 +23,7 @@ from kvc.kmod.errors import KmodError
 from kvc.kmod.kernel import (
     KMOD_MODULE_BUILTIN,
     LOG_ERR,
+    LOG_INFO,
     LibkmodLog,
     LibkmodView,
     kernel_from_env,
@@ -39,6 +40,7 @@ LOG_EMERG = 0
 LOG_CRIT = 2
 LOG_WARNING = 4
 _STDIO_BLOCK = 4096
+_LIBKMOD_C = "../libkmod/libkmod.c"
 _PRIORITY_NAMES = {2: "FATAL", 3: "ERROR", 4: "WARNING", 5: "NOTICE", 6: "INFO", 7: "DEBUG"}
 SHORT_OPTIONS = "arw:RibfDcnC:d:S:sqvVh"
 # (name, takes an argument, value) in kmod's order; getopt_long resolves abbreviations on it.
@@ -440,6 +442,17 @@ def _modprobe(run: _Run, argv: list[str]) -> int:
         environ["MODPROBE_OPTIONS"] = run.modprobe_options
     run.engine = Modprobe(directory, config, view=LibkmodView(paths), kernel=kernel_from_env(paths),
                           log=run.log.kmod, environ=environ)
+    run.log.kmod(LibkmodLog(LOG_INFO, _LIBKMOD_C, 367, "kmod_set_log_fn",
+                            f"custom logging function 0x{id(run.log) & 0xFFFFFFFFFFFF:x} registered\n"))
+    status = _dispatch(run, args, config, directory, show_config=show_config, show_modversions=show_modversions,
+                       show_exports=show_exports, do_remove=do_remove, use_all=use_all)
+    run.log.kmod(LibkmodLog(LOG_INFO, _LIBKMOD_C, 334, "kmod_unref",
+                            f"context 0x{id(run.engine) & 0xFFFFFFFFFFFF:x} released\n"))
+    return status
+
+
+def _dispatch(run: _Run, args: list[str], config: ModprobeConfig, directory: ModuleDirectory, *, show_config: bool,
+              show_modversions: bool, show_exports: bool, do_remove: bool, use_all: bool) -> int:
     if show_config:
         return _show_config(run, config, directory)
     if show_modversions or show_exports:

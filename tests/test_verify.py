@@ -5,7 +5,8 @@ real Debian tree, where kernel files are found, and the error paths with fake ``
 ``qemu-system-x86_64`` programs (image missing, kernel missing, qemu failing, a guest that hangs).
 
 The ``vm`` tests boot Debian's real kernel under qemu (TCG): simple-kmod built with podman and
-verified with the kernel fetched as Debian's package into the cache; and three modules built
+verified with the kernel fetched as Debian's package into the cache; a module that needs in-tree
+modules, which come from the guest kernel's own tree; and three modules built
 from tests/kmods against Debian's headers that go wrong on a real kernel: one built for another
 kernel release (Debian's 6.12 headers, tests/support/debian_headers.py), one importing a symbol
 nobody exports, one that hits BUG() in its init.
@@ -378,6 +379,28 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
     kept = root / "var" / "lib" / "kvc" / name / "verify" / vm_env["release"]
     assert "kvc-guest: agent starting" in (kept / "console.log").read_text()
     assert json.loads((kept / "result.json").read_text())["schema"] == 1
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_in_tree_dependencies_come_from_the_guest_kernels_tree(vm_env: dict[str, Any]) -> None:
+    module = build_kmods(vm_env["tmp"], Path("/usr/src") / f"linux-headers-{vm_env['release']}",
+                         ["kvc-uses-intree"])["kvc-uses-intree"]
+    name = f"{vm_env['prefix']}-intree"
+    scratch_image_instance(vm_env, name, module, build_with_kvc=True)
+    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    assert code == 0, json.dumps(report, indent=2)
+    loaded = [(m["name"], m["origin"], m["loaded"]) for m in report["modules"]]
+    assert sorted(loaded[:2]) == [("crc_itu_t", "in-tree", True), ("udp_tunnel", "in-tree", True)]
+    assert loaded[2] == ("kvc_uses_intree", "instance", True)
+    in_tree = {m["name"]: m for m in report["modules"][:2]}
+    assert in_tree["udp_tunnel"]["path"].startswith("/kvc/kernel-modules/kernel/net/ipv4/udp_tunnel.ko")
+    assert in_tree["udp_tunnel"]["refcnt"] == 1 and in_tree["crc_itu_t"]["refcnt"] == 1  # held by ours
+    # The kernel names the module the function came from.
+    assert any(line.startswith("kvc_uses_intree: crc_itu_t(kvc) = 0x") and line.endswith("using "
+               "udp_tunnel_sock_release [udp_tunnel]") for line in report["modules"][2]["log"])
+    assert [(u["name"], u["removed"]) for u in report["unload"]] == [
+        ("kvc_uses_intree", True), (loaded[1][0], True), (loaded[0][0], True)]
 
 
 @pytest.mark.vm

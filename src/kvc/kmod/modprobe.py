@@ -168,14 +168,6 @@ class Modprobe:
         return [self._object(entry, key if entry.step in _ALIAS_STEPS else None)
                 for entry in self.directory.resolve(name_or_alias, self.config)]
 
-    def from_path(self, path: str) -> ModuleObject:
-        """kmod_module_new_from_path: the file's module, with the dependencies modules.dep
-        lists for its name."""
-        absolute = os.path.abspath(path)
-        name = modname_from_path(absolute)
-        entry = self.directory.module(name)
-        return self._object(ModuleEntry(name, absolute, entry.dependencies, entry.builtin, ""))
-
     def dependencies(self, mod: ModuleObject) -> list[ModuleObject]:
         """kmod_module_get_dependencies: the modules.dep line, deepest first."""
         deps = []

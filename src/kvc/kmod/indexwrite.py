@@ -14,13 +14,15 @@ priority.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from kvc.kmod.errors import KmodError
 from kvc.kmod.index import INDEX_MAGIC, INDEX_VERSION, NODE_CHILDS, NODE_PREFIX, NODE_VALUES
 
 _HEADER = struct.Struct(">III")
 _U32 = struct.Struct(">I")
+_ONE_VALUE = struct.Struct(">II")
+_CHILD = struct.Struct(">BBI")
 
 
 class IndexCharacterError(KmodError):
@@ -48,115 +50,95 @@ class IndexBuilder:
         duplicate report)."""
         _check(key)
         _check(value)
-        found = self._values.setdefault(key, [])
-        duplicate = any(stored == value for _p, _n, stored in found)
         self._count += 1
         # Sorting by (priority, -insertion number) puts the newest of equal priorities first.
-        found.append((priority, -self._count, value))
+        entry = (priority, -self._count, value)
+        found = self._values.get(key)
+        if found is None:
+            self._values[key] = [entry]
+            return False
+        duplicate = any(stored == value for _p, _n, stored in found)
+        found.append(entry)
         return duplicate
 
     def __len__(self) -> int:
         return len(self._values)
 
     def to_bytes(self) -> bytes:
-        keys = sorted(self._values)
-        out = bytearray(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0))
-        root = self._write(keys, out)
-        _HEADER.pack_into(out, 0, INDEX_MAGIC, INDEX_VERSION, root)
-        return bytes(out)
+        """Build the trie from the sorted keys with a stack of open nodes (the rightmost path):
+        the longest common prefix of each key with the previous one says which nodes are
+        complete, and a node is written the moment it is complete, which is post-order with
+        children in ascending byte order. A node is [end, a key below it, children, its key]."""
+        values = self._values
+        chunks: list[bytes] = [b""]
+        size = _HEADER.size
 
-    def _node(self, out: bytearray, prefix: bytes, key: Optional[bytes], children: list[tuple[int, int]]) -> int:
-        offset = len(out)
-        if prefix:
-            out += prefix + b"\0"
-            offset |= NODE_PREFIX
-        if children:
-            first, last = children[0][0], children[-1][0]
-            table = [0] * (last - first + 1)
-            for char, pointer in children:
-                table[char - first] = pointer
-            out.append(first)
-            out.append(last)
-            out += struct.pack(f">{len(table)}I", *table)
-            offset |= NODE_CHILDS
-        if key is not None:
-            values = sorted(self._values[key])
-            out += _U32.pack(len(values))
-            for priority, _order, value in values:
-                out += _U32.pack(priority)
-                out += value + b"\0"
-            offset |= NODE_VALUES
-        return offset
+        def emit(node: list[Any], parent_end: int) -> int:
+            nonlocal size
+            end, sample, children, key = node
+            pointer = size
+            prefix = sample[parent_end + 1:end]
+            if prefix:
+                chunks.append(prefix + b"\0")
+                size += len(prefix) + 1
+                pointer |= NODE_PREFIX
+            if children:
+                first, last = children[0][0], children[-1][0]
+                if len(children) == 1:
+                    table = _CHILD.pack(first, first, children[0][1])
+                else:
+                    pointers = [0] * (last - first + 1)
+                    for char, child in children:
+                        pointers[char - first] = child
+                    table = bytes((first, last)) + struct.pack(f">{len(pointers)}I", *pointers)
+                chunks.append(table)
+                size += len(table)
+                pointer |= NODE_CHILDS
+            if key is not None:
+                found = values[key]
+                if len(found) == 1:
+                    block = _ONE_VALUE.pack(1, found[0][0]) + found[0][2] + b"\0"
+                else:
+                    found.sort()
+                    block = _U32.pack(len(found)) + b"".join([_U32.pack(p) + v + b"\0" for p, _n, v in found])
+                chunks.append(block)
+                size += len(block)
+                pointer |= NODE_VALUES
+            return pointer
 
-    def _write(self, keys: list[bytes], out: bytearray) -> int:
-        """Emit the trie over sorted ``keys`` post-order; returns the root pointer. The walk is
-        iterative because a key may be thousands of bytes long."""
-        stack = [_Frame(keys, 0, len(keys), 0, root=True)]
-        pointer = 0
-        while stack:
-            frame = stack[-1]
-            if frame.next < frame.hi:
-                start = frame.next
-                char = keys[start][frame.end]
-                frame.next = _group_end(keys, start, frame.hi, frame.end, char)
-                frame.pending = char
-                stack.append(_Frame(keys, start, frame.next, frame.end + 1, root=False))
-                continue
-            pointer = self._node(out, frame.prefix, frame.ending, frame.children)
-            stack.pop()
-            if stack:
+        # depmod never gives the root a prefix: its label is empty whatever its keys share.
+        stack: list[list[Any]] = [[0, b"", [], None]]
+        previous: Optional[bytes] = None
+        for key in sorted(values):
+            common = 0 if previous is None else _common_prefix(previous, key)
+            while stack[-1][0] > common:
+                node = stack.pop()
                 parent = stack[-1]
-                parent.children.append((parent.pending, pointer))
-        return pointer
+                if parent[0] < common:
+                    # Two keys part inside this node's label: the shared part becomes a node.
+                    parent = [common, node[1], [], None]
+                    stack.append(parent)
+                parent[2].append((node[1][parent[0]], emit(node, parent[0])))
+            if len(key) == common:
+                stack[-1][3] = key
+            else:
+                stack.append([len(key), key, [], key])
+            previous = key
+        while len(stack) > 1:
+            node = stack.pop()
+            parent = stack[-1]
+            parent[2].append((node[1][parent[0]], emit(node, parent[0])))
+        root = emit(stack[0], -1)
+        chunks[0] = _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, root)
+        return b"".join(chunks)
 
 
-class _Frame:
-    """A trie node being written: keys[lo:hi] below it share their first ``end`` bytes, the
-    node's own label is key[depth:end], and ``ending`` is the key that ends exactly here."""
-
-    __slots__ = ("children", "end", "ending", "hi", "next", "pending", "prefix")
-
-    def __init__(self, keys: list[bytes], lo: int, hi: int, depth: int, *, root: bool) -> None:
-        # depmod never gives the root a prefix; every other node is path-compressed.
-        end = depth
-        if not root and lo < hi:
-            end = len(keys[lo]) if hi - lo == 1 else _common_end(keys[lo], keys[hi - 1], depth)
-        self.prefix = keys[lo][depth:end] if lo < hi else b""
-        self.ending: Optional[bytes] = None
-        if lo < hi and len(keys[lo]) == end:
-            self.ending = keys[lo]
-            lo += 1
-        self.end = end
-        self.hi = hi
-        self.next = lo
-        self.pending = 0
-        self.children: list[tuple[int, int]] = []
-
-
-def _common_end(first: bytes, last: bytes, depth: int) -> int:
-    """The length of the common prefix of two keys known to share their first ``depth`` bytes
-    (a binary search over slice comparisons, which run at C speed)."""
-    lo, hi = depth, min(len(first), len(last))
-    while lo < hi:
-        middle = (lo + hi + 1) // 2
-        if first[lo:middle] == last[lo:middle]:
-            lo = middle
-        else:
-            hi = middle - 1
-    return lo
-
-
-def _group_end(keys: list[bytes], start: int, hi: int, end: int, char: int) -> int:
-    """The first index in keys[start:hi] whose byte at ``end`` is not ``char`` (binary search:
-    the keys are sorted and share keys[start][:end])."""
-    lo = start + 1
-    while lo < hi:
-        middle = (lo + hi) // 2
-        if keys[middle][end] == char:
-            lo = middle + 1
-        else:
-            hi = middle
-    return lo
+def _common_prefix(first: bytes, second: bytes) -> int:
+    """The length of the common prefix of two keys: the highest differing bit of their XOR,
+    computed on big integers at C speed."""
+    length = min(len(first), len(second))
+    diff = int.from_bytes(first[:length], "big") ^ int.from_bytes(second[:length], "big")
+    return length - (diff.bit_length() + 7) // 8
 
 
 def build_index(entries: Iterable[tuple[bytes, bytes, int]]) -> bytes:

@@ -285,17 +285,8 @@ def test_kvm_only_after_a_probe_boot_works_and_the_verdict_is_cached(fake_host: 
 @pytest.fixture(scope="module")
 def vm_ready() -> None:
     for program in ("qemu-system-x86_64", "podman", "make"):
-        assert shutil.which(program), f"{program} is missing: run scripts/setup.sh --containers --tests"
+        assert shutil.which(program), f"{program} is missing: run scripts/setup.sh --containers"
     find_busybox()
-
-
-def build_kmods(tmp: Path, headers: Path, modules: list[str]) -> dict[str, Path]:
-    work = tmp / f"kmods-{headers.name}-{'-'.join(modules)}"
-    shutil.copytree(KMODS, work)
-    result = subprocess.run(["make", f"KDIR={headers}", f"MODULES={' '.join(modules)}", "modules"], cwd=work,
-                            capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {name: work / f"{name}.ko" for name in modules}
 
 
 @pytest.fixture(scope="module")
@@ -313,22 +304,33 @@ def vm_env(tmp_path_factory: pytest.TempPathFactory, indexed_kernel_tree: Debian
         subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
 
 
-def scratch_image_instance(vm_env: dict[str, Any], name: str, module: Path, *, build_with_kvc: bool) -> None:
-    """An instance of one module in a FROM-scratch image, built by kvc or (for a module kvc build
-    would refuse) tagged directly as a prebuilt image from elsewhere would be."""
-    context = vm_env["tmp"] / name
+def verify_test_module(vm_env: dict[str, Any], source: str, *extra: str, headers: Path | None = None,
+                       build_with_kvc: bool = True) -> tuple[int, dict[str, Any]]:
+    """Build tests/kmods/SOURCE.c against ``headers`` (default: the target kernel's), put it in a
+    FROM-scratch image of its own instance -- built by kvc, or (for a module kvc build would refuse)
+    tagged directly, as a prebuilt image from elsewhere would be -- and verify that on the real kernel
+    from the test cache's tree."""
+    release = vm_env["release"]
+    headers = headers or Path("/usr/src") / f"linux-headers-{release}"
+    name = f"{vm_env['prefix']}-{source}"
+    work = vm_env["tmp"] / name
+    shutil.copytree(KMODS, work / "src")
+    built = subprocess.run(["make", f"KDIR={headers}", f"MODULES={source}", "modules"], cwd=work / "src",
+                           capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    context = work / "context"
     context.mkdir()
-    shutil.copyfile(module, context / module.name)
+    shutil.copyfile(work / "src" / f"{source}.ko", context / f"{source}.ko")
     (context / "Containerfile").write_text("FROM scratch\nARG KVER\nCOPY *.ko /lib/modules/${KVER}/extra/\n")
     write_conf(Path(vm_env["env"]["KVC_ROOT"]), name, {"KMOD_CONTAINER_BUILD_CONTEXT": str(context),
-                                                       "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": module.stem})
-    release = vm_env["release"]
+                                                       "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": source})
     if build_with_kvc:
         result = kvc(["build", name, "--kernel", release], vm_env["env"])
         assert result.returncode == 0, result.stderr
     else:
         subprocess.run(["podman", "build", "-q", "--build-arg", f"KVER={release}", "--label", f"name={name}",
                         "-t", f"{name}-1.0:{release}", str(context)], check=True, capture_output=True)
+    return verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"], *extra)
 
 
 def verify_json(vm_env: dict[str, Any], name: str, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -384,11 +386,7 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
 @pytest.mark.vm
 @pytest.mark.podman
 def test_in_tree_dependencies_come_from_the_guest_kernels_tree(vm_env: dict[str, Any]) -> None:
-    module = build_kmods(vm_env["tmp"], Path("/usr/src") / f"linux-headers-{vm_env['release']}",
-                         ["kvc-uses-intree"])["kvc-uses-intree"]
-    name = f"{vm_env['prefix']}-intree"
-    scratch_image_instance(vm_env, name, module, build_with_kvc=True)
-    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    code, report = verify_test_module(vm_env, "kvc-uses-intree")
     assert code == 0, json.dumps(report, indent=2)
     loaded = [(m["name"], m["origin"], m["loaded"]) for m in report["modules"]]
     assert sorted(loaded[:2]) == [("crc_itu_t", "in-tree", True), ("udp_tunnel", "in-tree", True)]
@@ -406,11 +404,7 @@ def test_in_tree_dependencies_come_from_the_guest_kernels_tree(vm_env: dict[str,
 @pytest.mark.vm
 @pytest.mark.podman
 def test_a_module_for_another_kernel_is_refused_by_the_real_kernel(vm_env: dict[str, Any]) -> None:
-    headers = foreign_headers()
-    module = build_kmods(vm_env["tmp"], headers, ["kvc-hello"])["kvc-hello"]
-    name = f"{vm_env['prefix']}-other"
-    scratch_image_instance(vm_env, name, module, build_with_kvc=False)
-    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    code, report = verify_test_module(vm_env, "kvc-hello", headers=foreign_headers(), build_with_kvc=False)
     assert code == 5, json.dumps(report, indent=2)
     (entry,) = report["modules"]
     assert report["status"] == "load-refused" and not entry["loaded"] and entry["errno"] == "ENOEXEC"
@@ -424,11 +418,7 @@ def test_a_module_for_another_kernel_is_refused_by_the_real_kernel(vm_env: dict[
 @pytest.mark.vm
 @pytest.mark.podman
 def test_an_unknown_symbol_is_reported_with_the_kernels_lines(vm_env: dict[str, Any]) -> None:
-    module = build_kmods(vm_env["tmp"], Path("/usr/src") / f"linux-headers-{vm_env['release']}",
-                         ["kvc-unknown-symbol"])["kvc-unknown-symbol"]
-    name = f"{vm_env['prefix']}-unknown"
-    scratch_image_instance(vm_env, name, module, build_with_kvc=True)
-    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    code, report = verify_test_module(vm_env, "kvc-unknown-symbol")
     assert code == 5, json.dumps(report, indent=2)
     (entry,) = report["modules"]
     assert entry["errno"] == "ENOENT" and entry["error"] == "No such file or directory"
@@ -438,11 +428,7 @@ def test_an_unknown_symbol_is_reported_with_the_kernels_lines(vm_env: dict[str, 
 @pytest.mark.vm
 @pytest.mark.podman
 def test_a_module_that_crashes_the_kernel_is_a_crash_with_the_console_kept(vm_env: dict[str, Any]) -> None:
-    module = build_kmods(vm_env["tmp"], Path("/usr/src") / f"linux-headers-{vm_env['release']}",
-                         ["kvc-bug-on-init"])["kvc-bug-on-init"]
-    name = f"{vm_env['prefix']}-bug"
-    scratch_image_instance(vm_env, name, module, build_with_kvc=True)
-    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"], "--timeout", "120")
+    code, report = verify_test_module(vm_env, "kvc-bug-on-init", "--timeout", "120")
     assert code == 9, json.dumps(report, indent=2)
     assert report["status"] == "crashed" and report["vm"]["qemu_exit"] == 0
     assert report["crash"]["during"] == "insert kvc_bug_on_init"

@@ -10,6 +10,15 @@ import tempfile
 from typing import Union
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file(path: str, data: Union[str, bytes], mode: int = 0o644) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -25,11 +34,7 @@ def write_file(path: str, data: Union[str, bytes], mode: int = 0o644) -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(directory)
 
 
 def write_json(path: str, data: object) -> None:

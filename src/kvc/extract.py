@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from kvc.atomic import fsync_path
 from kvc.build import LABEL_DIGEST, match_modules
 from kvc.config import InstanceConfig
 from kvc.errors import StateError
@@ -173,22 +174,6 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_dir(staging: str, target: str) -> None:
     """Put ``staging`` in place of ``target`` (which may not exist) so that ``target`` is always
     either the old or the new directory; the old one is removed afterwards."""
@@ -196,10 +181,10 @@ def replace_dir(staging: str, target: str) -> None:
     base = os.path.basename(target)
     if not os.path.exists(target):
         os.rename(staging, target)
-        _fsync_dir(parent)
+        fsync_path(parent)
         return
     if _exchange(staging, target):
-        _fsync_dir(parent)
+        fsync_path(parent)
         shutil.rmtree(staging, ignore_errors=True)  # now the old directory
         return
     old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
@@ -210,7 +195,7 @@ def replace_dir(staging: str, target: str) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    _fsync_dir(parent)
+    fsync_path(parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -258,7 +243,7 @@ def extract(layout: Layout, instance: InstanceConfig, kernel_release: str, runti
         for name in (normalize_name(n) for n in instance.module_names):
             local = copies[found[name]]
             os.chmod(local, 0o644)
-            _fsync_file(local)
+            fsync_path(local)
             try:
                 module = ModuleFile.open(local)
                 vermagic, depends = (module.vermagic or "").strip(), tuple(module.depends)
@@ -280,7 +265,7 @@ def extract(layout: Layout, instance: InstanceConfig, kernel_release: str, runti
             os.fsync(handle.fileno())
         os.chmod(manifest_path, 0o644)
         os.chmod(staging, 0o755)
-        _fsync_dir(staging)
+        fsync_path(staging)
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -306,4 +291,4 @@ def _carry_over(previous: Manifest, staging: str) -> None:
         target = os.path.join(staging, entry)
         if not os.path.exists(target):
             shutil.copy2(source, target)
-            _fsync_file(target)
+            fsync_path(target)

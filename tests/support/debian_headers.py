@@ -9,14 +9,12 @@ fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into the tes
 
 from __future__ import annotations
 
-import fcntl
 import re
-import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
 
-from support.debian_kernel import cache_dir
+from support.debian_kernel import cache_dir, unpacked_packages
 
 SERIES = re.compile(r"^linux-headers-(6\.12\.\d+\+deb12)-amd64$")
 
@@ -36,25 +34,11 @@ def foreign_headers() -> Path:
     """A kbuild tree (``.../usr/src/linux-headers-RELEASE``) of a 6.12 kernel."""
     abi = newest_foreign_release()
     release = f"{abi}-amd64"
-    base = cache_dir() / "headers" / release
-    root = base / "tree"
-    done = base / ".complete"
-    base.mkdir(parents=True, exist_ok=True)
-    with open(base / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            download = base / "download"
-            shutil.rmtree(download, ignore_errors=True)
-            shutil.rmtree(root, ignore_errors=True)
-            download.mkdir()
-            packages = [f"linux-headers-{release}", f"linux-headers-{abi}-common", f"linux-kbuild-{abi}"]
-            subprocess.run(["apt-get", "download", "-q", *packages], cwd=download, check=True, capture_output=True)
-            for deb in sorted(download.glob("*.deb")):
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-            # The flavour's Makefile includes the common one by its installed, absolute path.
-            makefile = root / "usr" / "src" / f"linux-headers-{release}" / "Makefile"
-            common = root / "usr" / "src" / f"linux-headers-{abi}-common" / "Makefile"
-            makefile.write_text(f"include {common}\n")
-            shutil.rmtree(download)
-            done.touch()
-    return root / "usr" / "src" / f"linux-headers-{release}"
+    root = unpacked_packages(cache_dir() / "headers" / release,
+                             [f"linux-headers-{release}", f"linux-headers-{abi}-common", f"linux-kbuild-{abi}"])
+    # The flavour's Makefile includes the common one by its installed, absolute path.
+    makefile = root / "usr" / "src" / f"linux-headers-{release}" / "Makefile"
+    include = f"include {root / 'usr' / 'src' / f'linux-headers-{abi}-common' / 'Makefile'}\n"
+    if makefile.read_text() != include:
+        makefile.write_text(include)
+    return makefile.parent

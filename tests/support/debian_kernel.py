@@ -56,10 +56,9 @@ def current_release() -> str:
     return match.group(1)
 
 
-@cache
-def debian_kernel() -> DebianKernel:
-    release = current_release()
-    base = cache_dir() / release
+def unpacked_packages(base: Path, packages: list[str]) -> Path:
+    """``base/tree``: Debian's ``packages`` fetched with ``apt-get download`` and unpacked there
+    with ``dpkg-deb -x``, once (under a lock; a ``.complete`` mark says it was done)."""
     root = base / "tree"
     done = base / ".complete"
     base.mkdir(parents=True, exist_ok=True)
@@ -70,13 +69,20 @@ def debian_kernel() -> DebianKernel:
             shutil.rmtree(download, ignore_errors=True)
             shutil.rmtree(root, ignore_errors=True)
             download.mkdir()
-            subprocess.run(["apt-get", "download", "-q", f"linux-image-{release}"], cwd=download,
-                           check=True, capture_output=True)
-            (deb,) = download.glob("*.deb")
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+            subprocess.run(["apt-get", "download", "-q", *packages], cwd=download, check=True, capture_output=True)
+            debs = sorted(download.glob("*.deb"))
+            assert len(debs) == len(packages), debs
+            for deb in debs:
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
             shutil.rmtree(download)
             done.touch()
-    return DebianKernel(release, root)
+    return root
+
+
+@cache
+def debian_kernel() -> DebianKernel:
+    release = current_release()
+    return DebianKernel(release, unpacked_packages(cache_dir() / release, [f"linux-image-{release}"]))
 
 
 @cache

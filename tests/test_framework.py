@@ -16,6 +16,7 @@ import pytest
 
 from kvc.config import InstanceConfig
 from kvc.errors import LoadError
+from kvc.kmod.config import load_config
 from kvc.kmod.fakekernel import FakeKernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
@@ -169,6 +170,37 @@ def test_plan_orders_providers_first_and_pulls_in_tree_dependencies(tmp_path: Pa
     provider_state = kernel.module_state("provider_mod")
     assert provider_state is not None and provider_state.holders == ("user_mod",)
     assert kernel.module_state("udp_tunnel") is not None
+
+
+def test_in_tree_dependencies_are_planned_as_modprobe_would(tmp_path: Path,
+                                                           indexed_kernel_tree: DebianKernel) -> None:
+    """modprobe.d options and softdeps apply to the in-tree modules an instance needs; a softdep the
+    kernel refuses is skipped, and an install command is refused (never run)."""
+    release = indexed_kernel_tree.release
+    root = tmp_path / "root"
+    kernel = FakeKernel.create(HostPaths(str(root)), release, symvers=str(indexed_kernel_tree.symvers))
+    moddir = ModuleDirectory(str(indexed_kernel_tree.moddir))
+    user = crafted(tmp_path, "user_mod", release, imports=("udp_tunnel_sock_release",))
+    conf_dir = tmp_path / "modprobe.d"
+    conf_dir.mkdir()
+    (conf_dir / "kvc.conf").write_text("options udp_tunnel nosuchparam=1\noptions loop max_part=lots\n"
+                                       "softdep udp_tunnel pre: crc-itu-t loop\n")
+    config = load_config([str(conf_dir)], module_dir=moddir.path, paths=HostPaths(str(root)))
+    plan = plan_load("demo", release, [user], {}, kernel, moddir, modprobe_config=config)
+    assert [(s.name, s.origin, s.params, s.required) for s in plan.steps] == [
+        ("crc_itu_t", "in-tree", "", False), ("loop", "in-tree", "max_part=lots", False),
+        ("udp_tunnel", "in-tree", "nosuchparam=1", True), ("user_mod", "instance", "", True)]
+    assert "(in-tree, softdep)" in plan.describe()
+    # Linux ignores an unknown parameter but refuses a bad value: the softdep loop is skipped.
+    assert execute_load(plan, kernel, None) == ["crc_itu_t", "udp_tunnel", "user_mod"]
+    assert [m.name for m in kernel.loaded_modules()] == ["user_mod", "udp_tunnel", "crc_itu_t"]
+    (conf_dir / "kvc.conf").write_text("install udp_tunnel /bin/true\n")
+    config = load_config([str(conf_dir)], module_dir=moddir.path, paths=HostPaths(str(root)))
+    fresh = FakeKernel.create(HostPaths(str(tmp_path / "fresh")), release, symvers=str(indexed_kernel_tree.symvers))
+    with pytest.raises(LoadError) as install:
+        plan_load("demo", release, [user], {}, fresh, moddir, modprobe_config=config)
+    assert install.value.brief == ("in-tree module udp_tunnel has an install command in the modprobe "
+                                   "configuration: /bin/true")
 
 
 @pytest.mark.parametrize("conf, message", [

@@ -18,6 +18,7 @@ from kvc.build import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, context_digest, ex
 from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.errors import ConfigError, StateError, UsageError
 from kvc.extract import extract, read_manifest
+from kvc.kmod.config import load_config
 from kvc.kmod.kernel import Kernel, kernel_from_env
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
@@ -92,8 +93,10 @@ def _load(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool,
     assert manifest is not None
     manifest.verify()
     paths = [manifest.path_of(m.name) for m in manifest.modules]
-    plan = plan_load(instance.name, kernel, paths, instance.module_params, ctx.kernel, ctx.moddir(kernel),
-                     reload_loaded=False)
+    moddir = ctx.moddir(kernel)
+    config = load_config(None, module_dir=moddir.path, paths=ctx.layout.host) if moddir is not None else None
+    plan = plan_load(instance.name, kernel, paths, instance.module_params, ctx.kernel, moddir,
+                     reload_loaded=False, modprobe_config=config)
     say(plan.describe())
     if dry_run:
         return 0

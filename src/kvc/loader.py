@@ -3,21 +3,24 @@
 Preflight runs before any syscall: every module's vermagic must name the target kernel, and every
 symbol it imports must come from the kernel, from another module of the instance, or from an
 in-tree module of ``/lib/modules/KVER`` (found through kmod's indexes). The plan loads in-tree
-dependencies first (deepest first, as modprobe does), then the instance's modules in dependency
-order. If the kernel refuses module k, everything this run loaded is unloaded again.
+dependencies first, each resolved as modprobe would (:func:`kvc.kmod.modprobe.load_plan`: its
+dependencies deepest first, softdeps, ``options`` from modprobe.d and the kernel command line),
+then the instance's modules in dependency order. If the kernel refuses module k, everything this
+run loaded is unloaded again; a softdep the kernel refuses is skipped, as modprobe skips it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
+from kvc.kmod.config import ModprobeConfig, load_config
 from kvc.kmod.kernel import Kernel, KernelError
 from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.modprobe import ACTION_BUILTIN, ACTION_INSTALL, load_plan
 from kvc.kmod.module import ModuleFile, normalize_name
 
 LOADED_RECORD = "loaded.json"
@@ -29,10 +32,12 @@ class LoadStep:
     path: str
     params: str
     origin: str  # "in-tree" or "instance"
+    required: bool = True  # False for softdeps: a refusal is skipped, as modprobe does
 
     def describe(self) -> str:
         params = f" {self.params}" if self.params else ""
-        return f"insmod {self.path}{params}  ({self.origin})"
+        softdep = ", softdep" if not self.required else ""
+        return f"insmod {self.path}{params}  ({self.origin}{softdep})"
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,13 @@ def _vermagic_release(module: ModuleFile) -> str:
 
 def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
               params: Mapping[str, str], kernel: Kernel, moddir: Optional[ModuleDirectory],
-              *, reload_loaded: bool = False, preflight: bool = True) -> LoadPlan:
+              *, reload_loaded: bool = False, preflight: bool = True,
+              modprobe_config: Optional[ModprobeConfig] = None) -> LoadPlan:
     """Preflight and plan. ``module_paths`` are the instance's extracted module files in
     KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string. Without
     ``preflight`` what it finds wrong is left for the kernel to refuse (verification wants the
-    real kernel's verdict)."""
+    real kernel's verdict). ``modprobe_config`` is the host's modprobe configuration for the
+    in-tree modules (None: only the module directory's own modules.softdep)."""
     candidates: dict[str, _Candidate] = {}
     problems: list[str] = []
     for path in module_paths:
@@ -138,11 +145,11 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
     steps: list[LoadStep] = []
     seen: set[str] = set()
     for owner in in_tree:
-        for dep_name, dep_path in _in_tree_chain(moddir, owner):
-            if dep_name in seen or dep_name in loaded:
+        for step in _in_tree_steps(moddir, modprobe_config, owner):
+            if step.name in seen or step.name in loaded:
                 continue
-            seen.add(dep_name)
-            steps.append(LoadStep(dep_name, dep_path, "", "in-tree"))
+            seen.add(step.name)
+            steps.append(step)
     skipped = []
     for name in _dependency_order(candidates):
         if name in loaded and not reload_loaded:
@@ -152,16 +159,29 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
     return LoadPlan(instance, kernel_release, tuple(steps), tuple(skipped))
 
 
-def _in_tree_chain(moddir: Optional[ModuleDirectory], name: str) -> list[tuple[str, str]]:
-    """The module and its dependencies from modules.dep, deepest first (modprobe's order)."""
+def _in_tree_steps(moddir: Optional[ModuleDirectory], config: Optional[ModprobeConfig],
+                   name: str) -> list[LoadStep]:
+    """What ``modprobe NAME`` would insert, as load steps (modprobe's order and options)."""
     if moddir is None:
         raise LoadError(f"in-tree module {name} is needed but the host has no module directory")
-    entry = moddir.lookup_module(name)
-    if entry is None or entry.path is None:
+    if config is None:
+        config = load_config([], module_dir=moddir.path)
+    try:
+        planned = load_plan(moddir, config, name)
+    except LookupError:
         raise LoadError(f"in-tree module {name} is needed but not found in {moddir.path}",
-                        hint="install the kernel's modules package or run depmod")
-    chain = [(normalize_name(os.path.basename(dep).split(".", 1)[0]), dep) for dep in entry.dependencies]
-    return [*reversed(chain), (entry.name, entry.path)]
+                        hint="install the kernel's modules package or run depmod") from None
+    steps = []
+    for item in planned:
+        if item.action == ACTION_BUILTIN:
+            continue
+        if item.action == ACTION_INSTALL or item.path is None:
+            raise LoadError(f"in-tree module {item.name} has an install command in the modprobe "
+                            f"configuration: {item.command}",
+                            hint=f"kvc does not run install commands: load it with 'modprobe {item.name}' "
+                                 "first, or remove the install line")
+        steps.append(LoadStep(item.name, item.path, item.options.strip(), "in-tree", item.required))
+    return steps
 
 
 def _dependency_order(candidates: Mapping[str, _Candidate]) -> list[str]:
@@ -193,6 +213,8 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
         try:
             kernel.insert(step.path, step.params, 0)
         except KernelError as exc:
+            if not step.required:
+                continue
             rollback_errors = []
             for loaded in reversed(done):
                 try:

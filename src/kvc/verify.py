@@ -148,7 +148,8 @@ def _read_text(path: str) -> str:
 
 
 def _status_of(result: dict[str, Any]) -> str:
-    if result.get("plan_error") or not all(m.get("loaded") for m in result.get("modules", [])):
+    modules = result.get("modules", [])
+    if result.get("plan_error") or not all(m.get("loaded") or not m.get("required", True) for m in modules):
         return "load-refused"
     smoke = result.get("smoke")
     if smoke is not None and (smoke.get("timed_out") or smoke.get("exit_code") != 0):

@@ -98,7 +98,7 @@ def _insert_all(steps: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog,
     for step in steps:
         progress.step(f"insert {step.name}")
         entry: dict[str, Any] = {"name": step.name, "origin": step.origin, "path": step.path,
-                                 "params": step.params, "loaded": False}
+                                 "params": step.params, "required": step.required, "loaded": False}
         started = time.monotonic()
         try:
             kernel.insert(step.path, step.params, 0)
@@ -110,7 +110,7 @@ def _insert_all(steps: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog,
         entry["seconds"] = round(time.monotonic() - started, 3)
         entry["log"] = log.new_lines()
         results.append(entry)
-        if not entry["loaded"]:
+        if not entry["loaded"] and step.required:
             break
     for entry in results:
         state = kernel.module_state(entry["name"]) if entry["loaded"] else None

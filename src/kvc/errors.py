@@ -41,6 +41,12 @@ class CommandError(KvcError):
         self.output_tail = output_tail
 
 
+class MissingProgramError(KvcError):
+    """A program kvc needs is not installed (or not usable)."""
+
+    exit_code = 4
+
+
 class CommandTimeout(CommandError):
     """An external program did not finish in time (it has been killed)."""
 

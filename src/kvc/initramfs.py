@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import BinaryIO, Mapping, Sequence
 
-from kvc.errors import StateError
+from kvc.errors import KernelMissingError, MissingProgramError
 from kvc.kmod.compression import decompress
 from kvc.kmod.errors import KmodError
 from kvc.kmod.moddir import ModuleDirectory, modname_from_path
@@ -62,7 +62,7 @@ def find_busybox(candidates: Sequence[str] = BUSYBOX_CANDIDATES) -> str:
             continue
         if head[:4] == b"\x7fELF" and b"/ld-linux" not in head and b"ld-musl" not in head:
             return path
-    raise StateError("no statically linked busybox found (looked in " + ", ".join(candidates) + ")",
+    raise MissingProgramError("no statically linked busybox found (looked in " + ", ".join(candidates) + ")",
                      hint="install it: 'apt-get install busybox-static' (Debian) or 'dnf install busybox'")
 
 
@@ -76,7 +76,7 @@ def boot_modules(moddir: ModuleDirectory, roots: Sequence[str] = BOOT_MODULE_ROO
         if entry is None or entry.path is None:
             if moddir.is_builtin(root):
                 continue
-            raise StateError(f"the guest kernel has no module {root} in {moddir.path}",
+            raise KernelMissingError(f"the guest kernel has no module {root} in {moddir.path}",
                              hint="kvc verify needs a kernel with virtio-pci and 9p (built in or as modules)")
         for path in [*reversed(entry.dependencies), entry.path]:
             name = modname_from_path(path)
@@ -92,7 +92,7 @@ def _module_image(path: str) -> bytes:
     try:
         _, data = decompress(raw, path)
     except KmodError as exc:
-        raise StateError(f"cannot read the guest kernel's module {path}: {exc}") from None
+        raise KernelMissingError(f"cannot read the guest kernel's module {path}: {exc}") from None
     return bytes(data)
 
 

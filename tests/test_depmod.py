@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvc.kmod.depmod import Log, load_config
-from kvc.kmod.depmodparse import read_module
+from kvc.kmod.depmodparse import fast_record, parse_elf, read_module, unpack_imports
+from kvc.kmod.elf import ElfFile
 from kvc.kmod.index import Index, decode_index
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
 from kvc.kmod.module import ModuleFile
@@ -126,8 +127,11 @@ def test_fast_symbol_reader_matches_the_elf_reader(kernel_tree: DebianKernel) ->
         assert [(name, crc) for name, crc, _h in record[1]] == raw
         imports = [(s.name.encode("utf-8", "surrogateescape"), s.crc, s.bind == "weak")
                    for s in module.dependency_symbols]
-        assert list(record[2]) == imports
+        assert unpack_imports(record[2]) == imports
         assert list(record[3]) == module.aliases
+    for path in kernel_tree.modules():
+        data = path.read_bytes()
+        assert fast_record(data) == parse_elf(ElfFile(data, str(path))), path
 
 
 # ---- small trees of real modules -------------------------------------------------------------

@@ -1,42 +1,63 @@
 """What depmod needs from one module file, read the way libkmod reads it, plus the hash depmod's
 tables use to order their iteration.
 
-A :data:`ModuleRecord` is a plain tuple (so that it pickles to worker processes and marshals into
-the cache cheaply)::
+A :data:`ModuleRecord` is a plain tuple of bytes, strings and ints (so that it marshals from
+worker processes and into the cache cheaply)::
 
     (error, exports, imports, aliases, softdeps)
     error    None, or the strerror() text kmod prints when the module cannot be read
     exports  ((symbol, crc, hash_superfast(symbol)), ...)   as kmod_module_get_symbols
-    imports  ((symbol, crc, is_weak), ...)                   as kmod_module_get_dependency_symbols
+    imports  (names, crcs, weak)                             as kmod_module_get_dependency_symbols,
+             packed: the names joined by NULs, the CRCs as native u64s, one 0/1 weak byte each
+             (:func:`unpack_imports` gives the (symbol, crc, is_weak) tuples back)
     (symbol names are the raw bytes from the module)
     aliases  the .modinfo ``alias`` values, in order
     softdeps the .modinfo ``softdep`` values, in order
 
-Little-endian ELF64 (every x86-64 module) takes a fast path that reads the symbol table through
-memoryview casts; any other image, or one whose string offsets are out of bounds, goes through
-:class:`~kvc.kmod.elf.ElfFile`, which is the reference for both.
+Little-endian x86-64 ELF64 images take a fast path that reads the tables through memoryview
+casts and C-level iterators, with no Python step per imported symbol; any other image, or
+anything unusual about one, goes through :class:`~kvc.kmod.elf.ElfFile`, which is the reference
+for both.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
+import re
+import struct
+from array import array
+from itertools import compress, filterfalse, repeat
+from operator import itemgetter, not_
+from typing import Iterable, Optional
 
 from kvc.kmod import compression
 from kvc.kmod.elf import SHN_ABS, SHN_UNDEF, STB_WEAK, ElfFile
 from kvc.kmod.errors import ModuleFormatError
-from kvc.kmod.module import MAX_MODULE_FILE, parse_modinfo
+from kvc.kmod.module import MAX_MODULE_FILE
 
 Export = tuple[bytes, int, int]
 Import = tuple[bytes, int, bool]
-ModuleRecord = tuple[Optional[str], tuple[Export, ...], tuple[Import, ...], tuple[str, ...], tuple[str, ...]]
+PackedImports = tuple[bytes, bytes, bytes]
+ModuleRecord = tuple[Optional[str], tuple[Export, ...], PackedImports, tuple[str, ...], tuple[str, ...]]
 
 _MASK = 0xFFFFFFFF
+_EHDR64 = 64
+_SHDR64 = 64
 _SYM64 = 24
 _EM_X86_64 = 62
+_ELF64_LSB = b"\x7fELF\x02\x01"
+# e_machine, e_shoff, e_shentsize, e_shnum, e_shstrndx.
+_EHDR_FIELDS = struct.Struct("<2xH20xQ10xHHH")
 _CRC_PREFIX = b"__crc_"
 _MODVERSION64 = 64
+_NO_IMPORTS: PackedImports = (b"", b"", b"")
+EMPTY_RECORD: ModuleRecord = (None, (), _NO_IMPORTS, (), ())
+# st_info -> 1 for a weak binding (st_info >> 4), else 0.
+_WEAK_FLAG = bytes(int(info >> 4 == STB_WEAK) for info in range(256))
+_FIRST = itemgetter(0)
+_ALIAS = re.compile(r"(?:^|\0)alias(?:=([^\0]*)|(?=\0|\Z))")
+_SOFTDEP = re.compile(r"(?:^|\0)softdep(?:=([^\0]*)|(?=\0|\Z))")
 
 
 def _signed(byte: int) -> int:
@@ -87,118 +108,182 @@ def _strerror(err: int) -> str:
     return os.strerror(err)
 
 
+def pack_imports(imports: Iterable[Import]) -> PackedImports:
+    names: list[bytes] = []
+    crcs = array("Q")
+    weak = bytearray()
+    for name, crc, is_weak in imports:
+        names.append(name)
+        crcs.append(crc)
+        weak.append(is_weak)
+    return b"\0".join(names), crcs.tobytes(), bytes(weak)
+
+
+def unpack_imports(packed: PackedImports) -> list[Import]:
+    """The (symbol, crc, is_weak) imports of a record, in kmod's order."""
+    names, crcs, weak = packed
+    if not weak:
+        return []
+    values = array("Q")
+    values.frombytes(crcs)
+    return [(name, crc, flag == 1) for name, crc, flag in zip(names.split(b"\0"), values, weak)]
+
+
 def read_module(path: str) -> ModuleRecord:
     """Parse one module file; never raises for a bad file (the error is in the record)."""
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
             if size > MAX_MODULE_FILE:
-                return (_strerror(errno.EFBIG), (), (), (), ())
-            raw = handle.read()
+                return (_strerror(errno.EFBIG), (), _NO_IMPORTS, (), ())
+            raw = os.read(fd, size)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        return (_strerror(exc.errno or errno.EIO), (), (), (), ())
+        return (_strerror(exc.errno or errno.EIO), (), _NO_IMPORTS, (), ())
     try:
         _kind, image = compression.decompress(raw, path)
+        fast = fast_record(bytes(image))
+        if fast is not None:
+            return fast
         elf = ElfFile(image, path)
     except ModuleFormatError as exc:
-        return (_strerror(exc.errno), (), (), (), ())
+        return (_strerror(exc.errno), (), _NO_IMPORTS, (), ())
     return parse_elf(elf)
 
 
 def parse_elf(elf: ElfFile) -> ModuleRecord:
-    fast = _fast_symbols(elf) if elf.is_64 and elf.order == "<" and elf.machine == _EM_X86_64 else None
-    if fast is not None:
-        exports, imports = fast
-    else:
-        exports = tuple((_raw(sym.name), sym.crc, hash_superfast(_raw(sym.name))) for sym in elf.exported_symbols())
-        try:
-            imports = tuple((_raw(sym.name), sym.crc, sym.bind == "weak") for sym in elf.dependency_symbols())
-        except ModuleFormatError:
-            # kmod_module_get_dependency_symbols failing only means "no dependencies" to depmod.
-            imports = ()
-    aliases: list[str] = []
-    softdeps: list[str] = []
-    for entry in parse_modinfo(elf.section_data(".modinfo")):
-        if entry.key == "alias":
-            aliases.append(entry.value)
-        elif entry.key == "softdep":
-            softdeps.append(entry.value)
-    return (None, exports, imports, tuple(aliases), tuple(softdeps))
+    """The reference reader: every ELF class and byte order, through :class:`ElfFile`."""
+    exports = tuple((_raw(sym.name), sym.crc, hash_superfast(_raw(sym.name))) for sym in elf.exported_symbols())
+    try:
+        imports = pack_imports((_raw(sym.name), sym.crc, sym.bind == "weak") for sym in elf.dependency_symbols())
+    except ModuleFormatError:
+        # kmod_module_get_dependency_symbols failing only means "no dependencies" to depmod.
+        imports = _NO_IMPORTS
+    aliases, softdeps = _modinfo(elf.section_data(".modinfo"))
+    return (None, exports, imports, aliases, softdeps)
 
 
-def _fast_symbols(elf: ElfFile) -> Optional[tuple[tuple[Export, ...], tuple[Import, ...]]]:
-    """Exports and imports of a little-endian ELF64 image, or None to take the reference path."""
-    symtab = elf.section(".symtab")
-    strtab_data = elf.section_data(".strtab")
-    if symtab is None or strtab_data is None or symtab.size % _SYM64 or symtab.size <= _SYM64:
+def _modinfo(section: Optional[bytes]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ``alias`` and ``softdep`` values of ``.modinfo`` as kmod splits it (runs of NULs separate
+    ``key=value`` strings, a string without '=' is a key with an empty value)."""
+    if not section:
+        return (), ()
+    text = bytes(section).decode("utf-8", "surrogateescape")
+    return tuple(_ALIAS.findall(text)), tuple(_SOFTDEP.findall(text))
+
+
+def fast_record(data: bytes) -> Optional[ModuleRecord]:
+    """The record of a little-endian x86-64 ELF64 image, read with C-level iterators over the raw
+    tables instead of one Python step per symbol; None sends anything unusual (including every
+    image :class:`ElfFile` would reject) to the reference reader."""
+    size = len(data)
+    if size <= _EHDR64 or data[:6] != _ELF64_LSB:
         return None
-    strtab = bytes(strtab_data)
+    machine, shoff, shentsize, shnum, shstrndx = _EHDR_FIELDS.unpack_from(data, 16)
+    if (machine != _EM_X86_64 or shentsize != _SHDR64 or shoff + shnum * _SHDR64 > size
+            or shstrndx == SHN_UNDEF or shstrndx >= shnum):
+        return None
+    headers = memoryview(data)[shoff:shoff + shnum * _SHDR64]
+    name_offsets = headers.cast("I")[0::16].tolist()
+    offsets = headers.cast("Q")[3::8].tolist()
+    sizes = headers.cast("Q")[4::8].tolist()
+    names_start, names_end = offsets[shstrndx], offsets[shstrndx] + sizes[shstrndx]
+    if names_end > size or names_end == names_start or data[names_end - 1] != 0:
+        return None
+    section_names = data[names_start:names_end]
+    # The lowest section index for each name offset, as ElfFile.section scans them.
+    first_at = dict(zip(reversed(name_offsets[1:]), range(shnum - 1, 0, -1)))
+
+    def find(name: bytes) -> int:
+        """The section index (0: none), or -1 when the first match is out of bounds."""
+        found = 0
+        position = section_names.find(name)
+        while position >= 0:
+            index = first_at.get(position, 0)
+            if index and (not found or index < found):
+                found = index
+            position = section_names.find(name, position + 1)
+        if found and offsets[found] + sizes[found] > size:
+            return -1
+        return found
+
+    symtab, strtab_index, versions_index, modinfo_index = (
+        find(b".symtab\0"), find(b".strtab\0"), find(b"__versions\0"), find(b".modinfo\0"))
+    if min(symtab, strtab_index, versions_index, modinfo_index) < 0 or not symtab or not strtab_index:
+        return None
+    table_size = sizes[symtab]
+    if table_size % _SYM64 or table_size <= _SYM64:
+        return None
+    strtab = data[offsets[strtab_index]:offsets[strtab_index] + sizes[strtab_index]]
     if not strtab or strtab[-1] != 0:
         return None
-    table = memoryview(elf.data)[symtab.offset + _SYM64:symtab.offset + symtab.size]
+    table = memoryview(data)[offsets[symtab] + _SYM64:offsets[symtab] + table_size]
     names = table.cast("I")[0::6].tolist()
     if max(names) >= len(strtab):
         return None
     sections = table.cast("H")[3::12].tolist()
-    find = strtab.find
     exports: list[Export] = []
     if _CRC_PREFIX in strtab:
         starts = set()
-        position = find(_CRC_PREFIX)
+        position = strtab.find(_CRC_PREFIX)
         while position >= 0:
             starts.add(position)
-            position = find(_CRC_PREFIX, position + 1)
+            position = strtab.find(_CRC_PREFIX, position + 1)
         values = table.cast("Q")[1::3].tolist()
-        crc_data: dict[int, Optional[tuple[int, int]]] = {}
-        for index in [i for i, offset in enumerate(names) if offset in starts]:
+        for index in compress(range(len(names)), map(starts.__contains__, names)):
             start = names[index] + len(_CRC_PREFIX)
-            raw_name = strtab[start:find(b"\0", start)]
-            exports.append((raw_name, _crc(elf, values[index], sections[index], crc_data), hash_superfast(raw_name)))
+            raw_name = strtab[start:strtab.find(b"\0", start)]
+            crc = _crc(data, values[index], sections[index], offsets, sizes)
+            exports.append((raw_name, crc, hash_superfast(raw_name)))
     if not exports:
-        exports = [(name, 0, hash_superfast(name)) for name in elf.strings("__ksymtab_strings")]
-    undefined = [i for i, section in enumerate(sections) if section == SHN_UNDEF]
-    infos = table[4::_SYM64].tolist()
-    versions = _modversions(elf)
-    first_index: dict[bytes, int] = {}
-    for position, (_crc_value, vname) in enumerate(versions):
-        first_index.setdefault(vname, position)
-    visited = [False] * len(versions)
-    imports: list[Import] = []
-    for index in undefined:
-        start = names[index]
-        raw_name = strtab[start:find(b"\0", start)]
-        if not raw_name:
-            continue
-        found = first_index.get(raw_name)
-        crc = 0
-        if found is not None:
-            visited[found] = True
-            crc = versions[found][0]
-        imports.append((raw_name, crc, infos[index] >> 4 == STB_WEAK))
-    imports.extend((vname, crc, False) for (crc, vname), seen in zip(versions, visited) if not seen)
-    return tuple(exports), tuple(imports)
+        ksymtab = find(b"__ksymtab_strings\0")
+        if ksymtab < 0:
+            return None
+        if ksymtab:
+            strings = data[offsets[ksymtab]:offsets[ksymtab] + sizes[ksymtab]].split(b"\0")
+            exports = [(name, 0, hash_superfast(name)) for name in strings if name]
+    undefined = list(compress(range(len(sections)), map(not_, sections)))
+    starts_of = list(map(names.__getitem__, undefined))
+    imported = list(map(strtab.__getitem__, map(slice, starts_of, map(strtab.find, repeat(b"\0"), starts_of))))
+    weak = bytes(map(bytes(table[4::_SYM64]).__getitem__, undefined)).translate(_WEAK_FLAG)
+    if b"" in imported:
+        # A nameless undefined symbol is skipped, as kmod skips it.
+        kept = [position for position, name in enumerate(imported) if name]
+        imported = [imported[position] for position in kept]
+        weak = bytes(weak[position] for position in kept)
+    crcs: list[int] = []
+    if versions_index and sizes[versions_index] and not sizes[versions_index] % _MODVERSION64:
+        start, end = offsets[versions_index], offsets[versions_index] + sizes[versions_index]
+        version_crcs = memoryview(data)[start:end].cast("Q")[0::8].tolist()
+        fields = map(data.__getitem__, map(slice, range(start + 8, end, _MODVERSION64),
+                                           range(start + _MODVERSION64, end + 1, _MODVERSION64)))
+        version_names = list(map(_FIRST, map(bytes.partition, fields, repeat(b"\0"))))
+        # Each undefined symbol takes the CRC of the first entry of its name; entries that no
+        # symbol takes follow as imports of their own.
+        first_crc = dict(zip(reversed(version_names), reversed(version_crcs)))
+        first_index = dict(zip(reversed(version_names), range(len(version_names) - 1, -1, -1)))
+        crcs = list(map(first_crc.get, imported, repeat(0)))
+        taken = set(map(first_index.get, imported))
+        unmatched = list(filterfalse(taken.__contains__, range(len(version_names))))
+        imported.extend(map(version_names.__getitem__, unmatched))
+        crcs.extend(map(version_crcs.__getitem__, unmatched))
+        weak += bytes(len(unmatched))
+    else:
+        crcs = [0] * len(imported)
+    modinfo = data[offsets[modinfo_index]:offsets[modinfo_index] + sizes[modinfo_index]] if modinfo_index else None
+    aliases, softdeps = _modinfo(modinfo)
+    return (None, tuple(exports), (b"\0".join(imported), array("Q", crcs).tobytes(), weak), aliases, softdeps)
 
 
-def _modversions(elf: ElfFile) -> list[tuple[int, bytes]]:
-    """``__versions`` of a little-endian ELF64 image: {u64 crc; char name[56]} entries."""
-    raw = elf.section_data("__versions")
-    if not raw or len(raw) % _MODVERSION64:
-        return []
-    data = bytes(raw)
-    crcs = memoryview(data).cast("Q")[0::8].tolist()
-    names = [data[at + 8:at + _MODVERSION64].split(b"\0", 1)[0] for at in range(0, len(data), _MODVERSION64)]
-    return list(zip(crcs, names))
-
-
-def _crc(elf: ElfFile, value: int, shndx: int, cache: dict[int, Optional[tuple[int, int]]]) -> int:
+def _crc(data: bytes, value: int, shndx: int, offsets: list[int], sizes: list[int]) -> int:
     """The CRC of a ``__crc_`` symbol: its value when absolute, else the u32 it points at."""
     if shndx in (SHN_ABS, SHN_UNDEF):
         return value
-    if shndx not in cache:
-        section = elf.section_by_index(shndx)
-        ok = section is not None and section.in_bounds and section.size >= 4
-        cache[shndx] = (section.offset, section.size) if ok and section is not None else None
-    where = cache[shndx]
-    if where is None or value > where[1] - 4:
+    if not 1 <= shndx < len(offsets):
         return 0xFFFFFFFFFFFFFFFF
-    return int.from_bytes(elf.data[where[0] + value:where[0] + value + 4], "little")
+    offset, size = offsets[shndx], sizes[shndx]
+    if offset + size > len(data) or size < 4 or value > size - 4:
+        return 0xFFFFFFFFFFFFFFFF
+    return int.from_bytes(data[offset + value:offset + value + 4], "little")

@@ -23,7 +23,8 @@ import re
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from functools import partial
+from typing import Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar, cast
 
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
@@ -438,24 +439,35 @@ def _parse_chunk(paths: list[str]) -> list[ModuleRecord]:
     return [read_module(path) for path in paths]
 
 
-def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
-    """Records for ``paths``, parsed by ``jobs`` processes when that pays off: the parent takes
-    one interleaved share (which balances big and small modules) and each forked child another,
-    sending its records back marshalled through a pipe (marshal is several times faster than
-    pickle on these tuples of bytes). A child that fails has its share parsed here."""
+def worker_count(jobs: int, tasks: int) -> int:
+    """Processes to use: ``jobs``, else one per CPU (at most 8); one for small trees, where
+    forking costs more than it saves."""
     if jobs <= 0:
         jobs = min(os.cpu_count() or 1, 8)
-    if jobs == 1 or len(paths) < _PARALLEL_MIN:
-        return _parse_chunk(paths)
-    children: list[tuple[int, int, int]] = []
-    for share in range(1, jobs):
+    return 1 if tasks < _PARALLEL_MIN else jobs
+
+
+_T = TypeVar("_T")
+
+
+class _Forked(Generic[_T]):
+    """``work()`` run in a forked child (when ``fork``), its result marshalled back through a
+    pipe by :meth:`result`; run in this process instead without ``fork`` or when the child
+    fails. ``work`` must only read what the parent no longer changes."""
+
+    def __init__(self, work: Callable[[], _T], fork: bool) -> None:
+        self._work = work
+        self._pid = 0
+        self._read = -1
+        if not fork:
+            return
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(read_end)
             status = 1
             try:
-                payload = marshal.dumps(_parse_chunk(paths[share::jobs]))
+                payload = marshal.dumps(work())  # type: ignore[arg-type]
                 with os.fdopen(write_end, "wb") as out:
                     out.write(payload)
                 status = 0
@@ -463,23 +475,34 @@ def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
                 # Never return into the parent's code, atexit handlers or stdio buffers.
                 os._exit(status)
         os.close(write_end)
-        children.append((share, pid, read_end))
+        self._pid, self._read = pid, read_end
+
+    def result(self) -> _T:
+        if self._pid:
+            with os.fdopen(self._read, "rb") as handle:
+                payload = handle.read()
+            _pid, status = os.waitpid(self._pid, 0)
+            self._pid = 0
+            if status == 0:
+                try:
+                    return cast(_T, marshal.loads(payload))
+                except (EOFError, ValueError, TypeError):
+                    pass
+        return self._work()
+
+
+def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
+    """Records for ``paths``, parsed by ``jobs`` processes when that pays off: the parent takes
+    one interleaved share (which balances big and small modules) and each forked child another
+    (marshal is several times faster than pickle on these tuples of bytes)."""
+    jobs = worker_count(jobs, len(paths))
+    if jobs == 1:
+        return _parse_chunk(paths)
+    children = [_Forked(partial(_parse_chunk, paths[share::jobs]), fork=True) for share in range(1, jobs)]
     records = [EMPTY_RECORD] * len(paths)
     records[0::jobs] = _parse_chunk(paths[0::jobs])
-    for share, pid, read_end in children:
-        with os.fdopen(read_end, "rb") as handle:
-            payload = handle.read()
-        _pid, status = os.waitpid(pid, 0)
-        chunk = paths[share::jobs]
-        result: object = None
-        if status == 0:
-            try:
-                result = marshal.loads(payload)
-            except (EOFError, ValueError, TypeError):
-                result = None
-        if not isinstance(result, list) or len(result) != len(chunk):
-            result = _parse_chunk(chunk)
-        records[share::jobs] = result
+    for share, child in enumerate(children, start=1):
+        records[share::jobs] = child.result()
     return records
 
 
@@ -512,6 +535,15 @@ class Depmod:
         self.inputs = hashlib.sha256(repr(options).encode(ENCODING, ERRORS))
         prefix = options.symbol_prefix.encode(ENCODING, ERRORS)
         self.prefix = prefix[:1]
+        # Whether independent work (the cache, modules.alias.bin) goes to forked children.
+        self.parallel = False
+        self._background: list[_Forked[None]] = []
+
+    def wait(self) -> None:
+        """Wait for the background children (the cache written)."""
+        for job in self._background:
+            job.result()
+        self._background.clear()
 
     def _strip(self, name: bytes) -> bytes:
         return name[1:] if self.prefix and name[:1] == self.prefix else name
@@ -605,6 +637,7 @@ class Depmod:
                 fresh[module.path] = hit
             else:
                 missing.append((module, key))
+        self.parallel = worker_count(self.options.jobs, len(missing)) > 1
         if missing:
             records = parse_modules([module.path for module, _key in missing], self.options.jobs)
             for (module, key), record in zip(missing, records):
@@ -612,7 +645,7 @@ class Depmod:
                 if key is not None:
                     fresh[module.path] = (key, record)
         if cache is not None and (missing or len(fresh) != len(stored)):
-            cache.store_modules(fresh)
+            self._background.append(_Forked(partial(cache.store_modules, fresh), fork=self.parallel))
 
     def input_key(self, modules: list[_Module], config_digest: bytes) -> bytes:
         digest = self.inputs.copy()
@@ -893,7 +926,24 @@ class Depmod:
                                   "information. Ignoring.\n")
         return "".join(out)
 
+    def _captured(self, work: Callable[[], _T]) -> tuple[list[tuple[int, str]], _T]:
+        """``work()`` with its messages kept, for logging later in kmod's order."""
+        messages: list[tuple[int, str]] = []
+        log = self.log
+        self.log = Log(lambda level, text: messages.append((level, text)), log.verbosity)
+        try:
+            return messages, work()
+        finally:
+            self.log = log
+
+    def _alias_bin(self, array: list[_Module]) -> bytes:
+        return self._index("modules.alias.bin", IndexBuilder(), self._alias_entries(array), "alias")
+
     def outputs(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
+        # modules.alias.bin, the largest index, is built by a child meanwhile; messages of
+        # what follows it are held back until its own are logged.
+        alias_bin = None if show else _Forked(partial(self._captured, partial(self._alias_bin, array)),
+                                              fork=self.parallel)
         files: list[tuple[str, bytes]] = []
         lines = self.dep_lines(array)
         files.append(("modules.dep", _raw("".join(line + "\n" for line in lines))))
@@ -905,9 +955,17 @@ class Depmod:
         for module in array:
             alias_text.extend(f"alias {alias} {module.name}\n" for alias in module.record[3])
         files.append(("modules.alias", _raw("".join(alias_text))))
-        if not show:
-            files.append(("modules.alias.bin", self._index("modules.alias.bin", IndexBuilder(),
-                                                           self._alias_entries(array), "alias")))
+        held, rest = self._captured(partial(self._after_alias_bin, array, show))
+        if alias_bin is not None:
+            messages, data = alias_bin.result()
+            held = messages + held
+            files.append(("modules.alias.bin", data))
+        for level, message in held:
+            self.log(level, message)
+        return files + rest
+
+    def _after_alias_bin(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
+        files: list[tuple[str, bytes]] = []
         softdep_text = ["# Soft dependencies extracted from modules themselves.\n"]
         for module in array:
             softdep_text.extend(f"softdep {module.name} {value}\n" for value in module.record[4])
@@ -1003,11 +1061,13 @@ def run(options: DepmodOptions, log: Log, *, show: bool = False) -> DepmodResult
         depmod.load_symbols(array)
         depmod.load_dependencies(array)
         depmod.sort_dependencies(array)
+        files = depmod.outputs(array, show)
     except DepmodError:
         if cache is not None and key:
             cache.store_outputs(key, log.recorded or [], [], 1)
         raise
-    files = depmod.outputs(array, show)
+    finally:
+        depmod.wait()
     if cache is not None and key:
         cache.store_outputs(key, log.recorded or [], files, 0)
     return DepmodResult(tuple(files), 0)

@@ -17,8 +17,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvc.kmod import module as module_reader
 from kvc.kmod.depmod import Log, load_config
-from kvc.kmod.depmodparse import fast_record, parse_elf, read_module, unpack_imports
+from kvc.kmod.depmodparse import MAX_MODULE_FILE, fast_record, parse_elf, read_module, unpack_imports
 from kvc.kmod.elf import ElfFile
 from kvc.kmod.index import Index, decode_index
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
@@ -129,6 +130,7 @@ def test_fast_symbol_reader_matches_the_elf_reader(kernel_tree: DebianKernel) ->
                    for s in module.dependency_symbols]
         assert unpack_imports(record[2]) == imports
         assert list(record[3]) == module.aliases
+    assert MAX_MODULE_FILE == module_reader.MAX_MODULE_FILE
     for path in kernel_tree.modules():
         data = path.read_bytes()
         assert fast_record(data) == parse_elf(ElfFile(data, str(path))), path

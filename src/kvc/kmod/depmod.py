@@ -28,7 +28,6 @@ from typing import Callable, Generic, Iterable, Iterator, Optional, Sequence, Ty
 
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
-from kvc.kmod.moddir import BuiltinModinfo, normalize_alias
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -879,6 +878,10 @@ class Depmod:
             self.log(WARNING, f"could not open modules.builtin.modinfo at {self.dirname}: "
                               f"{os.strerror(exc.errno or errno.EIO)}\n")
             return b""
+        # Imported here, in the child that builds this index when there is one: moddir and
+        # what it imports are a good part of start-up.
+        from kvc.kmod.moddir import BuiltinModinfo
+
         info = BuiltinModinfo.parse(data, path)
         entries = []
         seen: set[str] = set()
@@ -936,14 +939,20 @@ class Depmod:
         finally:
             self.log = log
 
-    def _alias_bin(self, array: list[_Module]) -> bytes:
-        return self._index("modules.alias.bin", IndexBuilder(), self._alias_entries(array), "alias")
+    def _child_indexes(self, array: list[_Module]) -> tuple[list[tuple[int, str]], bytes, list[tuple[int, str]],
+                                                             bytes, bytes]:
+        """modules.alias.bin (the largest index), modules.builtin.bin and
+        modules.builtin.alias.bin, with their messages."""
+        alias_messages, alias = self._captured(
+            partial(self._index, "modules.alias.bin", IndexBuilder(), self._alias_entries(array), "alias"))
+        builtin_messages, (builtin, builtin_alias) = self._captured(
+            lambda: (self._builtin_bin(), self._builtin_alias_bin()))
+        return alias_messages, alias, builtin_messages, builtin, builtin_alias
 
     def outputs(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
-        # modules.alias.bin, the largest index, is built by a child meanwhile; messages of
-        # what follows it are held back until its own are logged.
-        alias_bin = None if show else _Forked(partial(self._captured, partial(self._alias_bin, array)),
-                                              fork=self.parallel)
+        # A child builds three of the indexes meanwhile; the messages of what comes after
+        # modules.alias.bin in kmod's order are held back and logged in that order.
+        child = None if show else _Forked(partial(self._child_indexes, array), fork=self.parallel)
         files: list[tuple[str, bytes]] = []
         lines = self.dep_lines(array)
         files.append(("modules.dep", _raw("".join(line + "\n" for line in lines))))
@@ -955,16 +964,24 @@ class Depmod:
         for module in array:
             alias_text.extend(f"alias {alias} {module.name}\n" for alias in module.record[3])
         files.append(("modules.alias", _raw("".join(alias_text))))
-        held, rest = self._captured(partial(self._after_alias_bin, array, show))
-        if alias_bin is not None:
-            messages, data = alias_bin.result()
-            held = messages + held
-            files.append(("modules.alias.bin", data))
-        for level, message in held:
+        symbol_messages, middle = self._captured(partial(self._softdeps_and_symbols, array, show))
+        devname_messages, devname = self._captured(partial(self._devname, array))
+        held = symbol_messages
+        if child is None:
+            files.extend(middle)
+        else:
+            alias_messages, alias, builtin_messages, builtin, builtin_alias = child.result()
+            files.append(("modules.alias.bin", alias))
+            files.extend(middle)
+            files.append(("modules.builtin.bin", builtin))
+            files.append(("modules.builtin.alias.bin", builtin_alias))
+            held = alias_messages + symbol_messages + builtin_messages
+        files.append(("modules.devname", _raw(devname)))
+        for level, message in held + devname_messages:
             self.log(level, message)
-        return files + rest
+        return files
 
-    def _after_alias_bin(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
+    def _softdeps_and_symbols(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
         files: list[tuple[str, bytes]] = []
         softdep_text = ["# Soft dependencies extracted from modules themselves.\n"]
         for module in array:
@@ -979,9 +996,6 @@ class Depmod:
         if not show:
             entries = ((b"symbol:" + s.name, _raw(s.owner.name), s.owner.idx) for s in owned if s.owner is not None)
             files.append(("modules.symbols.bin", self._index("modules.symbols.bin", IndexBuilder(), entries, "syms")))
-            files.append(("modules.builtin.bin", self._builtin_bin()))
-            files.append(("modules.builtin.alias.bin", self._builtin_alias_bin()))
-        files.append(("modules.devname", _raw(self._devname(array))))
         return files
 
 
@@ -993,6 +1007,8 @@ def _normalize(alias: str) -> Optional[str]:
     shorter than PATH_MAX, and then only '-' changes."""
     if "[" not in alias and "]" not in alias and len(alias) < 2048:
         return alias.replace("-", "_")
+    from kvc.kmod.moddir import normalize_alias
+
     try:
         return normalize_alias(alias)
     except ValueError:

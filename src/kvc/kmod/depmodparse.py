@@ -34,13 +34,15 @@ from typing import Iterable, Optional
 from kvc.kmod import compression
 from kvc.kmod.elf import SHN_ABS, SHN_UNDEF, STB_WEAK, ElfFile
 from kvc.kmod.errors import ModuleFormatError
-from kvc.kmod.module import MAX_MODULE_FILE
 
 Export = tuple[bytes, int, int]
 Import = tuple[bytes, int, bool]
 PackedImports = tuple[bytes, bytes, bytes]
 ModuleRecord = tuple[Optional[str], tuple[Export, ...], PackedImports, tuple[str, ...], tuple[str, ...]]
 
+# kvc.kmod.module.MAX_MODULE_FILE (a test checks they agree): importing that module, and the
+# signature parsing it pulls in, would be a good part of depmod's start-up.
+MAX_MODULE_FILE = 1024 * 1024 * 1024
 _MASK = 0xFFFFFFFF
 _EHDR64 = 64
 _SHDR64 = 64

@@ -2,7 +2,8 @@
 
 Beyond kmod's flags: ``--cache-dir=DIR`` moves the parse cache, ``--no-cache`` disables it
 (``KVC_DEPMOD_CACHE`` does either from the environment, see :mod:`kvc.kmod.depmod`), and
-``--jobs=N`` sets the number of parsing processes.
+``--jobs=N`` sets the number of parsing processes (with 1, nothing is forked: the cache write and
+three of the indexes, otherwise built in children, are done in the one process).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 
 from kvc.initramfs import BOOT_MODULE_ROOTS, CpioEntry, boot_modules, find_busybox, write_cpio
-from kvc.kernelfiles import find_in_tree
+from kvc.kernelfiles import find_in_tree, index_module_tree
 from kvc.kmod.moddir import ModuleDirectory
 from support import fakeprog
 from support.debian_headers import foreign_headers
@@ -119,6 +119,23 @@ def test_kernel_files_in_the_layouts_people_have(tmp_path: Path) -> None:
     assert found is not None and found.vmlinuz == str(moddir / "vmlinuz") and found.moddir == str(moddir)
     found, problem = find_in_tree(str(tmp_path / "nothing"), release)
     assert found is None and f"no vmlinuz-{release}" in problem
+
+
+def test_a_fetched_kernel_is_indexed_by_kvcs_depmod_as_debians_would_be(tmp_path: Path,
+                                                                        indexed_kernel_tree: DebianKernel) -> None:
+    copy = tmp_path / "tree"
+    subprocess.run(["cp", "-al", str(indexed_kernel_tree.root), str(copy)], check=True)
+    moddir = copy / "lib" / "modules" / indexed_kernel_tree.release
+    package_files = {"modules.order", "modules.builtin", "modules.builtin.modinfo"}
+    written = sorted(p.name for p in moddir.glob("modules.*") if p.name not in package_files)
+    assert "modules.dep.bin" in written
+    for name in written:
+        (moddir / name).unlink()
+    assert index_module_tree(str(copy), indexed_kernel_tree.release) == ""
+    for name in written:  # Debian's depmod wrote the originals
+        assert (moddir / name).read_bytes() == (indexed_kernel_tree.moddir / name).read_bytes(), name
+    found, problem = find_in_tree(str(copy), indexed_kernel_tree.release)
+    assert found is not None and not problem
 
 
 # ---- error paths with fake programs -----------------------------------------------------------------

@@ -6,7 +6,7 @@ lacks (:class:`KernelSource`). The default sources, tried in order: a directory 
 (``--kernel-dir``, then the only source), else the host's own ``/boot`` and ``/lib/modules`` (also
 ``/lib/modules/KVER/vmlinuz``, as Fedora, CoreOS and bootc keep it), else the distribution's
 package: on Debian ``apt-get download linux-image-KVER`` and ``dpkg-deb -x`` into the cache,
-indexed with ``depmod``. Unpacked packages are kept in the cache (``/var/cache/kvc/kernels/KVER``),
+indexed with kvc's own depmod. Unpacked packages are kept in the cache (``/var/cache/kvc/kernels/KVER``),
 so only the first verification of a kernel downloads it.
 """
 
@@ -21,6 +21,7 @@ from typing import Optional, Protocol, Sequence
 
 from kvc import proc
 from kvc.errors import CommandError, KernelMissingError
+from kvc.kmod import depmod
 
 INDEX_FILES = ("modules.dep.bin", "modules.dep")
 COMPLETE_MARK = ".complete"
@@ -107,8 +108,10 @@ def _unpack_debian_package(base: str, root: str, package: str, release: str) -> 
         if len(debs) != 1:
             return f"apt-get download {package} gave {len(debs)} packages"
         proc.run(["dpkg-deb", "-x", debs[0], root])
-        # Debian's package carries no indexes: its postinst runs depmod on install.
-        proc.run(["depmod", "-C", "/dev/null", "-b", root, release])
+        # Debian's package carries no indexes (its postinst runs depmod on install): kvc's depmod.
+        problem = index_module_tree(root, release)
+        if problem:
+            return problem
     except CommandError as exc:
         last = exc.output_tail.strip().splitlines()
         return f"{' '.join(exc.argv[:3])} failed: {last[-1] if last else exc.brief}"
@@ -157,6 +160,20 @@ def default_sources(*, kernel_dir: Optional[str], host_root: str, cache_dir: str
     if kernel_dir is not None:
         return [DirectorySource(os.path.abspath(kernel_dir), f"--kernel-dir {kernel_dir}")]
     return [HostSource(host_root), DebianPackageSource(cache_dir)]
+
+
+def index_module_tree(root: str, release: str) -> str:
+    """Write kmod's indexes into ``root/lib/modules/RELEASE`` with kvc's depmod (no depmod.d
+    configuration, as ``depmod -C /dev/null -b ROOT RELEASE``); "" or what went wrong."""
+    messages: list[str] = []
+    log = depmod.Log(lambda level, text: messages.append(text.strip()))
+    options = depmod.DepmodOptions(release, basedir=root, config_paths=())
+    try:
+        result = depmod.run(options, log)
+        written = depmod.write_outputs(options.dirname, result.files, log)
+    except depmod.DepmodError:
+        written = False
+    return "" if written else f"depmod for {options.dirname} failed: {messages[-1] if messages else 'no output'}"
 
 
 def find_kernel(release: str, sources: Sequence[KernelSource]) -> KernelFiles:

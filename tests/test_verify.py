@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from kvc.bootimage import has_pvh_note, pvh_kernel
 from kvc.initramfs import BOOT_MODULE_ROOTS, CpioEntry, boot_modules, find_busybox, write_cpio
 from kvc.kernelfiles import find_in_tree, index_module_tree
 from kvc.kmod.moddir import ModuleDirectory
@@ -136,6 +137,20 @@ def test_a_fetched_kernel_is_indexed_by_kvcs_depmod_as_debians_would_be(tmp_path
         assert (moddir / name).read_bytes() == (indexed_kernel_tree.moddir / name).read_bytes(), name
     found, problem = find_in_tree(str(copy), indexed_kernel_tree.release)
     assert found is not None and not problem
+
+
+def test_the_kernel_boots_uncompressed_through_pvh(tmp_path: Path, indexed_kernel_tree: DebianKernel) -> None:
+    vmlinux = pvh_kernel(str(indexed_kernel_tree.vmlinuz), str(tmp_path))
+    assert vmlinux is not None and vmlinux.startswith(str(tmp_path / "vmlinux"))
+    elf = Path(vmlinux).read_bytes()
+    assert elf[:4] == b"\x7fELF" and has_pvh_note(elf)
+    assert len(elf) > 3 * indexed_kernel_tree.vmlinuz.stat().st_size
+    assert pvh_kernel(str(indexed_kernel_tree.vmlinuz), str(tmp_path)) == vmlinux  # cached
+    assert not has_pvh_note(elf.replace(b"Xen\0", b"Nax\0"))  # every note renamed: none is Xen's
+    not_a_kernel = tmp_path / "vmlinuz-x"
+    not_a_kernel.write_bytes(b"MZ" + bytes(4096))
+    assert pvh_kernel(str(not_a_kernel), str(tmp_path)) is None
+    assert pvh_kernel(str(not_a_kernel), str(tmp_path)) is None  # and remembered as unusable
 
 
 # ---- error paths with fake programs -----------------------------------------------------------------
@@ -372,6 +387,7 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
     code, report = verify_json(vm_env, name)
     assert code == 0, json.dumps(report, indent=2)
     assert report["status"] == "verified" and report["kernel"] == vm_env["release"]
+    assert report["vm"]["boot"] == "pvh" and report["vm"]["kernel_image"].endswith(".elf")
     assert report["kernel_files"]["source"].startswith(f"Debian package linux-image-{vm_env['release']}")
     modules = {m["name"]: m for m in report["modules"]}
     assert list(modules) == ["simple_kmod", "simple_procfs_kmod"]

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import kvc
 from kvc.atomic import write_json
+from kvc.bootimage import pvh_kernel
 from kvc.build import image_tag, match_modules
 from kvc.config import InstanceConfig
 from kvc.errors import CommandError, StateError
@@ -209,7 +210,8 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         shares = [Share("kvcroot", "/"), Share("kvcwork", work, readonly=False), Share("kvcmods", kernel.moddir)]
         if image_root:
             shares.append(Share("kvcimage", image_root))
-        machine = GuestMachine(kernel.vmlinuz, initrd, GUEST_APPEND, os.path.join(work, "console.log"),
+        pvh = pvh_kernel(kernel.vmlinuz, layout.cache_dir)
+        machine = GuestMachine(pvh or kernel.vmlinuz, initrd, GUEST_APPEND, os.path.join(work, "console.log"),
                                tuple(shares), plan.options.memory_mb)
         accel = choose_accel(plan.options.accel, machine,
                              os.path.join(layout.cache_dir, "accel-probe.json"))
@@ -221,8 +223,8 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         "schema": REPORT_SCHEMA, "instance": instance.name, "version": instance.software_version,
         "kernel": kernel.release, "image": {"tag": plan.image, "id": plan.image_id},
         "kernel_files": {"vmlinuz": kernel.vmlinuz, "moddir": kernel.moddir, "source": kernel.source},
-        "vm": {"accel": accel, "memory_mb": plan.options.memory_mb, "timeout": plan.options.timeout,
-               "qemu_exit": run.returncode},
+        "vm": {"accel": accel, "boot": "pvh" if pvh else "bzimage", "kernel_image": machine.kernel,
+               "memory_mb": plan.options.memory_mb, "timeout": plan.options.timeout, "qemu_exit": run.returncode},
         "modules": [], "smoke": None, "unload": [], "crash": None, "artifacts": None, "console_log": None}
     result_text = _read_text(os.path.join(work, "result.json"))
     try:
@@ -268,7 +270,8 @@ def format_report(report: VerifyReport) -> str:
     data = report.data
     vm = data["vm"]
     lines = [f"verify {data['instance']} {data['version']} on kernel {data['kernel']} "
-             f"(qemu {vm['accel']}, {vm['memory_mb']} MiB, no network)",
+             f"(qemu {vm['accel']}, {'PVH boot' if vm['boot'] == 'pvh' else 'bzImage boot'}, "
+             f"{vm['memory_mb']} MiB, no network)",
              f"  kernel files: {data['kernel_files']['source']}",
              f"  image: {data['image']['tag']} ({data['image']['id'][:12]})"]
     if data.get("plan_error"):

@@ -5,8 +5,10 @@ real Debian tree, where kernel files are found, and the error paths with fake ``
 ``qemu-system-x86_64`` programs (image missing, kernel missing, qemu failing, a guest that hangs).
 
 The ``vm`` tests boot Debian's real kernel under qemu (TCG): simple-kmod built with podman and
-verified with the kernel fetched as Debian's package into the cache; a module that needs in-tree
-modules, which come from the guest kernel's own tree; and three modules built
+verified with the kernel fetched as Debian's package into the cache; the same with a smoke test
+that fails (exit 8), and with a runtime that cannot mount images (docker's path, podman standing
+in); a module that needs in-tree modules, which come from the guest kernel's own tree; and three
+modules built
 from tests/kmods against Debian's headers that go wrong on a real kernel: one built for another
 kernel release (Debian's 6.12 headers, tests/support/debian_headers.py), one importing a symbol
 nobody exports, one that hits BUG() in its init.
@@ -414,6 +416,52 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
     kept = root / "var" / "lib" / "kvc" / name / "verify" / vm_env["release"]
     assert "kvc-guest: agent starting" in (kept / "console.log").read_text()
     assert json.loads((kept / "result.json").read_text())["schema"] == 1
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_a_failing_smoke_test_is_exit_8_and_the_modules_still_unload(vm_env: dict[str, Any]) -> None:
+    root = Path(vm_env["env"]["KVC_ROOT"])
+    name = f"{vm_env['prefix']}-smokefail"
+    conf = (EXAMPLE / "simple-kmod.conf").read_text().replace("KMOD_CONTAINER_BUILD_CONTEXT=.",
+                                                             f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
+    conf += "KVC_SMOKE_TEST=\"spkut 44 && grep -x 'simple-procfs-kmod number = 45' /proc/simple-procfs-kmod\"\n"
+    (root / "etc" / "kvc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf)
+    built = kvc(["build", name, "--kernel", vm_env["release"]], vm_env["env"])
+    assert built.returncode == 0, built.stderr
+    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    assert code == 8, json.dumps(report, indent=2)
+    assert report["status"] == "smoke-failed" and report["smoke"]["exit_code"] == 1
+    assert "simple-procfs-kmod number = 44" in report["smoke"]["stdout"]
+    assert [u["removed"] for u in report["unload"]] == [True, True]
+    assert Path(report["console_log"]).is_file()
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_without_image_mounts_the_smoke_test_gets_the_images_tools(vm_env: dict[str, Any]) -> None:
+    """The docker runtime cannot mount images: the wrapper tools are copied out of the image and the
+    smoke test runs on the guest's own root with them on PATH (podman stands in for docker here)."""
+    root = vm_env["tmp"] / "docker-root"
+    name = f"{vm_env['prefix']}-docker"
+    conf = (EXAMPLE / "simple-kmod.conf").read_text().replace("KMOD_CONTAINER_BUILD_CONTEXT=.",
+                                                             f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
+    (root / "etc" / "kvc").mkdir(parents=True)
+    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf)
+    (root / "etc" / "kvc" / "kmods-via-containers.conf").write_text("KVC_CONTAINER_RUNTIME=docker\n")
+    bin_dir = vm_env["tmp"] / "docker-bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"#!/bin/sh\nexec {shutil.which('podman')} \"$@\"\n")
+    (bin_dir / "docker").chmod(0o755)
+    env = {**vm_env["env"], "KVC_ROOT": str(root), "PATH": fakeprog.path_with(bin_dir)}
+    built = kvc(["build", name, "--kernel", vm_env["release"]], env)
+    assert built.returncode == 0, built.stderr
+    code, report = verify_json({**vm_env, "env": env}, name, "--kernel-dir", vm_env["kernel_dir"])
+    assert code == 0, json.dumps(report, indent=2)
+    smoke = report["smoke"]
+    assert not smoke["in_image"] and smoke["exit_code"] == 0
+    assert "simple-procfs-kmod number = 44" in smoke["stdout"]
 
 
 @pytest.mark.vm

@@ -262,6 +262,8 @@ def test_a_guest_that_hangs_is_killed_at_the_timeout(fake_host: dict[str, Any]) 
     assert report["crash"]["during"] == "boot" and report["crash"]["lines"] == ["kvc-guest: init started"]
     assert 2 <= report["timings"]["vm_seconds"] < 10
     assert Path(report["console_log"]).read_text() == "kvc-guest: init started\n"
+    status = kvc(["status", "hello", "--kernel", RELEASE], fake_host["env"]).stdout
+    assert ", verification timed-out 20" in status.splitlines()[1], status
 
 
 def fake_qemu(path: Path, console: str, code: int = 0, log: Path | None = None) -> None:
@@ -408,6 +410,10 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
     assert 0 < report["timings"]["boot_seconds"] < report["timings"]["vm_seconds"]
     assert report["artifacts"] is None
     assert not (root / "var" / "lib" / "kvc" / name / "verify" / vm_env["release"]).exists()
+    status = json.loads(kvc(["status", name, "--kernel", vm_env["release"], "--json"], vm_env["env"]).stdout)
+    (entry,) = status["instances"][0]["kernels"]
+    assert entry["verification"]["status"] == "verified" and entry["verification"]["current"]
+    assert entry["verification"]["image_id"] == report["image"]["id"]
     human = kvc(["verify", name, "--kernel", vm_env["release"], "--accel", "tcg", "--keep-artifacts"],
                 vm_env["env"], timeout=400)
     assert human.returncode == 0, human.stdout + human.stderr

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Optional
@@ -176,9 +177,28 @@ def instance_status(ctx: Context, instance: InstanceConfig, kernels: list[str]) 
                       "up_to_date": bool(info and (instance.image or info.labels.get(LABEL_DIGEST)
                                                    == context_digest(instance, kernel)))},
             "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
+            "verification": _verification(ctx, instance.name, kernel, info.id if info else None),
             "modules": modules,
         })
     return {"name": instance.name, "version": instance.software_version, "kernels": entries}
+
+
+def _verification(ctx: Context, name: str, kernel: str, image_id: Optional[str]) -> Optional[dict[str, Any]]:
+    from kvc.verify import read_verify_record
+
+    record = read_verify_record(ctx.layout, name, kernel)
+    if record is None:
+        return None
+    return {"status": record["status"], "at": record.get("at"), "image_id": record.get("image_id"),
+            "current": image_id is not None and record.get("image_id") == image_id}
+
+
+def _verification_text(verification: Optional[dict[str, Any]]) -> str:
+    if verification is None:
+        return "not verified"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(verification["at"] or 0)))
+    what = "verified" if verification["status"] == "verified" else f"verification {verification['status']}"
+    return f"{what} {when}" + ("" if verification["current"] else " (an older image)")
 
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
@@ -202,7 +222,8 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
             image = entry["image"]
             image_text = ("up to date" if image["up_to_date"] else "outdated") if image["exists"] else "not built"
             say(f"  kernel {entry['kernel']}: image {image['tag']} {image_text}, "
-                f"{'extracted' if entry['extracted'] else 'not extracted'}")
+                f"{'extracted' if entry['extracted'] else 'not extracted'}, "
+                f"{_verification_text(entry['verification'])}")
             for module in entry["modules"]:
                 if module["loaded"]:
                     say(f"    {module['name']}: loaded, refcnt {module['refcnt']}, taint {module['taint'] or '-'}")

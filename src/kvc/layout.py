@@ -54,6 +54,10 @@ class Layout:
         """What ``kvc verify`` keeps of a failed (or ``--keep-artifacts``) run."""
         return os.path.join(self.state_dir, name, "verify", kernel_release)
 
+    def verify_record(self, name: str, kernel_release: str) -> str:
+        """The outcome of the last ``kvc verify`` of the instance for a kernel (read by status)."""
+        return os.path.join(self.state_dir, name, "verify", f"{kernel_release}.json")
+
     @property
     def lock_dir(self) -> str:
         return self.host.host("/run/kvc")

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import kvc
 from kvc.atomic import write_json
@@ -182,7 +182,22 @@ def execute_verify(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout) 
     if keep:
         report.data["artifacts"] = final
         report.data["console_log"] = os.path.join(final, "console.log")
+    write_json(layout.verify_record(plan.instance.name, plan.kernel.release),
+               {"schema": REPORT_SCHEMA, "status": report.status, "image_id": plan.image_id, "at": time.time(),
+                "timings": report.data["timings"], "artifacts": report.data["artifacts"]})
     return report
+
+
+def read_verify_record(layout: Layout, name: str, kernel_release: str) -> Optional[dict[str, Any]]:
+    """The last verification's outcome, or None when there was none (or it is unreadable)."""
+    try:
+        with open(layout.verify_record(name, kernel_release), encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or data.get("status") not in EXIT_CODES:
+        return None
+    return data
 
 
 def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work: str,

@@ -322,7 +322,9 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     if args.dry_run:
         say(plan.describe())
         return 0
-    report = execute_verify(plan, ctx.runtime, ctx.layout)
+    # Held throughout: a build would retag or prune the image the guest has mounted.
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        report = execute_verify(plan, ctx.runtime, ctx.layout)
     say(json.dumps(report.data, indent=2) if args.json else format_report(report))
     return report.exit_code
 

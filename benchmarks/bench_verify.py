@@ -32,9 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from support.debian_kernel import current_release
+from support.example import write_example_conf
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "simple-kmod"
 KVC = str(Path(sys.executable).parent / "kvc")
 WARM_TARGET = 30.0
 
@@ -63,11 +62,7 @@ def main() -> int:
     release = current_release()
     work = Path(tempfile.mkdtemp(prefix="kvc-bench-verify-"))
     try:
-        conf_dir = work / "root" / "etc" / "kvc"
-        conf_dir.mkdir(parents=True)
-        conf = (EXAMPLE / "simple-kmod.conf").read_text()
-        (conf_dir / "simple-kmod.conf").write_text(
-            conf.replace("KMOD_CONTAINER_BUILD_CONTEXT=.", f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}"))
+        write_example_conf(work / "root")
         env = {"KVC_ROOT": str(work / "root"), "KVC_CACHE_DIR": str(work / "cache")}
         build_seconds, built = kvc(["build", "simple-kmod", "--kernel", release], env)
         if built.returncode != 0:

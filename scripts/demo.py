@@ -18,6 +18,7 @@ from kvc.kmod.fakekernel import FakeKernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import indexed_debian_kernel
+from support.example import write_example_conf
 
 KVC = str(Path(sys.executable).parent / "kvc")
 KERNEL_DIR = str(indexed_debian_kernel().moddir)
@@ -38,9 +39,6 @@ def show(title: str, argv: list[str], env: dict[str, str] | None = None, lines: 
         print(f"  {line}")
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "simple-kmod"
-
-
 def timed_kvc(argv: list[str], env: dict[str, str]) -> tuple[int, float, str]:
     print(f"\n$ kvc {' '.join(argv)}")
     started = time.monotonic()
@@ -56,11 +54,7 @@ def main_job() -> int:
     release = indexed_debian_kernel().release
     root = tempfile.mkdtemp(prefix="kvc-demo-root-")
     try:
-        conf_dir = Path(root) / "etc" / "kvc"
-        conf_dir.mkdir(parents=True)
-        conf = (EXAMPLE / "simple-kmod.conf").read_text()
-        (conf_dir / "simple-kmod.conf").write_text(
-            conf.replace("KMOD_CONTAINER_BUILD_CONTEXT=.", f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}"))
+        write_example_conf(Path(root))
         # KVC_ROOT keeps the demo's configuration and state apart; kernels go to the real cache.
         env = {"KVC_ROOT": root, "KVC_CACHE_DIR": "/var/cache/kvc"}
         print(f"== simple-kmod for Debian's current kernel {release}: build it, then prove it on that kernel ==")

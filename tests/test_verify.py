@@ -35,11 +35,11 @@ from kvc.kmod.moddir import ModuleDirectory
 from support import fakeprog
 from support.debian_headers import foreign_headers
 from support.debian_kernel import DebianKernel
+from support.example import write_example_conf
 from support.modbuild import ModuleSpec, build_module
 
 ROOT = Path(__file__).resolve().parent.parent
 KMODS = ROOT / "tests" / "kmods"
-EXAMPLE = ROOT / "examples" / "simple-kmod"
 SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
 BASE_IMAGE = "localhost/debian:bookworm"
 
@@ -381,10 +381,7 @@ def verify_json(vm_env: dict[str, Any], name: str, *extra: str) -> tuple[int, di
 def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None:
     root = Path(vm_env["env"]["KVC_ROOT"])
     name = f"{vm_env['prefix']}-simple"
-    conf = (EXAMPLE / "simple-kmod.conf").read_text().replace("KMOD_CONTAINER_BUILD_CONTEXT=.",
-                                                             f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
-    (root / "etc" / "kvc").mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf)
+    write_example_conf(root, name)
     built = kvc(["build", name, "--kernel", vm_env["release"]], vm_env["env"])
     assert built.returncode == 0, built.stderr
     # No --kernel-dir: this host has no vmlinuz for it, so Debian's package is fetched (once) into the cache.
@@ -427,13 +424,9 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
 @pytest.mark.vm
 @pytest.mark.podman
 def test_a_failing_smoke_test_is_exit_8_and_the_modules_still_unload(vm_env: dict[str, Any]) -> None:
-    root = Path(vm_env["env"]["KVC_ROOT"])
     name = f"{vm_env['prefix']}-smokefail"
-    conf = (EXAMPLE / "simple-kmod.conf").read_text().replace("KMOD_CONTAINER_BUILD_CONTEXT=.",
-                                                             f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
-    conf += "KVC_SMOKE_TEST=\"spkut 44 && grep -x 'simple-procfs-kmod number = 45' /proc/simple-procfs-kmod\"\n"
-    (root / "etc" / "kvc").mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf)
+    write_example_conf(Path(vm_env["env"]["KVC_ROOT"]), name, "KVC_SMOKE_TEST=\"spkut 44 && grep -x "
+                       "'simple-procfs-kmod number = 45' /proc/simple-procfs-kmod\"\n")
     built = kvc(["build", name, "--kernel", vm_env["release"]], vm_env["env"])
     assert built.returncode == 0, built.stderr
     code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
@@ -451,10 +444,7 @@ def test_without_image_mounts_the_smoke_test_gets_the_images_tools(vm_env: dict[
     smoke test runs on the guest's own root with them on PATH (podman stands in for docker here)."""
     root = vm_env["tmp"] / "docker-root"
     name = f"{vm_env['prefix']}-docker"
-    conf = (EXAMPLE / "simple-kmod.conf").read_text().replace("KMOD_CONTAINER_BUILD_CONTEXT=.",
-                                                             f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
-    (root / "etc" / "kvc").mkdir(parents=True)
-    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf)
+    write_example_conf(root, name)
     (root / "etc" / "kvc" / "kmods-via-containers.conf").write_text("KVC_CONTAINER_RUNTIME=docker\n")
     bin_dir = vm_env["tmp"] / "docker-bin"
     bin_dir.mkdir()

@@ -33,7 +33,7 @@ from kvc.errors import StateError
 from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile, normalize_name
 from kvc.layout import Layout
-from kvc.runtime import ContainerRuntime
+from kvc.runtime import ContainerRuntime, ImageFiles
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -211,6 +211,21 @@ def _recover(target: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def copy_instance_modules(files: ImageFiles, instance: InstanceConfig, kernel_release: str, image: str,
+                          destination: str) -> dict[str, tuple[str, str]]:
+    """Copy the instance's modules for ``kernel_release`` out of an open image into the existing
+    directory ``destination``: {module name: (image path, local path)} in KMOD_NAMES order."""
+    directory = f"/lib/modules/{kernel_release}"
+    found = match_modules(files.list(directory), kernel_release, instance.module_names)
+    names = [normalize_name(name) for name in instance.module_names]
+    missing = [name for name in instance.module_names if normalize_name(name) not in found]
+    if missing:
+        raise StateError(f"image {image} has no module(s) {', '.join(missing)} below {directory}",
+                         hint=f"rebuild it: 'kvc build {instance.name} --kernel {kernel_release} --force'")
+    copies = files.copy([found[name] for name in names], destination)
+    return {name: (found[name], copies[found[name]]) for name in names}
+
+
 # ---- extraction ---------------------------------------------------------------------------------------------
 
 def extract(layout: Layout, instance: InstanceConfig, kernel_release: str, runtime: ContainerRuntime,
@@ -231,27 +246,20 @@ def extract(layout: Layout, instance: InstanceConfig, kernel_release: str, runti
         return current
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.new-", dir=parent)
     try:
-        directory = f"/lib/modules/{kernel_release}"
         with runtime.open_image(image) as files:
-            found = match_modules(files.list(directory), kernel_release, instance.module_names)
-            missing = [name for name in instance.module_names if normalize_name(name) not in found]
-            if missing:
-                raise StateError(f"image {image} has no module(s) {', '.join(missing)} below {directory}",
-                                 hint=f"rebuild it: 'kvc build {instance.name} --kernel {kernel_release} --force'")
-            copies = files.copy([found[normalize_name(n)] for n in instance.module_names], staging)
+            copies = copy_instance_modules(files, instance, kernel_release, image, staging)
         modules = []
-        for name in (normalize_name(n) for n in instance.module_names):
-            local = copies[found[name]]
+        for name, (image_path, local) in copies.items():
             os.chmod(local, 0o644)
             fsync_path(local)
             try:
                 module = ModuleFile.open(local)
                 vermagic, depends = (module.vermagic or "").strip(), tuple(module.depends)
             except KmodError as exc:
-                raise StateError(f"{found[name]} in image {image} is not a readable module: {exc}",
+                raise StateError(f"{image_path} in image {image} is not a readable module: {exc}",
                                  hint="rebuild the image") from None
             modules.append(ExtractedModule(name, os.path.basename(local), sha256_file(local), vermagic, depends,
-                                           found[name]))
+                                           image_path))
         if current is not None:
             _carry_over(current, staging)
         manifest = {"schema": SCHEMA, "image": image, "image_id": info.id,

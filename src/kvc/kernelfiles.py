@@ -12,6 +12,7 @@ so only the first verification of a kernel downloads it.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import glob
 import os
@@ -94,7 +95,7 @@ def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFi
     found, problem = find_in_tree(root, release)
     if found is None:
         return None, f"the unpacked {package} is incomplete: {problem}"
-    return KernelFiles(release, found.vmlinuz, found.moddir, f"Debian package {package} (cached in {base})"), ""
+    return dataclasses.replace(found, source=f"Debian package {package} (cached in {base})"), ""
 
 
 def _unpack_debian_package(base: str, root: str, package: str, release: str) -> str:
@@ -124,27 +125,18 @@ def _unpack_debian_package(base: str, root: str, package: str, release: str) -> 
 
 @dataclass(frozen=True)
 class DirectorySource:
-    """A root directory laid out like a system, or holding the files directly."""
+    """A root directory laid out like a system (the host's own root, too), or holding the files
+    directly; ``label`` says where the files came from in reports (default: the root)."""
 
     root: str
     description: str = "directory"
-
-    def find(self, release: str) -> tuple[Optional[KernelFiles], str]:
-        return find_in_tree(self.root, release)
-
-
-@dataclass(frozen=True)
-class HostSource:
-    """This host's (or ``KVC_ROOT``'s) ``/boot`` and ``/lib/modules``."""
-
-    root: str
-    description: str = "host"
+    label: str = ""
 
     def find(self, release: str) -> tuple[Optional[KernelFiles], str]:
         found, problem = find_in_tree(self.root, release)
-        if found is None:
-            return None, problem
-        return KernelFiles(release, found.vmlinuz, found.moddir, f"this host ({found.vmlinuz})"), ""
+        if found is None or not self.label:
+            return found, problem
+        return dataclasses.replace(found, source=f"{self.label} ({found.vmlinuz})"), ""
 
 
 @dataclass(frozen=True)
@@ -159,7 +151,7 @@ class DebianPackageSource:
 def default_sources(*, kernel_dir: Optional[str], host_root: str, cache_dir: str) -> list[KernelSource]:
     if kernel_dir is not None:
         return [DirectorySource(os.path.abspath(kernel_dir), f"--kernel-dir {kernel_dir}")]
-    return [HostSource(host_root), DebianPackageSource(cache_dir)]
+    return [DirectorySource(host_root, "host", "this host"), DebianPackageSource(cache_dir)]
 
 
 def index_module_tree(root: str, release: str) -> str:

@@ -144,6 +144,8 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
                         hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')")
     steps: list[LoadStep] = []
     seen: set[str] = set()
+    if in_tree and moddir is not None and modprobe_config is None:
+        modprobe_config = load_config([], module_dir=moddir.path)
     for owner in in_tree:
         for step in _in_tree_steps(moddir, modprobe_config, owner):
             if step.name in seen or step.name in loaded:
@@ -162,10 +164,8 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
 def _in_tree_steps(moddir: Optional[ModuleDirectory], config: Optional[ModprobeConfig],
                    name: str) -> list[LoadStep]:
     """What ``modprobe NAME`` would insert, as load steps (modprobe's order and options)."""
-    if moddir is None:
+    if moddir is None or config is None:
         raise LoadError(f"in-tree module {name} is needed but the host has no module directory")
-    if config is None:
-        config = load_config([], module_dir=moddir.path)
     try:
         planned = load_plan(moddir, config, name)
     except LookupError:

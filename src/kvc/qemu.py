@@ -8,8 +8,10 @@ file, no reboot (a guest panic ends qemu) and a hard timeout after which qemu is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -86,21 +88,13 @@ def run_guest(machine: GuestMachine, timeout: float) -> GuestRun:
 def _probe_key(machine: GuestMachine) -> str:
     parts = []
     for path in (machine.program, machine.kernel):
-        resolved = path if os.path.isabs(path) else _which(path) or path
+        resolved = path if os.path.isabs(path) else shutil.which(path) or path
         try:
             info = os.stat(resolved)
             parts.append(f"{resolved}:{info.st_size}:{int(info.st_mtime)}")
         except OSError:
             parts.append(resolved)
     return "|".join([*parts, os.uname().release])
-
-
-def _which(program: str) -> Optional[str]:
-    for directory in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep):
-        candidate = os.path.join(directory, program)
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 def kvm_works(machine: GuestMachine, cache_file: str) -> bool:
@@ -117,8 +111,8 @@ def kvm_works(machine: GuestMachine, cache_file: str) -> bool:
     if isinstance(cached, dict) and isinstance(cached.get(key), bool):
         return bool(cached[key])
     probe_log = f"{machine.console_log}.kvm-probe"
-    probe = GuestMachine(machine.kernel, machine.initrd, f"{machine.append} {PROBE_ARGUMENT}", probe_log,
-                         (), min(machine.memory_mb, 512), "kvm", machine.program)
+    probe = dataclasses.replace(machine, append=f"{machine.append} {PROBE_ARGUMENT}", console_log=probe_log,
+                                shares=(), memory_mb=min(machine.memory_mb, 512), accel="kvm")
     try:
         run = run_guest(probe, PROBE_TIMEOUT)
         with open(probe_log, encoding="utf-8", errors="replace") as handle:

@@ -17,6 +17,7 @@ result, initramfs, modules).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,14 +31,13 @@ from typing import Any, Callable, Optional
 import kvc
 from kvc.atomic import write_json
 from kvc.bootimage import pvh_kernel
-from kvc.build import image_tag, match_modules
+from kvc.build import image_tag
 from kvc.config import InstanceConfig
 from kvc.errors import CommandError, StateError
-from kvc.extract import replace_dir
+from kvc.extract import copy_instance_modules, replace_dir
 from kvc.initramfs import boot_modules, build_initramfs, find_busybox
 from kvc.kernelfiles import KernelFiles
 from kvc.kmod.moddir import ModuleDirectory
-from kvc.kmod.module import normalize_name
 from kvc.layout import Layout
 from kvc.qemu import GuestMachine, Share, choose_accel, run_guest
 from kvc.runtime import ContainerRuntime, ImageFiles
@@ -103,18 +103,6 @@ class VerifyReport:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.status]
-
-
-def _copy_modules(files: ImageFiles, plan: VerifyPlan, destination: str) -> list[str]:
-    release = plan.kernel.release
-    found = match_modules(files.list(f"/lib/modules/{release}"), release, plan.instance.module_names)
-    missing = [name for name in plan.instance.module_names if normalize_name(name) not in found]
-    if missing:
-        raise StateError(f"image {plan.image} has no module(s) {', '.join(missing)} below /lib/modules/{release}",
-                         hint=f"rebuild it: 'kvc build {plan.instance.name} --kernel {release} --force'")
-    os.makedirs(destination)
-    copies = files.copy([found[normalize_name(name)] for name in plan.instance.module_names], destination)
-    return [os.path.basename(copies[found[normalize_name(name)]]) for name in plan.instance.module_names]
 
 
 def _copy_tools(files: ImageFiles, plan: VerifyPlan, destination: str) -> None:
@@ -208,7 +196,9 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     settings = {"KVC_BOOT_MODULES": " ".join(name for name, _ in boot), "KVC_PYTHON": sys.executable,
                 "KVC_PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__)))}
     with runtime.open_image(plan.image) as files:
-        module_files = _copy_modules(files, plan, os.path.join(work, "modules"))
+        os.makedirs(os.path.join(work, "modules"))
+        copies = copy_instance_modules(files, instance, kernel.release, plan.image, os.path.join(work, "modules"))
+        module_files = [os.path.basename(local) for _, local in copies.values()]
         image_root = files.root
         if image_root is None and instance.wrapper_tools:
             _copy_tools(files, plan, os.path.join(work, "bin"))
@@ -230,8 +220,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
                                tuple(shares), plan.options.memory_mb)
         accel = choose_accel(plan.options.accel, machine,
                              os.path.join(layout.cache_dir, "accel-probe.json"))
-        machine = GuestMachine(machine.kernel, machine.initrd, machine.append, machine.console_log,
-                               machine.shares, machine.memory_mb, accel)
+        machine = dataclasses.replace(machine, accel=accel)
         run = run_guest(machine, plan.options.timeout)
     console = _read_text(machine.console_log)
     data: dict[str, Any] = {

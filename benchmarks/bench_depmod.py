@@ -31,9 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.debian_kernel import debian_kernel
 from support.oracle import kmod_tool
 
-OUTPUTS = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
-           "modules.symbols", "modules.symbols.bin", "modules.builtin.bin", "modules.builtin.alias.bin",
-           "modules.devname")
+OUTPUTS = (
+    "modules.dep",
+    "modules.dep.bin",
+    "modules.alias",
+    "modules.alias.bin",
+    "modules.softdep",
+    "modules.symbols",
+    "modules.symbols.bin",
+    "modules.builtin.bin",
+    "modules.builtin.alias.bin",
+    "modules.devname",
+)
 
 
 def main() -> int:
@@ -76,12 +85,20 @@ def main() -> int:
                     shutil.rmtree(cache, ignore_errors=True)
                 # Each command is measured in a fresh child so that ru_maxrss is its own.
                 probe = subprocess.run(
-                    [sys.executable, "-c",
-                     "import resource, subprocess, sys, time; t = time.perf_counter(); "
-                     "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-                     "print(time.perf_counter() - t, r.returncode, "
-                     "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)", *argv],
-                    env=env, capture_output=True, text=True, check=True)
+                    [
+                        sys.executable,
+                        "-c",
+                        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+                        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+                        "print(time.perf_counter() - t, r.returncode, "
+                        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)",
+                        *argv,
+                    ],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 elapsed_text, status_text, peak_text = probe.stdout.split()
                 if int(status_text) != 0:
                     print(f"{name} failed with status {status_text}", file=sys.stderr)
@@ -89,12 +106,16 @@ def main() -> int:
                 times[name].append(float(elapsed_text))
                 peaks[name] = max(peaks.get(name, 0), int(peak_text))
         reference = min(times["C depmod"])
-        print(f"{kernel.release}: {len(kernel.modules())} modules, {os.cpu_count()} CPUs, "
-              f"Python {sys.version.split()[0]}, {options.repeat} rounds")
+        print(
+            f"{kernel.release}: {len(kernel.modules())} modules, {os.cpu_count()} CPUs, "
+            f"Python {sys.version.split()[0]}, {options.repeat} rounds"
+        )
         print(f"  {'command':<18}{'best':>9}{'median':>9}{'ours/C':>8}{'peak RSS':>11}")
         for name, values in times.items():
-            print(f"  {name:<18}{min(values):>8.3f}s{statistics.median(values):>8.3f}s"
-                  f"{min(values) / reference:>7.2f}x{peaks[name] / 1024:>8.0f} MB")
+            print(
+                f"  {name:<18}{min(values):>8.3f}s{statistics.median(values):>8.3f}s"
+                f"{min(values) / reference:>7.2f}x{peaks[name] / 1024:>8.0f} MB"
+            )
         ours_dir = roots["ours"] / "lib" / "modules" / kernel.release
         c_dir = roots["c"] / "lib" / "modules" / kernel.release
         different = [n for n in OUTPUTS if (ours_dir / n).read_bytes() != (c_dir / n).read_bytes()]

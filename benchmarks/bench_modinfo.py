@@ -84,8 +84,11 @@ def main() -> int:
 
     kvc = Path(sys.executable).parent / "kvc"
     if not kvc.is_file():
-        print(f"bench_modinfo: error: no kvc console script next to {sys.executable}; "
-              "run with .venv/bin/python after bash scripts/setup.sh", file=sys.stderr)
+        print(
+            f"bench_modinfo: error: no kvc console script next to {sys.executable}; "
+            "run with .venv/bin/python after bash scripts/setup.sh",
+            file=sys.stderr,
+        )
         return 2
     try:
         c_modinfo = kmod_tool("modinfo")
@@ -95,7 +98,7 @@ def main() -> int:
         return 2
     files = [str(path) for path in kernel.modules()]
     if args.limit:
-        files = files[:args.limit]
+        files = files[: args.limit]
     if not files:
         print(f"bench_modinfo: error: no modules found under {kernel.moddir}", file=sys.stderr)
         return 2
@@ -117,8 +120,10 @@ def main() -> int:
                 unstable.add(label)
 
     print(f"modinfo over {len(files)} modules of Debian {kernel.release} ({kernel.moddir})")
-    print(f"{args.repeat} timed runs each, interleaved; Python {platform.python_version()} "
-          f"({sys.executable}), {os.cpu_count()} CPUs")
+    print(
+        f"{args.repeat} timed runs each, interleaved; Python {platform.python_version()} "
+        f"({sys.executable}), {os.cpu_count()} CPUs"
+    )
     base = min(times["C modinfo"])
     reference = outputs["C modinfo"]
     print(f"  {'command':28s} {'best':>8s} {'median':>8s} {'ours/C':>7s}  output")
@@ -128,10 +133,10 @@ def main() -> int:
         if label in unstable:
             problems.append("output differs from one run to the next")
         failed = failed or bool(problems)
-        verdict = "reference" if label == "C modinfo" else (
-            "identical" if not problems else f"{len(problems)} MISMATCHES")
-        print(f"  {label:28s} {min(runs):7.3f}s {statistics.median(runs):7.3f}s "
-              f"{min(runs) / base:6.2f}x  {verdict}")
+        verdict = (
+            "reference" if label == "C modinfo" else ("identical" if not problems else f"{len(problems)} MISMATCHES")
+        )
+        print(f"  {label:28s} {min(runs):7.3f}s {statistics.median(runs):7.3f}s {min(runs) / base:6.2f}x  {verdict}")
         for problem in problems[:10]:
             print(f"      {problem}")
         if len(problems) > 10:

@@ -76,15 +76,19 @@ def main() -> int:
             seconds, report = verify(release, env)
             timings = report["timings"]
             label = "cold" if index == 0 else f"warm {index}"
-            print(f"  {label:<8} {seconds:6.1f}s {timings.get('boot_seconds') or 0:5.1f}s "
-                  f"{timings.get('guest_seconds') or 0:5.1f}s {timings['vm_seconds']:5.1f}s  {report['status']}")
+            print(
+                f"  {label:<8} {seconds:6.1f}s {timings.get('boot_seconds') or 0:5.1f}s "
+                f"{timings.get('guest_seconds') or 0:5.1f}s {timings['vm_seconds']:5.1f}s  {report['status']}"
+            )
             failed = failed or report["status"] != "verified"
             if index:
                 warm.append(seconds)
         median = statistics.median(warm)
         within = median <= WARM_TARGET
-        print(f"  warm best {min(warm):.1f} s, median {median:.1f} s: "
-              f"{'within' if within else 'OVER'} the {WARM_TARGET:.0f} s target ({median / WARM_TARGET:.2f}x of it)")
+        print(
+            f"  warm best {min(warm):.1f} s, median {median:.1f} s: "
+            f"{'within' if within else 'OVER'} the {WARM_TARGET:.0f} s target ({median / WARM_TARGET:.2f}x of it)"
+        )
         return 1 if failed or not within else 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

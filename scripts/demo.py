@@ -63,9 +63,15 @@ def main_job() -> int:
             return code
         print(f"  ({build_seconds:.1f} s)")
         code, verify_seconds, _ = timed_kvc(["verify", "simple-kmod", "--kernel", release], env)
-        print(f"\nbuild {build_seconds:.1f} s + verify {verify_seconds:.1f} s: "
-              + ("simple-kmod works on the real kernel: loaded, smoke-tested (spkut 44 round trip, hello line in "
-                 "dmesg) and unloaded cleanly" if code == 0 else f"verification FAILED (exit status {code})"))
+        print(
+            f"\nbuild {build_seconds:.1f} s + verify {verify_seconds:.1f} s: "
+            + (
+                "simple-kmod works on the real kernel: loaded, smoke-tested (spkut 44 round trip, hello line in "
+                "dmesg) and unloaded cleanly"
+                if code == 0
+                else f"verification FAILED (exit status {code})"
+            )
+        )
         return code
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -79,6 +85,7 @@ def main() -> int:
     kernel = indexed_debian_kernel()
     modules = [str(p) for p in kernel.modules()]
     print(f"Debian kernel {kernel.release}: {len(modules)} modules in {kernel.moddir}")
+
     def best_of(argv: list[str], runs: int = 3) -> tuple[float, bytes]:
         times = []
         out = b""
@@ -105,8 +112,10 @@ def main() -> int:
         FakeKernel.create(HostPaths(root), kernel.release, symvers=str(kernel.symvers))
         env = {"KVC_ROOT": root, "KVC_KERNEL": "fake"}
         chain = [*reversed(entry.dependencies), str(entry.path)]
-        print(f"\nLoading wireguard and its dependencies into a fake {kernel.release} kernel "
-              "(a directory standing in for /proc and /sys):")
+        print(
+            f"\nLoading wireguard and its dependencies into a fake {kernel.release} kernel "
+            "(a directory standing in for /proc and /sys):"
+        )
         for dep in chain:
             subprocess.run([KVC, "kmod", "insmod", dep], env={**os.environ, **env}, check=True)
             print(f"  kvc kmod insmod {os.path.relpath(dep, kernel.moddir)}")

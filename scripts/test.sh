@@ -13,9 +13,9 @@ cd "$top"
 
 bash scripts/setup.sh --containers
 
-echo "test: .venv/bin/python -m pytest -q $*"
+echo "test: .venv/bin/python -m pytest -q --all $*"
 status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
+.venv/bin/python -m pytest -q -p no:cacheprovider --all "$@" || status=$?
 case $status in
     0) echo "test: all tests passed" ;;
     5) echo "test: FAILED: pytest collected no tests" >&2; exit 1 ;;

@@ -1,3 +1,8 @@
+"""Shared fixtures, and the test tiers: plain ``pytest`` runs the fast set; ``--all`` (what
+scripts/test.sh and CI pass) or an explicit ``-m`` adds the slow tiers: ``oracle`` (Debian's kernel
+package and kmod side by side), ``podman`` (real image builds) and ``vm`` (real kernels under qemu).
+A test that needs Debian's kernel tree is in the oracle tier whether or not it says so."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +12,25 @@ import pytest
 from kvc.kmod.fakekernel import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_kernel
+
+SLOW_TIERS = ("oracle", "podman", "vm")
+NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true", help=f"also run the slow tiers ({', '.join(SLOW_TIERS)})")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if NEEDS_DEBIAN_KERNEL & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.oracle)
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if any(item.get_closest_marker(tier) for tier in SLOW_TIERS)]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
 
 
 @pytest.fixture(scope="session")
@@ -24,5 +48,6 @@ def indexed_kernel_tree() -> DebianKernel:
 @pytest.fixture
 def fake(indexed_kernel_tree: DebianKernel, tmp_path: Path) -> FakeKernel:
     """A fresh fake kernel of the Debian release, its exports from the headers' Module.symvers."""
-    return FakeKernel.create(HostPaths(str(tmp_path / "root")), indexed_kernel_tree.release,
-                             symvers=str(indexed_kernel_tree.symvers))
+    return FakeKernel.create(
+        HostPaths(str(tmp_path / "root")), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers)
+    )

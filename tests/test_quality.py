@@ -34,7 +34,13 @@ def test_ruff() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_ruff_format() -> None:
+    proc = _run(sys.executable, "-m", "ruff", "format", "--check", ".")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # ---- Python 3.9 -----------------------------------------------------------------------------
+
 
 def test_sources_parse_as_python_3_9() -> None:
     assert SOURCES
@@ -49,20 +55,51 @@ def test_sources_parse_as_python_3_9() -> None:
 
 # Library features newer than 3.9 that parse fine but fail at run time on 3.9 (mypy can no longer
 # check for a 3.9 target). Names imported from typing under `if TYPE_CHECKING:` are allowed.
-_NEW_TYPING = {"TypeAlias", "ParamSpec", "Concatenate", "TypeGuard", "Self", "Never", "LiteralString",
-               "Required", "NotRequired", "Unpack", "TypeVarTuple", "assert_never", "assert_type",
-               "reveal_type", "dataclass_transform", "override", "TypeIs", "ReadOnly", "is_typeddict"}
+_NEW_TYPING = {
+    "TypeAlias",
+    "ParamSpec",
+    "Concatenate",
+    "TypeGuard",
+    "Self",
+    "Never",
+    "LiteralString",
+    "Required",
+    "NotRequired",
+    "Unpack",
+    "TypeVarTuple",
+    "assert_never",
+    "assert_type",
+    "reveal_type",
+    "dataclass_transform",
+    "override",
+    "TypeIs",
+    "ReadOnly",
+    "is_typeddict",
+}
 _NEW_MODULES = {"tomllib", "zoneinfo.backports"}
-_NEW_ATTRIBUTES = {("itertools", "pairwise"), ("itertools", "batched"), ("contextlib", "chdir"),
-                   ("datetime", "UTC"), ("enum", "StrEnum"), ("asyncio", "TaskGroup"), ("asyncio", "timeout"),
-                   ("dataclasses", "KW_ONLY"), ("operator", "call"), ("hashlib", "file_digest")}
+_NEW_ATTRIBUTES = {
+    ("itertools", "pairwise"),
+    ("itertools", "batched"),
+    ("contextlib", "chdir"),
+    ("datetime", "UTC"),
+    ("enum", "StrEnum"),
+    ("asyncio", "TaskGroup"),
+    ("asyncio", "timeout"),
+    ("dataclasses", "KW_ONLY"),
+    ("operator", "call"),
+    ("hashlib", "file_digest"),
+}
 _NEW_KEYWORDS = {"zip": {"strict"}, "dataclass": {"slots", "kw_only", "match_args"}}
 _NEW_BUILTINS = {"aiter", "anext", "ExceptionGroup", "BaseExceptionGroup", "EncodingWarning"}
 
 
 def _has_postponed_annotations(tree: ast.Module) -> bool:
-    return any(isinstance(node, ast.ImportFrom) and node.module == "__future__"
-               and any(alias.name == "annotations" for alias in node.names) for node in tree.body)
+    return any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "__future__"
+        and any(alias.name == "annotations" for alias in node.names)
+        for node in tree.body
+    )
 
 
 def _type_checking_nodes(tree: ast.Module) -> set[int]:
@@ -93,25 +130,32 @@ def _python_3_10_features(source: str, where: str) -> list[str]:
     if not _has_postponed_annotations(tree):
         for annotation in _annotations(tree):
             if any(isinstance(sub, ast.BinOp) and isinstance(sub.op, ast.BitOr) for sub in ast.walk(annotation)):
-                found.append(f"{where}:{annotation.lineno}: 'X | Y' annotation without "
-                             "'from __future__ import annotations'")
+                found.append(
+                    f"{where}:{annotation.lineno}: 'X | Y' annotation without 'from __future__ import annotations'"
+                )
     guarded = _type_checking_nodes(tree)
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if isinstance(node, ast.ImportFrom) and node.level == 0 and id(node) not in guarded:
             if node.module == "typing":
-                found += [f"{where}:{line}: typing.{a.name} is newer than 3.9"
-                          for a in node.names if a.name in _NEW_TYPING]
-            found += [f"{where}:{line}: {node.module}.{a.name} is newer than 3.9"
-                      for a in node.names if (node.module, a.name) in _NEW_ATTRIBUTES]
+                found += [
+                    f"{where}:{line}: typing.{a.name} is newer than 3.9" for a in node.names if a.name in _NEW_TYPING
+                ]
+            found += [
+                f"{where}:{line}: {node.module}.{a.name} is newer than 3.9"
+                for a in node.names
+                if (node.module, a.name) in _NEW_ATTRIBUTES
+            ]
             if node.module in _NEW_MODULES:
                 found.append(f"{where}:{line}: module {node.module} is newer than 3.9")
         elif isinstance(node, ast.Import):
-            found += [f"{where}:{line}: module {a.name} is newer than 3.9" for a in node.names
-                      if a.name in _NEW_MODULES]
+            found += [
+                f"{where}:{line}: module {a.name} is newer than 3.9" for a in node.names if a.name in _NEW_MODULES
+            ]
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and id(node) not in guarded:
-            if (node.value.id, node.attr) in _NEW_ATTRIBUTES or (node.value.id == "typing"
-                                                                  and node.attr in _NEW_TYPING):
+            if (node.value.id, node.attr) in _NEW_ATTRIBUTES or (
+                node.value.id == "typing" and node.attr in _NEW_TYPING
+            ):
                 found.append(f"{where}:{line}: {node.value.id}.{node.attr} is newer than 3.9")
         elif isinstance(node, ast.Call):
             func = node.func
@@ -124,25 +168,35 @@ def _python_3_10_features(source: str, where: str) -> list[str]:
 
 
 def test_sources_use_no_library_features_newer_than_python_3_9() -> None:
-    found = [problem for path in SOURCES
-             for problem in _python_3_10_features(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))]
+    found = [
+        problem
+        for path in SOURCES
+        for problem in _python_3_10_features(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))
+    ]
     assert found == []
 
 
 def test_the_3_9_check_finds_what_it_looks_for() -> None:
-    text = ("import itertools\nfrom typing import TYPE_CHECKING, TypeAlias\nif TYPE_CHECKING:\n"
-            "    from typing import Self\ndef f(x: int | None) -> None:\n    zip([], [], strict=True)\n"
-            "    itertools.pairwise([])\n")
+    text = (
+        "import itertools\nfrom typing import TYPE_CHECKING, TypeAlias\nif TYPE_CHECKING:\n"
+        "    from typing import Self\ndef f(x: int | None) -> None:\n    zip([], [], strict=True)\n"
+        "    itertools.pairwise([])\n"
+    )
+
     def messages(source: str) -> list[str]:
         return sorted(problem.split(": ", 1)[1] for problem in _python_3_10_features(source, "sample.py"))
 
-    new_apis = ["itertools.pairwise is newer than 3.9", "typing.TypeAlias is newer than 3.9",
-                "zip(strict=...) is newer than 3.9"]
+    new_apis = [
+        "itertools.pairwise is newer than 3.9",
+        "typing.TypeAlias is newer than 3.9",
+        "zip(strict=...) is newer than 3.9",
+    ]
     assert messages(text) == sorted([*new_apis, "'X | Y' annotation without 'from __future__ import annotations'"])
     assert messages("from __future__ import annotations\n" + text) == new_apis
 
 
 # ---- kvc.kmod is a library of its own --------------------------------------------------------
+
 
 def _package_of(path: Path) -> list[str]:
     """The package a module under src/ belongs to, as relative imports resolve it."""
@@ -176,15 +230,16 @@ def _framework_imports(source: str, package: list[str], where: str) -> list[str]
                 if node.level - 1 >= len(package):
                     found.append(f"{where}:{node.lineno}: relative import above the kvc package")
                     continue
-                base = package[:len(package) - (node.level - 1)]
+                base = package[: len(package) - (node.level - 1)]
             else:
                 base = []
             target = [*base, *(node.module.split(".") if node.module else [])]
             for alias in node.names:
                 full = ".".join([*target, alias.name]) if target == ["kvc"] else ".".join(target)
                 if _framework_import(full) or (target == ["kvc"] and alias.name == "*"):
-                    found.append(f"{where}:{node.lineno}: from {'.' * node.level}{node.module or ''} "
-                                 f"import {alias.name}")
+                    found.append(
+                        f"{where}:{node.lineno}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+                    )
         elif isinstance(node, ast.Call) and node.args:
             func = node.func
             name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
@@ -196,19 +251,29 @@ def _framework_imports(source: str, package: list[str], where: str) -> list[str]
 
 def test_kmod_library_imports_nothing_from_the_framework() -> None:
     assert KMOD_SOURCES
-    found = [problem for path in KMOD_SOURCES
-             for problem in _framework_imports(path.read_text(encoding="utf-8"), _package_of(path),
-                                               str(path.relative_to(ROOT)))]
+    found = [
+        problem
+        for path in KMOD_SOURCES
+        for problem in _framework_imports(
+            path.read_text(encoding="utf-8"), _package_of(path), str(path.relative_to(ROOT))
+        )
+    ]
     assert found == []
 
 
 def test_the_layering_check_finds_what_it_looks_for() -> None:
-    text = ("import kvc.cli\nfrom kvc import errors\nfrom kvc import kmod\nfrom ... import config\n"
-            "from ..kernel import KernelError\nimport importlib\nimportlib.import_module('kvc.layout')\n"
-            "importlib.import_module(f'kvc.kmod.tools.{x}')\n")
+    text = (
+        "import kvc.cli\nfrom kvc import errors\nfrom kvc import kmod\nfrom ... import config\n"
+        "from ..kernel import KernelError\nimport importlib\nimportlib.import_module('kvc.layout')\n"
+        "importlib.import_module(f'kvc.kmod.tools.{x}')\n"
+    )
     found = _framework_imports(text, ["kvc", "kmod", "tools"], "sample.py")
     assert [problem.split(": ", 1)[1] for problem in found] == [
-        "import kvc.cli", "from kvc import errors", "from ... import config", "import_module('kvc.layout'...)"]
+        "import kvc.cli",
+        "from kvc import errors",
+        "from ... import config",
+        "import_module('kvc.layout'...)",
+    ]
 
 
 def test_no_shell_in_the_framework() -> None:
@@ -246,4 +311,5 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
         assert (ROOT / script).is_file(), f"README names {script}, which does not exist"
     ci_lines = [line.split("#", 1)[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert any(line == commands[1] or line.startswith(commands[1] + " ||") for line in ci_lines), (
-        f".ci/run does not run the README's test command {commands[1]!r}")
+        f".ci/run does not run the README's test command {commands[1]!r}"
+    )

@@ -59,10 +59,11 @@ _MAX_TAG = 128
 
 # ---- names --------------------------------------------------------------------------------------------
 
+
 def kernel_tag(kernel_release: str, suffix: str = "") -> str:
     """The tag for a kernel release: characters a tag cannot hold become '_' (at most 128 chars)."""
     tag = _TAG_BAD.sub("_", kernel_release)
-    return tag[:_MAX_TAG - len(suffix)] + suffix
+    return tag[: _MAX_TAG - len(suffix)] + suffix
 
 
 def image_repository(instance: InstanceConfig) -> str:
@@ -111,6 +112,7 @@ def build_args(instance: InstanceConfig, kernel_release: str) -> list[tuple[str,
 
 # ---- the context digest ----------------------------------------------------------------------------------
 
+
 def _hash_tree(update: Callable[[bytes], None], top: str) -> None:
     """Every entry below ``top`` in sorted order: relative path, type and mode, and the content of
     files (link targets for symlinks). ``.git`` directories are left out."""
@@ -119,8 +121,9 @@ def _hash_tree(update: Callable[[bytes], None], top: str) -> None:
         try:
             names = sorted(os.listdir(directory))
         except OSError as exc:
-            raise BuildError(f"cannot read the build context: {exc}",
-                             hint="the build context must be readable by kvc") from None
+            raise BuildError(
+                f"cannot read the build context: {exc}", hint="the build context must be readable by kvc"
+            ) from None
         for name in names:
             path = os.path.join(directory, name)
             rel = f"{relative}/{name}" if relative else name
@@ -140,8 +143,9 @@ def _hash_tree(update: Callable[[bytes], None], top: str) -> None:
                         for chunk in iter(lambda: handle.read(1 << 20), b""):
                             update(chunk)
                 except OSError as exc:
-                    raise BuildError(f"cannot read the build context: {exc}",
-                                     hint="the build context must be readable by kvc") from None
+                    raise BuildError(
+                        f"cannot read the build context: {exc}", hint="the build context must be readable by kvc"
+                    ) from None
 
     walk(top, "")
 
@@ -153,8 +157,14 @@ def context_digest(instance: InstanceConfig, kernel_release: str) -> str:
     and the kernel release. A git or tarball URL context counts by its URL string only: kvc cannot
     see what the URL serves, so a change behind it needs ``--force``."""
     digest = hashlib.sha256()
-    parts = [DIGEST_SCHEME, instance.build_file, instance.software_version, kernel_release,
-             repr(build_args(instance, kernel_release)), repr(list(instance.module_names))]
+    parts = [
+        DIGEST_SCHEME,
+        instance.build_file,
+        instance.software_version,
+        kernel_release,
+        repr(build_args(instance, kernel_release)),
+        repr(list(instance.module_names)),
+    ]
     for part in parts:
         digest.update(part.encode() + b"\0")
     if not context_is_local(instance):
@@ -172,11 +182,17 @@ def context_digest(instance: InstanceConfig, kernel_release: str) -> str:
 
 
 def image_labels(instance: InstanceConfig, kernel_release: str, digest: str) -> dict[str, str]:
-    return {LABEL_NAME: instance.name, LABEL_KERNEL: kernel_release, LABEL_VERSION: instance.software_version,
-            LABEL_MODULES: " ".join(instance.module_names), LABEL_DIGEST: digest}
+    return {
+        LABEL_NAME: instance.name,
+        LABEL_KERNEL: kernel_release,
+        LABEL_VERSION: instance.software_version,
+        LABEL_MODULES: " ".join(instance.module_names),
+        LABEL_DIGEST: digest,
+    }
 
 
 # ---- planning ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BuildPlan:
@@ -198,26 +214,43 @@ class BuildPlan:
         if self.action == ACTION_UP_TO_DATE:
             return f"{self.tag}: up to date ({self.reason})"
         names = ", ".join(normalize_name(name) for name in self.instance.module_names)
-        verify = (f"verify {names} under /lib/modules/{self.kernel_release} (vermagic {self.kernel_release}), "
-                  f"then tag {self.tag}")
+        verify = (
+            f"verify {names} under /lib/modules/{self.kernel_release} (vermagic {self.kernel_release}), "
+            f"then tag {self.tag}"
+        )
         if self.action == ACTION_PULL:
-            return "\n".join([f"{self.tag}: pull {self.source} ({self.reason})",
-                              f"  tag {self.source} as {candidate_tag(self.instance, self.kernel_release)}",
-                              f"  {verify}"])
+            return "\n".join(
+                [
+                    f"{self.tag}: pull {self.source} ({self.reason})",
+                    f"  tag {self.source} as {candidate_tag(self.instance, self.kernel_release)}",
+                    f"  {verify}",
+                ]
+            )
         lines = [f"{self.tag}: build ({self.reason})"]
         if not context_is_local(self.instance):
-            lines.append(f"  context {self.instance.build_context} is a URL: its digest covers the URL string "
-                         "only, so changes behind it need --force")
+            lines.append(
+                f"  context {self.instance.build_context} is a URL: its digest covers the URL string "
+                "only, so changes behind it need --force"
+            )
         if self.command:
             lines.append(f"  {shlex.join(self.command)}")
         lines.append(f"  {verify}")
-        lines.append(f"  prune images labelled {LABEL_NAME}={self.instance.name} to the newest "
-                     f"{self.instance.keep_kernels} kernel(s)")
+        lines.append(
+            f"  prune images labelled {LABEL_NAME}={self.instance.name} to the newest "
+            f"{self.instance.keep_kernels} kernel(s)"
+        )
         return "\n".join(lines)
 
 
-def plan_build(instance: InstanceConfig, kernel_release: str, runtime: ContainerRuntime, *,
-               force: bool = False, pull: Optional[str] = None, no_cache: bool = False) -> BuildPlan:
+def plan_build(
+    instance: InstanceConfig,
+    kernel_release: str,
+    runtime: ContainerRuntime,
+    *,
+    force: bool = False,
+    pull: Optional[str] = None,
+    no_cache: bool = False,
+) -> BuildPlan:
     """Decide what to do. Starts no container: one or two ``image inspect`` calls."""
     tag = image_tag(instance, kernel_release)
     digest = context_digest(instance, kernel_release)
@@ -227,24 +260,59 @@ def plan_build(instance: InstanceConfig, kernel_release: str, runtime: Container
     if instance.image:
         source = prebuilt_ref(instance.image, kernel_release)
         if force:
-            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL, "--force", source, digest,
-                             existing_id)
+            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL, "--force", source, digest, existing_id)
         if existing is None:
             return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL, "no image yet", source, digest)
         local = runtime.inspect(source)
         if local is not None and local.id != existing.id:
-            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL,
-                             f"{source} is a different image now", source, digest, existing_id)
-        return BuildPlan(instance, kernel_release, tag, labels, ACTION_UP_TO_DATE,
-                         f"pulled from {source}; --force pulls again", source, digest, existing_id)
-    command = tuple(runtime.build_argv(instance.build_context, build_file_path(instance),
-                                       candidate_tag(instance, kernel_release), build_args(instance, kernel_release),
-                                       labels, pull=pull, no_cache=no_cache))
+            return BuildPlan(
+                instance,
+                kernel_release,
+                tag,
+                labels,
+                ACTION_PULL,
+                f"{source} is a different image now",
+                source,
+                digest,
+                existing_id,
+            )
+        return BuildPlan(
+            instance,
+            kernel_release,
+            tag,
+            labels,
+            ACTION_UP_TO_DATE,
+            f"pulled from {source}; --force pulls again",
+            source,
+            digest,
+            existing_id,
+        )
+    command = tuple(
+        runtime.build_argv(
+            instance.build_context,
+            build_file_path(instance),
+            candidate_tag(instance, kernel_release),
+            build_args(instance, kernel_release),
+            labels,
+            pull=pull,
+            no_cache=no_cache,
+        )
+    )
     url_note = "" if context_is_local(instance) else " (URL context: only the URL string is compared)"
 
     def plan(action: str, reason: str) -> BuildPlan:
-        return BuildPlan(instance, kernel_release, tag, labels, action, reason, "", digest, existing_id,
-                         command if action == ACTION_BUILD else ())
+        return BuildPlan(
+            instance,
+            kernel_release,
+            tag,
+            labels,
+            action,
+            reason,
+            "",
+            digest,
+            existing_id,
+            command if action == ACTION_BUILD else (),
+        )
 
     if force:
         return plan(ACTION_BUILD, "--force")
@@ -260,14 +328,34 @@ def plan_build(instance: InstanceConfig, kernel_release: str, runtime: Container
 
 # ---- failures ------------------------------------------------------------------------------------------------
 
-_NETWORK = ("Temporary failure resolving", "Temporary failure in name resolution", "Could not resolve",
-            "Failed to fetch", "Network is unreachable", "Connection refused", "Connection timed out",
-            "Could not connect to", "Name or service not known", "No route to host", "TLS handshake timeout",
-            "pinging container registry", "no such host", "i/o timeout", "dial tcp", "Could not resolve host")
+_NETWORK = (
+    "Temporary failure resolving",
+    "Temporary failure in name resolution",
+    "Could not resolve",
+    "Failed to fetch",
+    "Network is unreachable",
+    "Connection refused",
+    "Connection timed out",
+    "Could not connect to",
+    "Name or service not known",
+    "No route to host",
+    "TLS handshake timeout",
+    "pinging container registry",
+    "no such host",
+    "i/o timeout",
+    "dial tcp",
+    "Could not resolve host",
+)
 _COMPILER_ERROR = re.compile(r"^.*\.(?:c|h|S):\d+(?::\d+)?: (?:fatal )?error: .*$", re.MULTILINE)
 _MODPOST_ERROR = re.compile(r"^.*ERROR: modpost: .*$", re.MULTILINE)
-_MISSING_PACKAGE = ("Unable to locate package", "has no installation candidate", "No match for argument",
-                    "No package", "Couldn't find any package", "not found")
+_MISSING_PACKAGE = (
+    "Unable to locate package",
+    "has no installation candidate",
+    "No match for argument",
+    "No package",
+    "Couldn't find any package",
+    "not found",
+)
 
 
 def classify_failure(output: str, kernel_release: str) -> tuple[str, str]:
@@ -276,28 +364,45 @@ def classify_failure(output: str, kernel_release: str) -> tuple[str, str]:
     compiler or modpost failing, a full disk."""
     lines = output.splitlines()
     network = next((line.strip() for line in lines if any(marker in line for marker in _NETWORK)), "")
-    header_names = (f"linux-headers-{kernel_release}", f"kernel-devel-{kernel_release}",
-                    f"kernel-headers-{kernel_release}")
-    headers = next((line.strip() for line in lines
-                    if any(name in line for name in header_names) and any(m in line for m in _MISSING_PACKAGE)), "")
+    header_names = (
+        f"linux-headers-{kernel_release}",
+        f"kernel-devel-{kernel_release}",
+        f"kernel-headers-{kernel_release}",
+    )
+    headers = next(
+        (
+            line.strip()
+            for line in lines
+            if any(name in line for name in header_names) and any(m in line for m in _MISSING_PACKAGE)
+        ),
+        "",
+    )
     if not headers and f"/lib/modules/{kernel_release}/build" in output and "No such file or directory" in output:
         headers = f"/lib/modules/{kernel_release}/build is missing"
     network_hint = "check the host's network, proxy and DNS settings (builds fetch packages and sources)"
     if headers and network:
-        return (f"the build could not reach the network, so the package lists are incomplete ({network[:160]})",
-                network_hint)
+        return (
+            f"the build could not reach the network, so the package lists are incomplete ({network[:160]})",
+            network_hint,
+        )
     if headers:
-        return (f"no kernel headers for {kernel_release} in the build image's package sources ({headers[:160]})",
-                "check the kernel release; its headers package may be in another suite (e.g. "
-                "bookworm-security or backports), or point the Containerfile at a repository that has it")
+        return (
+            f"no kernel headers for {kernel_release} in the build image's package sources ({headers[:160]})",
+            "check the kernel release; its headers package may be in another suite (e.g. "
+            "bookworm-security or backports), or point the Containerfile at a repository that has it",
+        )
     match = _COMPILER_ERROR.search(output)
     if match:
-        return (f"the module source failed to compile: {match.group(0).strip()[:160]}",
-                "fix the source for this kernel's API (see the compiler errors in the log)")
+        return (
+            f"the module source failed to compile: {match.group(0).strip()[:160]}",
+            "fix the source for this kernel's API (see the compiler errors in the log)",
+        )
     match = _MODPOST_ERROR.search(output)
     if match:
-        return (f"the module failed to link (modpost): {match.group(0).strip()[:160]}",
-                "a symbol the module uses is not exported by this kernel")
+        return (
+            f"the module failed to link (modpost): {match.group(0).strip()[:160]}",
+            "a symbol the module uses is not exported by this kernel",
+        )
     if network:
         return (f"the build could not reach the network ({network[:160]})", network_hint)
     if "no space left on device" in output.lower():
@@ -309,6 +414,7 @@ def classify_failure(output: str, kernel_release: str) -> tuple[str, str]:
 
 # ---- verification -------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FoundModule:
     name: str  # kmod's name (with '_')
@@ -317,7 +423,7 @@ class FoundModule:
 
 
 def _priority(path: str, directory: str) -> tuple[int, str]:
-    relative = path[len(directory):].lstrip("/")
+    relative = path[len(directory) :].lstrip("/")
     first = relative.split("/", 1)[0] if "/" in relative else ""
     return ({"updates": 0, "extra": 1}.get(first, 2), path)
 
@@ -337,8 +443,7 @@ def match_modules(paths: Sequence[str], kernel_release: str, names: Sequence[str
     return found
 
 
-def find_modules(runtime: ContainerRuntime, image: str, kernel_release: str,
-                 names: Sequence[str]) -> dict[str, str]:
+def find_modules(runtime: ContainerRuntime, image: str, kernel_release: str, names: Sequence[str]) -> dict[str, str]:
     """{module name: path in the image} for the wanted modules under /lib/modules/KVER."""
     with runtime.open_image(image) as files:
         return match_modules(files.list(f"/lib/modules/{kernel_release}"), kernel_release, names)
@@ -346,12 +451,12 @@ def find_modules(runtime: ContainerRuntime, image: str, kernel_release: str,
 
 def _elsewhere(files: ImageFiles, names: Sequence[str]) -> list[str]:
     wanted = {normalize_name(name) for name in names}
-    return [path for path in files.list("/lib/modules")
-            if is_module_filename(path) and name_from_path(path) in wanted]
+    return [path for path in files.list("/lib/modules") if is_module_filename(path) and name_from_path(path) in wanted]
 
 
-def verify_image(runtime: ContainerRuntime, image: str, instance: InstanceConfig,
-                 kernel_release: str) -> list[FoundModule]:
+def verify_image(
+    runtime: ContainerRuntime, image: str, instance: InstanceConfig, kernel_release: str
+) -> list[FoundModule]:
     """Every KMOD_NAMES module is in the image under /lib/modules/KVER and has a vermagic whose
     first word is KVER; else BuildError naming each module and what was found."""
     directory = f"/lib/modules/{kernel_release}"
@@ -361,17 +466,23 @@ def verify_image(runtime: ContainerRuntime, image: str, instance: InstanceConfig
         missing = [name for name in instance.module_names if normalize_name(name) not in found]
         if missing:
             others = [p for p in _elsewhere(files, missing) if not p.startswith(directory + "/")]
-            present = sorted(p[len(directory) + 1:] for p in listed if is_module_filename(p))
-            details = [f"missing: {name} (no {normalize_name(name)}.ko[.xz|.zst|.gz] below {directory})"
-                       for name in missing]
-            details.append(f"module files below {directory}: " + (", ".join(present[:20]) or "none")
-                           + (f" (and {len(present) - 20} more)" if len(present) > 20 else ""))
+            present = sorted(p[len(directory) + 1 :] for p in listed if is_module_filename(p))
+            details = [
+                f"missing: {name} (no {normalize_name(name)}.ko[.xz|.zst|.gz] below {directory})" for name in missing
+            ]
+            details.append(
+                f"module files below {directory}: "
+                + (", ".join(present[:20]) or "none")
+                + (f" (and {len(present) - 20} more)" if len(present) > 20 else "")
+            )
             if others:
                 details.append("found for another kernel: " + ", ".join(others[:10]))
-            raise BuildError(f"image {image} lacks module(s) {', '.join(missing)} for kernel {kernel_release}",
-                             details="\n".join(details),
-                             hint="install the modules into /lib/modules/$KVER/ (any subdirectory) in the "
-                                  "Containerfile, built for the KVER build argument")
+            raise BuildError(
+                f"image {image} lacks module(s) {', '.join(missing)} for kernel {kernel_release}",
+                details="\n".join(details),
+                hint="install the modules into /lib/modules/$KVER/ (any subdirectory) in the "
+                "Containerfile, built for the KVER build argument",
+            )
         with tempfile.TemporaryDirectory(prefix="kvc-verify-") as scratch:
             copies = files.copy(list(found.values()), scratch)
             results: list[FoundModule] = []
@@ -385,25 +496,36 @@ def verify_image(runtime: ContainerRuntime, image: str, instance: InstanceConfig
                     continue
                 release = vermagic.split()[0] if vermagic.split() else ""
                 if release != kernel_release:
-                    problems.append(f"{name} ({path}): vermagic {vermagic or '(none)'!r} names kernel "
-                                    f"{release or '(none)'}, not {kernel_release}")
+                    problems.append(
+                        f"{name} ({path}): vermagic {vermagic or '(none)'!r} names kernel "
+                        f"{release or '(none)'}, not {kernel_release}"
+                    )
                 results.append(FoundModule(name, path, vermagic))
     if problems:
-        raise BuildError(f"image {image} has modules that are not built for kernel {kernel_release}",
-                         details="\n".join(problems),
-                         hint="build against the headers of exactly this kernel release (build arg KVER)")
+        raise BuildError(
+            f"image {image} has modules that are not built for kernel {kernel_release}",
+            details="\n".join(problems),
+            hint="build against the headers of exactly this kernel release (build arg KVER)",
+        )
     return results
 
 
 # ---- execution ----------------------------------------------------------------------------------------------
+
 
 def _remove_quietly(runtime: ContainerRuntime, ref: str) -> None:
     with contextlib.suppress(CommandError):
         runtime.remove(ref, missing_ok=True)
 
 
-def execute_build(plan: BuildPlan, runtime: ContainerRuntime, *, stream: bool = False, pull: Optional[str] = None,
-                  no_cache: bool = False) -> str:
+def execute_build(
+    plan: BuildPlan,
+    runtime: ContainerRuntime,
+    *,
+    stream: bool = False,
+    pull: Optional[str] = None,
+    no_cache: bool = False,
+) -> str:
     """Carry out a plan and return a one-line summary. The tag moves only onto a verified image;
     a build or verification failure raises BuildError and leaves no candidate behind."""
     if plan.action == ACTION_UP_TO_DATE:
@@ -414,15 +536,24 @@ def execute_build(plan: BuildPlan, runtime: ContainerRuntime, *, stream: bool = 
         try:
             runtime.pull(plan.source)
         except CommandError as exc:
-            raise BuildError(f"{plan.tag}: pulling {plan.source} failed", details=exc.output_tail,
-                             hint=exc.hint or "check the reference (KVC_IMAGE) and that the registry is reachable") \
-                from None
+            raise BuildError(
+                f"{plan.tag}: pulling {plan.source} failed",
+                details=exc.output_tail,
+                hint=exc.hint or "check the reference (KVC_IMAGE) and that the registry is reachable",
+            ) from None
         runtime.tag(plan.source, candidate)
     else:
         try:
-            runtime.build(instance.build_context, build_file_path(instance), candidate,
-                          build_args(instance, plan.kernel_release), plan.labels, pull=pull, no_cache=no_cache,
-                          stream=stream)
+            runtime.build(
+                instance.build_context,
+                build_file_path(instance),
+                candidate,
+                build_args(instance, plan.kernel_release),
+                plan.labels,
+                pull=pull,
+                no_cache=no_cache,
+                stream=stream,
+            )
         except BuildCommandError as exc:
             cause, hint = classify_failure(exc.output, plan.kernel_release)
             _remove_quietly(runtime, candidate)
@@ -454,8 +585,9 @@ def _ours(instance: InstanceConfig, name: str) -> bool:
     return normalize_ref(name).split(":", 1)[0].startswith(f"{instance.name.lower()}-")
 
 
-def prune_plan(images: Sequence[ImageInfo], instance: InstanceConfig, *,
-               keep_tag: Optional[str] = None) -> tuple[list[ImageInfo], list[ImageInfo]]:
+def prune_plan(
+    images: Sequence[ImageInfo], instance: InstanceConfig, *, keep_tag: Optional[str] = None
+) -> tuple[list[ImageInfo], list[ImageInfo]]:
     """(keep, remove) among the instance's images. Only images kvc built are considered (label
     name=NAME *and* a kvc.kernel label; KVC-library images are left alone). The image named
     ``keep_tag`` stays, and its kernel counts first; then the newest image (by creation time) of

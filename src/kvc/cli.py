@@ -20,16 +20,23 @@ PROG = "kvc"
 
 def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
     if many:
-        parser.add_argument("--kernel", "-k", action="append", metavar="KVER",
-                            help="kernel release (repeatable; default: the running kernel)")
+        parser.add_argument(
+            "--kernel",
+            "-k",
+            action="append",
+            metavar="KVER",
+            help="kernel release (repeatable; default: the running kernel)",
+        )
     else:
         parser.add_argument("--kernel", "-k", metavar="KVER", help="kernel release (default: running)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Kernel modules via containers.",
-                                     epilog="'kvc kmod TOOL ...' runs the kmod-compatible tools "
-                                            "(lsmod, modinfo, insmod, rmmod).")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Kernel modules via containers.",
+        epilog="'kvc kmod TOOL ...' runs the kmod-compatible tools (lsmod, modinfo, insmod, rmmod).",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log external commands")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -63,17 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="load, smoke-test and unload the built modules on the target kernel in a VM")
     p.add_argument("name")
     _add_kernel(p)
-    p.add_argument("--kernel-dir", metavar="DIR",
-                   help="the kernel's files: DIR/boot/vmlinuz-KVER and DIR/lib/modules/KVER "
-                        "(default: this host's, else the distribution's package, cached)")
+    p.add_argument(
+        "--kernel-dir",
+        metavar="DIR",
+        help="the kernel's files: DIR/boot/vmlinuz-KVER and DIR/lib/modules/KVER "
+        "(default: this host's, else the distribution's package, cached)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report (schema 1)")
-    p.add_argument("--keep-artifacts", action="store_true",
-                   help="keep the console log, job and initramfs even when verified")
-    p.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
-                   help="qemu accelerator (auto: KVM if a probe boot works, else TCG)")
+    p.add_argument(
+        "--keep-artifacts", action="store_true", help="keep the console log, job and initramfs even when verified"
+    )
+    p.add_argument(
+        "--accel",
+        choices=("auto", "tcg", "kvm"),
+        default="auto",
+        help="qemu accelerator (auto: KVM if a probe boot works, else TCG)",
+    )
     p.add_argument("--memory", type=int, default=1024, metavar="MIB", help="guest memory (default 1024)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="hard limit for the whole guest run (default 300)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="hard limit for the whole guest run (default 300)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, boot nothing")
 
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
@@ -112,8 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if options.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING,
-                        format=f"{PROG}: %(message)s")
+    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
     import kvc.commands as commands
 
     try:

@@ -61,8 +61,7 @@ class Context:
             entries = sorted(os.listdir(self.layout.conf_dir))
         except FileNotFoundError:
             return []
-        return [entry[:-5] for entry in entries
-                if entry.endswith(".conf") and entry != "kmods-via-containers.conf"]
+        return [entry[:-5] for entry in entries if entry.endswith(".conf") and entry != "kmods-via-containers.conf"]
 
 
 def say(text: str) -> None:
@@ -89,15 +88,26 @@ def _load(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool,
     if dry_run and read_manifest(ctx.layout, instance.name, kernel) is None:
         say(f"extract {instance.name} modules from {tag} into {ctx.layout.kernel_state(instance.name, kernel)}")
         return 0
-    manifest = (read_manifest(ctx.layout, instance.name, kernel) if dry_run
-                else extract(ctx.layout, instance, kernel, ctx.runtime, tag, force=force))
+    manifest = (
+        read_manifest(ctx.layout, instance.name, kernel)
+        if dry_run
+        else extract(ctx.layout, instance, kernel, ctx.runtime, tag, force=force)
+    )
     assert manifest is not None
     manifest.verify()
     paths = [manifest.path_of(m.name) for m in manifest.modules]
     moddir = ctx.moddir(kernel)
     config = load_config(None, module_dir=moddir.path, paths=ctx.layout.host) if moddir is not None else None
-    plan = plan_load(instance.name, kernel, paths, instance.module_params, ctx.kernel, moddir,
-                     reload_loaded=False, modprobe_config=config)
+    plan = plan_load(
+        instance.name,
+        kernel,
+        paths,
+        instance.module_params,
+        ctx.kernel,
+        moddir,
+        reload_loaded=False,
+        modprobe_config=config,
+    )
     say(plan.describe())
     if dry_run:
         return 0
@@ -111,8 +121,12 @@ def _unload(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: boo
     say(plan.describe())
     if dry_run:
         return 0
-    execute_unload(plan, ctx.kernel, force=force,
-                   record_path=os.path.join(ctx.layout.kernel_state(instance.name, kernel), LOADED_RECORD))
+    execute_unload(
+        plan,
+        ctx.kernel,
+        force=force,
+        record_path=os.path.join(ctx.layout.kernel_state(instance.name, kernel), LOADED_RECORD),
+    )
     return 0
 
 
@@ -168,29 +182,45 @@ def instance_status(ctx: Context, instance: InstanceConfig, kernels: list[str]) 
         for name in (n.replace("-", "_") for n in instance.module_names):
             live = loaded.get(name) if kernel == ctx.kernel.release() else None
             state = ctx.kernel.module_state(name) if live is not None else None
-            modules.append({"name": name, "loaded": live is not None,
-                            "refcnt": live.refcnt if live else None,
-                            "taint": (state.taint if state else live.taints) if live else None})
-        entries.append({
-            "kernel": kernel,
-            "image": {"tag": tag, "exists": info is not None, "id": info.id if info else None,
-                      "up_to_date": bool(info and (instance.image or info.labels.get(LABEL_DIGEST)
-                                                   == context_digest(instance, kernel)))},
-            "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
-            "verification": _verification(ctx, instance.name, kernel, info.id if info else None),
-            "modules": modules,
-        })
+            modules.append(
+                {
+                    "name": name,
+                    "loaded": live is not None,
+                    "refcnt": live.refcnt if live else None,
+                    "taint": (state.taint if state else live.taints) if live else None,
+                }
+            )
+        entries.append(
+            {
+                "kernel": kernel,
+                "image": {
+                    "tag": tag,
+                    "exists": info is not None,
+                    "id": info.id if info else None,
+                    "up_to_date": bool(
+                        info and (instance.image or info.labels.get(LABEL_DIGEST) == context_digest(instance, kernel))
+                    ),
+                },
+                "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
+                "verification": _verification(ctx, instance.name, kernel, info.id if info else None),
+                "modules": modules,
+            }
+        )
     return {"name": instance.name, "version": instance.software_version, "kernels": entries}
 
 
 def _verification(ctx: Context, name: str, kernel: str, image_id: Optional[str]) -> Optional[dict[str, Any]]:
-    from kvc.verify import read_verify_record
+    from kvc.verify.run import read_verify_record
 
     record = read_verify_record(ctx.layout, name, kernel)
     if record is None:
         return None
-    return {"status": record["status"], "at": record.get("at"), "image_id": record.get("image_id"),
-            "current": image_id is not None and record.get("image_id") == image_id}
+    return {
+        "status": record["status"],
+        "at": record.get("at"),
+        "image_id": record.get("image_id"),
+        "current": image_id is not None and record.get("image_id") == image_id,
+    }
 
 
 def _verification_text(verification: Optional[dict[str, Any]]) -> str:
@@ -209,8 +239,9 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
         instance = ctx.instance(name)
         kernels = [ctx.kernel_release(k) for k in args.kernel] if args.kernel else [running]
         if not args.kernel:
-            built = {info.labels.get(LABEL_KERNEL, "") for info in
-                     ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")}
+            built = {
+                info.labels.get(LABEL_KERNEL, "") for info in ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")
+            }
             kernels += sorted(k for k in built if k and k != running)
         report.append(instance_status(ctx, instance, kernels))
     if args.json:
@@ -221,9 +252,11 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
         for entry in item["kernels"]:
             image = entry["image"]
             image_text = ("up to date" if image["up_to_date"] else "outdated") if image["exists"] else "not built"
-            say(f"  kernel {entry['kernel']}: image {image['tag']} {image_text}, "
+            say(
+                f"  kernel {entry['kernel']}: image {image['tag']} {image_text}, "
                 f"{'extracted' if entry['extracted'] else 'not extracted'}, "
-                f"{_verification_text(entry['verification'])}")
+                f"{_verification_text(entry['verification'])}"
+            )
             for module in entry["modules"]:
                 if module["loaded"]:
                     say(f"    {module['name']}: loaded, refcnt {module['refcnt']}, taint {module['taint'] or '-'}")
@@ -262,16 +295,19 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
         os.rename(staging, target)
         with open(os.path.join(bundle, confs[0]), encoding="utf-8") as handle:
             text = handle.read()
-        lines = [f"KMOD_CONTAINER_BUILD_CONTEXT={target}" if line.startswith("KMOD_CONTAINER_BUILD_CONTEXT=")
-                 and not line.split("=", 1)[1].strip("\"'").startswith(("/", "git", "http")) else line
-                 for line in text.splitlines()]
+        lines = [
+            f"KMOD_CONTAINER_BUILD_CONTEXT={target}"
+            if line.startswith("KMOD_CONTAINER_BUILD_CONTEXT=")
+            and not line.split("=", 1)[1].strip("\"'").startswith(("/", "git", "http"))
+            else line
+            for line in text.splitlines()
+        ]
         write_file(ctx.layout.instance_conf(name), "\n".join(lines) + "\n", 0o644)
         if os.path.exists(library):
             with open(library, encoding="utf-8") as handle:
                 write_file(lib_target, handle.read(), 0o644)
         for tool in tools:
-            write_file(tool, f"#!/bin/sh\nexec kvc wrapper {name} -- {os.path.basename(tool)} \"$@\"\n",
-                                 0o755)
+            write_file(tool, f'#!/bin/sh\nexec kvc wrapper {name} -- {os.path.basename(tool)} "$@"\n', 0o755)
         systemd.install_unit(ctx.layout)
     for step in steps:
         say(f"done: {step}")
@@ -287,10 +323,13 @@ def _ensure_dir(path: str) -> str:
 def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
     name = check_name(args.name)
     instance = ctx.instance(name)
-    paths = [ctx.layout.instance_conf(name), os.path.join(ctx.layout.conf_dir, "bundles", name),
-             os.path.join(ctx.layout.host.host("/etc/kvc/lib/kvc"), f"{name}-lib.sh"),
-             *[os.path.join(ctx.layout.bin_dir, tool) for tool in instance.wrapper_tools],
-             ctx.layout.instance_state(name)]
+    paths = [
+        ctx.layout.instance_conf(name),
+        os.path.join(ctx.layout.conf_dir, "bundles", name),
+        os.path.join(ctx.layout.host.host("/etc/kvc/lib/kvc"), f"{name}-lib.sh"),
+        *[os.path.join(ctx.layout.bin_dir, tool) for tool in instance.wrapper_tools],
+        ctx.layout.instance_state(name),
+    ]
     present = [path for path in paths if os.path.lexists(path)]
     if args.dry_run:
         for path in present:
@@ -308,17 +347,23 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
-    from kvc.kernelfiles import default_sources, find_kernel
-    from kvc.verify import VerifyOptions, execute_verify, format_report, plan_verify
+    from kvc.verify.kernelfiles import default_sources, find_kernel
+    from kvc.verify.run import VerifyOptions, execute_verify, format_report, plan_verify
 
     if args.memory < 256 or args.timeout <= 0:
         raise UsageError("verify needs --memory of at least 256 MiB and a positive --timeout")
     instance = ctx.instance(args.name)
     options = VerifyOptions(args.accel, args.memory, args.timeout, args.keep_artifacts)
-    plan = plan_verify(instance, ctx.kernel_release(args.kernel), ctx.runtime, options,
-                       lambda release: find_kernel(release, default_sources(
-                           kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root,
-                           cache_dir=ctx.layout.cache_dir)))
+    plan = plan_verify(
+        instance,
+        ctx.kernel_release(args.kernel),
+        ctx.runtime,
+        options,
+        lambda release: find_kernel(
+            release,
+            default_sources(kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir),
+        ),
+    )
     if args.dry_run:
         say(plan.describe())
         return 0
@@ -329,9 +374,17 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-COMMANDS = {"build": cmd_build, "load": cmd_load, "unload": cmd_unload, "reload": cmd_reload,
-            "wrapper": cmd_wrapper, "status": cmd_status, "verify": cmd_verify, "install": cmd_install,
-            "uninstall": cmd_uninstall}
+COMMANDS = {
+    "build": cmd_build,
+    "load": cmd_load,
+    "unload": cmd_unload,
+    "reload": cmd_reload,
+    "wrapper": cmd_wrapper,
+    "status": cmd_status,
+    "verify": cmd_verify,
+    "install": cmd_install,
+    "uninstall": cmd_uninstall,
+}
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -40,17 +40,21 @@ def parse_assignments(text: str, source: str, environ: Optional[Mapping[str, str
         if not stripped or stripped.startswith("#"):
             continue
         if stripped.startswith("export "):
-            stripped = stripped[len("export "):].lstrip()
+            stripped = stripped[len("export ") :].lstrip()
         match = _NAME.match(stripped)
-        if not match or stripped[match.end():match.end() + 1] != "=":
-            raise ConfigError(f"{source}:{lineno}: not a KEY=value assignment: {stripped[:60]!r}",
-                              hint="kvc reads conf files as plain assignments and never runs them")
+        if not match or stripped[match.end() : match.end() + 1] != "=":
+            raise ConfigError(
+                f"{source}:{lineno}: not a KEY=value assignment: {stripped[:60]!r}",
+                hint="kvc reads conf files as plain assignments and never runs them",
+            )
         name = match.group(0)
-        value, rest = _parse_value(stripped[match.end() + 1:], known, f"{source}:{lineno}")
+        value, rest = _parse_value(stripped[match.end() + 1 :], known, f"{source}:{lineno}")
         rest = rest.strip()
         if rest and not rest.startswith("#"):
-            raise ConfigError(f"{source}:{lineno}: unexpected text after the value of {name}: {rest[:40]!r}",
-                              hint="quote values that contain spaces")
+            raise ConfigError(
+                f"{source}:{lineno}: unexpected text after the value of {name}: {rest[:40]!r}",
+                hint="quote values that contain spaces",
+            )
         values[name] = value
         known[name] = value
     return values
@@ -68,7 +72,7 @@ def _parse_value(text: str, known: Mapping[str, str], where: str) -> tuple[str, 
             end = text.find("'", pos + 1)
             if end < 0:
                 raise ConfigError(f"{where}: unterminated single quote", hint="close the quote")
-            out.append(text[pos + 1:end])
+            out.append(text[pos + 1 : end])
             pos = end + 1
         elif char == '"':
             pos += 1
@@ -86,8 +90,7 @@ def _parse_value(text: str, known: Mapping[str, str], where: str) -> tuple[str, 
                     expanded, pos = _expand(text, pos, known, where)
                     out.append(expanded)
                 elif char == "`":
-                    raise ConfigError(f"{where}: command substitution is not allowed",
-                                      hint="write the literal value")
+                    raise ConfigError(f"{where}: command substitution is not allowed", hint="write the literal value")
                 else:
                     out.append(char)
                     pos += 1
@@ -98,8 +101,10 @@ def _parse_value(text: str, known: Mapping[str, str], where: str) -> tuple[str, 
             expanded, pos = _expand(text, pos, known, where)
             out.append(expanded)
         elif char in "`;&|<>()":
-            raise ConfigError(f"{where}: shell syntax {char!r} is not allowed in a value",
-                              hint="kvc reads conf files as plain assignments; quote the value")
+            raise ConfigError(
+                f"{where}: shell syntax {char!r} is not allowed in a value",
+                hint="kvc reads conf files as plain assignments; quote the value",
+            )
         else:
             out.append(char)
             pos += 1
@@ -111,10 +116,9 @@ def _expand(text: str, pos: int, known: Mapping[str, str], where: str) -> tuple[
         raise ConfigError(f"{where}: command substitution is not allowed", hint="write the literal value")
     if text.startswith("${", pos):
         end = text.find("}", pos)
-        name = text[pos + 2:end] if end > 0 else ""
+        name = text[pos + 2 : end] if end > 0 else ""
         if not _NAME.fullmatch(name):
-            raise ConfigError(f"{where}: only plain ${{NAME}} expansions are supported",
-                              hint="write the literal value")
+            raise ConfigError(f"{where}: only plain ${{NAME}} expansions are supported", hint="write the literal value")
         return known.get(name, ""), end + 1
     match = _NAME.match(text, pos + 1)
     if not match:
@@ -136,16 +140,20 @@ def read_conf(path: str, environ: Optional[Mapping[str, str]] = None) -> dict[st
 def check_word(value: str, what: str, source: str, pattern: re.Pattern[str] = _SAFE_WORD) -> str:
     """``value`` if it is safe to place on a command line (no option injection, no shell)."""
     if not pattern.fullmatch(value):
-        raise ConfigError(f"{source}: {what} {value!r} is not allowed",
-                          hint="use letters, digits and . _ - + : @ % = , / ~ # (and no leading '-')")
+        raise ConfigError(
+            f"{source}: {what} {value!r} is not allowed",
+            hint="use letters, digits and . _ - + : @ % = , / ~ # (and no leading '-')",
+        )
     return value
 
 
 def check_name(name: str, source: str = "instance name") -> str:
     # Also a systemd instance name (kmods-via-containers@NAME.service): no '+'.
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ConfigError(f"{source}: instance name {name!r} is not allowed",
-                          hint="use letters, digits and . _ - and start with a letter or digit")
+        raise ConfigError(
+            f"{source}: instance name {name!r} is not allowed",
+            hint="use letters, digits and . _ - and start with a letter or digit",
+        )
     return name
 
 
@@ -166,8 +174,9 @@ class GlobalConfig:
         values = read_conf(path)
         runtime = values.get("KVC_CONTAINER_RUNTIME", "podman") or "podman"
         if runtime not in RUNTIMES:
-            raise ConfigError(f"{path}: KVC_CONTAINER_RUNTIME={runtime!r} is not supported",
-                              hint=f"use one of: {', '.join(RUNTIMES)}")
+            raise ConfigError(
+                f"{path}: KVC_CONTAINER_RUNTIME={runtime!r} is not supported", hint=f"use one of: {', '.join(RUNTIMES)}"
+            )
         args = tuple(values.get("KVC_RUNTIME_ARGS", "").split())
         for arg in args:
             check_word(arg.lstrip("-") or "-", "runtime argument", path)
@@ -232,10 +241,12 @@ class InstanceConfig:
         prefix = "KVC_MODULE_PARAMS_"
         for key, value in values.items():
             if key.startswith(prefix):
-                module = key[len(prefix):]
+                module = key[len(prefix) :]
                 if module not in {m.replace("-", "_") for m in modules}:
-                    raise ConfigError(f"{path}: {key} names no module of KMOD_NAMES",
-                                      hint="use the module name with '-' written as '_'")
+                    raise ConfigError(
+                        f"{path}: {key} names no module of KMOD_NAMES",
+                        hint="use the module name with '-' written as '_'",
+                    )
                 params[module] = value
         tools = tuple(values.get("KVC_WRAPPER_TOOLS", "").split())
         for tool in tools:
@@ -249,7 +260,17 @@ class InstanceConfig:
         keep = values.get("KVC_KEEP_KERNELS", "3")
         if not keep.isdigit() or int(keep) < 1:
             raise ConfigError(f"{path}: KVC_KEEP_KERNELS={keep!r} must be a whole number >= 1")
-        return cls(name=name, source=path, build_context=context, build_file=build_file,
-                   software_version=version, module_names=modules, module_params=params,
-                   wrapper_tools=tools, build_args=tuple(build_args), image=image,
-                   smoke_test=values.get("KVC_SMOKE_TEST", ""), keep_kernels=int(keep))
+        return cls(
+            name=name,
+            source=path,
+            build_context=context,
+            build_file=build_file,
+            software_version=version,
+            module_names=modules,
+            module_params=params,
+            wrapper_tools=tools,
+            build_args=tuple(build_args),
+            image=image,
+            smoke_test=values.get("KVC_SMOKE_TEST", ""),
+            keep_kernels=int(keep),
+        )

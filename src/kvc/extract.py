@@ -49,8 +49,14 @@ class ExtractedModule:
     image_path: str = ""  # where it was in the image
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "file": self.file, "sha256": self.sha256, "vermagic": self.vermagic,
-                "depends": list(self.depends), "image_path": self.image_path}
+        return {
+            "name": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "vermagic": self.vermagic,
+            "depends": list(self.depends),
+            "image_path": self.image_path,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,11 @@ class Manifest:
         """The files still are what was extracted; StateError otherwise."""
         problems = self.problems()
         if problems:
-            raise StateError(f"the extracted modules in {self.directory} changed since extraction",
-                             details="\n".join(problems),
-                             hint="run the load again with --force to extract them from the image again")
+            raise StateError(
+                f"the extracted modules in {self.directory} changed since extraction",
+                details="\n".join(problems),
+                hint="run the load again with --force to extract them from the image again",
+            )
 
 
 def sha256_file(path: str) -> str:
@@ -106,14 +114,28 @@ def _parse_manifest(directory: str, data: object) -> Optional[Manifest]:
         return None
     try:
         modules = tuple(
-            ExtractedModule(str(m["name"]), str(m["file"]), str(m["sha256"]), str(m["vermagic"]),
-                            tuple(str(d) for d in m["depends"]), str(m.get("image_path", "")))
-            for m in data["modules"])
+            ExtractedModule(
+                str(m["name"]),
+                str(m["file"]),
+                str(m["sha256"]),
+                str(m["vermagic"]),
+                tuple(str(d) for d in m["depends"]),
+                str(m.get("image_path", "")),
+            )
+            for m in data["modules"]
+        )
         for module in modules:
             if os.path.isabs(module.file) or ".." in module.file.split("/"):
                 return None
-        return Manifest(directory, str(data["image"]), str(data["image_id"]), str(data.get("image_digest", "")),
-                        str(data["kernel"]), modules, float(data.get("extracted_at", 0.0)))
+        return Manifest(
+            directory,
+            str(data["image"]),
+            str(data["image_id"]),
+            str(data.get("image_digest", "")),
+            str(data["kernel"]),
+            modules,
+            float(data.get("extracted_at", 0.0)),
+        )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -133,8 +155,10 @@ def verify_extraction(layout: Layout, name: str, kernel_release: str) -> Manifes
     """The current extraction, checked against its manifest; StateError when missing or changed."""
     manifest = read_manifest(layout, name, kernel_release)
     if manifest is None:
-        raise StateError(f"{name} has no extracted modules for kernel {kernel_release}",
-                         hint=f"run 'kvc load {name}' (it extracts them from the image)")
+        raise StateError(
+            f"{name} has no extracted modules for kernel {kernel_release}",
+            hint=f"run 'kvc load {name}' (it extracts them from the image)",
+        )
     manifest.verify()
     return manifest
 
@@ -211,8 +235,9 @@ def _recover(target: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def copy_instance_modules(files: ImageFiles, instance: InstanceConfig, kernel_release: str, image: str,
-                          destination: str) -> dict[str, tuple[str, str]]:
+def copy_instance_modules(
+    files: ImageFiles, instance: InstanceConfig, kernel_release: str, image: str, destination: str
+) -> dict[str, tuple[str, str]]:
     """Copy the instance's modules for ``kernel_release`` out of an open image into the existing
     directory ``destination``: {module name: (image path, local path)} in KMOD_NAMES order."""
     directory = f"/lib/modules/{kernel_release}"
@@ -220,23 +245,34 @@ def copy_instance_modules(files: ImageFiles, instance: InstanceConfig, kernel_re
     names = [normalize_name(name) for name in instance.module_names]
     missing = [name for name in instance.module_names if normalize_name(name) not in found]
     if missing:
-        raise StateError(f"image {image} has no module(s) {', '.join(missing)} below {directory}",
-                         hint=f"rebuild it: 'kvc build {instance.name} --kernel {kernel_release} --force'")
+        raise StateError(
+            f"image {image} has no module(s) {', '.join(missing)} below {directory}",
+            hint=f"rebuild it: 'kvc build {instance.name} --kernel {kernel_release} --force'",
+        )
     copies = files.copy([found[name] for name in names], destination)
     return {name: (found[name], copies[found[name]]) for name in names}
 
 
 # ---- extraction ---------------------------------------------------------------------------------------------
 
-def extract(layout: Layout, instance: InstanceConfig, kernel_release: str, runtime: ContainerRuntime,
-            image: str, *, force: bool = False) -> Manifest:
+
+def extract(
+    layout: Layout,
+    instance: InstanceConfig,
+    kernel_release: str,
+    runtime: ContainerRuntime,
+    image: str,
+    *,
+    force: bool = False,
+) -> Manifest:
     """Extract the instance's modules from ``image`` into ``layout.kernel_state(NAME, KVER)`` and
     return the manifest; reuse the current extraction when it came from the same image id (unless
     ``force``). The caller holds the instance lock."""
     info = runtime.inspect(image)
     if info is None:
-        raise StateError(f"image {image} does not exist",
-                         hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first")
+        raise StateError(
+            f"image {image} does not exist", hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first"
+        )
     target = layout.kernel_state(instance.name, kernel_release)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
@@ -256,15 +292,23 @@ def extract(layout: Layout, instance: InstanceConfig, kernel_release: str, runti
                 module = ModuleFile.open(local)
                 vermagic, depends = (module.vermagic or "").strip(), tuple(module.depends)
             except KmodError as exc:
-                raise StateError(f"{image_path} in image {image} is not a readable module: {exc}",
-                                 hint="rebuild the image") from None
-            modules.append(ExtractedModule(name, os.path.basename(local), sha256_file(local), vermagic, depends,
-                                           image_path))
+                raise StateError(
+                    f"{image_path} in image {image} is not a readable module: {exc}", hint="rebuild the image"
+                ) from None
+            modules.append(
+                ExtractedModule(name, os.path.basename(local), sha256_file(local), vermagic, depends, image_path)
+            )
         if current is not None:
             _carry_over(current, staging)
-        manifest = {"schema": SCHEMA, "image": image, "image_id": info.id,
-                    "image_digest": info.labels.get(LABEL_DIGEST, ""), "kernel": kernel_release,
-                    "extracted_at": time.time(), "modules": [m.to_json() for m in modules]}
+        manifest = {
+            "schema": SCHEMA,
+            "image": image,
+            "image_id": info.id,
+            "image_digest": info.labels.get(LABEL_DIGEST, ""),
+            "kernel": kernel_release,
+            "extracted_at": time.time(),
+            "modules": [m.to_json() for m in modules],
+        }
         manifest_path = os.path.join(staging, MANIFEST)
         with open(manifest_path, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)

@@ -62,8 +62,10 @@ def find_libraries(layout: Layout, name: str) -> list[str]:
 
 def driver_env(layout: Layout) -> dict[str, str]:
     """The driver's search paths, from the layout (so under ``KVC_ROOT`` when it is set)."""
-    return {"KVC_LEGACY_CONF": os.path.join(layout.conf_dir, FRAMEWORK_CONF),
-            "KVC_LEGACY_LIBRARY_DIRS": "\n".join(layout.library_dirs)}
+    return {
+        "KVC_LEGACY_CONF": os.path.join(layout.conf_dir, FRAMEWORK_CONF),
+        "KVC_LEGACY_LIBRARY_DIRS": "\n".join(layout.library_dirs),
+    }
 
 
 @contextmanager
@@ -74,8 +76,9 @@ def _child_owns_terminal_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, lambda _signum, _frame: None)
-                for signum in (signal.SIGINT, signal.SIGQUIT)}
+    previous = {
+        signum: signal.signal(signum, lambda _signum, _frame: None) for signum in (signal.SIGINT, signal.SIGQUIT)
+    }
     try:
         yield
     finally:
@@ -101,8 +104,14 @@ def native_action(action: str, name: str, kver: str, args: Sequence[str]) -> int
 
     import kvc.commands as commands
 
-    namespace = argparse.Namespace(command=action, name=name, kernel=[kver] if action == "build" else kver,
-                                   force=False, dry_run=False, argv=list(args))
+    namespace = argparse.Namespace(
+        command=action,
+        name=name,
+        kernel=[kver] if action == "build" else kver,
+        force=False,
+        dry_run=False,
+        argv=list(args),
+    )
     return commands.dispatch(namespace)
 
 

@@ -85,10 +85,18 @@ def _vermagic_release(module: ModuleFile) -> str:
     return vermagic.split()[0] if vermagic.split() else ""
 
 
-def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
-              params: Mapping[str, str], kernel: Kernel, moddir: Optional[ModuleDirectory],
-              *, reload_loaded: bool = False, preflight: bool = True,
-              modprobe_config: Optional[ModprobeConfig] = None) -> LoadPlan:
+def plan_load(
+    instance: str,
+    kernel_release: str,
+    module_paths: Sequence[str],
+    params: Mapping[str, str],
+    kernel: Kernel,
+    moddir: Optional[ModuleDirectory],
+    *,
+    reload_loaded: bool = False,
+    preflight: bool = True,
+    modprobe_config: Optional[ModprobeConfig] = None,
+) -> LoadPlan:
     """Preflight and plan. ``module_paths`` are the instance's extracted module files in
     KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string. Without
     ``preflight`` what it finds wrong is left for the kernel to refuse (verification wants the
@@ -100,11 +108,9 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
         module = ModuleFile.open(path)
         release = _vermagic_release(module)
         if release != kernel_release:
-            problems.append(f"{module.name}: built for kernel {release or '(no vermagic)'}, "
-                            f"not {kernel_release}")
+            problems.append(f"{module.name}: built for kernel {release or '(no vermagic)'}, not {kernel_release}")
         candidates[module.name] = _Candidate(module.name, path, module)
-    provided_by_instance = {sym.name: name for name, cand in candidates.items()
-                            for sym in cand.module.exported_symbols}
+    provided_by_instance = {sym.name: name for name, cand in candidates.items() for sym in cand.module.exported_symbols}
     kernel_symbols = kernel.exported_symbols()
     loaded = {entry.name for entry in kernel.loaded_modules()}
     in_tree: dict[str, list[str]] = {}
@@ -136,12 +142,16 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
             elif dep not in in_tree and dep not in loaded:
                 in_tree.setdefault(dep, [])
     for name, symbols in missing.items():
-        problems.append(f"{name}: unknown symbols: {', '.join(sorted(set(symbols)))} "
-                        "(no provider in the kernel, the instance or the host's module tree)")
+        problems.append(
+            f"{name}: unknown symbols: {', '.join(sorted(set(symbols)))} "
+            "(no provider in the kernel, the instance or the host's module tree)"
+        )
     if problems and preflight:
-        raise LoadError(f"preflight refused {instance} for {kernel_release}",
-                        details="\n".join(problems),
-                        hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')")
+        raise LoadError(
+            f"preflight refused {instance} for {kernel_release}",
+            details="\n".join(problems),
+            hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')",
+        )
     steps: list[LoadStep] = []
     seen: set[str] = set()
     if in_tree and moddir is not None and modprobe_config is None:
@@ -161,25 +171,27 @@ def plan_load(instance: str, kernel_release: str, module_paths: Sequence[str],
     return LoadPlan(instance, kernel_release, tuple(steps), tuple(skipped))
 
 
-def _in_tree_steps(moddir: Optional[ModuleDirectory], config: Optional[ModprobeConfig],
-                   name: str) -> list[LoadStep]:
+def _in_tree_steps(moddir: Optional[ModuleDirectory], config: Optional[ModprobeConfig], name: str) -> list[LoadStep]:
     """What ``modprobe NAME`` would insert, as load steps (modprobe's order and options)."""
     if moddir is None or config is None:
         raise LoadError(f"in-tree module {name} is needed but the host has no module directory")
     try:
         planned = load_plan(moddir, config, name)
     except LookupError:
-        raise LoadError(f"in-tree module {name} is needed but not found in {moddir.path}",
-                        hint="install the kernel's modules package or run depmod") from None
+        raise LoadError(
+            f"in-tree module {name} is needed but not found in {moddir.path}",
+            hint="install the kernel's modules package or run depmod",
+        ) from None
     steps = []
     for item in planned:
         if item.action == ACTION_BUILTIN:
             continue
         if item.action == ACTION_INSTALL or item.path is None:
-            raise LoadError(f"in-tree module {item.name} has an install command in the modprobe "
-                            f"configuration: {item.command}",
-                            hint=f"kvc does not run install commands: load it with 'modprobe {item.name}' "
-                                 "first, or remove the install line")
+            raise LoadError(
+                f"in-tree module {item.name} has an install command in the modprobe configuration: {item.command}",
+                hint=f"kvc does not run install commands: load it with 'modprobe {item.name}' "
+                "first, or remove the install line",
+            )
         steps.append(LoadStep(item.name, item.path, item.options.strip(), "in-tree", item.required))
     return steps
 
@@ -193,7 +205,7 @@ def _dependency_order(candidates: Mapping[str, _Candidate]) -> list[str]:
         if state.get(name) == "done":
             return
         if state.get(name) == "active":
-            cycle = " -> ".join([*trail[trail.index(name):], name])
+            cycle = " -> ".join([*trail[trail.index(name) :], name])
             raise LoadError(f"dependency cycle between the instance's modules: {cycle}")
         state[name] = "active"
         for dep in candidates[name].imports:
@@ -224,9 +236,11 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
             details = [str(exc), *exc.log_lines]
             details += rollback_errors
             rolled = ", ".join(s.name for s in reversed(done)) or "nothing"
-            raise LoadError(f"the kernel refused {step.name} ({step.path}); unloaded again: {rolled}",
-                            details="\n".join(details),
-                            hint="see the kernel log lines above; 'kvc status' shows what is loaded") from None
+            raise LoadError(
+                f"the kernel refused {step.name} ({step.path}); unloaded again: {rolled}",
+                details="\n".join(details),
+                hint="see the kernel log lines above; 'kvc status' shows what is loaded",
+            ) from None
         done.append(step)
     names = [step.name for step in done]
     if record_path is not None:
@@ -238,8 +252,11 @@ def _record_loaded(path: str, plan: LoadPlan, done: Sequence[LoadStep]) -> None:
     """Remember which in-tree modules this instance pulled in, so unload can drop them again."""
     previous = read_loaded_record(path)
     in_tree = [s.name for s in done if s.origin == "in-tree"]
-    record = {"schema": 1, "kernel": plan.kernel_release,
-              "in_tree": sorted(set(previous.get("in_tree", [])) | set(in_tree))}
+    record = {
+        "schema": 1,
+        "kernel": plan.kernel_release,
+        "in_tree": sorted(set(previous.get("in_tree", [])) | set(in_tree)),
+    }
     write_json(path, record)
 
 
@@ -253,8 +270,9 @@ def read_loaded_record(path: str) -> dict[str, list[str]]:
     return {"in_tree": [str(name) for name in in_tree if isinstance(name, str)]}
 
 
-def plan_unload(instance: str, kernel_release: str, module_names: Sequence[str], kernel: Kernel,
-                *, force: bool = False) -> UnloadPlan:
+def plan_unload(
+    instance: str, kernel_release: str, module_names: Sequence[str], kernel: Kernel, *, force: bool = False
+) -> UnloadPlan:
     """Unload in reverse dependency order; refuse modules held by modules outside the instance."""
     loaded = {entry.name: entry for entry in kernel.loaded_modules()}
     ours = [normalize_name(name) for name in module_names]
@@ -277,8 +295,11 @@ def plan_unload(instance: str, kernel_release: str, module_names: Sequence[str],
             if outsiders:
                 held.append(f"{name} is in use by: {' '.join(outsiders)}")
         if held:
-            raise StateError(f"cannot unload {instance}: modules are in use", details="\n".join(held),
-                             hint="unload the users first, or pass --force")
+            raise StateError(
+                f"cannot unload {instance}: modules are in use",
+                details="\n".join(held),
+                hint="unload the users first, or pass --force",
+            )
     return UnloadPlan(instance, kernel_release, tuple(order), absent)
 
 
@@ -304,8 +325,10 @@ def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path
                 except KernelError:
                     pass
             still_needed.append(name)
-        write_json(record_path, {"schema": 1, "kernel": plan.kernel_release,
-                                        "in_tree": sorted(still_needed)})
+        write_json(record_path, {"schema": 1, "kernel": plan.kernel_release, "in_tree": sorted(still_needed)})
     if failures:
-        raise LoadError(f"could not unload every module of {plan.instance}", details="\n".join(failures),
-                        hint="'kvc status' shows what is still loaded")
+        raise LoadError(
+            f"could not unload every module of {plan.instance}",
+            details="\n".join(failures),
+            hint="'kvc status' shows what is still loaded",
+        )

@@ -30,9 +30,11 @@ def instance_lock(lock_dir: str, name: str, *, timeout: float = 600.0) -> Iterat
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
-                    raise StateError(f"instance {name} is locked by another kvc run",
-                                     details=f"lock file: {path}",
-                                     hint="wait for the other run to finish") from None
+                    raise StateError(
+                        f"instance {name} is locked by another kvc run",
+                        details=f"lock file: {path}",
+                        hint="wait for the other run to finish",
+                    ) from None
                 time.sleep(0.1)
         yield
     finally:

@@ -32,17 +32,33 @@ def tail(text: str, lines: int = OUTPUT_TAIL_LINES) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
-def run(argv: Sequence[str], *, check: bool = True, capture: bool = True, input_text: Optional[str] = None,
-        env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None, timeout: Optional[float] = None,
-        hint: str = "") -> Completed:
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    capture: bool = True,
+    input_text: Optional[str] = None,
+    env: Optional[Mapping[str, str]] = None,
+    cwd: Optional[str] = None,
+    timeout: Optional[float] = None,
+    hint: str = "",
+) -> Completed:
     """Run ``argv``. With ``capture`` the output is collected (and its tail reported on failure);
     without it the program shares our stdin/stdout/stderr (interactive wrappers, build logs)."""
     args = [str(arg) for arg in argv]
     full_env = None if env is None else {**os.environ, **env}
     try:
-        proc = subprocess.run(args, input=input_text, text=True, env=full_env, cwd=cwd, timeout=timeout,
-                              stdout=subprocess.PIPE if capture else None,
-                              stderr=subprocess.PIPE if capture else None, check=False)
+        proc = subprocess.run(
+            args,
+            input=input_text,
+            text=True,
+            env=full_env,
+            cwd=cwd,
+            timeout=timeout,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            check=False,
+        )
     except FileNotFoundError:
         log.error("command not found: %s", shlex.join(args))
         raise CommandError(args, 127, "", hint=hint or f"install {args[0]} or put it on PATH") from None

@@ -66,6 +66,7 @@ MountSpec = Union[Mount, Tuple[str, str]]
 
 # ---- image references and metadata --------------------------------------------------------------
 
+
 def normalize_ref(ref: str) -> str:
     """An image reference in a form fit for comparison: ``localhost/`` (podman's prefix for local
     images) and Docker Hub's ``docker.io/[library/]`` dropped, ``:latest`` added when the reference
@@ -73,9 +74,9 @@ def normalize_ref(ref: str) -> str:
     name = ref.strip()
     for prefix in ("localhost/", "docker.io/", "index.docker.io/"):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
             if prefix != "localhost/" and name.startswith("library/"):
-                name = name[len("library/"):]
+                name = name[len("library/") :]
             break
     if "@" not in name and ":" not in name.rsplit("/", 1)[-1]:
         name += ":latest"
@@ -101,8 +102,9 @@ def parse_created(text: str) -> float:
         return 0.0
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
-        moment = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
-                          tzinfo=timezone.utc)
+        moment = datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0), tzinfo=timezone.utc
+        )
     except ValueError:
         return 0.0
     offset = 0
@@ -139,7 +141,7 @@ def _image_info(data: Mapping[str, object]) -> ImageInfo:
     names = data.get("RepoTags") or data.get("Names") or []
     image_id = str(data.get("Id", ""))
     return ImageInfo(
-        id=image_id[len("sha256:"):] if image_id.startswith("sha256:") else image_id,
+        id=image_id[len("sha256:") :] if image_id.startswith("sha256:") else image_id,
         names=tuple(str(name) for name in names if str(name) != "<none>:<none>") if isinstance(names, list) else (),
         labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
         created=str(data.get("Created", "")),
@@ -159,26 +161,37 @@ def _is_not_found(output: str) -> bool:
 def hint_for(program: str, output: str) -> str:
     """A hint for a failed runtime command, from its output ("" when nothing specific applies)."""
     low = output.lower()
-    if "cannot connect" in low or "is the docker daemon running" in low \
-            or ("connection refused" in low and ".sock" in low):
-        return (f"{program} cannot reach its service: start it (e.g. 'systemctl start {program}' or its socket), "
-                "or check KVC_RUNTIME_ARGS in /etc/kvc/kmods-via-containers.conf")
+    if (
+        "cannot connect" in low
+        or "is the docker daemon running" in low
+        or ("connection refused" in low and ".sock" in low)
+    ):
+        return (
+            f"{program} cannot reach its service: start it (e.g. 'systemctl start {program}' or its socket), "
+            "or check KVC_RUNTIME_ARGS in /etc/kvc/kmods-via-containers.conf"
+        )
     if _is_not_found(output):
         return "no such image: build it first ('kvc build NAME --kernel KVER') or check the image reference"
     if "cgroups in hybrid mode not supported" in low or "rlimit" in low:
-        return (f"{program} cannot start containers on this host with its defaults: use runc and pinned ulimits "
-                "(a containers.conf drop-in; see scripts/setup-podman.sh)")
+        return (
+            f"{program} cannot start containers on this host with its defaults: use runc and pinned ulimits "
+            "(a containers.conf drop-in; see scripts/setup-podman.sh)"
+        )
     if "permission denied" in low or "operation not permitted" in low or "rootless" in low:
         return "kvc uses rootful containers: run it as root"
     if "no space left on device" in low:
         return "free disk space where the runtime keeps its images (/var/lib/containers or /var/lib/docker)"
-    if "requested access to the resource is denied" in low or "unauthorized" in low \
-            or "authentication required" in low:
+    if "requested access to the resource is denied" in low or "unauthorized" in low or "authentication required" in low:
         return f"log in to the registry first ('{program} login REGISTRY') or check the image reference"
     if "manifest unknown" in low or "name unknown" in low:
         return "the registry has no such image or tag: check the reference (KVC_IMAGE) and the kernel release"
-    if "pinging container registry" in low or "dial tcp" in low or "no such host" in low \
-            or "i/o timeout" in low or "temporary failure in name resolution" in low:
+    if (
+        "pinging container registry" in low
+        or "dial tcp" in low
+        or "no such host" in low
+        or "i/o timeout" in low
+        or "temporary failure in name resolution" in low
+    ):
         return "the registry could not be reached: check the network, proxy and DNS settings"
     return ""
 
@@ -195,8 +208,9 @@ def _failure(result: proc.Completed, hint: str) -> CommandError:
     """The error for a failed call made with ``check=False`` (logged once, like proc.run does)."""
     output = result.stdout + result.stderr
     log.error("command failed (status %d): %s", result.returncode, shlex.join(result.argv))
-    return CommandError(result.argv, result.returncode, proc.tail(output),
-                        hint=hint_for(result.argv[0], output) or hint)
+    return CommandError(
+        result.argv, result.returncode, proc.tail(output), hint=hint_for(result.argv[0], output) or hint
+    )
 
 
 # ---- file access inside images ---------------------------------------------------------------------
@@ -268,8 +282,10 @@ def _local_names(paths: Sequence[str], destination: str) -> dict[str, str]:
 
 
 def _not_a_file(image: str, path: str, what: str) -> BuildError:
-    return BuildError(f"{path} in image {image} {what}",
-                      hint="module files in the image must be regular files (symlinks are followed inside the image)")
+    return BuildError(
+        f"{path} in image {image} {what}",
+        hint="module files in the image must be regular files (symlinks are followed inside the image)",
+    )
 
 
 class _MountedImage(ImageFiles):
@@ -333,13 +349,26 @@ class _ContainerImage(ImageFiles):
     def list(self, directory: str) -> list[str]:
         base = posixpath.normpath("/" + directory.strip("/"))
         # The trailing "/" makes find follow a symlinked start directory.
-        result = self.runtime.call("run", "--rm", "--pull=never", "--network=none", "--entrypoint", "find",
-                                   self.image, base.rstrip("/") + "/", "-type", "f", check=False)
+        result = self.runtime.call(
+            "run",
+            "--rm",
+            "--pull=never",
+            "--network=none",
+            "--entrypoint",
+            "find",
+            self.image,
+            base.rstrip("/") + "/",
+            "-type",
+            "f",
+            check=False,
+        )
         if result.returncode == 0:
-            return sorted({posixpath.normpath(line) for line in result.stdout.splitlines()
-                           if line.startswith(base)})
-        if result.returncode == 1 and "No such file or directory" in result.stderr \
-                and result.stderr.lstrip().startswith("find:"):
+            return sorted({posixpath.normpath(line) for line in result.stdout.splitlines() if line.startswith(base)})
+        if (
+            result.returncode == 1
+            and "No such file or directory" in result.stderr
+            and result.stderr.lstrip().startswith("find:")
+        ):
             return []
         output = result.stdout + result.stderr
         if result.returncode not in (126, 127) and "executable file not found" not in output:
@@ -354,8 +383,9 @@ class _ContainerImage(ImageFiles):
                 raise _failure(copied, "copying files out of the image failed")
             if not os.path.isdir(local):
                 return []
-            return [posixpath.normpath(posixpath.join(base, path.lstrip("/")))
-                    for path in _MountedImage(local).list("/")]
+            return [
+                posixpath.normpath(posixpath.join(base, path.lstrip("/"))) for path in _MountedImage(local).list("/")
+            ]
 
     def copy(self, paths: Sequence[str], destination: str) -> dict[str, str]:
         targets = _local_names(paths, destination)
@@ -373,22 +403,42 @@ class _ContainerImage(ImageFiles):
 
 # ---- the interface -----------------------------------------------------------------------------------
 
+
 class ContainerRuntime(abc.ABC):
     """What kvc does with a container runtime. Every method raises CommandError on failure."""
 
     name = ""
 
     @abc.abstractmethod
-    def build(self, context: str, build_file: str, tag: str, build_args: BuildArgs, labels: Mapping[str, str], *,
-              pull: Optional[str] = None, no_cache: bool = False, stream: bool = False) -> None:
+    def build(
+        self,
+        context: str,
+        build_file: str,
+        tag: str,
+        build_args: BuildArgs,
+        labels: Mapping[str, str],
+        *,
+        pull: Optional[str] = None,
+        no_cache: bool = False,
+        stream: bool = False,
+    ) -> None:
         """Build ``context`` (a directory, or a git/tarball URL) with ``build_file`` into ``tag``.
         ``pull`` is a base-image policy (always, missing, never, newer; None: the runtime's default).
         Output is captured and its tail reported on failure (a BuildCommandError carrying all of
         it), or with ``stream`` shown live (the error then has no output)."""
 
     @abc.abstractmethod
-    def build_argv(self, context: str, build_file: str, tag: str, build_args: BuildArgs,
-                   labels: Mapping[str, str], *, pull: Optional[str] = None, no_cache: bool = False) -> list[str]:
+    def build_argv(
+        self,
+        context: str,
+        build_file: str,
+        tag: str,
+        build_args: BuildArgs,
+        labels: Mapping[str, str],
+        *,
+        pull: Optional[str] = None,
+        no_cache: bool = False,
+    ) -> list[str]:
         """The command line :meth:`build` runs (for --dry-run)."""
 
     @abc.abstractmethod
@@ -414,9 +464,19 @@ class ContainerRuntime(abc.ABC):
     def pull(self, ref: str) -> None: ...
 
     @abc.abstractmethod
-    def run(self, image: str, argv: Sequence[str], *, privileged: bool = False, host_network: bool = False,
-            interactive: bool = True, tty: Optional[bool] = None, mounts: Sequence[MountSpec] = (),
-            remove: bool = True, entrypoint: Optional[str] = None) -> int:
+    def run(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        privileged: bool = False,
+        host_network: bool = False,
+        interactive: bool = True,
+        tty: Optional[bool] = None,
+        mounts: Sequence[MountSpec] = (),
+        remove: bool = True,
+        entrypoint: Optional[str] = None,
+    ) -> int:
         """Run ``argv`` in a container of the local ``image`` sharing our stdin/stdout/stderr, and
         return its exit status. ``tty`` None means: a terminal only when stdin and stdout are
         terminals (so pipes, files and systemd units get clean output)."""
@@ -479,8 +539,17 @@ class CliRuntime(ContainerRuntime):
     def _build_command(self) -> list[str]:
         return self.argv("build")
 
-    def build_argv(self, context: str, build_file: str, tag: str, build_args: BuildArgs,
-                   labels: Mapping[str, str], *, pull: Optional[str] = None, no_cache: bool = False) -> list[str]:
+    def build_argv(
+        self,
+        context: str,
+        build_file: str,
+        tag: str,
+        build_args: BuildArgs,
+        labels: Mapping[str, str],
+        *,
+        pull: Optional[str] = None,
+        no_cache: bool = False,
+    ) -> list[str]:
         args = [*self._build_command(), "-t", tag, "--file", build_file]
         args += [f"--label={key}={value}" for key, value in labels.items()]
         for key, value in _pairs(build_args):
@@ -490,15 +559,26 @@ class CliRuntime(ContainerRuntime):
             args.append("--no-cache")
         return [*args, context]
 
-    def build(self, context: str, build_file: str, tag: str, build_args: BuildArgs, labels: Mapping[str, str], *,
-              pull: Optional[str] = None, no_cache: bool = False, stream: bool = False) -> None:
+    def build(
+        self,
+        context: str,
+        build_file: str,
+        tag: str,
+        build_args: BuildArgs,
+        labels: Mapping[str, str],
+        *,
+        pull: Optional[str] = None,
+        no_cache: bool = False,
+        stream: bool = False,
+    ) -> None:
         argv = self.build_argv(context, build_file, tag, build_args, labels, pull=pull, no_cache=no_cache)
         result = proc.run(argv, check=False, capture=not stream)
         if result.returncode != 0:
             output = result.stdout + result.stderr
             log.error("command failed (status %d): %s", result.returncode, shlex.join(result.argv))
-            raise BuildCommandError(argv, result.returncode, output,
-                                    hint=hint_for(argv[0], output) or "see the build output above")
+            raise BuildCommandError(
+                argv, result.returncode, output, hint=hint_for(argv[0], output) or "see the build output above"
+            )
 
     # -- images
     @staticmethod
@@ -506,8 +586,9 @@ class CliRuntime(ContainerRuntime):
         try:
             data = json.loads(text)
         except ValueError:
-            raise CommandError(argv, 0, proc.tail(text), hint="the runtime printed something that is not JSON") \
-                from None
+            raise CommandError(
+                argv, 0, proc.tail(text), hint="the runtime printed something that is not JSON"
+            ) from None
         if not isinstance(data, list):
             data = [data]
         return [_image_info(item) for item in data if isinstance(item, dict)]
@@ -546,9 +627,19 @@ class CliRuntime(ContainerRuntime):
         self.call("pull", ref, hint="check the image reference and that the registry is reachable")
 
     # -- containers
-    def run_argv(self, image: str, argv: Sequence[str], *, privileged: bool = False, host_network: bool = False,
-                 interactive: bool = True, tty: Optional[bool] = None, mounts: Sequence[MountSpec] = (),
-                 remove: bool = True, entrypoint: Optional[str] = None) -> list[str]:
+    def run_argv(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        privileged: bool = False,
+        host_network: bool = False,
+        interactive: bool = True,
+        tty: Optional[bool] = None,
+        mounts: Sequence[MountSpec] = (),
+        remove: bool = True,
+        entrypoint: Optional[str] = None,
+    ) -> list[str]:
         """The command line :meth:`run` runs."""
         args = ["run"]
         if remove:
@@ -572,12 +663,30 @@ class CliRuntime(ContainerRuntime):
             args += ["--entrypoint", entrypoint]
         return self.argv(*args, image, *argv)
 
-    def run(self, image: str, argv: Sequence[str], *, privileged: bool = False, host_network: bool = False,
-            interactive: bool = True, tty: Optional[bool] = None, mounts: Sequence[MountSpec] = (),
-            remove: bool = True, entrypoint: Optional[str] = None) -> int:
-        command = self.run_argv(image, argv, privileged=privileged, host_network=host_network,
-                                interactive=interactive, tty=tty, mounts=mounts, remove=remove,
-                                entrypoint=entrypoint)
+    def run(
+        self,
+        image: str,
+        argv: Sequence[str],
+        *,
+        privileged: bool = False,
+        host_network: bool = False,
+        interactive: bool = True,
+        tty: Optional[bool] = None,
+        mounts: Sequence[MountSpec] = (),
+        remove: bool = True,
+        entrypoint: Optional[str] = None,
+    ) -> int:
+        command = self.run_argv(
+            image,
+            argv,
+            privileged=privileged,
+            host_network=host_network,
+            interactive=interactive,
+            tty=tty,
+            mounts=mounts,
+            remove=remove,
+            entrypoint=entrypoint,
+        )
         return proc.run(command, check=False, capture=False).returncode
 
     # -- files
@@ -641,8 +750,14 @@ class BuildahRuntime(PodmanRuntime):
 
     name = "buildah"
 
-    def __init__(self, program: str = "podman", global_args: Sequence[str] = (), builder: str = "buildah", *,
-                 use_mount: bool = True) -> None:
+    def __init__(
+        self,
+        program: str = "podman",
+        global_args: Sequence[str] = (),
+        builder: str = "buildah",
+        *,
+        use_mount: bool = True,
+    ) -> None:
         super().__init__(program, global_args, use_mount=use_mount)
         self.builder = builder
 

@@ -54,8 +54,10 @@ def instance_unit(name: str) -> str:
     """``kmods-via-containers@NAME.service``. The unit passes ``%i`` on unescaped, so NAME must
     already be a valid unit instance name."""
     if not name or not set(name) <= _UNIT_NAME_CHARS:
-        raise ConfigError(f"instance name {name!r} cannot be a systemd unit instance",
-                          hint="use letters, digits and . _ - : in names of instances run by systemd")
+        raise ConfigError(
+            f"instance name {name!r} cannot be a systemd unit instance",
+            hint="use letters, digits and . _ - : in names of instances run by systemd",
+        )
     return UNIT_NAME.replace("@", f"@{name}")
 
 
@@ -64,8 +66,9 @@ class Systemctl:
     ``out`` giving the command to run on the host, unless systemd is running here and the layout
     is the real host's."""
 
-    def __init__(self, layout: Optional[Layout] = None, *, run_dir: str = SYSTEMD_RUN_DIR,
-                 out: Optional[TextIO] = None) -> None:
+    def __init__(
+        self, layout: Optional[Layout] = None, *, run_dir: str = SYSTEMD_RUN_DIR, out: Optional[TextIO] = None
+    ) -> None:
         self.layout = layout or Layout.from_env()
         self.run_dir = run_dir
         self.out = out
@@ -75,8 +78,11 @@ class Systemctl:
 
     def skip(self, *commands: list[str]) -> None:
         """Say that ``systemctl COMMAND`` was not run, and why."""
-        reason = ("kvc is managing a root other than /" if self.layout.host.root not in ("", "/")
-                  else "systemd is not running here")
+        reason = (
+            "kvc is managing a root other than /"
+            if self.layout.host.root not in ("", "/")
+            else "systemd is not running here"
+        )
         wanted = " && ".join("systemctl " + " ".join(args) for args in commands)
         (self.out or sys.stdout).write(f"{reason}: skipped '{wanted}'; run it on the host\n")
 
@@ -92,13 +98,17 @@ class Systemctl:
 
     def enable(self, name: str, *, now: bool = False) -> bool:
         unit = instance_unit(name)
-        return self._run(["enable", *(["--now"] if now else []), unit],
-                         hint=f"see 'systemctl status {unit}' and 'journalctl -u {unit}'")
+        return self._run(
+            ["enable", *(["--now"] if now else []), unit],
+            hint=f"see 'systemctl status {unit}' and 'journalctl -u {unit}'",
+        )
 
     def disable(self, name: str, *, now: bool = True) -> bool:
         unit = instance_unit(name)
-        return self._run(["disable", *(["--now"] if now else []), unit],
-                         hint=f"stopping {unit} runs its ExecStop (unload); see 'journalctl -u {unit}'")
+        return self._run(
+            ["disable", *(["--now"] if now else []), unit],
+            hint=f"stopping {unit} runs its ExecStop (unload); see 'journalctl -u {unit}'",
+        )
 
 
 def systemd_running(layout: Optional[Layout] = None) -> bool:

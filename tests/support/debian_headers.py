@@ -21,8 +21,12 @@ SERIES = re.compile(r"^linux-headers-(6\.12\.\d+\+deb12)-amd64$")
 
 def newest_foreign_release() -> str:
     """The newest bookworm 6.12 ABI, e.g. ``6.12.115+deb12`` (without the flavour)."""
-    out = subprocess.run(["apt-cache", "search", "--names-only", r"^linux-headers-6\.12\.[0-9]+\+deb12-amd64$"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["apt-cache", "search", "--names-only", r"^linux-headers-6\.12\.[0-9]+\+deb12-amd64$"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     versions = [m.group(1) for m in (SERIES.match(line.split(" ", 1)[0]) for line in out.splitlines()) if m]
     if not versions:
         raise RuntimeError("the apt sources name no linux-headers-6.12.*+deb12-amd64 package")
@@ -34,8 +38,10 @@ def foreign_headers() -> Path:
     """A kbuild tree (``.../usr/src/linux-headers-RELEASE``) of a 6.12 kernel."""
     abi = newest_foreign_release()
     release = f"{abi}-amd64"
-    root = unpacked_packages(cache_dir() / "headers" / release,
-                             [f"linux-headers-{release}", f"linux-headers-{abi}-common", f"linux-kbuild-{abi}"])
+    root = unpacked_packages(
+        cache_dir() / "headers" / release,
+        [f"linux-headers-{release}", f"linux-headers-{abi}-common", f"linux-kbuild-{abi}"],
+    )
     # The flavour's Makefile includes the common one by its installed, absolute path.
     makefile = root / "usr" / "src" / f"linux-headers-{release}" / "Makefile"
     include = f"include {root / 'usr' / 'src' / f'linux-headers-{abi}-common' / 'Makefile'}\n"

@@ -48,8 +48,9 @@ def cache_dir() -> Path:
 
 def current_release() -> str:
     """The kernel release (e.g. 6.1.0-56-amd64) that linux-image-amd64 depends on."""
-    out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["apt-cache", "depends", "linux-image-amd64"], check=True, capture_output=True, text=True
+    ).stdout
     match = re.search(r"Depends: linux-image-(\d+\.\d+\.\d+-\d+-amd64)\b", out)
     if not match:
         raise RuntimeError(f"linux-image-amd64 names no kernel image: {out!r}")
@@ -94,8 +95,9 @@ def indexed_debian_kernel() -> DebianKernel:
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            subprocess.run(["depmod", "-C", "/dev/null", "-b", str(kernel.root), kernel.release],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["depmod", "-C", "/dev/null", "-b", str(kernel.root), kernel.release], check=True, capture_output=True
+            )
             done.touch()
     return kernel
 

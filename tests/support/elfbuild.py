@@ -46,8 +46,7 @@ def versions_section(entries: list[tuple[int, str]], is_64: bool = True, big_end
     order = ">" if big_endian else "<"
     crc = "Q" if is_64 else "I"
     size = 64 - (8 if is_64 else 4)
-    return b"".join(struct.pack(order + crc, value) + name.encode().ljust(size, b"\0")
-                    for value, name in entries)
+    return b"".join(struct.pack(order + crc, value) + name.encode().ljust(size, b"\0") for value, name in entries)
 
 
 def this_module_section(name: str, is_64: bool = True) -> bytes:
@@ -98,26 +97,29 @@ def build(spec: ElfSpec) -> bytes:
     shentsize = 64 if spec.is_64 else 40
     headers = bytearray(shentsize)
     for index, ((name, _data), (offset, size)) in enumerate(zip(sections, placed), start=1):
-        sh_type = {".symtab": SHT_SYMTAB, ".strtab": SHT_STRTAB, ".shstrtab": SHT_STRTAB}.get(
-            name, SHT_PROGBITS)
+        sh_type = {".symtab": SHT_SYMTAB, ".strtab": SHT_STRTAB, ".shstrtab": SHT_STRTAB}.get(name, SHT_PROGBITS)
         link = 0
         entsize = 0
         if name == ".symtab":
             link = index + 1
             entsize = 24 if spec.is_64 else 16
         if spec.is_64:
-            headers += struct.pack(order + "IIQQQQIIQQ", name_offsets[index], sh_type, 0, 0, offset,
-                                   size, link, 0, 1, entsize)
+            headers += struct.pack(
+                order + "IIQQQQIIQQ", name_offsets[index], sh_type, 0, 0, offset, size, link, 0, 1, entsize
+            )
         else:
-            headers += struct.pack(order + "IIIIIIIIII", name_offsets[index], sh_type, 0, 0, offset,
-                                   size, link, 0, 1, entsize)
+            headers += struct.pack(
+                order + "IIIIIIIIII", name_offsets[index], sh_type, 0, 0, offset, size, link, 0, 1, entsize
+            )
     body += headers
     ident = b"\x7fELF" + bytes([2 if spec.is_64 else 1, 2 if spec.big_endian else 1, 1]) + bytes(9)
     if spec.is_64:
-        header = struct.pack(order + "HHIQQQIHHHHHH", 1, spec.machine, 1, 0, 0, shoff, 0, ehsize, 0, 0,
-                             shentsize, shnum, shnum - 1)
+        header = struct.pack(
+            order + "HHIQQQIHHHHHH", 1, spec.machine, 1, 0, 0, shoff, 0, ehsize, 0, 0, shentsize, shnum, shnum - 1
+        )
     else:
-        header = struct.pack(order + "HHIIIIIHHHHHH", 1, spec.machine, 1, 0, 0, shoff, 0, ehsize, 0, 0,
-                             shentsize, shnum, shnum - 1)
+        header = struct.pack(
+            order + "HHIIIIIHHHHHH", 1, spec.machine, 1, 0, 0, shoff, 0, ehsize, 0, 0, shentsize, shnum, shnum - 1
+        )
     body[0:ehsize] = ident + header
     return bytes(body)

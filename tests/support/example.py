@@ -10,8 +10,11 @@ EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "simple-k
 
 def write_example_conf(root: Path, name: str = "simple-kmod", extra: str = "") -> Path:
     """``root/etc/kvc/NAME.conf`` for the example, with ``extra`` lines appended (later keys win)."""
-    conf = (EXAMPLE / "simple-kmod.conf").read_text().replace("KMOD_CONTAINER_BUILD_CONTEXT=.",
-                                                             f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
+    conf = (
+        (EXAMPLE / "simple-kmod.conf")
+        .read_text()
+        .replace("KMOD_CONTAINER_BUILD_CONTEXT=.", f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
+    )
     path = root / "etc" / "kvc" / f"{name}.conf"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(conf + extra)

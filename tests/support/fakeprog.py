@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple, Union
 
-TEMPLATE = '''#!{python} -IS
+TEMPLATE = """#!{python} -IS
 import json, os, sys
 
 LOG = {log!r}
@@ -77,7 +77,7 @@ real = {real!r}
 if real:
     os.execv(real, [real, *argv])
 sys.exit({default_code!r})
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,39 @@ RuleSpec = Union[Rule, Tuple[Sequence[str], str, int]]
 
 def _rule(spec: RuleSpec) -> dict[str, object]:
     rule = spec if isinstance(spec, Rule) else Rule(list(spec[0]), spec[1], spec[2])
-    return {"match": list(rule.match), "stdout": rule.stdout, "code": rule.code, "stderr": rule.stderr,
-            "when": list(rule.when), "sets": list(rule.sets), "clears": list(rule.clears)}
+    return {
+        "match": list(rule.match),
+        "stdout": rule.stdout,
+        "code": rule.code,
+        "stderr": rule.stderr,
+        "when": list(rule.when),
+        "sets": list(rule.sets),
+        "clears": list(rule.clears),
+    }
 
 
-def install(bin_dir: Path, name: str, log: Path, *, rules: Sequence[RuleSpec] = (), real: Optional[str] = None,
-            default_code: int = 0, record_stdin: bool = False) -> Path:
+def install(
+    bin_dir: Path,
+    name: str,
+    log: Path,
+    *,
+    rules: Sequence[RuleSpec] = (),
+    real: Optional[str] = None,
+    default_code: int = 0,
+    record_stdin: bool = False,
+) -> Path:
     """Write the executable ``bin_dir/name`` (replacing an earlier fake of the same name)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / name
-    text = TEMPLATE.format(python=sys.executable, log=str(log), name=name,
-                           rules=json.dumps([_rule(rule) for rule in rules]), real=real,
-                           default_code=default_code, record_stdin=record_stdin)
+    text = TEMPLATE.format(
+        python=sys.executable,
+        log=str(log),
+        name=name,
+        rules=json.dumps([_rule(rule) for rule in rules]),
+        real=real,
+        default_code=default_code,
+        record_stdin=record_stdin,
+    )
     tmp = bin_dir / f".{name}.tmp"
     tmp.write_text(text)
     tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

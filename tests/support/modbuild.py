@@ -83,8 +83,17 @@ def _section_symbol(index: int) -> tuple[str, int, int, int, int, int]:
 def build_module(spec: ModuleSpec) -> bytes:
     sections: list[_Section] = [_Section("", 0, 0, b"")]
 
-    def add(name: str, data: bytes, flags: int = SHF_ALLOC, sh_type: int = SHT_PROGBITS, align: int = 8,
-            link: int = 0, info: int = 0, entsize: int = 0, size: Optional[int] = None) -> int:
+    def add(
+        name: str,
+        data: bytes,
+        flags: int = SHF_ALLOC,
+        sh_type: int = SHT_PROGBITS,
+        align: int = 8,
+        link: int = 0,
+        info: int = 0,
+        entsize: int = 0,
+        size: Optional[int] = None,
+    ) -> int:
         sections.append(_Section(name, sh_type, flags, data, align, link, info, entsize, size))
         return len(sections) - 1
 
@@ -101,8 +110,11 @@ def build_module(spec: ModuleSpec) -> bytes:
         entries = [("module_layout", spec.crcs.get("module_layout", 0x9060323F))]
         entries += [(sym, crc) for sym, crc in spec.imports if crc is not None]
         entries += [(sym, spec.crcs[sym]) for sym in versioned_ops]
-        versions_index = add("__versions", b"".join(struct.pack("<Q", crc) + sym.encode().ljust(56, b"\0")
-                                                    for sym, crc in entries), align=32)
+        versions_index = add(
+            "__versions",
+            b"".join(struct.pack("<Q", crc) + sym.encode().ljust(56, b"\0") for sym, crc in entries),
+            align=32,
+        )
     del modinfo, versions_index
     # exports
     symbols: list[tuple[str, int, int, int, int, int]] = [("", 0, 0, 0, 0, 0)]  # name, value, size, type, bind, shndx
@@ -119,8 +131,11 @@ def build_module(spec: ModuleSpec) -> bytes:
         if not group:
             continue
         ksymtab = add(f"__ksymtab{suffix}", bytes(12 * len(group)), align=4)
-        kcrctab = add(f"__kcrctab{suffix}", b"".join(struct.pack("<I", e.crc or 0) for e in group), align=4) \
-            if any(e.crc is not None for e in group) else 0
+        kcrctab = (
+            add(f"__kcrctab{suffix}", b"".join(struct.pack("<I", e.crc or 0) for e in group), align=4)
+            if any(e.crc is not None for e in group)
+            else 0
+        )
         for position, export in enumerate(group):
             symbols.append((f"__ksymtab_{export.name}", 12 * position, 12, STT_NOTYPE, STB_LOCAL, ksymtab))
             if kcrctab and export.crc is not None:
@@ -130,8 +145,9 @@ def build_module(spec: ModuleSpec) -> bytes:
         for export in spec.exports:
             symbols.append((f"__kstrtab_{export.name}", string_at[export.name], 0, STT_NOTYPE, STB_LOCAL, kstrtab))
             if export.namespace:
-                symbols.append((f"__kstrtabns_{export.name}", string_at[export.namespace], 0, STT_NOTYPE,
-                                STB_LOCAL, kstrtab))
+                symbols.append(
+                    (f"__kstrtabns_{export.name}", string_at[export.namespace], 0, STT_NOTYPE, STB_LOCAL, kstrtab)
+                )
     # parameters: names in .rodata, variables in .data, kernel_param entries in __param
     rodata = b""
     data = b""
@@ -152,12 +168,22 @@ def build_module(spec: ModuleSpec) -> bytes:
             stored = bool(param.default) != (param.kind == "invbool")
             data += bytes([1 if stored else 0])
         else:
-            size, signed = {"byte": (1, False), "short": (2, True), "ushort": (2, False), "int": (4, True),
-                            "uint": (4, False), "long": (8, True), "ulong": (8, False), "hexint": (4, False),
-                            "bint": (4, True), "ullong": (8, False)}[param.kind]
+            size, signed = {
+                "byte": (1, False),
+                "short": (2, True),
+                "ushort": (2, False),
+                "int": (4, True),
+                "uint": (4, False),
+                "long": (8, True),
+                "ulong": (8, False),
+                "hexint": (4, False),
+                "bint": (4, True),
+                "ullong": (8, False),
+            }[param.kind]
             data += int(str(param.default), 0).to_bytes(size, "little", signed=signed)
-        param_rows.append((name_off, var_off, param.perm | (0x1000000 if param.unsafe else 0),
-                           f"param_ops_{param.kind}"))
+        param_rows.append(
+            (name_off, var_off, param.perm | (0x1000000 if param.unsafe else 0), f"param_ops_{param.kind}")
+        )
     this_module = bytes(24) + spec.name.encode().ljust(56, b"\0") + bytes(0x380 - 80)
     rodata_index = add(".rodata", rodata or b"\0", align=1)
     data_index = add(".data", data or b"\0", SHF_ALLOC | SHF_WRITE, align=8)
@@ -209,13 +235,13 @@ def build_module(spec: ModuleSpec) -> bytes:
     add(".symtab", b"".join(rows), 0, SHT_SYMTAB, align=8, link=symtab_index + 1, info=first_global, entsize=24)
     add(".strtab", strtab, 0, SHT_STRTAB, align=1)
     if param_index:
-        add(".rela__param", relas, SHF_INFO_LINK, SHT_RELA, align=8, link=symtab_index, info=param_index,
-            entsize=24)
+        add(".rela__param", relas, SHF_INFO_LINK, SHT_RELA, align=8, link=symtab_index, info=param_index, entsize=24)
     if charp_relocs:
-        data_relas = b"".join(struct.pack("<QQq", var_off, (section_syms[rodata_index] << 32) | R_X86_64_64, str_off)
-                              for var_off, str_off in charp_relocs)
-        add(".rela.data", data_relas, SHF_INFO_LINK, SHT_RELA, align=8, link=symtab_index, info=data_index,
-            entsize=24)
+        data_relas = b"".join(
+            struct.pack("<QQq", var_off, (section_syms[rodata_index] << 32) | R_X86_64_64, str_off)
+            for var_off, str_off in charp_relocs
+        )
+        add(".rela.data", data_relas, SHF_INFO_LINK, SHT_RELA, align=8, link=symtab_index, info=data_index, entsize=24)
     shstrtab = b"\0"
     for section in sections[1:]:
         section.name_off = len(shstrtab)
@@ -236,11 +262,23 @@ def build_module(spec: ModuleSpec) -> bytes:
     body += bytes(64)
     for index, section in enumerate(sections[1:], start=1):
         size = len(section.data) if section.size is None else section.size
-        body += struct.pack("<IIQQQQIIQQ", section.name_off, section.type, section.flags, 0, offsets[index], size,
-                            section.link, section.info, section.align, section.entsize)
+        body += struct.pack(
+            "<IIQQQQIIQQ",
+            section.name_off,
+            section.type,
+            section.flags,
+            0,
+            offsets[index],
+            size,
+            section.link,
+            section.info,
+            section.align,
+            section.entsize,
+        )
     ident = b"\x7fELF\x02\x01\x01" + bytes(9)
-    header = struct.pack("<HHIQQQIHHHHHH", 1, spec.machine, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(sections),
-                         shstrtab_index)
+    header = struct.pack(
+        "<HHIQQQIHHHHHH", 1, spec.machine, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(sections), shstrtab_index
+    )
     body[0:64] = ident + header
     return bytes(body)
 
@@ -250,5 +288,5 @@ def signature_trailer(signed_module: bytes) -> bytes:
     another image with the same signer and key for tests (the fake kernel checks no crypto)."""
     magic = b"~Module signature appended~\n"
     assert signed_module.endswith(magic)
-    sig_len = struct.unpack(">I", signed_module[-len(magic) - 4:-len(magic)])[0]
-    return signed_module[-(len(magic) + 12 + sig_len):]
+    sig_len = struct.unpack(">I", signed_module[-len(magic) - 4 : -len(magic)])[0]
+    return signed_module[-(len(magic) + 12 + sig_len) :]

@@ -30,12 +30,12 @@ def kmod_tool(tool: str) -> str:
 
 def run_kmod(tool: str, args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> Result:
     # argv[0] is the bare name, as from PATH: glibc's getopt messages print it.
-    proc = subprocess.run([tool, *args], executable=kmod_tool(tool), capture_output=True,
-                          env=dict(env or os.environ))
+    proc = subprocess.run([tool, *args], executable=kmod_tool(tool), capture_output=True, env=dict(env or os.environ))
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def run_kvc(tool: str, args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> Result:
-    proc = subprocess.run([sys.executable, "-m", "kvc", "kmod", tool, *args], capture_output=True,
-                          env=dict(env or os.environ))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvc", "kmod", tool, *args], capture_output=True, env=dict(env or os.environ)
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)

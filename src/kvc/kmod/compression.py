@@ -76,8 +76,7 @@ def _zstd(data: bytes, path: str) -> bytes:
     try:
         import zstandard
     except ImportError:
-        raise ModuleFormatError(
-            path, "zstd-compressed, and the Python package 'zstandard' is not installed") from None
+        raise ModuleFormatError(path, "zstd-compressed, and the Python package 'zstandard' is not installed") from None
     reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
     chunks = []
     total = 0

@@ -81,8 +81,11 @@ class ModprobeConfig:
     def module_options(self, name: str, alias: Optional[str] = None) -> Optional[str]:
         """kmod_module_get_options: the non-empty ``options`` of every entry equal to the module's
         name or the alias it was looked up by, joined by spaces; None when there are none."""
-        found = [text for module, text in self.options
-                 if text and (module == name or (alias is not None and module == alias))]
+        found = [
+            text
+            for module, text in self.options
+            if text and (module == name or (alias is not None and module == alias))
+        ]
         return " ".join(found) if found else None
 
     def install_command(self, name: str) -> Optional[str]:
@@ -209,7 +212,7 @@ class _Tokens:
     def rest(self) -> Optional[str]:
         if self.at >= len(self.line):
             return None
-        text = self.line[self.at:]
+        text = self.line[self.at :]
         self.at = len(self.line)
         return text
 
@@ -267,9 +270,16 @@ class _Builder:
         self.logs.append(LibkmodLog(LOG_ERR, _CONFIG_C, line, function, message))
 
     def freeze(self) -> ModprobeConfig:
-        return ModprobeConfig(tuple(self.blacklists), tuple(self.install_commands), tuple(self.remove_commands),
-                              tuple(self.aliases), tuple(self.options), tuple(self.softdeps), tuple(self.files),
-                              tuple(self.logs))
+        return ModprobeConfig(
+            tuple(self.blacklists),
+            tuple(self.install_commands),
+            tuple(self.remove_commands),
+            tuple(self.aliases),
+            tuple(self.options),
+            tuple(self.softdeps),
+            tuple(self.files),
+            tuple(self.logs),
+        )
 
     def parse_file(self, data: bytes, filename: str) -> None:
         """kmod_config_parse on one file's bytes."""
@@ -283,11 +293,13 @@ class _Builder:
                 continue
             if not self._directive(cmd, tokens):
                 if cmd in ("include", "config"):
-                    self.error(708, "kmod_config_parse",
-                               f"{filename}: command {cmd} is deprecated and not parsed anymore\n")
+                    self.error(
+                        708, "kmod_config_parse", f"{filename}: command {cmd} is deprecated and not parsed anymore\n"
+                    )
                 else:
-                    self.error(712, "kmod_config_parse",
-                               f"{filename} line {number}: ignoring bad line starting with '{cmd}'\n")
+                    self.error(
+                        712, "kmod_config_parse", f"{filename} line {number}: ignoring bad line starting with '{cmd}'\n"
+                    )
 
     def _directive(self, cmd: str, tokens: _Tokens) -> bool:
         """One known directive; False when the line is bad (or not a known directive)."""
@@ -329,7 +341,7 @@ class _Builder:
         """kmod_config_parse_kcmdline (kmod 30's state machine): ``mod.param[=value]`` words
         become options, ``modprobe.blacklist=a,b`` blacklist entries. A quote may open the word
         (the bootloader's ``"mod.p=v w"``, re-quoted as ``mod.p="v w"``) or the value."""
-        buf = bytearray(data[:_KCMD_LINE_SIZE - 1].split(b"\0", 1)[0])
+        buf = bytearray(data[: _KCMD_LINE_SIZE - 1].split(b"\0", 1)[0])
         buf.append(0)
         state = "modname"
         quoted = False
@@ -376,13 +388,14 @@ class _Builder:
             if state == "complete":
                 assert param is not None
                 if quote_start is not None and quote_start < modname and value is not None:
-                    buf[quote_start:value - 1] = buf[modname:value]
+                    buf[quote_start : value - 1] = buf[modname:value]
                     value -= 1
                     modname -= 1
                     param -= 1
                     buf[value] = 0x22
-                self._kcmdline_result(_c_string(buf, modname), _c_string(buf, param),
-                                      _c_string(buf, value) if value is not None else None)
+                self._kcmdline_result(
+                    _c_string(buf, modname), _c_string(buf, param), _c_string(buf, value) if value is not None else None
+                )
                 modname = position + 1
                 state = "modname"
                 quote_start = None
@@ -397,8 +410,11 @@ class _Builder:
             return
         module = underscores(modname)
         if module is None:
-            self.error(489, "kcmdline_parse_result", "Ignoring bad option on kernel command line while "
-                       f"parsing module name: '{_underscored(modname)[0]}'\n")
+            self.error(
+                489,
+                "kcmdline_parse_result",
+                f"Ignoring bad option on kernel command line while parsing module name: '{_underscored(modname)[0]}'\n",
+            )
             return
         self.options.append((module, param.replace("\t", " ")))
 
@@ -411,8 +427,9 @@ def _c_string(buf: bytearray, start: int) -> str:
 # -- finding the files ---------------------------------------------------------------------------
 
 
-def config_files(config_paths: Sequence[str], module_dir: Optional[str],
-                 logs: Optional[list[LibkmodLog]] = None) -> list[str]:
+def config_files(
+    config_paths: Sequence[str], module_dir: Optional[str], logs: Optional[list[LibkmodLog]] = None
+) -> list[str]:
     """The files kmod_config_new reads, in order: ``config_paths`` (directories listed,
     anything else taken as a file) and ``module_dir/modules.softdep``, sorted by basename with
     the first of equal basenames kept. Missing paths are skipped, as libkmod skips them."""
@@ -435,8 +452,15 @@ def config_files(config_paths: Sequence[str], module_dir: Optional[str],
             full = f"{path}/{name}"
             if os.path.isdir(full):
                 if logs is not None:
-                    logs.append(LibkmodLog(LOG_ERR, _CONFIG_C, 772, "conf_files_filter_out",
-                                           f"Directories inside directories are not supported: {full}\n"))
+                    logs.append(
+                        LibkmodLog(
+                            LOG_ERR,
+                            _CONFIG_C,
+                            772,
+                            "conf_files_filter_out",
+                            f"Directories inside directories are not supported: {full}\n",
+                        )
+                    )
                 continue
             entries.setdefault(name, full)
     if module_dir is not None:
@@ -455,8 +479,9 @@ def parse_config(files: Sequence[tuple[str, bytes]], kcmdline: Optional[bytes] =
     return builder.freeze()
 
 
-def load_config(config_paths: Optional[Sequence[str]] = None, *, module_dir: Optional[str] = None,
-                paths: Optional[HostPaths] = None) -> ModprobeConfig:
+def load_config(
+    config_paths: Optional[Sequence[str]] = None, *, module_dir: Optional[str] = None, paths: Optional[HostPaths] = None
+) -> ModprobeConfig:
     """Read the configuration like kmod_new(dirname, config_paths): ``config_paths`` (``-C``)
     or the default directories under ``paths.root``, ``module_dir``'s modules.softdep, then the
     root's ``/proc/cmdline``."""

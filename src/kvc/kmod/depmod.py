@@ -35,9 +35,18 @@ ERRORS = "surrogateescape"
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
 CONFIG_DIRS = ("/etc/depmod.d", "/run/depmod.d", "/usr/local/lib/depmod.d", "/lib/depmod.d")
 TEXT_OUTPUTS = ("modules.dep", "modules.alias", "modules.softdep", "modules.symbols", "modules.devname")
-OUTPUTS = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
-           "modules.symbols", "modules.symbols.bin", "modules.builtin.bin", "modules.builtin.alias.bin",
-           "modules.devname")
+OUTPUTS = (
+    "modules.dep",
+    "modules.dep.bin",
+    "modules.alias",
+    "modules.alias.bin",
+    "modules.softdep",
+    "modules.symbols",
+    "modules.symbols.bin",
+    "modules.builtin.bin",
+    "modules.builtin.alias.bin",
+    "modules.devname",
+)
 CACHE_ENV = "KVC_DEPMOD_CACHE"
 CACHE_FORMAT = 2
 _NAME_BUCKETS = 512
@@ -78,6 +87,7 @@ class Log:
 
 
 # ---- configuration ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Search:
@@ -218,6 +228,7 @@ def load_config(paths: Optional[Sequence[str]], kernel_version: str, log: Log) -
 
 # ---- options and modules ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DepmodOptions:
     kernel_version: str
@@ -276,7 +287,7 @@ class _Discovery:
 
     def _relative(self, path: str) -> Optional[str]:
         base = self.dirname
-        return path[len(base) + 1:] if path.startswith(base) and path[len(base):len(base) + 1] == "/" else None
+        return path[len(base) + 1 :] if path.startswith(base) and path[len(base) : len(base) + 1] == "/" else None
 
     def search_path(self, top: str) -> bool:
         try:
@@ -324,10 +335,10 @@ class _Discovery:
         """Whether the module already found has priority over a new file of the same name."""
         new_key = None
         if relpath is not None:
-            new_key = prefix[len(self.dirname) + 1:] + name
+            new_key = prefix[len(self.dirname) + 1 :] + name
         old_key = None
         if old.relpath is not None:
-            old_key = old.relpath[:old.relpath.rfind("/") + 1] + old.name
+            old_key = old.relpath[: old.relpath.rfind("/") + 1] + old.name
         for override in self.config.overrides:
             # depmod compares the override with the path bytes, not with the normalized name.
             if new_key is not None and override == _raw_key(relpath, new_key):
@@ -352,7 +363,7 @@ class _Discovery:
 def _raw_key(relpath: Optional[str], key: str) -> str:
     """The first len(key) characters of the relative path: directory plus as many characters
     of the file name as the module name has."""
-    return (relpath or "")[:len(key)]
+    return (relpath or "")[: len(key)]
 
 
 def _search_matches(search: Search, relpath: Optional[str], key: Optional[str]) -> bool:
@@ -362,6 +373,7 @@ def _search_matches(search: Search, relpath: Optional[str], key: Optional[str]) 
 
 
 # ---- the parse cache -------------------------------------------------------------------------
+
 
 def default_cache_dir() -> Optional[str]:
     """``$KVC_DEPMOD_CACHE`` (``off`` disables the cache), else ``$XDG_CACHE_HOME/kvc/depmod``,
@@ -429,8 +441,9 @@ class ParseCache:
             return data[1], data[2], data[3]
         return None
 
-    def store_outputs(self, key: bytes, messages: list[tuple[int, str]], files: list[tuple[str, bytes]],
-                      status: int) -> None:
+    def store_outputs(
+        self, key: bytes, messages: list[tuple[int, str]], files: list[tuple[str, bytes]], status: int
+    ) -> None:
         self._store(self.outputs_path, (key, messages, files, status))
 
 
@@ -507,6 +520,7 @@ def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
 
 # ---- the computation -------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DepmodResult:
     """Outputs in kmod's order as (file name, bytes); text outputs only with ``-n``."""
@@ -569,8 +583,9 @@ class Depmod:
             try:
                 crc = int(fields[0], 16)
             except ValueError:
-                self.log(ERROR, f"{path}:{number} Invalid symbol version {fields[0].decode(ENCODING, ERRORS)}: "
-                                "Success\n")
+                self.log(
+                    ERROR, f"{path}:{number} Invalid symbol version {fields[0].decode(ENCODING, ERRORS)}: Success\n"
+                )
                 continue
             self._add_symbol(fields[1], crc, None)
         self._fake_symbols()
@@ -585,9 +600,9 @@ class Depmod:
                 if line:
                     self.log(ERROR, f"{path}:{number}: invalid line: {line.decode(ENCODING, ERRORS)}\n")
                 continue
-            name = line[second + 1:]
+            name = line[second + 1 :]
             if name.startswith(b"__ksymtab_"):
-                self._add_symbol(name[len(b"__ksymtab_"):], 0, None)
+                self._add_symbol(name[len(b"__ksymtab_") :], 0, None)
         self._fake_symbols()
 
     def _fake_symbols(self) -> None:
@@ -671,8 +686,9 @@ class Depmod:
             with open(order_file, "rb") as handle:
                 lines = handle.read().split(b"\n")
         except OSError as exc:
-            self.log(WARNING, f"could not open modules.order at {self.dirname}: "
-                              f"{os.strerror(exc.errno or errno.EIO)}\n")
+            self.log(
+                WARNING, f"could not open modules.order at {self.dirname}: {os.strerror(exc.errno or errno.EIO)}\n"
+            )
             return self._indexed(array)
         if lines[-1] != b"":
             self.log(ERROR, f"{order_file}:{len(lines)} corrupted line misses '\\n'\n")
@@ -819,11 +835,15 @@ class Depmod:
         # Walk deepest first so the memoized closures never recurse far.
         for module in sorted(array, key=lambda m: -m.dep_sort_idx):
             self._closure(module, memo)
-        return [module.shown_path + ":" + "".join(" " + dep.shown_path for dep in memo[module.idx])
-                for module in array]
+        return [module.shown_path + ":" + "".join(" " + dep.shown_path for dep in memo[module.idx]) for module in array]
 
-    def _index(self, name: str, builder: IndexBuilder, entries: Iterable[tuple[bytes, bytes, int]],
-               duplicate_label: Optional[str]) -> bytes:
+    def _index(
+        self,
+        name: str,
+        builder: IndexBuilder,
+        entries: Iterable[tuple[bytes, bytes, int]],
+        duplicate_label: Optional[str],
+    ) -> bytes:
         try:
             for key, value, priority in entries:
                 if builder.add(key, value, priority) and duplicate_label is not None and self.options.warn_dups:
@@ -856,8 +876,9 @@ class Depmod:
             with open(path, "rb") as handle:
                 lines = handle.read().splitlines(keepends=True)
         except OSError as exc:
-            self.log(WARNING, f"could not open modules.builtin at {self.dirname}: "
-                              f"{os.strerror(exc.errno or errno.EIO)}\n")
+            self.log(
+                WARNING, f"could not open modules.builtin at {self.dirname}: {os.strerror(exc.errno or errno.EIO)}\n"
+            )
             return b""
         builder = IndexBuilder()
         entries = []
@@ -875,8 +896,10 @@ class Depmod:
             with open(path, "rb") as handle:
                 data = handle.read()
         except OSError as exc:
-            self.log(WARNING, f"could not open modules.builtin.modinfo at {self.dirname}: "
-                              f"{os.strerror(exc.errno or errno.EIO)}\n")
+            self.log(
+                WARNING,
+                f"could not open modules.builtin.modinfo at {self.dirname}: {os.strerror(exc.errno or errno.EIO)}\n",
+            )
             return b""
         # Imported here, in the child that builds this index when there is one: moddir and
         # what it imports are a good part of start-up.
@@ -910,7 +933,7 @@ class Depmod:
             major = minor = 0
             for alias in module.record[3]:
                 if alias.startswith("devname:"):
-                    devname = alias[len("devname:"):]
+                    devname = alias[len("devname:") :]
                 else:
                     match = _DEVICE.match(alias)
                     if match is not None:
@@ -925,8 +948,11 @@ class Depmod:
                     out.append("# Device nodes to trigger on-demand module loading.\n")
                 out.append(f"{module.name} {devname} {kind}{major}:{minor}\n")
             else:
-                self.log(ERROR, f"Module '{module.name}' has devname ({devname}) but lacks major and minor "
-                                  "information. Ignoring.\n")
+                self.log(
+                    ERROR,
+                    f"Module '{module.name}' has devname ({devname}) but lacks major and minor "
+                    "information. Ignoring.\n",
+                )
         return "".join(out)
 
     def _captured(self, work: Callable[[], _T]) -> tuple[list[tuple[int, str]], _T]:
@@ -939,14 +965,17 @@ class Depmod:
         finally:
             self.log = log
 
-    def _child_indexes(self, array: list[_Module]) -> tuple[list[tuple[int, str]], bytes, list[tuple[int, str]],
-                                                             bytes, bytes]:
+    def _child_indexes(
+        self, array: list[_Module]
+    ) -> tuple[list[tuple[int, str]], bytes, list[tuple[int, str]], bytes, bytes]:
         """modules.alias.bin (the largest index), modules.builtin.bin and
         modules.builtin.alias.bin, with their messages."""
         alias_messages, alias = self._captured(
-            partial(self._index, "modules.alias.bin", IndexBuilder(), self._alias_entries(array), "alias"))
+            partial(self._index, "modules.alias.bin", IndexBuilder(), self._alias_entries(array), "alias")
+        )
         builtin_messages, (builtin, builtin_alias) = self._captured(
-            lambda: (self._builtin_bin(), self._builtin_alias_bin()))
+            lambda: (self._builtin_bin(), self._builtin_alias_bin())
+        )
         return alias_messages, alias, builtin_messages, builtin, builtin_alias
 
     def outputs(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
@@ -957,8 +986,9 @@ class Depmod:
         lines = self.dep_lines(array)
         files.append(("modules.dep", _raw("".join(line + "\n" for line in lines))))
         if not show:
-            entries = ((module.name.encode(ENCODING, ERRORS), _raw(line), module.idx)
-                       for module, line in zip(array, lines))
+            entries = (
+                (module.name.encode(ENCODING, ERRORS), _raw(line), module.idx) for module, line in zip(array, lines)
+            )
             files.append(("modules.dep.bin", self._index("modules.dep.bin", IndexBuilder(), entries, "deps")))
         alias_text = ["# Aliases extracted from modules themselves.\n"]
         for module in array:
@@ -1023,7 +1053,7 @@ def _c_unsigned(text: str) -> int:
 def _uncompressed(relpath: str) -> str:
     for suffix in (".xz", ".zst", ".gz"):
         if relpath.endswith(".ko" + suffix):
-            return relpath[:-len(suffix)]
+            return relpath[: -len(suffix)]
     return relpath
 
 
@@ -1045,8 +1075,7 @@ def run(options: DepmodOptions, log: Log, *, show: bool = False) -> DepmodResult
         elif options.system_map is not None:
             depmod.load_system_map(options.system_map)
     except OSError as exc:
-        log(FATAL, f"could not load {options.symvers or options.system_map}: "
-                   f"{os.strerror(exc.errno or errno.EIO)}\n")
+        log(FATAL, f"could not load {options.symvers or options.system_map}: {os.strerror(exc.errno or errno.EIO)}\n")
         raise DepmodError from None
     if options.print_unknown and options.symvers is None and options.system_map is None:
         log(WARNING, "-e needs -E or -F\n")
@@ -1110,13 +1139,16 @@ def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log) ->
             try:
                 fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, dir_fd=directory)
             except OSError as exc:
-                log(ERROR, f"openat({dirname}, {temp}, {os.O_CREAT | os.O_TRUNC | os.O_WRONLY:o}, 644): "
-                           f"{os.strerror(exc.errno or errno.EIO)}\n")
+                log(
+                    ERROR,
+                    f"openat({dirname}, {temp}, {os.O_CREAT | os.O_TRUNC | os.O_WRONLY:o}, 644): "
+                    f"{os.strerror(exc.errno or errno.EIO)}\n",
+                )
                 continue
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             except OSError as exc:
                 os.close(fd)
@@ -1127,8 +1159,7 @@ def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log) ->
             try:
                 os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
             except OSError as exc:
-                log(FATAL, f"renameat({dirname}, {temp}, {dirname}, {name}): "
-                           f"{os.strerror(exc.errno or errno.EIO)}\n")
+                log(FATAL, f"renameat({dirname}, {temp}, {dirname}, {name}): {os.strerror(exc.errno or errno.EIO)}\n")
                 return False
         os.fsync(directory)
     finally:

@@ -184,10 +184,15 @@ def fast_record(data: bytes) -> Optional[ModuleRecord]:
     if size <= _EHDR64 or data[:6] != _ELF64_LSB:
         return None
     machine, shoff, shentsize, shnum, shstrndx = _EHDR_FIELDS.unpack_from(data, 16)
-    if (machine != _EM_X86_64 or shentsize != _SHDR64 or shoff + shnum * _SHDR64 > size
-            or shstrndx == SHN_UNDEF or shstrndx >= shnum):
+    if (
+        machine != _EM_X86_64
+        or shentsize != _SHDR64
+        or shoff + shnum * _SHDR64 > size
+        or shstrndx == SHN_UNDEF
+        or shstrndx >= shnum
+    ):
         return None
-    headers = memoryview(data)[shoff:shoff + shnum * _SHDR64]
+    headers = memoryview(data)[shoff : shoff + shnum * _SHDR64]
     name_offsets = headers.cast("I")[0::16].tolist()
     offsets = headers.cast("Q")[3::8].tolist()
     sizes = headers.cast("Q")[4::8].tolist()
@@ -212,16 +217,20 @@ def fast_record(data: bytes) -> Optional[ModuleRecord]:
         return found
 
     symtab, strtab_index, versions_index, modinfo_index = (
-        find(b".symtab\0"), find(b".strtab\0"), find(b"__versions\0"), find(b".modinfo\0"))
+        find(b".symtab\0"),
+        find(b".strtab\0"),
+        find(b"__versions\0"),
+        find(b".modinfo\0"),
+    )
     if min(symtab, strtab_index, versions_index, modinfo_index) < 0 or not symtab or not strtab_index:
         return None
     table_size = sizes[symtab]
     if table_size % _SYM64 or table_size <= _SYM64:
         return None
-    strtab = data[offsets[strtab_index]:offsets[strtab_index] + sizes[strtab_index]]
+    strtab = data[offsets[strtab_index] : offsets[strtab_index] + sizes[strtab_index]]
     if not strtab or strtab[-1] != 0:
         return None
-    table = memoryview(data)[offsets[symtab] + _SYM64:offsets[symtab] + table_size]
+    table = memoryview(data)[offsets[symtab] + _SYM64 : offsets[symtab] + table_size]
     names = table.cast("I")[0::6].tolist()
     if max(names) >= len(strtab):
         return None
@@ -236,7 +245,7 @@ def fast_record(data: bytes) -> Optional[ModuleRecord]:
         values = table.cast("Q")[1::3].tolist()
         for index in compress(range(len(names)), map(starts.__contains__, names)):
             start = names[index] + len(_CRC_PREFIX)
-            raw_name = strtab[start:strtab.find(b"\0", start)]
+            raw_name = strtab[start : strtab.find(b"\0", start)]
             crc = _crc(data, values[index], sections[index], offsets, sizes)
             exports.append((raw_name, crc, hash_superfast(raw_name)))
     if not exports:
@@ -244,7 +253,7 @@ def fast_record(data: bytes) -> Optional[ModuleRecord]:
         if ksymtab < 0:
             return None
         if ksymtab:
-            strings = data[offsets[ksymtab]:offsets[ksymtab] + sizes[ksymtab]].split(b"\0")
+            strings = data[offsets[ksymtab] : offsets[ksymtab] + sizes[ksymtab]].split(b"\0")
             exports = [(name, 0, hash_superfast(name)) for name in strings if name]
     undefined = list(compress(range(len(sections)), map(not_, sections)))
     starts_of = list(map(names.__getitem__, undefined))
@@ -259,8 +268,10 @@ def fast_record(data: bytes) -> Optional[ModuleRecord]:
     if versions_index and sizes[versions_index] and not sizes[versions_index] % _MODVERSION64:
         start, end = offsets[versions_index], offsets[versions_index] + sizes[versions_index]
         version_crcs = memoryview(data)[start:end].cast("Q")[0::8].tolist()
-        fields = map(data.__getitem__, map(slice, range(start + 8, end, _MODVERSION64),
-                                           range(start + _MODVERSION64, end + 1, _MODVERSION64)))
+        fields = map(
+            data.__getitem__,
+            map(slice, range(start + 8, end, _MODVERSION64), range(start + _MODVERSION64, end + 1, _MODVERSION64)),
+        )
         version_names = list(map(_FIRST, map(bytes.partition, fields, repeat(b"\0"))))
         # Each undefined symbol takes the CRC of the first entry of its name; entries that no
         # symbol takes follow as imports of their own.
@@ -274,7 +285,7 @@ def fast_record(data: bytes) -> Optional[ModuleRecord]:
         weak += bytes(len(unmatched))
     else:
         crcs = [0] * len(imported)
-    modinfo = data[offsets[modinfo_index]:offsets[modinfo_index] + sizes[modinfo_index]] if modinfo_index else None
+    modinfo = data[offsets[modinfo_index] : offsets[modinfo_index] + sizes[modinfo_index]] if modinfo_index else None
     aliases, softdeps = _modinfo(modinfo)
     return (None, tuple(exports), (b"\0".join(imported), array("Q", crcs).tobytes(), weak), aliases, softdeps)
 
@@ -288,4 +299,4 @@ def _crc(data: bytes, value: int, shndx: int, offsets: list[int], sizes: list[in
     offset, size = offsets[shndx], sizes[shndx]
     if offset + size > len(data) or size < 4 or value > size - 4:
         return 0xFFFFFFFFFFFFFFFF
-    return int.from_bytes(data[offset + value:offset + value + 4], "little")
+    return int.from_bytes(data[offset + value : offset + value + 4], "little")

@@ -41,9 +41,39 @@ _HEADER_SIZE = 8  # asn1_d2i_read_bio reads headers 8 bytes at a time
 _NAME_MAX = 1024 * 1024  # X509_NAME_MAX
 
 # ASN1_tag2bit: which multi-string masks accept a universal tag (tags above 30 map to 0).
-_TAG2BIT = (0, 0, 0, 0x0400, 0x0200, 0, 0, 0x1000, 0x1000, 0x1000, 0, 0x1000, 0x2000, 0x1000,
-            0x1000, 0x1000, 0x10000, 0, 0x0001, 0x0002, 0x0004, 0x0008, 0x0010, 0x4000, 0x8000,
-            0x0020, 0x0040, 0x0080, 0x0100, 0x1000, 0x0800)
+_TAG2BIT = (
+    0,
+    0,
+    0,
+    0x0400,
+    0x0200,
+    0,
+    0,
+    0x1000,
+    0x1000,
+    0x1000,
+    0,
+    0x1000,
+    0x2000,
+    0x1000,
+    0x1000,
+    0x1000,
+    0x10000,
+    0,
+    0x0001,
+    0x0002,
+    0x0004,
+    0x0008,
+    0x0010,
+    0x4000,
+    0x8000,
+    0x0020,
+    0x0040,
+    0x0080,
+    0x0100,
+    0x1000,
+    0x0800,
+)
 _B_PRINTABLE = 0x0001 | 0x0002 | 0x0004 | 0x0010 | 0x0400 | 0x0100 | 0x0800 | 0x2000 | 0x10000 | 0x1000
 _B_TIME = 0x4000 | 0x8000
 _MASK_CANON = 0x2000 | 0x0800 | 0x0100 | 0x0002 | 0x0004 | 0x0010 | 0x0040
@@ -115,6 +145,7 @@ Node = Union[Value, Record, Items, Name]
 
 # --- ASN.1 templates, after OpenSSL's ASN1_ITEM / ASN1_TEMPLATE -----------------------------
 
+
 class Item:
     """One ASN1_ITEM. Subclasses say how it decodes."""
 
@@ -159,9 +190,18 @@ class Extern(Item):
 class Field:
     """One ASN1_TEMPLATE: a field of a SEQUENCE, with its tagging and OPTIONAL/SET OF flags."""
 
-    def __init__(self, name: str, item: Item, *, optional: bool = False, explicit: Optional[int] = None,
-                 implicit: Optional[int] = None, set_of: bool = False, sequence_of: bool = False,
-                 adb: Optional[Adb] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        item: Item,
+        *,
+        optional: bool = False,
+        explicit: Optional[int] = None,
+        implicit: Optional[int] = None,
+        set_of: bool = False,
+        sequence_of: bool = False,
+        adb: Optional[Adb] = None,
+    ) -> None:
         self.name = name
         self.item = item
         self.optional = optional
@@ -182,6 +222,7 @@ class Adb:
 
 
 # --- the decoder -------------------------------------------------------------------------
+
 
 def get_object(data: bytes, pos: int, omax: int) -> Tuple[Header, bool]:
     """ASN1_get_object: the header at ``pos`` with ``omax`` bytes available, and whether its
@@ -227,7 +268,7 @@ def get_object(data: bytes, pos: int, omax: int) -> Tuple[Header, bool]:
             count -= 1
         if count > 8:
             raise DerError("length too large", pos)
-        length = int.from_bytes(data[p:p + count], "big")
+        length = int.from_bytes(data[p : p + count], "big")
         p += count
         if length > _LONG_MAX:
             raise DerError("length too large", pos)
@@ -292,8 +333,7 @@ class _Decoder:
         if exptag >= 0 and (exptag != header.tag or expclass != header.cls):
             if opt:
                 return None
-            raise DerError(f"wrong tag (expected {expclass:#x}:{exptag}, found "
-                           f"{header.cls:#x}:{header.tag})", pos)
+            raise DerError(f"wrong tag (expected {expclass:#x}:{exptag}, found {header.cls:#x}:{header.tag})", pos)
         if header.indefinite:
             header = header._replace(length=length - (header.content - pos))
         return header
@@ -302,8 +342,9 @@ class _Decoder:
         return length >= 2 and self.data[pos] == 0 and self.data[pos + 1] == 0
 
     # asn1_item_embed_d2i
-    def item(self, item: Item, pos: int, length: int, tag: int, aclass: int, opt: bool,
-             depth: int) -> Optional[Tuple[Node, int]]:
+    def item(
+        self, item: Item, pos: int, length: int, tag: int, aclass: int, opt: bool, depth: int
+    ) -> Optional[Tuple[Node, int]]:
         if length <= 0:
             raise DerError(f"{item.name} expected but none left", pos)
         depth += 1
@@ -329,8 +370,9 @@ class _Decoder:
             return self.sequence(item, pos, length, tag, aclass, opt, depth)
         raise TypeError(item)  # pragma: no cover - templates are fixed
 
-    def sequence(self, item: Sequence, pos: int, length: int, tag: int, aclass: int, opt: bool,
-                 depth: int) -> Optional[Tuple[Node, int]]:
+    def sequence(
+        self, item: Sequence, pos: int, length: int, tag: int, aclass: int, opt: bool, depth: int
+    ) -> Optional[Tuple[Node, int]]:
         if tag == -1:
             tag, aclass = SEQUENCE, UNIVERSAL
         header = self.tlen(pos, length, tag, aclass, opt)
@@ -384,8 +426,7 @@ class _Decoder:
         return field.adb.table.get(selector.data, field.adb.default)
 
     # asn1_template_ex_d2i
-    def template(self, field: Field, pos: int, length: int, opt: bool,
-                 depth: int) -> Optional[Tuple[Node, int]]:
+    def template(self, field: Field, pos: int, length: int, opt: bool, depth: int) -> Optional[Tuple[Node, int]]:
         if field.explicit is None:
             return self.template_noexp(field, pos, length, opt, depth)
         header = self.tlen(pos, length, field.explicit, CONTEXT, opt)
@@ -406,8 +447,7 @@ class _Decoder:
         return node, end
 
     # asn1_template_noexp_d2i
-    def template_noexp(self, field: Field, pos: int, length: int, opt: bool,
-                       depth: int) -> Optional[Tuple[Node, int]]:
+    def template_noexp(self, field: Field, pos: int, length: int, opt: bool, depth: int) -> Optional[Tuple[Node, int]]:
         if field.set_of or field.sequence_of:
             if field.implicit is not None:
                 sktag, skclass = field.implicit, CONTEXT
@@ -439,8 +479,9 @@ class _Decoder:
         return self.item(field.item, pos, length, -1, 0, opt, depth)
 
     # asn1_d2i_ex_primitive + asn1_ex_c2i
-    def primitive(self, utype: int, pos: int, length: int, tag: int, aclass: int,
-                  opt: bool) -> Optional[Tuple[Node, int]]:
+    def primitive(
+        self, utype: int, pos: int, length: int, tag: int, aclass: int, opt: bool
+    ) -> Optional[Tuple[Node, int]]:
         if utype == ANY:
             if tag >= 0 or opt:
                 raise DerError("illegal tagged or optional ANY", pos)  # pragma: no cover
@@ -457,8 +498,7 @@ class _Decoder:
         if utype in (SEQUENCE, SET, OTHER):
             if utype != OTHER and not header.constructed:
                 raise DerError("SEQUENCE or SET is not constructed", pos)
-            end = (self.find_end(header.content, header.length) if header.indefinite
-                   else header.content + header.length)
+            end = self.find_end(header.content, header.length) if header.indefinite else header.content + header.length
             content = data[pos:end]
         elif header.constructed:
             if utype in (NULL, BOOLEAN, OBJECT, INTEGER, ENUMERATED):
@@ -468,7 +508,7 @@ class _Decoder:
             content = b"".join(parts)
         else:
             end = header.content + header.length
-            content = data[header.content:end]
+            content = data[header.content : end]
             span = (header.content, end)
         _check_content(utype, content, pos)
         return Value(utype, content, span), end
@@ -519,14 +559,15 @@ class _Decoder:
                 p = self.collect(parts, header.content, header.length, header.indefinite, depth + 1)
             else:
                 p = header.content + header.length
-                parts.append(self.data[header.content:p])
+                parts.append(self.data[header.content : p])
             length -= p - start
         if indefinite:
             raise DerError("missing end-of-contents", p)
         return p
 
-    def extern(self, item: Extern, pos: int, length: int, tag: int, aclass: int,
-               opt: bool) -> Optional[Tuple[Node, int]]:
+    def extern(
+        self, item: Extern, pos: int, length: int, tag: int, aclass: int, opt: bool
+    ) -> Optional[Tuple[Node, int]]:
         if item is X509_NAME:
             # x509_name_ex_d2i: decode SEQUENCE OF SET OF entry, then canonicalise (which
             # converts every string entry to UTF-8 and fails where that fails).
@@ -617,126 +658,186 @@ ASN1_ANY = Primitive("ANY", ANY)
 ASN1_PRINTABLE = MultiString("ASN1_PRINTABLE", _B_PRINTABLE)
 ASN1_TIME = MultiString("ASN1_TIME", _B_TIME)
 
-X509_NAME_ENTRY = Sequence("X509_NAME_ENTRY", (
-    Field("object", ASN1_OBJECT),
-    Field("value", ASN1_PRINTABLE),
-))
+X509_NAME_ENTRY = Sequence(
+    "X509_NAME_ENTRY",
+    (
+        Field("object", ASN1_OBJECT),
+        Field("value", ASN1_PRINTABLE),
+    ),
+)
 X509_NAME_ENTRIES = ItemTemplate("RDNS", Field("RDNS", X509_NAME_ENTRY, set_of=True))
 X509_NAME_INTERNAL = ItemTemplate("Name", Field("Name", X509_NAME_ENTRIES, sequence_of=True))
 X509_NAME = Extern("X509_NAME", X509_NAME_INTERNAL)
 
-X509_ALGOR = Sequence("X509_ALGOR", (
-    Field("algorithm", ASN1_OBJECT),
-    Field("parameter", ASN1_ANY, optional=True),
-))
-X509_ATTRIBUTE = Sequence("X509_ATTRIBUTE", (
-    Field("object", ASN1_OBJECT),
-    Field("set", ASN1_ANY, set_of=True),
-))
-X509_EXTENSION = Sequence("X509_EXTENSION", (
-    Field("object", ASN1_OBJECT),
-    Field("critical", ASN1_BOOLEAN, optional=True),
-    Field("value", ASN1_OCTET_STRING),
-))
+X509_ALGOR = Sequence(
+    "X509_ALGOR",
+    (
+        Field("algorithm", ASN1_OBJECT),
+        Field("parameter", ASN1_ANY, optional=True),
+    ),
+)
+X509_ATTRIBUTE = Sequence(
+    "X509_ATTRIBUTE",
+    (
+        Field("object", ASN1_OBJECT),
+        Field("set", ASN1_ANY, set_of=True),
+    ),
+)
+X509_EXTENSION = Sequence(
+    "X509_EXTENSION",
+    (
+        Field("object", ASN1_OBJECT),
+        Field("critical", ASN1_BOOLEAN, optional=True),
+        Field("value", ASN1_OCTET_STRING),
+    ),
+)
 X509_VAL = Sequence("X509_VAL", (Field("notBefore", ASN1_TIME), Field("notAfter", ASN1_TIME)))
-X509_PUBKEY = Extern("X509_PUBKEY", Sequence("X509_PUBKEY", (
-    Field("algor", X509_ALGOR),
-    Field("public_key", ASN1_BIT_STRING),
-)))
-X509_CINF = Sequence("X509_CINF", (
-    Field("version", ASN1_INTEGER, explicit=0, optional=True),
-    Field("serialNumber", ASN1_INTEGER),
-    Field("signature", X509_ALGOR),
-    Field("issuer", X509_NAME),
-    Field("validity", X509_VAL),
-    Field("subject", X509_NAME),
-    Field("key", X509_PUBKEY),
-    Field("issuerUID", ASN1_BIT_STRING, implicit=1, optional=True),
-    Field("subjectUID", ASN1_BIT_STRING, implicit=2, optional=True),
-    Field("extensions", X509_EXTENSION, explicit=3, sequence_of=True, optional=True),
-))
-X509 = Sequence("X509", (
-    Field("cert_info", X509_CINF),
-    Field("sig_alg", X509_ALGOR),
-    Field("signature", ASN1_BIT_STRING),
-))
-X509_REVOKED = Sequence("X509_REVOKED", (
-    Field("serialNumber", ASN1_INTEGER),
-    Field("revocationDate", ASN1_TIME),
-    Field("extensions", X509_EXTENSION, sequence_of=True, optional=True),
-))
-X509_CRL_INFO = Sequence("X509_CRL_INFO", (
-    Field("version", ASN1_INTEGER, optional=True),
-    Field("sig_alg", X509_ALGOR),
-    Field("issuer", X509_NAME),
-    Field("lastUpdate", ASN1_TIME),
-    Field("nextUpdate", ASN1_TIME, optional=True),
-    Field("revoked", X509_REVOKED, sequence_of=True, optional=True),
-    Field("extensions", X509_EXTENSION, explicit=0, sequence_of=True, optional=True),
-))
-X509_CRL = Sequence("X509_CRL", (
-    Field("crl", X509_CRL_INFO),
-    Field("sig_alg", X509_ALGOR),
-    Field("signature", ASN1_BIT_STRING),
-))
+X509_PUBKEY = Extern(
+    "X509_PUBKEY",
+    Sequence(
+        "X509_PUBKEY",
+        (
+            Field("algor", X509_ALGOR),
+            Field("public_key", ASN1_BIT_STRING),
+        ),
+    ),
+)
+X509_CINF = Sequence(
+    "X509_CINF",
+    (
+        Field("version", ASN1_INTEGER, explicit=0, optional=True),
+        Field("serialNumber", ASN1_INTEGER),
+        Field("signature", X509_ALGOR),
+        Field("issuer", X509_NAME),
+        Field("validity", X509_VAL),
+        Field("subject", X509_NAME),
+        Field("key", X509_PUBKEY),
+        Field("issuerUID", ASN1_BIT_STRING, implicit=1, optional=True),
+        Field("subjectUID", ASN1_BIT_STRING, implicit=2, optional=True),
+        Field("extensions", X509_EXTENSION, explicit=3, sequence_of=True, optional=True),
+    ),
+)
+X509 = Sequence(
+    "X509",
+    (
+        Field("cert_info", X509_CINF),
+        Field("sig_alg", X509_ALGOR),
+        Field("signature", ASN1_BIT_STRING),
+    ),
+)
+X509_REVOKED = Sequence(
+    "X509_REVOKED",
+    (
+        Field("serialNumber", ASN1_INTEGER),
+        Field("revocationDate", ASN1_TIME),
+        Field("extensions", X509_EXTENSION, sequence_of=True, optional=True),
+    ),
+)
+X509_CRL_INFO = Sequence(
+    "X509_CRL_INFO",
+    (
+        Field("version", ASN1_INTEGER, optional=True),
+        Field("sig_alg", X509_ALGOR),
+        Field("issuer", X509_NAME),
+        Field("lastUpdate", ASN1_TIME),
+        Field("nextUpdate", ASN1_TIME, optional=True),
+        Field("revoked", X509_REVOKED, sequence_of=True, optional=True),
+        Field("extensions", X509_EXTENSION, explicit=0, sequence_of=True, optional=True),
+    ),
+)
+X509_CRL = Sequence(
+    "X509_CRL",
+    (
+        Field("crl", X509_CRL_INFO),
+        Field("sig_alg", X509_ALGOR),
+        Field("signature", ASN1_BIT_STRING),
+    ),
+)
 
 PKCS7 = Sequence("PKCS7")  # fields below: SignedData and DigestedData contain a PKCS7 again
-PKCS7_ISSUER_AND_SERIAL = Sequence("PKCS7_ISSUER_AND_SERIAL", (
-    Field("issuer", X509_NAME),
-    Field("serial", ASN1_INTEGER),
-))
-PKCS7_SIGNER_INFO = Sequence("PKCS7_SIGNER_INFO", (
-    Field("version", ASN1_INTEGER),
-    Field("issuer_and_serial", PKCS7_ISSUER_AND_SERIAL),
-    Field("digest_alg", X509_ALGOR),
-    Field("auth_attr", X509_ATTRIBUTE, implicit=0, sequence_of=True, optional=True),
-    Field("digest_enc_alg", X509_ALGOR),
-    Field("enc_digest", ASN1_OCTET_STRING),
-    Field("unauth_attr", X509_ATTRIBUTE, implicit=1, set_of=True, optional=True),
-))
-PKCS7_SIGNED = Sequence("PKCS7_SIGNED", (
-    Field("version", ASN1_INTEGER),
-    Field("md_algs", X509_ALGOR, set_of=True),
-    Field("contents", PKCS7),
-    Field("cert", X509, implicit=0, sequence_of=True, optional=True),
-    Field("crl", X509_CRL, implicit=1, set_of=True, optional=True),
-    Field("signer_info", PKCS7_SIGNER_INFO, set_of=True),
-))
-PKCS7_RECIP_INFO = Sequence("PKCS7_RECIP_INFO", (
-    Field("version", ASN1_INTEGER),
-    Field("issuer_and_serial", PKCS7_ISSUER_AND_SERIAL),
-    Field("key_enc_algor", X509_ALGOR),
-    Field("enc_key", ASN1_OCTET_STRING),
-))
-PKCS7_ENC_CONTENT = Sequence("PKCS7_ENC_CONTENT", (
-    Field("content_type", ASN1_OBJECT),
-    Field("algorithm", X509_ALGOR),
-    Field("enc_data", ASN1_OCTET_STRING, implicit=0, optional=True),
-))
-PKCS7_ENVELOPE = Sequence("PKCS7_ENVELOPE", (
-    Field("version", ASN1_INTEGER),
-    Field("recipientinfo", PKCS7_RECIP_INFO, set_of=True),
-    Field("enc_data", PKCS7_ENC_CONTENT),
-))
-PKCS7_SIGN_ENVELOPE = Sequence("PKCS7_SIGN_ENVELOPE", (
-    Field("version", ASN1_INTEGER),
-    Field("recipientinfo", PKCS7_RECIP_INFO, set_of=True),
-    Field("md_algs", X509_ALGOR, set_of=True),
-    Field("enc_data", PKCS7_ENC_CONTENT),
-    Field("cert", X509, implicit=0, set_of=True, optional=True),
-    Field("crl", X509_CRL, implicit=1, set_of=True, optional=True),
-    Field("signer_info", PKCS7_SIGNER_INFO, set_of=True),
-))
-PKCS7_ENCRYPT = Sequence("PKCS7_ENCRYPT", (
-    Field("version", ASN1_INTEGER),
-    Field("enc_data", PKCS7_ENC_CONTENT),
-))
-PKCS7_DIGEST = Sequence("PKCS7_DIGEST", (
-    Field("version", ASN1_INTEGER),
-    Field("md", X509_ALGOR),
-    Field("contents", PKCS7),
-    Field("digest", ASN1_OCTET_STRING),
-))
+PKCS7_ISSUER_AND_SERIAL = Sequence(
+    "PKCS7_ISSUER_AND_SERIAL",
+    (
+        Field("issuer", X509_NAME),
+        Field("serial", ASN1_INTEGER),
+    ),
+)
+PKCS7_SIGNER_INFO = Sequence(
+    "PKCS7_SIGNER_INFO",
+    (
+        Field("version", ASN1_INTEGER),
+        Field("issuer_and_serial", PKCS7_ISSUER_AND_SERIAL),
+        Field("digest_alg", X509_ALGOR),
+        Field("auth_attr", X509_ATTRIBUTE, implicit=0, sequence_of=True, optional=True),
+        Field("digest_enc_alg", X509_ALGOR),
+        Field("enc_digest", ASN1_OCTET_STRING),
+        Field("unauth_attr", X509_ATTRIBUTE, implicit=1, set_of=True, optional=True),
+    ),
+)
+PKCS7_SIGNED = Sequence(
+    "PKCS7_SIGNED",
+    (
+        Field("version", ASN1_INTEGER),
+        Field("md_algs", X509_ALGOR, set_of=True),
+        Field("contents", PKCS7),
+        Field("cert", X509, implicit=0, sequence_of=True, optional=True),
+        Field("crl", X509_CRL, implicit=1, set_of=True, optional=True),
+        Field("signer_info", PKCS7_SIGNER_INFO, set_of=True),
+    ),
+)
+PKCS7_RECIP_INFO = Sequence(
+    "PKCS7_RECIP_INFO",
+    (
+        Field("version", ASN1_INTEGER),
+        Field("issuer_and_serial", PKCS7_ISSUER_AND_SERIAL),
+        Field("key_enc_algor", X509_ALGOR),
+        Field("enc_key", ASN1_OCTET_STRING),
+    ),
+)
+PKCS7_ENC_CONTENT = Sequence(
+    "PKCS7_ENC_CONTENT",
+    (
+        Field("content_type", ASN1_OBJECT),
+        Field("algorithm", X509_ALGOR),
+        Field("enc_data", ASN1_OCTET_STRING, implicit=0, optional=True),
+    ),
+)
+PKCS7_ENVELOPE = Sequence(
+    "PKCS7_ENVELOPE",
+    (
+        Field("version", ASN1_INTEGER),
+        Field("recipientinfo", PKCS7_RECIP_INFO, set_of=True),
+        Field("enc_data", PKCS7_ENC_CONTENT),
+    ),
+)
+PKCS7_SIGN_ENVELOPE = Sequence(
+    "PKCS7_SIGN_ENVELOPE",
+    (
+        Field("version", ASN1_INTEGER),
+        Field("recipientinfo", PKCS7_RECIP_INFO, set_of=True),
+        Field("md_algs", X509_ALGOR, set_of=True),
+        Field("enc_data", PKCS7_ENC_CONTENT),
+        Field("cert", X509, implicit=0, set_of=True, optional=True),
+        Field("crl", X509_CRL, implicit=1, set_of=True, optional=True),
+        Field("signer_info", PKCS7_SIGNER_INFO, set_of=True),
+    ),
+)
+PKCS7_ENCRYPT = Sequence(
+    "PKCS7_ENCRYPT",
+    (
+        Field("version", ASN1_INTEGER),
+        Field("enc_data", PKCS7_ENC_CONTENT),
+    ),
+)
+PKCS7_DIGEST = Sequence(
+    "PKCS7_DIGEST",
+    (
+        Field("version", ASN1_INTEGER),
+        Field("md", X509_ALGOR),
+        Field("contents", PKCS7),
+        Field("digest", ASN1_OCTET_STRING),
+    ),
+)
 
 _PKCS7_OID = bytes.fromhex("2a864886f70d0107")  # 1.2.840.113549.1.7
 OID_DATA = _PKCS7_OID + b"\x01"
@@ -748,14 +849,22 @@ OID_ENCRYPTED = _PKCS7_OID + b"\x06"
 
 PKCS7.fields = (
     Field("type", ASN1_OBJECT),
-    Field("d", ASN1_ANY, adb=Adb("type", {
-        OID_DATA: Field("d", ASN1_OCTET_STRING, explicit=0, optional=True),
-        OID_SIGNED: Field("d", PKCS7_SIGNED, explicit=0, optional=True),
-        OID_ENVELOPED: Field("d", PKCS7_ENVELOPE, explicit=0, optional=True),
-        OID_SIGNED_AND_ENVELOPED: Field("d", PKCS7_SIGN_ENVELOPE, explicit=0, optional=True),
-        OID_DIGEST: Field("d", PKCS7_DIGEST, explicit=0, optional=True),
-        OID_ENCRYPTED: Field("d", PKCS7_ENCRYPT, explicit=0, optional=True),
-    }, Field("d", ASN1_ANY, explicit=0, optional=True))),
+    Field(
+        "d",
+        ASN1_ANY,
+        adb=Adb(
+            "type",
+            {
+                OID_DATA: Field("d", ASN1_OCTET_STRING, explicit=0, optional=True),
+                OID_SIGNED: Field("d", PKCS7_SIGNED, explicit=0, optional=True),
+                OID_ENVELOPED: Field("d", PKCS7_ENVELOPE, explicit=0, optional=True),
+                OID_SIGNED_AND_ENVELOPED: Field("d", PKCS7_SIGN_ENVELOPE, explicit=0, optional=True),
+                OID_DIGEST: Field("d", PKCS7_DIGEST, explicit=0, optional=True),
+                OID_ENCRYPTED: Field("d", PKCS7_ENCRYPT, explicit=0, optional=True),
+            },
+            Field("d", ASN1_ANY, explicit=0, optional=True),
+        ),
+    ),
 )
 
 

@@ -93,8 +93,21 @@ class ElfFile:
             self._fail(f"unknown ELF byte order {elf_data}")
         self.is_64 = elf_class == _CLASS_64
         self._class = elf_class
-        (_type, machine, _version, _entry, _phoff, shoff, _flags, _ehsize, _phentsize, _phnum,
-         shentsize, shnum, shstrndx) = struct.unpack_from(self.order + _EHDR_TAIL[elf_class], data, 16)
+        (
+            _type,
+            machine,
+            _version,
+            _entry,
+            _phoff,
+            shoff,
+            _flags,
+            _ehsize,
+            _phentsize,
+            _phnum,
+            shentsize,
+            shnum,
+            shstrndx,
+        ) = struct.unpack_from(self.order + _EHDR_TAIL[elf_class], data, 16)
         self.machine = machine
         if shentsize != _SHDR_SIZE[elf_class]:
             self._fail(f"unexpected section header size {shentsize}")
@@ -105,12 +118,12 @@ class ElfFile:
         if shstrndx == SHN_UNDEF or shstrndx >= shnum:
             self._fail(f"section name table index {shstrndx} out of range")
         fmt = self.order + _SHDR[elf_class]
-        self._headers = list(struct.iter_unpack(fmt, data[shoff:shoff + shnum * shentsize]))
+        self._headers = list(struct.iter_unpack(fmt, data[shoff : shoff + shnum * shentsize]))
         self._shentsize = shentsize
         names_off, names_size = self._headers[shstrndx][4:6]
         if names_off + names_size > size:
             self._fail("section name table runs past the end")
-        names = data[names_off:names_off + names_size]
+        names = data[names_off : names_off + names_size]
         if not names or names[-1] != 0:
             self._fail("section name table is not NUL-terminated")
         self._names = names
@@ -119,9 +132,17 @@ class ElfFile:
     def _make_section(self, index: int) -> Section:
         name_off, sh_type, flags, _addr, offset, size = self._headers[index][:6]
         names = self._names
-        name = decode(names[name_off:names.index(b"\0", name_off)]) if name_off < len(names) else ""
-        return Section(index, name, sh_type, flags, offset, size,
-                       self._shoff + index * self._shentsize, offset + size <= len(self.data))
+        name = decode(names[name_off : names.index(b"\0", name_off)]) if name_off < len(names) else ""
+        return Section(
+            index,
+            name,
+            sh_type,
+            flags,
+            offset,
+            size,
+            self._shoff + index * self._shentsize,
+            offset + size <= len(self.data),
+        )
 
     @property
     def sections(self) -> tuple[Section, ...]:
@@ -163,7 +184,7 @@ class ElfFile:
         section = self.section(name)
         if section is None:
             return None
-        return self.data[section.offset:section.offset + section.size]
+        return self.data[section.offset : section.offset + section.size]
 
     def strings(self, name: str) -> list[bytes]:
         """A NUL-separated string section (``.modinfo``, ``__ksymtab_strings``) as kmod splits it."""
@@ -182,12 +203,20 @@ class ElfFile:
             return None
         if self.is_64:
             fmt = self.order + "IBBHQQ"
-            rows = [(n, v, i, s) for n, i, _o, s, v, _z in
-                    struct.iter_unpack(fmt, self.data[symtab.offset + entry:symtab.offset + symtab.size])]
+            rows = [
+                (n, v, i, s)
+                for n, i, _o, s, v, _z in struct.iter_unpack(
+                    fmt, self.data[symtab.offset + entry : symtab.offset + symtab.size]
+                )
+            ]
         else:
             fmt = self.order + "IIIBBH"
-            rows = [(n, v, i, s) for n, v, _z, i, _o, s in
-                    struct.iter_unpack(fmt, self.data[symtab.offset + entry:symtab.offset + symtab.size])]
+            rows = [
+                (n, v, i, s)
+                for n, v, _z, i, _o, s in struct.iter_unpack(
+                    fmt, self.data[symtab.offset + entry : symtab.offset + symtab.size]
+                )
+            ]
         return strtab, rows
 
     @staticmethod
@@ -206,7 +235,7 @@ class ElfFile:
         entries = []
         for pos in range(0, len(raw), _MODVERSION_SIZE):
             (crc,) = struct.unpack_from(crc_fmt, raw, pos)
-            name = self._name_at(raw[pos + crc_size:pos + _MODVERSION_SIZE], 0)
+            name = self._name_at(raw[pos + crc_size : pos + _MODVERSION_SIZE], 0)
             entries.append((crc, name))
         return entries
 
@@ -221,8 +250,7 @@ class ElfFile:
                 for name_off, value, info, shndx in rows:
                     name = self._name_at(strtab, name_off)
                     if name.startswith(b"__crc_"):
-                        exports.append(Symbol(decode(name[6:]), self._resolve_crc(value, shndx),
-                                              _bind_name(info >> 4)))
+                        exports.append(Symbol(decode(name[6:]), self._resolve_crc(value, shndx), _bind_name(info >> 4)))
                 if exports:
                     return exports
         return [Symbol(decode(name), 0, "global") for name in self.strings("__ksymtab_strings")]
@@ -268,8 +296,9 @@ class ElfFile:
                 crc = versions[found][0]
             imports.append(Symbol(decode(name), crc, "weak" if info >> 4 == STB_WEAK else "undefined"))
         if unmatched_versions:
-            imports.extend(Symbol(decode(name), crc, "undefined")
-                           for (crc, name), seen in zip(versions, visited) if not seen)
+            imports.extend(
+                Symbol(decode(name), crc, "undefined") for (crc, name), seen in zip(versions, visited) if not seen
+            )
         return imports
 
 

@@ -131,8 +131,10 @@ class KernelConfig:
 
     def __post_init__(self) -> None:
         if not self.vermagic:
-            self.vermagic = (f"{self.release} SMP preempt {'mod_unload ' if self.unload else ''}"
-                             f"{'modversions ' if self.modversions else ''}")
+            self.vermagic = (
+                f"{self.release} SMP preempt {'mod_unload ' if self.unload else ''}"
+                f"{'modversions ' if self.modversions else ''}"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KernelConfig:
@@ -164,8 +166,11 @@ def kconfig_options(path: str) -> dict[str, Any]:
         "livepatch": on("CONFIG_LIVEPATCH"),
     }
     if on("CONFIG_MODULE_DECOMPRESS"):
-        for kind, option in (("gzip", "CONFIG_MODULE_COMPRESS_GZIP"), ("xz", "CONFIG_MODULE_COMPRESS_XZ"),
-                             ("zstd", "CONFIG_MODULE_COMPRESS_ZSTD")):
+        for kind, option in (
+            ("gzip", "CONFIG_MODULE_COMPRESS_GZIP"),
+            ("xz", "CONFIG_MODULE_COMPRESS_XZ"),
+            ("zstd", "CONFIG_MODULE_COMPRESS_ZSTD"),
+        ):
             if on(option):
                 options["decompress"] = kind
     return options
@@ -233,8 +238,21 @@ class _Image:
             self._bad(f"Invalid ELF header len {len(data)}")
         if data[:4] != b"\x7fELF":
             self._bad("Invalid ELF header magic: != \x7fELF")
-        (e_type, machine, _v, _entry, _phoff, shoff, _flags, _ehsize, _phentsize, _phnum, shentsize, shnum,
-         shstrndx) = struct.unpack_from(ehdr, data, 16)
+        (
+            e_type,
+            machine,
+            _v,
+            _entry,
+            _phoff,
+            shoff,
+            _flags,
+            _ehsize,
+            _phentsize,
+            _phnum,
+            shentsize,
+            shnum,
+            shstrndx,
+        ) = struct.unpack_from(ehdr, data, 16)
         if e_type != _ET_REL:
             self._bad(f"Invalid ELF header type: {e_type} != {_ET_REL}")
         if machine != config.machine:
@@ -250,7 +268,7 @@ class _Image:
         strs_off, strs_size = raw[shstrndx][4], raw[shstrndx][5]
         if strs_off + strs_size > len(data) or not strs_size or data[strs_off + strs_size - 1] != 0:
             self._bad("ELF Spec violation: section name table isn't null terminated")
-        names = data[strs_off:strs_off + strs_size]
+        names = data[strs_off : strs_off + strs_size]
         self.sections: list[_Shdr] = []
         for index, (name_off, sh_type, flags, _addr, offset, size, link, info, align, _entsize) in enumerate(raw):
             if index and sh_type != _SHT_NOBITS and (offset + size > len(data) or offset + size < offset):
@@ -268,7 +286,7 @@ class _Image:
             self._bad(f"{self.name or '(missing .modinfo section or name field)'}: module has no symbols (stripped?)")
         mod = self.section_bytes(self.mod_index)
         offset = 24 if self.is64 else 12  # struct module: state, list_head list, name[]
-        raw_name = mod[offset:offset + MODULE_NAME_LEN]
+        raw_name = mod[offset : offset + MODULE_NAME_LEN]
         self.mod_name = raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if not self.name:
             self.name = self.mod_name
@@ -289,14 +307,17 @@ class _Image:
         section = self.sections[index]
         if section.type == _SHT_NOBITS:
             return bytes(section.size)
-        return self.data[section.offset:section.offset + section.size]
+        return self.data[section.offset : section.offset + section.size]
 
     def modinfo_entries(self, tag: str) -> list[str]:
         if not self.info_index:
             return []
         prefix = tag.encode() + b"="
-        return [entry[len(prefix):].decode("utf-8", "surrogateescape")
-                for entry in self.section_bytes(self.info_index).split(b"\0") if entry.startswith(prefix)]
+        return [
+            entry[len(prefix) :].decode("utf-8", "surrogateescape")
+            for entry in self.section_bytes(self.info_index).split(b"\0")
+            if entry.startswith(prefix)
+        ]
 
     def get_modinfo(self, tag: str) -> Optional[str]:
         entries = self.modinfo_entries(tag)
@@ -319,7 +340,7 @@ class _Image:
             else:
                 name_off, value, size, info, _other, shndx = struct.unpack_from(fmt, data, pos)
             end = strtab.find(b"\0", name_off)
-            name = strtab[name_off:end if end >= 0 else None].decode("utf-8", "surrogateescape")
+            name = strtab[name_off : end if end >= 0 else None].decode("utf-8", "surrogateescape")
             symbols.append(_Sym(name, value, info, shndx, size))
         self.__dict__["_symbols"] = symbols
         return symbols
@@ -334,7 +355,7 @@ class _Image:
             if section.type not in (_SHT_RELA, _SHT_REL) or section.info != target:
                 continue
             entry = (24 if self.is64 else 12) if section.type == _SHT_RELA else (16 if self.is64 else 8)
-            data = self.data[section.offset:section.offset + section.size]
+            data = self.data[section.offset : section.offset + section.size]
             for pos in range(0, len(data) - entry + 1, entry):
                 if self.is64:
                     offset, info = struct.unpack_from(self.order + "QQ", data, pos)
@@ -356,7 +377,7 @@ class _Image:
         data = self.section_bytes(index)
         if offset < 0 or offset + size > len(data):
             return None
-        return int.from_bytes(data[offset:offset + size], "little" if self.order == "<" else "big", signed=signed)
+        return int.from_bytes(data[offset : offset + size], "little" if self.order == "<" else "big", signed=signed)
 
     def pointer_at(self, index: int, offset: int) -> Union[str, tuple[int, int], None]:
         """What the pointer at ``index:offset`` points to after relocation: a (section, offset)
@@ -381,14 +402,22 @@ class _Image:
         if not 0 <= target[1] <= len(data):
             return None
         end = data.find(b"\0", target[1])
-        return data[target[1]:end if end >= 0 else None].decode("utf-8", "surrogateescape")
+        return data[target[1] : end if end >= 0 else None].decode("utf-8", "surrogateescape")
 
 
 # -- module parameters (kernel/params.c) -----------------------------------------------------------
 
 _INT_KINDS = {  # kind: (bytes, signed); long/ulong are pointer-sized
-    "byte": (1, False), "short": (2, True), "ushort": (2, False), "int": (4, True), "uint": (4, False),
-    "long": (8, True), "ulong": (8, False), "ullong": (8, False), "hexint": (4, False), "bint": (4, True),
+    "byte": (1, False),
+    "short": (2, True),
+    "ushort": (2, False),
+    "int": (4, True),
+    "uint": (4, False),
+    "long": (8, True),
+    "ulong": (8, False),
+    "ullong": (8, False),
+    "hexint": (4, False),
+    "bint": (4, True),
 }
 _NOARG_KINDS = ("bool", "invbool", "bint", "bool_enable_only")
 
@@ -524,12 +553,12 @@ def _next_arg(args: str) -> tuple[str, Optional[str], str]:
             in_quote = not in_quote
         i += 1
     word = args[:i]
-    rest = args[i + 1:] if i < len(args) else ""
+    rest = args[i + 1 :] if i < len(args) else ""
     trim_end = quoted and i > 0 and word.endswith('"')
     if not equals:
         param, val = (word[:-1] if trim_end else word), None
     else:
-        param, val = word[:equals], word[equals + 1:]
+        param, val = word[:equals], word[equals + 1 :]
         if val.startswith('"'):
             val = val[1:]
             if word.endswith('"'):
@@ -562,17 +591,31 @@ class FakeKernel(SyscallKernel):
     # -- creation ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, paths: HostPaths, release: str, *, symvers: Optional[str] = None,
-               system_map: Optional[str] = None, vermagic: Optional[str] = None, kconfig: Optional[str] = None,
-               builtin_modules: Sequence[str] = (), **options: Any) -> FakeKernel:
+    def create(
+        cls,
+        paths: HostPaths,
+        release: str,
+        *,
+        symvers: Optional[str] = None,
+        system_map: Optional[str] = None,
+        vermagic: Optional[str] = None,
+        kconfig: Optional[str] = None,
+        builtin_modules: Sequence[str] = (),
+        **options: Any,
+    ) -> FakeKernel:
         """A fresh fake kernel under ``paths.root`` with nothing loaded. ``symvers``/``system_map``
         give the core kernel's exports; ``kconfig`` (a ``.config``) and ``options``
         (:class:`KernelConfig` fields) its configuration; ``builtin_modules`` get a
         ``/sys/module`` directory without ``initstate``, as built-in modules with parameters have."""
         settings: dict[str, Any] = kconfig_options(kconfig) if kconfig else {}
         settings.update(options)
-        config = KernelConfig(release, vermagic or "", os.path.abspath(symvers) if symvers else None,
-                              os.path.abspath(system_map) if system_map else None, **settings)
+        config = KernelConfig(
+            release,
+            vermagic or "",
+            os.path.abspath(symvers) if symvers else None,
+            os.path.abspath(system_map) if system_map else None,
+            **settings,
+        )
         kernel = cls(paths)
         if os.path.isdir(kernel.state_dir):
             shutil.rmtree(kernel.state_dir)
@@ -924,12 +967,12 @@ class FakeKernel(SyscallKernel):
             taint(TAINT_OOT_MODULE, warn=f"{image.mod_name}: loading out-of-tree module taints kernel.")
         if image.get_modinfo("staging") is not None:
             taint(TAINT_CRAP)
-            log.append(f"{image.mod_name}: module is from the staging directory, the quality is unknown, "
-                       "you have been warned.")
+            log.append(
+                f"{image.mod_name}: module is from the staging directory, the quality is unknown, you have been warned."
+            )
         if image.get_modinfo("livepatch") is not None:
             if not config.livepatch:
-                log.append(f"{image.mod_name}: module is marked as livepatch module, but livepatch support "
-                           "is disabled")
+                log.append(f"{image.mod_name}: module is marked as livepatch module, but livepatch support is disabled")
                 raise _Refused(errno.ENOEXEC)
             taint(TAINT_LIVEPATCH)
             self._once(state, log, "livepatch", f"{image.mod_name}: tainting kernel with TAINT_LIVEPATCH")
@@ -942,8 +985,13 @@ class FakeKernel(SyscallKernel):
         if _find(state, image.mod_name) is not None:
             raise _Refused(errno.EEXIST)
         if config.module_sig and not sig_ok:
-            self._once(state, log, "unsigned", f"{image.mod_name}: module verification failed: signature "
-                                               "and/or required key missing - tainting kernel")
+            self._once(
+                state,
+                log,
+                "unsigned",
+                f"{image.mod_name}: module verification failed: signature "
+                "and/or required key missing - tainting kernel",
+            )
             taint(TAINT_UNSIGNED_MODULE)
         # find_module_sections(): the kernel's hard-coded license offenders
         if image.mod_name == "ndiswrapper":
@@ -951,10 +999,14 @@ class FakeKernel(SyscallKernel):
         if image.mod_name in ("driverloader", "lve"):
             taint(TAINT_PROPRIETARY_MODULE)
         exports = _module_exports(image)
-        if config.modversions and (
+        if (
+            config.modversions
+            and (
                 (any(not e.gpl for e in exports.values()) and not image.find_sec("__kcrctab"))
-                or (any(e.gpl for e in exports.values()) and not image.find_sec("__kcrctab_gpl"))) \
-                and not force_load("no versions for exported symbols"):
+                or (any(e.gpl for e in exports.values()) and not image.find_sec("__kcrctab_gpl"))
+            )
+            and not force_load("no versions for exported symbols")
+        ):
             raise _Refused(errno.ENOEXEC)
         # simplify_symbols() -> resolve_symbol()
         uses: list[str] = []
@@ -979,19 +1031,25 @@ class FakeKernel(SyscallKernel):
                     using_gplonly = True
                 if owner is not None and _find(state, owner)["taint"] & (1 << TAINT_PROPRIETARY_MODULE):
                     if using_gplonly:
-                        log.append(f"{image.mod_name}: module using GPL-only symbols uses symbols {sym.name} "
-                                   f"from proprietary module {owner}.")
+                        log.append(
+                            f"{image.mod_name}: module using GPL-only symbols uses symbols {sym.name} "
+                            f"from proprietary module {owner}."
+                        )
                         export = None
                         result = errno.ENOENT
                     elif not mod_taint & (1 << TAINT_PROPRIETARY_MODULE):
-                        log.append(f"{image.mod_name}: module uses symbols {sym.name} from proprietary module "
-                                   f"{owner}, inheriting taint.")
+                        log.append(
+                            f"{image.mod_name}: module uses symbols {sym.name} from proprietary module "
+                            f"{owner}, inheriting taint."
+                        )
                         mod_taint |= 1 << TAINT_PROPRIETARY_MODULE
                 if export is not None and not result and not check_version(sym.name, export.crc):
                     result = errno.EINVAL
                 if export is not None and not result and export.namespace and export.namespace not in imported_ns:
-                    log.append(f"{image.mod_name}: module uses symbol ({sym.name}) from namespace "
-                               f"{export.namespace}, but does not import it.")
+                    log.append(
+                        f"{image.mod_name}: module uses symbol ({sym.name}) from namespace "
+                        f"{export.namespace}, but does not import it."
+                    )
                     if not config.allow_missing_namespace_imports:
                         result = errno.EINVAL
                 if not result and owner is not None and owner not in uses:
@@ -1027,12 +1085,18 @@ class FakeKernel(SyscallKernel):
             raise _Refused(errno.EINVAL)
         names = {s.name for s in image.symbols if s.shndx != _SHN_UNDEF}
         entry = {
-            "name": image.mod_name, "size": _core_size(image), "state": "live", "taint": mod_taint,
-            "users": [], "uses": uses, "refs": 0,
+            "name": image.mod_name,
+            "size": _core_size(image),
+            "state": "live",
+            "taint": mod_taint,
+            "users": [],
+            "uses": uses,
+            "refs": 0,
             "permanent": "init_module" in names and "cleanup_module" not in names,
             "exports": {sym: [e.crc, e.gpl, e.namespace] for sym, e in exports.items()},
             "params": [asdict(param) for param in kparams],
-            "version": image.get_modinfo("version"), "srcversion": image.get_modinfo("srcversion"),
+            "version": image.get_modinfo("version"),
+            "srcversion": image.get_modinfo("srcversion"),
         }
         for owner in uses:
             _find(state, owner)["users"].insert(0, image.mod_name)
@@ -1050,8 +1114,11 @@ class FakeKernel(SyscallKernel):
             err = self._verify_sig(log, data)
             if not err:
                 return True
-        reason = {errno.ENODATA: "unsigned module", errno.ENOPKG: "module with unsupported crypto",
-                  errno.ENOKEY: "module with unavailable key"}.get(err)
+        reason = {
+            errno.ENODATA: "unsigned module",
+            errno.ENOPKG: "module with unsupported crypto",
+            errno.ENOKEY: "module with unavailable key",
+        }.get(err)
         if reason is None:
             raise _Refused(err)
         if config.sig_enforce:
@@ -1060,7 +1127,7 @@ class FakeKernel(SyscallKernel):
         return False
 
     def _verify_sig(self, log: list[str], data: bytes) -> int:
-        body = data[:-len(SIG_MAGIC)]
+        body = data[: -len(SIG_MAGIC)]
         if len(body) <= 12:
             return errno.EBADMSG
         algo, hash_, id_type, signer_len, key_id_len, p0, p1, p2, sig_len = struct.unpack(">BBBBBBBBI", body[-12:])
@@ -1079,13 +1146,15 @@ class FakeKernel(SyscallKernel):
         if signature is None:
             return errno.EBADMSG
         trusted = self.config.trusted_keys
-        if trusted is not None and signature.key_id.hex().upper() not in {key.replace(":", "").upper()
-                                                                            for key in trusted}:
+        if trusted is not None and signature.key_id.hex().upper() not in {
+            key.replace(":", "").upper() for key in trusted
+        }:
             return errno.ENOKEY
         return 0
 
-    def _find_symbol(self, state: dict[str, Any], core: Mapping[str, Export], symbol: str,
-                     gplok: bool) -> tuple[Optional[str], Optional[Export]]:
+    def _find_symbol(
+        self, state: dict[str, Any], core: Mapping[str, Export], symbol: str, gplok: bool
+    ) -> tuple[Optional[str], Optional[Export]]:
         """find_symbol(): the core kernel first, then the modules, newest first."""
         export = core.get(symbol)
         if export is not None:
@@ -1109,8 +1178,7 @@ class FakeKernel(SyscallKernel):
             state["once"].append(key)
             log.append(line)
 
-    def _parse_args(self, log: list[str], state: dict[str, Any], modname: str, args: str,
-                    kparams: list[_Param]) -> int:
+    def _parse_args(self, log: list[str], state: dict[str, Any], modname: str, args: str, kparams: list[_Param]) -> int:
         """parse_args() with unknown_module_param_cb: 0, or the last parameter's error."""
         err = 0
         rest = args.lstrip()
@@ -1165,7 +1233,7 @@ class FakeKernel(SyscallKernel):
         if not config.unload:
             raise _Refused(errno.ENOSYS)
         self._may_init_module(log)
-        name = name.encode("utf-8", "surrogateescape")[:MODULE_NAME_LEN - 1].decode("utf-8", "surrogateescape")
+        name = name.encode("utf-8", "surrogateescape")[: MODULE_NAME_LEN - 1].decode("utf-8", "surrogateescape")
         state = self._load()
         mod = _find(state, name)
         if mod is None:
@@ -1224,8 +1292,8 @@ def _show_param(param: Mapping[str, Any]) -> str:
 def _same_magic(amagic: str, bmagic: str, has_crcs: bool) -> bool:
     """same_magic(): with CRCs, the release (up to the first space) does not count."""
     if has_crcs:
-        amagic = amagic[len(amagic.split(" ", 1)[0]):]
-        bmagic = bmagic[len(bmagic.split(" ", 1)[0]):]
+        amagic = amagic[len(amagic.split(" ", 1)[0]) :]
+        bmagic = bmagic[len(bmagic.split(" ", 1)[0]) :]
     return amagic == bmagic
 
 
@@ -1248,8 +1316,8 @@ def _modversions(image: _Image, index: int) -> dict[str, int]:
     crc_size = 8 if image.is64 else 4
     found: dict[str, int] = {}
     for pos in range(0, len(data) - 63, 64):
-        crc = int.from_bytes(data[pos:pos + crc_size], "little" if image.order == "<" else "big")
-        raw = data[pos + crc_size:pos + 64].split(b"\0", 1)[0]
+        crc = int.from_bytes(data[pos : pos + crc_size], "little" if image.order == "<" else "big")
+        raw = data[pos + crc_size : pos + 64].split(b"\0", 1)[0]
         found.setdefault(raw.decode("utf-8", "surrogateescape"), crc)
     return found
 
@@ -1265,7 +1333,7 @@ def _module_exports(image: _Image) -> dict[str, Export]:
         section = image.sections[sym.shndx].name
         if section not in ("__ksymtab", "__ksymtab_gpl"):
             continue
-        name = sym.name[len("__ksymtab_"):]
+        name = sym.name[len("__ksymtab_") :]
         crc: Optional[int] = None
         crc_sym = by_name.get(f"__crc_{name}")
         if crc_sym is not None:
@@ -1284,6 +1352,7 @@ def _module_exports(image: _Image) -> dict[str, Export]:
 def _core_size(image: _Image) -> int:
     """core_layout.size as layout_sections() and layout_symtab() compute it on x86_64 with
     CONFIG_STRICT_MODULE_RWX and CONFIG_KALLSYMS_ALL (what coresize and /proc/modules show)."""
+
     def page(size: int) -> int:
         return -(-size // PAGE_SIZE) * PAGE_SIZE
 
@@ -1294,8 +1363,13 @@ def _core_size(image: _Image) -> int:
             flags[index] &= ~_SHF_ALLOC
         if section.name in (".data..ro_after_init", "__jump_table") and section.flags & _SHF_ALLOC:
             flags[index] |= _SHF_RO_AFTER_INIT
-    masks = ((_SHF_EXECINSTR | _SHF_ALLOC, 0), (_SHF_ALLOC, _SHF_WRITE), (_SHF_RO_AFTER_INIT | _SHF_ALLOC, 0),
-             (_SHF_WRITE | _SHF_ALLOC, 0), (_SHF_ALLOC, 0))
+    masks = (
+        (_SHF_EXECINSTR | _SHF_ALLOC, 0),
+        (_SHF_ALLOC, _SHF_WRITE),
+        (_SHF_RO_AFTER_INIT | _SHF_ALLOC, 0),
+        (_SHF_WRITE | _SHF_ALLOC, 0),
+        (_SHF_ALLOC, 0),
+    )
     placed: set[int] = set()
     init: set[int] = set()
     size = 0
@@ -1335,9 +1409,22 @@ def _core_size(image: _Image) -> int:
 
 _OPS_KINDS = {f"param_ops_{kind}": kind for kind in (*_INT_KINDS, "bool", "invbool", "charp", "bool_enable_only")}
 _OPS_KINDS["param_ops_string"] = "string"
-_PARMTYPE_KINDS = {"int": "int", "uint": "uint", "long": "long", "ulong": "ulong", "ullong": "ullong",
-                   "short": "short", "ushort": "ushort", "byte": "byte", "hexint": "hexint", "bool": "bool",
-                   "invbool": "invbool", "charp": "charp", "string": "string", "bint": "bint"}
+_PARMTYPE_KINDS = {
+    "int": "int",
+    "uint": "uint",
+    "long": "long",
+    "ulong": "ulong",
+    "ullong": "ullong",
+    "short": "short",
+    "ushort": "ushort",
+    "byte": "byte",
+    "hexint": "hexint",
+    "bool": "bool",
+    "invbool": "invbool",
+    "charp": "charp",
+    "string": "string",
+    "bint": "bint",
+}
 
 
 def _module_params(image: _Image) -> list[_Param]:
@@ -1360,8 +1447,9 @@ def _module_params(image: _Image) -> list[_Param]:
             return _params_from_modinfo(image)
         perm = image._read_int(index, base + perm_at, 2) or 0
         unsafe = bool((image._read_int(index, base + flags_at, 1) or 0) & 1)
-        kind = _OPS_KINDS.get(ops, "array" if ops == "param_array_ops" else "custom") \
-            if isinstance(ops, str) else "custom"
+        kind = (
+            _OPS_KINDS.get(ops, "array" if ops == "param_array_ops" else "custom") if isinstance(ops, str) else "custom"
+        )
         param = _Param(name, kind, perm, None, unsafe)
         _initial_value(image, param, arg, ptr)
         params.append(param)
@@ -1399,8 +1487,9 @@ def _initial_value(image: _Image, param: _Param, arg: Union[str, tuple[int, int]
         if isinstance(elem, tuple) and param.elem in _INT_KINDS:
             size, signed = _INT_KINDS[param.elem]
             for i in range(count):
-                values.append(image._read_int(elem[0], elem[1] + i * elemsize, min(size, elemsize or size),
-                                              signed=signed) or 0)
+                values.append(
+                    image._read_int(elem[0], elem[1] + i * elemsize, min(size, elemsize or size), signed=signed) or 0
+                )
         elif isinstance(elem, tuple) and param.elem in ("bool", "invbool"):
             values = [bool(image._read_int(elem[0], elem[1] + i * elemsize, 1)) for i in range(count)]
         elif isinstance(elem, tuple) and param.elem == "charp":
@@ -1409,8 +1498,14 @@ def _initial_value(image: _Image, param: _Param, arg: Union[str, tuple[int, int]
     else:
         # Module-defined ops: their get() is unknown. Most wrap an int variable, so show one
         # when the variable is a 4- or 8-byte object; else an empty value.
-        variable = next((sym for sym in image.symbols if sym.shndx == section and sym.value == offset
-                         and sym.info & 0xF == 1 and sym.size in (4, 8)), None)
+        variable = next(
+            (
+                sym
+                for sym in image.symbols
+                if sym.shndx == section and sym.value == offset and sym.info & 0xF == 1 and sym.size in (4, 8)
+            ),
+            None,
+        )
         value = image._read_int(section, offset, variable.size, signed=True) if variable else None
         param.value = "" if value is None else str(value)
 
@@ -1420,7 +1515,7 @@ def _params_from_modinfo(image: _Image) -> list[_Param]:
     for entry in image.modinfo_entries("parmtype"):
         name, _sep, kind = entry.partition(":")
         if kind.startswith("array of "):
-            elem = _PARMTYPE_KINDS.get(kind[len("array of "):], "custom")
+            elem = _PARMTYPE_KINDS.get(kind[len("array of ") :], "custom")
             params.append(_Param(name, "array", 0o444, [], elem=elem))
         else:
             mapped = _PARMTYPE_KINDS.get(kind, "custom")
@@ -1429,8 +1524,9 @@ def _params_from_modinfo(image: _Image) -> list[_Param]:
     return params
 
 
-def make_fake_kernel(root: str, release: str, *, symvers: Optional[str] = None, system_map: Optional[str] = None,
-                     **options: Any) -> FakeKernel:
+def make_fake_kernel(
+    root: str, release: str, *, symvers: Optional[str] = None, system_map: Optional[str] = None, **options: Any
+) -> FakeKernel:
     """A fresh fake kernel root at ``root`` (see :meth:`FakeKernel.create`); point ``KVC_ROOT`` at
     it and set ``KVC_KERNEL=fake`` for the CLI to use it."""
     return FakeKernel.create(HostPaths(root), release, symvers=symvers, system_map=system_map, **options)

@@ -110,8 +110,7 @@ def reinserted(values: Union[list[IndexValue], tuple[IndexValue, ...]]) -> tuple
 class _Node:
     __slots__ = ("children_at", "first", "last", "offset", "prefix", "values", "values_at")
 
-    def __init__(self, offset: int, prefix: bytes, first: int, last: int, children_at: int,
-                 values_at: int) -> None:
+    def __init__(self, offset: int, prefix: bytes, first: int, last: int, children_at: int, values_at: int) -> None:
         self.offset = offset
         self.prefix = prefix
         self.first = first
@@ -153,8 +152,10 @@ class Index:
         if magic != INDEX_MAGIC:
             raise IndexFormatError(path, f"bad magic 0x{magic:08X} (expected 0x{INDEX_MAGIC:08X})")
         if version >> 16 != INDEX_VERSION_MAJOR:
-            raise IndexFormatError(path, f"unsupported index version 0x{version:08X} (major {version >> 16}, "
-                                         f"expected {INDEX_VERSION_MAJOR})")
+            raise IndexFormatError(
+                path,
+                f"unsupported index version 0x{version:08X} (major {version >> 16}, expected {INDEX_VERSION_MAJOR})",
+            )
         self.version = version
         self.root = root
 
@@ -271,7 +272,7 @@ class Index:
             end = data.find(b"\0", position + 4)
             if end < 0:
                 raise self._fail(f"a value of the node at {node.offset} runs past the end of the file")
-            stored.append(IndexValue(int(priority), _text(data[position + 4:end])))
+            stored.append(IndexValue(int(priority), _text(data[position + 4 : end])))
             position = end + 1
         node.values = tuple(stored) if self.reader == "mmap" else reinserted(stored)
         return node.values
@@ -288,7 +289,7 @@ class Index:
         while node is not None:
             prefix = node.prefix
             if prefix:
-                if wanted[position:position + len(prefix)] != prefix:
+                if wanted[position : position + len(prefix)] != prefix:
                     return None
                 position += len(prefix)
             if position == len(wanted):
@@ -333,7 +334,7 @@ class Index:
         while node is not None:
             for offset, char in enumerate(node.prefix):
                 if char in (_STAR, _QUESTION, _LBRACKET):
-                    self._match_subtree(node, offset, b"", wanted[position + offset:], out)
+                    self._match_subtree(node, offset, b"", wanted[position + offset :], out)
                     return out.values
                 if position + offset >= len(wanted) or char != wanted[position + offset]:
                     return out.values
@@ -370,11 +371,11 @@ class Index:
                 if values:
                     pattern = bytes(buffer)
                     if 0 in pattern:  # fnmatch sees a C string
-                        pattern = pattern[:pattern.index(0)]
+                        pattern = pattern[: pattern.index(0)]
                     matcher = _MATCHERS.get(pattern) or _matcher(pattern)
                     if matcher(subkey):
                         out.extend(values)
-            del buffer[frame.mark:]
+            del buffer[frame.mark :]
 
     def _next_child(self, frame: _Frame) -> Optional[_Node]:
         """The frame's next existing child, by ascending byte (its byte is next_char - 1)."""
@@ -417,7 +418,7 @@ class Index:
             child = self._next_child(frame)
             if child is None:
                 stack.pop()
-                del buffer[frame.mark:]
+                del buffer[frame.mark :]
                 continue
             self._enter(child, seen, buffer, stack, frame.next_char - 1)
             values = self._values(child)
@@ -688,8 +689,9 @@ BracketMemo = dict[tuple[int, int], tuple[int, int]]
 _BRACKET_MEMO_SIZE = 65536
 
 
-def _match_from(pattern: bytes, p: int, string: bytes, n: int, ends: Optional[list[int]],
-                memo: Optional[BracketMemo] = None) -> bool:
+def _match_from(
+    pattern: bytes, p: int, string: bytes, n: int, ends: Optional[list[int]], memo: Optional[BracketMemo] = None
+) -> bool:
     """glibc's internal_fnmatch from pattern[p:] and string[n:]. With ``ends``, reaching a '*'
     succeeds at once and records where (the caller then continues from there): each stretch
     between stars is matched at the leftmost place it fits, without backtracking into earlier
@@ -851,7 +853,7 @@ def _regex_segments(pattern: bytes) -> Optional[list[list[bytes]]]:
         elif c == _BACKSLASH:
             if p == size:
                 return []
-            segments[-1].append(re.escape(pattern[p:p + 1]))
+            segments[-1].append(re.escape(pattern[p : p + 1]))
             p += 1
         elif c == _LBRACKET:
             outcomes = [_bracket(pattern, p, byte) for byte in range(1, 256)]

@@ -77,7 +77,7 @@ class IndexBuilder:
             nonlocal size
             end, sample, children, key = node
             pointer = size
-            prefix = sample[parent_end + 1:end]
+            prefix = sample[parent_end + 1 : end]
             if prefix:
                 chunks.append(prefix + b"\0")
                 size += len(prefix) + 1

@@ -169,8 +169,9 @@ def parse_proc_modules(text: str) -> list[LoadedModule]:
         permanent = "[permanent]" in deps
         users = tuple(dep for dep in deps if dep != "[permanent]")
         taints = fields[6].strip("()") if len(fields) > 6 else ""
-        modules.append(LoadedModule(fields[0], int(fields[1]), refcnt, users, fields[4], fields[5], taints,
-                                    permanent, unload))
+        modules.append(
+            LoadedModule(fields[0], int(fields[1]), refcnt, users, fields[4], fields[5], taints, permanent, unload)
+        )
     return modules
 
 
@@ -290,12 +291,14 @@ def read_system_map_exports(path: str) -> Optional[dict[str, Export]]:
         if name in ("__start___ksymtab_gpl", "__stop___ksymtab_gpl"):
             markers[name] = value
         elif name.startswith("__ksymtab_") and name != "__ksymtab_strings":
-            entries[name[len("__ksymtab_"):]] = value
+            entries[name[len("__ksymtab_") :]] = value
         elif name.startswith("__crc_"):
-            crcs[name[len("__crc_"):]] = value & 0xFFFFFFFF
+            crcs[name[len("__crc_") :]] = value & 0xFFFFFFFF
     start, stop = markers.get("__start___ksymtab_gpl"), markers.get("__stop___ksymtab_gpl")
-    return {sym: Export(crcs.get(sym), start is not None and stop is not None and start <= addr < stop)
-            for sym, addr in entries.items()}
+    return {
+        sym: Export(crcs.get(sym), start is not None and stop is not None and start <= addr < stop)
+        for sym, addr in entries.items()
+    }
 
 
 # -- inserting like libkmod ----------------------------------------------------------------------
@@ -361,9 +364,12 @@ class SyscallKernel(abc.ABC):
             _kind, image = _compression.decompress(raw, path)
             data = bytes(image)
             if force:
-                data = strip_for_force(data, ElfFile(data, path),
-                                       modversions=bool(force & MODULE_INIT_IGNORE_MODVERSIONS),
-                                       vermagic=bool(force & MODULE_INIT_IGNORE_VERMAGIC))
+                data = strip_for_force(
+                    data,
+                    ElfFile(data, path),
+                    modversions=bool(force & MODULE_INIT_IGNORE_MODVERSIONS),
+                    vermagic=bool(force & MODULE_INIT_IGNORE_VERMAGIC),
+                )
         except (ModuleFormatError, struct.error) as exc:
             # libkmod fails to decompress or to parse for stripping: -EINVAL, nothing logged.
             raise KernelError(errno.EINVAL, f"{path}: {exc}") from None
@@ -388,8 +394,9 @@ def _read_fd(fd: int) -> bytes:
 # -- the live kernel ----------------------------------------------------------------------------
 
 
-def syscall_numbers(machine: Optional[str] = None,
-                    pointer_size: Optional[int] = None) -> Optional[tuple[int, int, int]]:
+def syscall_numbers(
+    machine: Optional[str] = None, pointer_size: Optional[int] = None
+) -> Optional[tuple[int, int, int]]:
     """(init_module, delete_module, finit_module) for this machine, or None when unknown."""
     return _SYSCALLS.get((machine or platform.machine(), pointer_size or struct.calcsize("P")))
 
@@ -455,8 +462,7 @@ def _c_string(text: str) -> bytes:
 # -- choosing one -----------------------------------------------------------------------------
 
 
-def fake_kernel_from_env(paths: Optional[HostPaths] = None,
-                         environ: Optional[Mapping[str, str]] = None) -> FakeKernel:
+def fake_kernel_from_env(paths: Optional[HostPaths] = None, environ: Optional[Mapping[str, str]] = None) -> FakeKernel:
     """The fake kernel kept under ``KVC_ROOT``."""
     from kvc.kmod.fakekernel import FakeKernel
 
@@ -511,7 +517,7 @@ def _strtol(text: str) -> tuple[Optional[int], str]:
     match = re.match(r"[ \t\n\v\f\r]*([+-]?[0-9]+)", text)
     if match is None:
         return None, text
-    return int(match.group(1)), text[match.end():]
+    return int(match.group(1)), text[match.end() :]
 
 
 def _c_isspace(char: str) -> bool:
@@ -567,8 +573,11 @@ class LibkmodView:
             with open(os.path.join(self.paths.proc, "modules"), "rb") as handle:
                 data = handle.read()
         except OSError as exc:
-            self._log(1725, "kmod_module_new_from_loaded",
-                      f"could not open /proc/modules: {os.strerror(exc.errno or errno.EIO)}\n")
+            self._log(
+                1725,
+                "kmod_module_new_from_loaded",
+                f"could not open /proc/modules: {os.strerror(exc.errno or errno.EIO)}\n",
+            )
             raise
         names = []
         for chunk in _fgets_chunks(data.decode("utf-8", "surrogateescape")):
@@ -589,8 +598,11 @@ class LibkmodView:
         try:
             text = self._read_str_safe(fd)
         except OSError as exc:
-            self._log(1835, "kmod_module_get_initstate",
-                      f"could not read from '{path}': {os.strerror(exc.errno or errno.EIO)}\n")
+            self._log(
+                1835,
+                "kmod_module_get_initstate",
+                f"could not read from '{path}': {os.strerror(exc.errno or errno.EIO)}\n",
+            )
             return -(exc.errno or errno.EIO)
         finally:
             os.close(fd)
@@ -657,8 +669,9 @@ class LibkmodView:
         try:
             entries = os.listdir(self._host(path))
         except OSError as exc:
-            self._log(1998, "kmod_module_get_holders",
-                      f"could not open '{path}': {os.strerror(exc.errno or errno.EIO)}\n")
+            self._log(
+                1998, "kmod_module_get_holders", f"could not open '{path}': {os.strerror(exc.errno or errno.EIO)}\n"
+            )
             return []
         return [modname_normalize(entry) for entry in entries]
 
@@ -682,7 +695,7 @@ def _strtok_rest(text: str) -> tuple[Optional[str], str]:
         return None, ""
     match = re.match(r"[^ \t]+", stripped)
     assert match is not None
-    return match.group(0), stripped[match.end() + 1:]
+    return match.group(0), stripped[match.end() + 1 :]
 
 
 def _strtok(text: str) -> Optional[str]:

@@ -109,7 +109,7 @@ def normalize_alias(alias: str) -> str:
             close = raw.find(b"]", position)
             if close < 0:
                 raise ValueError(f"unmatched '[' in {alias!r}")
-            out += raw[position:close + 1]
+            out += raw[position : close + 1]
             position = close
         else:
             out.append(char)
@@ -221,8 +221,9 @@ class ModuleDirectory:
         self._builtin_modinfo: Optional[BuiltinModinfo] = None
 
     @classmethod
-    def from_host(cls, paths: HostPaths, kernel_release: str, *, preload: bool = True,
-                  text_fallback: bool = True) -> ModuleDirectory:
+    def from_host(
+        cls, paths: HostPaths, kernel_release: str, *, preload: bool = True, text_fallback: bool = True
+    ) -> ModuleDirectory:
         return cls(paths.module_dir(kernel_release), preload=preload, text_fallback=text_fallback)
 
     def file(self, name: str) -> str:
@@ -246,8 +247,10 @@ class ModuleDirectory:
             return False
         if len(header) < HEADER_SIZE:
             return False
-        return (int.from_bytes(header[:4], "big") == INDEX_MAGIC
-                and int.from_bytes(header[4:8], "big") >> 16 == INDEX_VERSION_MAJOR)
+        return (
+            int.from_bytes(header[:4], "big") == INDEX_MAGIC
+            and int.from_bytes(header[4:8], "big") >> 16 == INDEX_VERSION_MAJOR
+        )
 
     def index(self, name: str) -> Optional[Index]:
         """An index by file name, or None when it is missing or empty (depmod writes empty
@@ -405,8 +408,7 @@ class ModuleDirectory:
         return []
 
     def _step_config_alias(self, key: str, config: LookupConfig) -> list[ModuleEntry]:
-        return [self._entry(target, self.dep_line(target), STEP_CONFIG_ALIAS)
-                for target in config.alias_targets(key)]
+        return [self._entry(target, self.dep_line(target), STEP_CONFIG_ALIAS) for target in config.alias_targets(key)]
 
     def _step_moddep(self, key: str) -> list[ModuleEntry]:
         if ":" in key:
@@ -435,8 +437,10 @@ class ModuleDirectory:
         return [self._entry(name, self.dep_line(name), STEP_BUILTIN, builtin=True)]
 
     def _step_builtin_alias(self, key: str) -> list[ModuleEntry]:
-        return [self._entry(target, self.dep_line(target), STEP_BUILTIN_ALIAS, builtin=True)
-                for target in self.builtin_alias_targets(key)]
+        return [
+            self._entry(target, self.dep_line(target), STEP_BUILTIN_ALIAS, builtin=True)
+            for target in self.builtin_alias_targets(key)
+        ]
 
     def _by_names(self, names: Iterable[str], step: str) -> list[ModuleEntry]:
         return [self._entry(name, self.dep_line(name), step) for name in names]

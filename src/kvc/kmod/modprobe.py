@@ -137,10 +137,17 @@ ActionPrinter = Callable[[ModuleObject, bool, str], None]
 class Modprobe:
     """libkmod's context for modprobe: a module directory, a configuration, the kernel state."""
 
-    def __init__(self, directory: ModuleDirectory, config: ModprobeConfig, *,
-                 view: Optional[LibkmodView] = None, kernel: Optional[Kernel] = None,
-                 log: Optional[Logger] = None, runner: Callable[[str, Mapping[str, str]], int] = run_shell,
-                 environ: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(
+        self,
+        directory: ModuleDirectory,
+        config: ModprobeConfig,
+        *,
+        view: Optional[LibkmodView] = None,
+        kernel: Optional[Kernel] = None,
+        log: Optional[Logger] = None,
+        runner: Callable[[str, Mapping[str, str]], int] = run_shell,
+        environ: Optional[Mapping[str, str]] = None,
+    ) -> None:
         self.directory = directory
         self.config = config
         self.view = view
@@ -165,8 +172,10 @@ class Modprobe:
             key = normalize_alias(name_or_alias)
         except ValueError:
             return None
-        return [self._object(entry, key if entry.step in _ALIAS_STEPS else None)
-                for entry in self.directory.resolve(name_or_alias, self.config)]
+        return [
+            self._object(entry, key if entry.step in _ALIAS_STEPS else None)
+            for entry in self.directory.resolve(name_or_alias, self.config)
+        ]
 
     def dependencies(self, mod: ModuleObject) -> list[ModuleObject]:
         """kmod_module_get_dependencies: the modules.dep line, deepest first."""
@@ -189,8 +198,15 @@ class Modprobe:
         for name in names:
             mods = self.lookup(name)
             if mods is None:
-                self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1567, "lookup_softdep",
-                                    f"failed to lookup soft dependency '{name}', continuing anyway.\n"))
+                self.log(
+                    LibkmodLog(
+                        LOG_ERR,
+                        _MODULE_C,
+                        1567,
+                        "lookup_softdep",
+                        f"failed to lookup soft dependency '{name}', continuing anyway.\n",
+                    )
+                )
                 continue
             found += mods
         return found
@@ -240,8 +256,7 @@ class Modprobe:
         self._probe_list(mod, True, ignore_commands, found)
         return found
 
-    def _probe_list(self, mod: ModuleObject, required: bool, ignore_commands: bool,
-                    found: list[ModuleObject]) -> None:
+    def _probe_list(self, mod: ModuleObject, required: bool, ignore_commands: bool, found: list[ModuleObject]) -> None:
         if mod.visited:
             return
         mod.visited = True
@@ -267,8 +282,14 @@ class Modprobe:
         for dep in post:
             self._probe_list(dep, False, False, found)
 
-    def plan(self, mod: ModuleObject, *, extra_options: Optional[str] = None, ignore_commands: bool = False,
-             ignore_loaded: bool = True) -> list[PlannedModule]:
+    def plan(
+        self,
+        mod: ModuleObject,
+        *,
+        extra_options: Optional[str] = None,
+        ignore_commands: bool = False,
+        ignore_loaded: bool = True,
+    ) -> list[PlannedModule]:
         """The probe list of ``mod`` as :class:`PlannedModule` steps (modules already in the
         kernel are left out unless ``ignore_loaded``; built-in ones then appear as ``builtin``,
         and modules with neither a file nor a built-in entry are dropped, as modprobe prints
@@ -280,14 +301,15 @@ class Modprobe:
             options = self.options(item, extra_options if item is mod else None)
             command = self.install_command(item)
             if command is not None and not item.ignorecmd:
-                steps.append(PlannedModule(item.name, ACTION_INSTALL, item.path, options, command,
-                                           item is mod, item.required))
+                steps.append(
+                    PlannedModule(item.name, ACTION_INSTALL, item.path, options, command, item is mod, item.required)
+                )
             elif item.path is not None:
-                steps.append(PlannedModule(item.name, ACTION_INSMOD, item.path, options, None,
-                                           item is mod, item.required))
+                steps.append(
+                    PlannedModule(item.name, ACTION_INSMOD, item.path, options, None, item is mod, item.required)
+                )
             elif self.initstate(item) == KMOD_MODULE_BUILTIN:
-                steps.append(PlannedModule(item.name, ACTION_BUILTIN, None, options, None, item is mod,
-                                           item.required))
+                steps.append(PlannedModule(item.name, ACTION_BUILTIN, None, options, None, item is mod, item.required))
         return steps
 
     def options(self, mod: ModuleObject, extra: Optional[str] = None) -> str:
@@ -298,10 +320,20 @@ class Modprobe:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def probe_insert(self, mod: ModuleObject, *, extra_options: Optional[str] = None, force_vermagic: bool = False,
-                     force_modversion: bool = False, ignore_commands: bool = False, ignore_loaded: bool = False,
-                     dry_run: bool = False, fail_on_loaded: bool = False, blacklist: bool = False,
-                     show: Optional[ActionPrinter] = None) -> int:
+    def probe_insert(
+        self,
+        mod: ModuleObject,
+        *,
+        extra_options: Optional[str] = None,
+        force_vermagic: bool = False,
+        force_modversion: bool = False,
+        ignore_commands: bool = False,
+        ignore_loaded: bool = False,
+        dry_run: bool = False,
+        fail_on_loaded: bool = False,
+        blacklist: bool = False,
+        show: Optional[ActionPrinter] = None,
+    ) -> int:
         """kmod_module_probe_insert_module as modprobe calls it (the blacklist applies to a
         target found by alias, or to any target with ``blacklist``). Returns 0, BLACKLISTED or
         -errno."""
@@ -314,8 +346,12 @@ class Modprobe:
             if not ignore_loaded and self.in_kernel(item):
                 err = -errno.EEXIST
             else:
-                options = options_concat(self.config.module_options(item.name, item.alias),
-                                         extra_options if item is mod else None) or ""
+                options = (
+                    options_concat(
+                        self.config.module_options(item.name, item.alias), extra_options if item is mod else None
+                    )
+                    or ""
+                )
                 command = self.install_command(item)
                 if command is not None and not item.ignorecmd:
                     if show is not None:
@@ -337,13 +373,21 @@ class Modprobe:
 
     def _insert(self, mod: ModuleObject, options: str, force_vermagic: bool, force_modversion: bool) -> int:
         if mod.path is None:
-            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 895, "kmod_module_insert_module",
-                                f"could not find module by name='{mod.name}'\n"))
+            self.log(
+                LibkmodLog(
+                    LOG_ERR,
+                    _MODULE_C,
+                    895,
+                    "kmod_module_insert_module",
+                    f"could not find module by name='{mod.name}'\n",
+                )
+            )
             return -errno.ENOENT
         if self.kernel is None:
             return -errno.ENOSYS
         flags = (MODULE_INIT_IGNORE_VERMAGIC if force_vermagic else 0) | (
-            MODULE_INIT_IGNORE_MODVERSIONS if force_modversion else 0)
+            MODULE_INIT_IGNORE_MODVERSIONS if force_modversion else 0
+        )
         try:
             self.kernel.insert(mod.path, options, flags)
         except KernelError as exc:
@@ -354,14 +398,26 @@ class Modprobe:
         """libkmod's command_do for an install command."""
         status = self.runner(command, {**self.environ, "MODPROBE_MODULE": mod.name})
         if status == -1:
-            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1041, "command_do",
-                                f"Could not run install command '{command}' for module {mod.name}: "
-                                f"{os.strerror(errno.ECHILD)}\n"))
+            self.log(
+                LibkmodLog(
+                    LOG_ERR,
+                    _MODULE_C,
+                    1041,
+                    "command_do",
+                    f"Could not run install command '{command}' for module {mod.name}: {os.strerror(errno.ECHILD)}\n",
+                )
+            )
             return -errno.EINVAL
         if status:
-            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 1047, "command_do",
-                                f"Error running install command '{command}' for module {mod.name}: "
-                                f"retcode {status}\n"))
+            self.log(
+                LibkmodLog(
+                    LOG_ERR,
+                    _MODULE_C,
+                    1047,
+                    "command_do",
+                    f"Error running install command '{command}' for module {mod.name}: retcode {status}\n",
+                )
+            )
             return -errno.EINVAL
         return 0
 
@@ -377,15 +433,28 @@ class Modprobe:
         try:
             self.kernel.remove(mod.name, REMOVE_FORCE if force else 0)
         except KernelError as exc:
-            self.log(LibkmodLog(LOG_ERR, _MODULE_C, 856, "kmod_module_remove_module",
-                                f"could not remove '{mod.name}': {os.strerror(exc.errno)}\n"))
+            self.log(
+                LibkmodLog(
+                    LOG_ERR,
+                    _MODULE_C,
+                    856,
+                    "kmod_module_remove_module",
+                    f"could not remove '{mod.name}': {os.strerror(exc.errno)}\n",
+                )
+            )
             return -exc.errno
         return 0
 
 
-def load_plan(directory: ModuleDirectory, config: ModprobeConfig, name: str, *,
-              extra_options: Optional[str] = None, ignore_commands: bool = False,
-              view: Optional[LibkmodView] = None) -> list[PlannedModule]:
+def load_plan(
+    directory: ModuleDirectory,
+    config: ModprobeConfig,
+    name: str,
+    *,
+    extra_options: Optional[str] = None,
+    ignore_commands: bool = False,
+    view: Optional[LibkmodView] = None,
+) -> list[PlannedModule]:
     """What ``modprobe --show-depends NAME`` lists, as data: for every module NAME resolves to
     (libkmod's lookup order, config aliases first), its probe list in load order -- dependencies
     deepest first, softdeps around the module they belong to, then the module -- each with the
@@ -404,6 +473,7 @@ def load_plan(directory: ModuleDirectory, config: ModprobeConfig, name: str, *,
             continue
         if view is not None and engine.in_kernel(mod):
             continue
-        steps += engine.plan(mod, extra_options=extra_options, ignore_commands=ignore_commands,
-                             ignore_loaded=view is None)
+        steps += engine.plan(
+            mod, extra_options=extra_options, ignore_commands=ignore_commands, ignore_loaded=view is None
+        )
     return steps

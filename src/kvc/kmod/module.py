@@ -63,8 +63,9 @@ class ModuleFile:
             with open(path, "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if size > MAX_MODULE_FILE:
-                    raise ModuleFormatError(path, f"file is {size} bytes, larger than any kernel module",
-                                            errno=errno.EFBIG)
+                    raise ModuleFormatError(
+                        path, f"file is {size} bytes, larger than any kernel module", errno=errno.EFBIG
+                    )
                 if size == 0:
                     raw: Union[bytes, mmap.mmap] = b""
                 elif compression.detect(handle.read(8)) is None:
@@ -131,8 +132,10 @@ class ModuleFile:
 
     @cached_property
     def modversions(self) -> list[Symbol]:
-        return [Symbol(decode(name[1:] if name.startswith(b".") else name), crc, "undefined")
-                for crc, name in self.elf.modversions()]
+        return [
+            Symbol(decode(name[1:] if name.startswith(b".") else name), crc, "undefined")
+            for crc, name in self.elf.modversions()
+        ]
 
     @cached_property
     def this_module_name(self) -> Optional[str]:
@@ -142,7 +145,7 @@ class ModuleFile:
             return None
         # struct module starts with `enum module_state state; struct list_head list; char name[]`.
         offset = 24 if self.elf.is_64 else 12
-        field = data[offset:offset + 56]
+        field = data[offset : offset + 56]
         end = field.find(b"\0")
         return decode(field if end < 0 else field[:end]) or None
 
@@ -177,13 +180,13 @@ def strip_for_force(image: bytes, elf: ElfFile, *, modversions: bool, vermagic: 
     if vermagic:
         section = elf.section(".modinfo")
         if section is not None:
-            data = image[section.offset:section.offset + section.size]
+            data = image[section.offset : section.offset + section.size]
             position = 0
             for text in split_strings(data):
                 position = data.index(text, position)
                 if text.startswith(b"vermagic="):
                     start = section.offset + position
-                    changed[start:start + len(text)] = bytes(len(text))
+                    changed[start : start + len(text)] = bytes(len(text))
                     break
                 position += len(text)
     return bytes(changed)

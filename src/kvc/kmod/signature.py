@@ -127,22 +127,23 @@ def parse_signature(image: Image, path: str = "") -> Optional[ModuleSignature]:
     (a :class:`~kvc.kmod.errors.ModuleFormatError`) instead of giving None. An image without the
     magic string is simply unsigned: None."""
     size = len(image)
-    if size < len(SIG_MAGIC) or image[size - len(SIG_MAGIC):size] != SIG_MAGIC:
+    if size < len(SIG_MAGIC) or image[size - len(SIG_MAGIC) : size] != SIG_MAGIC:
         return None
     size -= len(SIG_MAGIC)
     if size < _SIG_STRUCT.size:
         raise SignatureProblem(path, f"signature trailer is truncated: {size} bytes before the magic string")
     size -= _SIG_STRUCT.size
-    algo, hash_id, id_type, signer_len, key_id_len, sig_len = _SIG_STRUCT.unpack(
-        image[size:size + _SIG_STRUCT.size])
+    algo, hash_id, id_type, signer_len, key_id_len, sig_len = _SIG_STRUCT.unpack(image[size : size + _SIG_STRUCT.size])
     if algo >= len(ALGORITHMS) or hash_id >= len(HASHES) or id_type >= len(ID_TYPES):
-        raise SignatureProblem(path, f"signature trailer has unknown algorithm {algo}, hash {hash_id} "
-                                     f"or key id type {id_type}")
+        raise SignatureProblem(
+            path, f"signature trailer has unknown algorithm {algo}, hash {hash_id} or key id type {id_type}"
+        )
     if sig_len == 0:
         raise SignatureProblem(path, "signature trailer has a zero signature length")
     if size < sig_len + signer_len + key_id_len:
-        raise SignatureProblem(path, f"signature trailer claims {sig_len + signer_len + key_id_len} "
-                                     f"bytes but only {size} precede it")
+        raise SignatureProblem(
+            path, f"signature trailer claims {sig_len + signer_len + key_id_len} bytes but only {size} precede it"
+        )
     sig_start = size - sig_len
     if id_type == ID_PKCS7:
         return _pkcs7(image, sig_start, size, path)
@@ -176,9 +177,10 @@ _MAX_LAYOUTS = 64
 def _pkcs7(image: Image, start: int, end: int, path: str) -> ModuleSignature:
     length = end - start
     for prefix, known in _LAYOUTS.get(length, ()):
-        if image[start:start + len(prefix)] == prefix:
-            return ModuleSignature(known.id_type, known.signer, known.key_id, known.hash_algo,
-                                   bytes(image[start + len(prefix):end]))
+        if image[start : start + len(prefix)] == prefix:
+            return ModuleSignature(
+                known.id_type, known.signer, known.key_id, known.hash_algo, bytes(image[start + len(prefix) : end])
+            )
     data = bytes(image[start:end])
     try:
         parsed, span = _decode_pkcs7(data)
@@ -189,7 +191,7 @@ def _pkcs7(image: Image, start: int, end: int, path: str) -> ModuleSignature:
     if span is not None and span[1] == length and len(_LAYOUTS) < _MAX_LAYOUTS:
         layouts = _LAYOUTS.setdefault(length, [])
         if len(layouts) < _MAX_LAYOUTS:
-            layouts.append((data[:span[0]], parsed))
+            layouts.append((data[: span[0]], parsed))
     return parsed
 
 
@@ -216,8 +218,7 @@ def _decode_pkcs7(data: bytes) -> Tuple[ModuleSignature, Optional[Tuple[int, int
     content = p7.fields.get("d")
     # PKCS7_get_signer_info(): SignedData and SignedAndEnvelopedData only, and only with content.
     if content_type not in (der.OID_SIGNED, der.OID_SIGNED_AND_ENVELOPED):
-        raise _Rejected(f"PKCS#7 message has content type {der.oid_text(content_type)}, "
-                                   f"not SignedData")
+        raise _Rejected(f"PKCS#7 message has content type {der.oid_text(content_type)}, not SignedData")
     if not isinstance(content, der.Record):
         raise _Rejected("PKCS#7 SignedData has no content")
     signer_infos = _get(content, "signer_info", der.Items).items
@@ -231,8 +232,7 @@ def _decode_pkcs7(data: bytes) -> Tuple[ModuleSignature, Optional[Tuple[int, int
     encrypted = _get(info, "enc_digest", der.Value)
     hash_algo = _DIGEST_NAMES.get(digest_oid)
     if hash_algo is None:
-        raise _Rejected(f"PKCS#7 digest algorithm {der.oid_text(digest_oid)} is not one "
-                                   f"kmod 30 knows")
+        raise _Rejected(f"PKCS#7 digest algorithm {der.oid_text(digest_oid)} is not one kmod 30 knows")
     magnitude = abs(int.from_bytes(serial, "big", signed=True))
     signature = ModuleSignature(
         id_type=ID_TYPES[ID_PKCS7],

@@ -21,8 +21,9 @@ class UsageError(Exception):
         self.status = status
 
 
-def parse_options(prog: str, argv: Sequence[str], shortopts: str,
-                  longopts: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+def parse_options(
+    prog: str, argv: Sequence[str], shortopts: str, longopts: Sequence[str]
+) -> tuple[list[tuple[str, str]], list[str]]:
     """getopt_long with argument permutation; errors are printed as glibc prints them."""
     try:
         return getopt.gnu_getopt(list(argv), shortopts, list(longopts))
@@ -79,4 +80,3 @@ def run_tool(body: ToolBody, argv: Optional[Sequence[str]]) -> int:
     except BrokenPipeError:
         status = 1
     return status
-

@@ -45,11 +45,39 @@ The following options are useful for people managing distributions:
 \t                     symbol versions.
 """
 SHORTOPTS = "aAb:C:E:F:euqrvnP:wmVh"
-LONGOPTS = ("all", "quick", "basedir=", "config=", "symvers=", "filesyms=", "errsyms", "unresolved-error",
-            "quiet", "root", "verbose", "show", "dry-run", "symbol-prefix=", "warn", "map", "version", "help",
-            "cache-dir=", "no-cache", "jobs=")
-DEPRECATED = {"-u": "u", "-q": "q", "-r": "r", "-m": "m", "--unresolved-error": "-unresolved-error",
-              "--quiet": "-quiet", "--root": "-root", "--map": "-map"}
+LONGOPTS = (
+    "all",
+    "quick",
+    "basedir=",
+    "config=",
+    "symvers=",
+    "filesyms=",
+    "errsyms",
+    "unresolved-error",
+    "quiet",
+    "root",
+    "verbose",
+    "show",
+    "dry-run",
+    "symbol-prefix=",
+    "warn",
+    "map",
+    "version",
+    "help",
+    "cache-dir=",
+    "no-cache",
+    "jobs=",
+)
+DEPRECATED = {
+    "-u": "u",
+    "-q": "q",
+    "-r": "r",
+    "-m": "m",
+    "--unresolved-error": "-unresolved-error",
+    "--quiet": "-quiet",
+    "--root": "-root",
+    "--map": "-map",
+}
 # is_version_number: sscanf("%u.%u") succeeds.
 _VERSION = re.compile(r"\s*[+-]?\d+\.\s*[+-]?\d+")
 
@@ -125,10 +153,18 @@ def _run(argv: list[str]) -> int:
         kernel_version = os.uname().release
     module_paths = () if scan_all or not args else tuple(args)
     options = engine.DepmodOptions(
-        kernel_version=kernel_version, basedir=basedir,
-        config_paths=tuple(config_paths) if config_paths else None, module_paths=module_paths,
-        symvers=symvers, system_map=system_map, print_unknown=print_unknown, warn_dups=warn_dups,
-        symbol_prefix=prefix, cache_dir=cache_dir, jobs=jobs)
+        kernel_version=kernel_version,
+        basedir=basedir,
+        config_paths=tuple(config_paths) if config_paths else None,
+        module_paths=module_paths,
+        symvers=symvers,
+        system_map=system_map,
+        print_unknown=print_unknown,
+        warn_dups=warn_dups,
+        symbol_prefix=prefix,
+        cache_dir=cache_dir,
+        jobs=jobs,
+    )
     if quick and (show or engine.modules_dep_up_to_date(options.dirname, log)):
         return 0
     try:

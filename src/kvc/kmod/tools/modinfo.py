@@ -31,11 +31,32 @@ Options:
 \t-V, --version               Show version
 \t-h, --help                  Show this help
 """
-LONGOPTS = ("author", "description", "license", "parameters", "filename", "null", "modname",
-            "field=", "set-version=", "basedir=", "version", "help")
-FIELD_SHORTCUTS = {"-a": "author", "--author": "author", "-d": "description",
-                   "--description": "description", "-l": "license", "--license": "license",
-                   "-p": "parm", "--parameters": "parm", "-n": "filename", "--filename": "filename"}
+LONGOPTS = (
+    "author",
+    "description",
+    "license",
+    "parameters",
+    "filename",
+    "null",
+    "modname",
+    "field=",
+    "set-version=",
+    "basedir=",
+    "version",
+    "help",
+)
+FIELD_SHORTCUTS = {
+    "-a": "author",
+    "--author": "author",
+    "-d": "description",
+    "--description": "description",
+    "-l": "license",
+    "--license": "license",
+    "-p": "parm",
+    "--parameters": "parm",
+    "-n": "filename",
+    "--filename": "filename",
+}
 HEX_LINE_BYTES = 20
 
 
@@ -51,17 +72,20 @@ def hex_bytes(data: bytes) -> str:
     """Bytes as kmod shows sig_key and signature: ``XX:XX:…`` with a line break every 20 bytes."""
     text = data.hex(":").upper()
     step = HEX_LINE_BYTES * 3
-    return ":\n\t\t".join(text[i:i + step - 1] for i in range(0, len(text), step))
+    return ":\n\t\t".join(text[i : i + step - 1] for i in range(0, len(text), step))
 
 
 def signature_entries(module: ModuleFile) -> list[ModinfoEntry]:
     sig = module.signature
     if sig is None:
         return []
-    return [ModinfoEntry("sig_id", sig.id_type), ModinfoEntry("signer", sig.signer),
-            ModinfoEntry("sig_key", hex_bytes(sig.key_id)),
-            ModinfoEntry("sig_hashalgo", sig.hash_algo),
-            ModinfoEntry("signature", hex_bytes(sig.signature))]
+    return [
+        ModinfoEntry("sig_id", sig.id_type),
+        ModinfoEntry("signer", sig.signer),
+        ModinfoEntry("sig_key", hex_bytes(sig.key_id)),
+        ModinfoEntry("sig_hashalgo", sig.hash_algo),
+        ModinfoEntry("signature", hex_bytes(sig.signature)),
+    ]
 
 
 def _param_text(name: str, desc: Optional[str], kind: Optional[str], *, field_only: bool) -> str:
@@ -124,7 +148,7 @@ class Printer:
             pname, colon, rest = entry.value.partition(":")
             if not colon:
                 self.flush()
-                log_error(PROG, f'Found invalid "{entry.key}={entry.value}": missing \':\'')
+                log_error(PROG, f"Found invalid \"{entry.key}={entry.value}\": missing ':'")
                 continue
             slot = found.setdefault(pname, [None, None])
             slot[0 if entry.key == "parm" else 1] = rest
@@ -151,8 +175,7 @@ def _module_file_record(printer: Printer, module: ModuleFile) -> bool:
         if field is None:
             printer.record(module.name, module.path, ())
         printer.flush()
-        log_error(PROG, f"could not get modinfo from '{module.name}': {os.strerror(exc.errno)}"
-                        f" ({exc.problem})")
+        log_error(PROG, f"could not get modinfo from '{module.name}': {os.strerror(exc.errno)} ({exc.problem})")
         return False
     printer.record(module.name, module.path, entries)
     return True
@@ -198,8 +221,7 @@ def _lookup_records(printer: Printer, options: Options, paths: HostPaths, arg: s
         except ModuleFormatError as exc:
             printer.record(entry.name, entry.path, ())
             printer.flush()
-            log_error(PROG, f"could not get modinfo from '{entry.name}': {os.strerror(exc.errno)}"
-                            f" ({exc.problem})")
+            log_error(PROG, f"could not get modinfo from '{entry.name}': {os.strerror(exc.errno)} ({exc.problem})")
             ok = False
             continue
         except OSError as exc:

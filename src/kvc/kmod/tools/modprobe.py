@@ -45,15 +45,35 @@ _PRIORITY_NAMES = {2: "FATAL", 3: "ERROR", 4: "WARNING", 5: "NOTICE", 6: "INFO",
 SHORT_OPTIONS = "arw:RibfDcnC:d:S:sqvVh"
 # (name, takes an argument, value) in kmod's order; getopt_long resolves abbreviations on it.
 LONG_OPTIONS: tuple[tuple[str, bool, str], ...] = (
-    ("all", False, "a"), ("remove", False, "r"), ("remove-dependencies", False, "5"),
-    ("remove-holders", False, "5"), ("wait", True, "w"), ("resolve-alias", False, "R"),
-    ("first-time", False, "3"), ("ignore-install", False, "i"), ("ignore-remove", False, "i"),
-    ("use-blacklist", False, "b"), ("force", False, "f"), ("force-modversion", False, "2"),
-    ("force-vermagic", False, "1"), ("show-depends", False, "D"), ("showconfig", False, "c"),
-    ("show-config", False, "c"), ("show-modversions", False, "4"), ("dump-modversions", False, "4"),
-    ("show-exports", False, "6"), ("dry-run", False, "n"), ("show", False, "n"), ("config", True, "C"),
-    ("dirname", True, "d"), ("set-version", True, "S"), ("syslog", False, "s"), ("quiet", False, "q"),
-    ("verbose", False, "v"), ("version", False, "V"), ("help", False, "h"),
+    ("all", False, "a"),
+    ("remove", False, "r"),
+    ("remove-dependencies", False, "5"),
+    ("remove-holders", False, "5"),
+    ("wait", True, "w"),
+    ("resolve-alias", False, "R"),
+    ("first-time", False, "3"),
+    ("ignore-install", False, "i"),
+    ("ignore-remove", False, "i"),
+    ("use-blacklist", False, "b"),
+    ("force", False, "f"),
+    ("force-modversion", False, "2"),
+    ("force-vermagic", False, "1"),
+    ("show-depends", False, "D"),
+    ("showconfig", False, "c"),
+    ("show-config", False, "c"),
+    ("show-modversions", False, "4"),
+    ("dump-modversions", False, "4"),
+    ("show-exports", False, "6"),
+    ("dry-run", False, "n"),
+    ("show", False, "n"),
+    ("config", True, "C"),
+    ("dirname", True, "d"),
+    ("set-version", True, "S"),
+    ("syslog", False, "s"),
+    ("quiet", False, "q"),
+    ("verbose", False, "v"),
+    ("version", False, "V"),
+    ("help", False, "h"),
 )
 HELP = """Usage:
 \t{p} [options] [-i] [-b] modulename
@@ -171,7 +191,7 @@ class _Getopt:
             arg = self.argv[self.index]
             self.index += 1
             if arg == "--":
-                self.operands += self.argv[self.index:]
+                self.operands += self.argv[self.index :]
                 self.index = len(self.argv)
                 return None
             if arg.startswith("--"):
@@ -188,7 +208,7 @@ class _Getopt:
         if letter == ":" or at < 0:
             _err_bytes(f"{PROG}: invalid option -- '{letter}'\n")
             return "?", ""
-        if SHORT_OPTIONS[at + 1:at + 2] != ":":
+        if SHORT_OPTIONS[at + 1 : at + 2] != ":":
             return letter, ""
         if self.pending:
             value, self.pending = self.pending, ""
@@ -263,7 +283,7 @@ def options_from_array(args: Sequence[str]) -> Optional[str]:
     parts = []
     for arg in args:
         key, eq, value = arg.partition("=")
-        if eq and value[:1] not in ("\"", "'") and " " in value:
+        if eq and value[:1] not in ('"', "'") and " " in value:
             parts.append(f'{key}="{value}"')
         else:
             parts.append(arg)
@@ -440,19 +460,47 @@ def _modprobe(run: _Run, argv: list[str]) -> int:
     environ = dict(os.environ)
     if run.modprobe_options is not None:
         environ["MODPROBE_OPTIONS"] = run.modprobe_options
-    run.engine = Modprobe(directory, config, view=LibkmodView(paths), kernel=kernel_from_env(paths),
-                          log=run.log.kmod, environ=environ)
-    run.log.kmod(LibkmodLog(LOG_INFO, _LIBKMOD_C, 367, "kmod_set_log_fn",
-                            f"custom logging function 0x{id(run.log) & 0xFFFFFFFFFFFF:x} registered\n"))
-    status = _dispatch(run, args, config, directory, show_config=show_config, show_modversions=show_modversions,
-                       show_exports=show_exports, do_remove=do_remove, use_all=use_all)
-    run.log.kmod(LibkmodLog(LOG_INFO, _LIBKMOD_C, 334, "kmod_unref",
-                            f"context 0x{id(run.engine) & 0xFFFFFFFFFFFF:x} released\n"))
+    run.engine = Modprobe(
+        directory, config, view=LibkmodView(paths), kernel=kernel_from_env(paths), log=run.log.kmod, environ=environ
+    )
+    run.log.kmod(
+        LibkmodLog(
+            LOG_INFO,
+            _LIBKMOD_C,
+            367,
+            "kmod_set_log_fn",
+            f"custom logging function 0x{id(run.log) & 0xFFFFFFFFFFFF:x} registered\n",
+        )
+    )
+    status = _dispatch(
+        run,
+        args,
+        config,
+        directory,
+        show_config=show_config,
+        show_modversions=show_modversions,
+        show_exports=show_exports,
+        do_remove=do_remove,
+        use_all=use_all,
+    )
+    run.log.kmod(
+        LibkmodLog(LOG_INFO, _LIBKMOD_C, 334, "kmod_unref", f"context 0x{id(run.engine) & 0xFFFFFFFFFFFF:x} released\n")
+    )
     return status
 
 
-def _dispatch(run: _Run, args: list[str], config: ModprobeConfig, directory: ModuleDirectory, *, show_config: bool,
-              show_modversions: bool, show_exports: bool, do_remove: bool, use_all: bool) -> int:
+def _dispatch(
+    run: _Run,
+    args: list[str],
+    config: ModprobeConfig,
+    directory: ModuleDirectory,
+    *,
+    show_config: bool,
+    show_modversions: bool,
+    show_exports: bool,
+    do_remove: bool,
+    use_all: bool,
+) -> int:
     if show_config:
         return _show_config(run, config, directory)
     if show_modversions or show_exports:
@@ -526,10 +574,17 @@ def _insmod_insert(run: _Run, mod: ModuleObject, extra_options: Optional[str]) -
         return 0
     show = (lambda m, i, o: _print_action(run, m, i, o)) if run.do_show or run.verbose > LOG_WARNING else None
     err = engine.probe_insert(
-        mod, extra_options=extra_options, force_vermagic=run.strip_vermagic or run.force,
-        force_modversion=run.strip_modversion or run.force, ignore_commands=run.ignore_commands,
-        ignore_loaded=run.ignore_loaded, dry_run=run.dry_run, fail_on_loaded=run.first_time,
-        blacklist=run.use_blacklist, show=show)
+        mod,
+        extra_options=extra_options,
+        force_vermagic=run.strip_vermagic or run.force,
+        force_modversion=run.strip_modversion or run.force,
+        ignore_commands=run.ignore_commands,
+        ignore_loaded=run.ignore_loaded,
+        dry_run=run.dry_run,
+        fail_on_loaded=run.first_time,
+        blacklist=run.use_blacklist,
+        show=show,
+    )
     if err >= 0:
         return 0
     if err == -errno.EEXIST:

@@ -50,8 +50,9 @@ LONG_OPTIONS = {"force": "f", "syslog": "s", "verbose": "v", "version": "V", "he
 _PRIORITY_NAMES = {2: "FATAL", 3: "ERROR", 4: "WARNING", 5: "NOTICE", 6: "INFO", 7: "DEBUG"}
 
 
-def getopt_sequence(prog: str, argv: Sequence[str], shortopts: str, longopts: dict[str, str],
-                    operands: list[str]) -> Iterator[str]:
+def getopt_sequence(
+    prog: str, argv: Sequence[str], shortopts: str, longopts: dict[str, str], operands: list[str]
+) -> Iterator[str]:
     """glibc's getopt_long for options without arguments, one option at a time: yields each
     option's short letter (or '?' after printing glibc's message), and fills ``operands`` with
     the non-options (argument permutation; everything after ``--``). A tool that stops at an
@@ -207,8 +208,15 @@ def _remove_all(args: list[str], force: bool, verbose: int, logger: _Logger) -> 
     kernel = kernel_from_env(paths)
     logger.priority = verbose
     context = f"0x{id(view) & 0xFFFFFFFFFFFF:x}"
-    logger.libkmod(LibkmodLog(LOG_INFO, "../libkmod/libkmod.c", 367, "kmod_set_log_fn",
-                              f"custom logging function 0x{id(logger) & 0xFFFFFFFFFFFF:x} registered\n"))
+    logger.libkmod(
+        LibkmodLog(
+            LOG_INFO,
+            "../libkmod/libkmod.c",
+            367,
+            "kmod_set_log_fn",
+            f"custom logging function 0x{id(logger) & 0xFFFFFFFFFFFF:x} registered\n",
+        )
+    )
     failures = 0
     for arg in args:
         if os.path.exists(arg):
@@ -225,8 +233,15 @@ def _remove_all(args: list[str], force: bool, verbose: int, logger: _Logger) -> 
             kernel.remove(name, REMOVE_FORCE if force else 0)
         except KernelError as exc:
             reason = os.strerror(exc.errno)
-            logger.libkmod(LibkmodLog(LOG_ERR, "../libkmod/libkmod-module.c", 856, "kmod_module_remove_module",
-                                      f"could not remove '{name}': {reason}\n"))
+            logger.libkmod(
+                LibkmodLog(
+                    LOG_ERR,
+                    "../libkmod/libkmod-module.c",
+                    856,
+                    "kmod_module_remove_module",
+                    f"could not remove '{name}': {reason}\n",
+                )
+            )
             logger.error(f"could not remove module {arg}: {reason}\n")
             failures += 1
     logger.libkmod(LibkmodLog(LOG_INFO, "../libkmod/libkmod.c", 334, "kmod_unref", f"context {context} released\n"))

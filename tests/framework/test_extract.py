@@ -28,7 +28,7 @@ from kvc.kmod.paths import HostPaths
 from kvc.layout import Layout
 from kvc.runtime import PodmanRuntime
 from support import fakeprog
-from test_runtime import KVER, FakeRuntime, fake, inspect_entry, module_bytes
+from support.fakeruntime import KVER, FakeRuntime, fake, inspect_entry, module_bytes
 
 __all__ = ["fake"]  # the fixture, imported for these tests
 
@@ -37,8 +37,11 @@ VERMAGIC = f"{KVER} SMP preempt mod_unload modversions"
 
 
 def instance(tmp_path: Path, modules: str = "demo-core demo_user") -> InstanceConfig:
-    return InstanceConfig.from_values("demo", str(tmp_path / "demo.conf"), {
-        "KMOD_CONTAINER_BUILD_CONTEXT": str(tmp_path), "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": modules})
+    return InstanceConfig.from_values(
+        "demo",
+        str(tmp_path / "demo.conf"),
+        {"KMOD_CONTAINER_BUILD_CONTEXT": str(tmp_path), "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": modules},
+    )
 
 
 @pytest.fixture
@@ -48,8 +51,12 @@ def layout(tmp_path: Path) -> Layout:
 
 def serve(fake: FakeRuntime, image_id: str, *, user_vermagic: str = VERMAGIC) -> None:
     """The fake image: two modules (demo_user depends on demo_core), with id ``image_id``."""
-    fake.files({f"/lib/modules/{KVER}/extra/demo-core.ko": module_bytes("demo-core", VERMAGIC),
-                f"/lib/modules/{KVER}/extra/demo_user.ko": module_bytes("demo_user", user_vermagic, "demo_core")})
+    fake.files(
+        {
+            f"/lib/modules/{KVER}/extra/demo-core.ko": module_bytes("demo-core", VERMAGIC),
+            f"/lib/modules/{KVER}/extra/demo_user.ko": module_bytes("demo_user", user_vermagic, "demo_core"),
+        }
+    )
     entry = inspect_entry(image_id, [f"localhost/{IMAGE}"], {"name": "demo", "kvc.digest": "d" * 64})
     fake.install([(["image", "inspect", IMAGE], json.dumps([entry]), 0)])
 
@@ -72,10 +79,23 @@ def test_extraction_writes_files_and_a_manifest(tmp_path: Path, fake: FakeRuntim
     assert data["schema"] == 1 and data["image"] == IMAGE and data["image_id"] == "a" * 64
     assert data["image_digest"] == "d" * 64 and data["kernel"] == KVER
     assert data["modules"] == [
-        {"name": "demo_core", "file": "demo-core.ko", "sha256": sha256(target / "demo-core.ko"), "vermagic": VERMAGIC,
-         "depends": [], "image_path": f"/lib/modules/{KVER}/extra/demo-core.ko"},
-        {"name": "demo_user", "file": "demo_user.ko", "sha256": sha256(target / "demo_user.ko"), "vermagic": VERMAGIC,
-         "depends": ["demo_core"], "image_path": f"/lib/modules/{KVER}/extra/demo_user.ko"}]
+        {
+            "name": "demo_core",
+            "file": "demo-core.ko",
+            "sha256": sha256(target / "demo-core.ko"),
+            "vermagic": VERMAGIC,
+            "depends": [],
+            "image_path": f"/lib/modules/{KVER}/extra/demo-core.ko",
+        },
+        {
+            "name": "demo_user",
+            "file": "demo_user.ko",
+            "sha256": sha256(target / "demo_user.ko"),
+            "vermagic": VERMAGIC,
+            "depends": ["demo_core"],
+            "image_path": f"/lib/modules/{KVER}/extra/demo_user.ko",
+        },
+    ]
     assert oct(target.stat().st_mode & 0o777) == "0o755"
     assert oct((target / "demo-core.ko").stat().st_mode & 0o777) == "0o644"
     assert read_manifest(layout, "demo", KVER) == manifest
@@ -99,8 +119,9 @@ def test_the_same_image_is_not_extracted_again(tmp_path: Path, fake: FakeRuntime
     assert ["image", "mount", IMAGE] in fake.calls()
 
 
-def test_changed_files_fail_verification_and_are_extracted_again(tmp_path: Path, fake: FakeRuntime,
-                                                                 layout: Layout) -> None:
+def test_changed_files_fail_verification_and_are_extracted_again(
+    tmp_path: Path, fake: FakeRuntime, layout: Layout
+) -> None:
     serve(fake, "a" * 64)
     config = instance(tmp_path)
     manifest = extract(layout, config, KVER, PodmanRuntime(), IMAGE)
@@ -146,10 +167,15 @@ def test_a_failed_copy_leaves_the_previous_extraction(tmp_path: Path, fake: Fake
     extract(layout, config, KVER, PodmanRuntime(), IMAGE)
     before = extracted_state(layout)
     entry = inspect_entry("b" * 64, [IMAGE], {})
-    fake.install([(["image", "inspect"], json.dumps([entry]), 0),
-                  (["run"], f"/lib/modules/{KVER}/extra/demo-core.ko\n/lib/modules/{KVER}/extra/demo_user.ko\n", 0),
-                  (["create"], "c0ffee\n", 0),
-                  fakeprog.Rule(["cp"], "", 125, "Error: copying: input/output error\n")], mount=False)
+    fake.install(
+        [
+            (["image", "inspect"], json.dumps([entry]), 0),
+            (["run"], f"/lib/modules/{KVER}/extra/demo-core.ko\n/lib/modules/{KVER}/extra/demo_user.ko\n", 0),
+            (["create"], "c0ffee\n", 0),
+            fakeprog.Rule(["cp"], "", 125, "Error: copying: input/output error\n"),
+        ],
+        mount=False,
+    )
     with pytest.raises(CommandError, match="status 125"):
         extract(layout, config, KVER, PodmanRuntime(), IMAGE)
     assert extracted_state(layout) == before
@@ -157,8 +183,7 @@ def test_a_failed_copy_leaves_the_previous_extraction(tmp_path: Path, fake: Fake
     assert ["rm", "-f", "c0ffee"] in fake.calls()
 
 
-def test_an_unreadable_module_leaves_the_previous_extraction(tmp_path: Path, fake: FakeRuntime,
-                                                             layout: Layout) -> None:
+def test_an_unreadable_module_leaves_the_previous_extraction(tmp_path: Path, fake: FakeRuntime, layout: Layout) -> None:
     serve(fake, "a" * 64)
     config = instance(tmp_path)
     extract(layout, config, KVER, PodmanRuntime(), IMAGE)
@@ -189,8 +214,9 @@ def test_a_missing_image(tmp_path: Path, fake: FakeRuntime, layout: Layout) -> N
 
 
 @pytest.mark.parametrize("exchange", [True, False])
-def test_a_failure_while_swapping_keeps_the_old_directory(tmp_path: Path, fake: FakeRuntime, layout: Layout,
-                                                          monkeypatch: pytest.MonkeyPatch, exchange: bool) -> None:
+def test_a_failure_while_swapping_keeps_the_old_directory(
+    tmp_path: Path, fake: FakeRuntime, layout: Layout, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
     serve(fake, "a" * 64)
     config = instance(tmp_path)
     extract(layout, config, KVER, PodmanRuntime(), IMAGE)
@@ -256,11 +282,17 @@ def test_an_interrupted_swap_is_recovered(tmp_path: Path, fake: FakeRuntime, lay
     assert leftovers(layout) == []
 
 
-@pytest.mark.parametrize("text", [
-    "not json", "[]", '{"schema": 2}', '{"schema": 1, "image": "x"}',
-    '{"schema": 1, "image": "i", "image_id": "a", "kernel": "k", "modules": [{"name": "m", "file": "../../etc/x", '
-    '"sha256": "", "vermagic": "", "depends": []}]}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[]",
+        '{"schema": 2}',
+        '{"schema": 1, "image": "x"}',
+        '{"schema": 1, "image": "i", "image_id": "a", "kernel": "k", "modules": [{"name": "m", "file": "../../etc/x", '
+        '"sha256": "", "vermagic": "", "depends": []}]}',
+    ],
+)
 def test_unreadable_manifests_mean_not_extracted(layout: Layout, text: str) -> None:
     target = Path(layout.kernel_state("demo", KVER))
     target.mkdir(parents=True)

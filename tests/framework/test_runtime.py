@@ -1,20 +1,15 @@
 """Runtime adapters against a recording fake podman/docker/buildah on PATH: command lines (build
 flags, labels, build args, pull policy, global runtime args; run with a TTY only on a terminal,
 privileged, host network, mounts), image metadata parsing, errors with hints, and reading files out
-of an image through ``podman image mount`` or a created container.
-
-``FakeRuntime`` here is also used by tests/test_build.py and tests/test_extract.py."""
+of an image through ``podman image mount`` or a created container."""
 
 from __future__ import annotations
 
 import json
 import os
 import pty
-import stat
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
 
 import pytest
 
@@ -35,98 +30,10 @@ from kvc.runtime import (
     same_image_name,
 )
 from support import fakeprog
-from support.elfbuild import ElfSpec, SymbolSpec, build, modinfo_section, this_module_section
-
-KVER = "6.1.0-56-amd64"
-
-# Answers `cp CONTAINER:PATH DEST` from a directory standing for the image (what fakeprog's rules
-# cannot do: they only print); `create` prints a container id; everything else succeeds silently.
-CP_HELPER = '''#!{python} -IS
-import os, shutil, sys
-ROOT = {root!r}
-args = sys.argv[1:]
-while args and args[0].startswith("-"):
-    args.pop(0)
-if args and args[0] == "create":
-    print("c0ffee")
-elif args and args[0] == "cp":
-    path = args[1].split(":", 1)[1]
-    source = os.path.join(ROOT, path.lstrip("/").rstrip("."))
-    if os.path.isdir(source):
-        shutil.copytree(source, args[2], symlinks=True)
-    elif os.path.isfile(source):
-        shutil.copyfile(source, args[2])
-    else:
-        sys.stderr.write("Error: " + path + ": no such file or directory\\n")
-        sys.exit(125)
-'''
-
-
-def module_bytes(name: str, vermagic: str, depends: str = "") -> bytes:
-    """A small ELF object shaped like a kernel module (modinfo with vermagic, this_module)."""
-    spec = ElfSpec(symbols=[SymbolSpec("_printk")])
-    entries = [("vermagic", vermagic), ("license", "GPL"), ("depends", depends)]
-    spec.add(".modinfo", modinfo_section(entries))
-    spec.add(".gnu.linkonce.this_module", this_module_section(name.replace("-", "_")))
-    return build(spec)
-
-
-def inspect_entry(image_id: str, names: Sequence[str], labels: Mapping[str, str],
-                  created: str = "2026-11-24T10:00:00.123456789Z") -> dict[str, object]:
-    """One element of podman's `image inspect` JSON."""
-    return {"Id": image_id, "RepoTags": list(names), "Names": list(names), "Labels": dict(labels),
-            "Created": created}
-
-
-@dataclass
-class FakeRuntime:
-    """A fake podman (and docker/buildah) on PATH that logs its calls; ``root`` is a directory
-    standing for the image's file system, served through `image mount` (or `cp`, see CP_HELPER)."""
-
-    tmp: Path
-    bin: Path
-    log: Path
-    root: Path
-    rules: list[fakeprog.RuleSpec] = field(default_factory=list)
-
-    def files(self, files: Mapping[str, bytes]) -> None:
-        for path, data in files.items():
-            target = self.root / path.lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-
-    def install(self, rules: Sequence[fakeprog.RuleSpec] = (), *, mount: bool = True, program: str = "podman",
-                default_code: int = 0) -> None:
-        """The fake answers ``rules`` first; then `image mount` (the image root, or a rootless
-        refusal with ``mount=False``); `cp`/`create` go to CP_HELPER."""
-        helper = self.tmp / "cp-helper"
-        helper.write_text(CP_HELPER.format(python=sys.executable, root=str(self.root)))
-        helper.chmod(helper.stat().st_mode | stat.S_IXUSR)
-        standard: list[fakeprog.RuleSpec] = [
-            (["image", "mount"], f"{self.root}\n", 0) if mount else
-            fakeprog.Rule(["image", "mount"], "", 125,
-                          'Error: cannot run command "podman image mount" in rootless mode\n'),
-            (["image", "unmount"], "", 0),
-        ]
-        fakeprog.install(self.bin, program, self.log, rules=[*rules, *standard],
-                         real=str(helper) if default_code == 0 else None, default_code=default_code)
-
-    def calls(self, program: Optional[str] = None) -> list[list[str]]:
-        return fakeprog.calls(self.log, program)
-
-    def clear(self) -> None:
-        self.log.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRuntime]:
-    runtime = FakeRuntime(tmp_path, tmp_path / "bin", tmp_path / "calls.jsonl", tmp_path / "image")
-    runtime.root.mkdir()
-    monkeypatch.setenv("PATH", fakeprog.path_with(runtime.bin))
-    yield runtime
-
+from support.fakeruntime import KVER, FakeRuntime, inspect_entry
 
 # ---- names and metadata ---------------------------------------------------------------------------------
+
 
 def test_image_names_compare_with_and_without_localhost() -> None:
     assert same_image_name("localhost/simple-kmod-1.0:6.1.0-56-amd64", "simple-kmod-1.0:6.1.0-56-amd64")
@@ -150,12 +57,19 @@ def test_creation_times_from_podman_and_docker() -> None:
 
 def test_inspect_parses_podman_and_docker_json(fake: FakeRuntime) -> None:
     podman_json = [inspect_entry("ab" * 32, ["localhost/demo-1.0:" + KVER], {"name": "demo"})]
-    docker_json = [{"Id": "sha256:" + "cd" * 32, "RepoTags": ["demo-1.0:" + KVER], "Created": "2026-01-01T00:00:00Z",
-                    "Config": {"Labels": {"name": "demo", "kvc.kernel": KVER}}}]
+    docker_json = [
+        {
+            "Id": "sha256:" + "cd" * 32,
+            "RepoTags": ["demo-1.0:" + KVER],
+            "Created": "2026-01-01T00:00:00Z",
+            "Config": {"Labels": {"name": "demo", "kvc.kernel": KVER}},
+        }
+    ]
     fake.install([(["image", "inspect"], json.dumps(podman_json), 0)])
     info = PodmanRuntime().inspect("demo-1.0:" + KVER)
-    assert info == ImageInfo("ab" * 32, ("localhost/demo-1.0:" + KVER,), {"name": "demo"},
-                             "2026-11-24T10:00:00.123456789Z")
+    assert info == ImageInfo(
+        "ab" * 32, ("localhost/demo-1.0:" + KVER,), {"name": "demo"}, "2026-11-24T10:00:00.123456789Z"
+    )
     assert info.has_name("demo-1.0:" + KVER) and not info.dangling
     fake.install([(["image", "inspect"], json.dumps(docker_json), 0)], program="docker")
     info = DockerRuntime().inspect("demo-1.0:" + KVER)
@@ -164,10 +78,16 @@ def test_inspect_parses_podman_and_docker_json(fake: FakeRuntime) -> None:
 
 
 def test_a_missing_image_is_none_but_other_failures_raise_with_a_hint(fake: FakeRuntime) -> None:
-    fake.install([fakeprog.Rule(["image", "inspect", "nope:1"], "[]\n", 125,
-                                "Error: inspecting object: nope:1: image not known\n"),
-                  fakeprog.Rule(["image", "inspect"], "", 125,
-                                "Error: unable to connect to Podman socket: Cannot connect to Podman\n")])
+    fake.install(
+        [
+            fakeprog.Rule(
+                ["image", "inspect", "nope:1"], "[]\n", 125, "Error: inspecting object: nope:1: image not known\n"
+            ),
+            fakeprog.Rule(
+                ["image", "inspect"], "", 125, "Error: unable to connect to Podman socket: Cannot connect to Podman\n"
+            ),
+        ]
+    )
     runtime = PodmanRuntime()
     assert runtime.inspect("nope:1") is None
     assert not runtime.image_exists("nope:1")
@@ -181,14 +101,18 @@ def test_a_missing_image_is_none_but_other_failures_raise_with_a_hint(fake: Fake
 def test_hints_from_runtime_output() -> None:
     assert "build it first" in hint_for("podman", "Error: x: image not known")
     assert "build it first" in hint_for("docker", "Error response from daemon: No such image: x:1")
-    assert "cannot reach" in hint_for("docker", "Cannot connect to the Docker daemon at unix:///var/run/docker.sock."
-                                                " Is the docker daemon running?")
+    assert "cannot reach" in hint_for(
+        "docker", "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?"
+    )
     assert "runc" in hint_for("podman", "Error: crun: cgroups in hybrid mode not supported")
     assert "runc" in hint_for("podman", "setrlimit `RLIMIT_NOFILE`: Operation not permitted")
     assert "as root" in hint_for("podman", "Error: mkdir /var/lib/containers: permission denied")
     assert "disk" in hint_for("podman", "write /var/tmp/x: no space left on device")
-    assert "registry" in hint_for("podman", "Error: initializing source docker://x: pinging container registry "
-                                            "quay.io: dial tcp: lookup quay.io: no such host")
+    assert "registry" in hint_for(
+        "podman",
+        "Error: initializing source docker://x: pinging container registry "
+        "quay.io: dial tcp: lookup quay.io: no such host",
+    )
     assert hint_for("podman", "something else") == ""
 
 
@@ -201,12 +125,35 @@ def test_podman_build_argv_with_labels_args_policy_and_global_args(fake: FakeRun
     fake.install()
     runtime = runtime_for(GlobalConfig("podman", ("--log-level=error", "--root=/var/lib/x")))
     assert isinstance(runtime, PodmanRuntime)
-    runtime.build("/ctx", "/ctx/Containerfile", "demo-1.0:K", {"KVER": KVER, "KMODVER": "1.0"}, LABELS,
-                  pull="never", no_cache=True)
-    assert fake.calls() == [["--log-level=error", "--root=/var/lib/x", "build", "-t", "demo-1.0:K",
-                             "--file", "/ctx/Containerfile", "--label=name=demo", f"--label=kvc.kernel={KVER}",
-                             "--build-arg", f"KVER={KVER}", "--build-arg", "KMODVER=1.0", "--pull=never",
-                             "--no-cache", "/ctx"]]
+    runtime.build(
+        "/ctx",
+        "/ctx/Containerfile",
+        "demo-1.0:K",
+        {"KVER": KVER, "KMODVER": "1.0"},
+        LABELS,
+        pull="never",
+        no_cache=True,
+    )
+    assert fake.calls() == [
+        [
+            "--log-level=error",
+            "--root=/var/lib/x",
+            "build",
+            "-t",
+            "demo-1.0:K",
+            "--file",
+            "/ctx/Containerfile",
+            "--label=name=demo",
+            f"--label=kvc.kernel={KVER}",
+            "--build-arg",
+            f"KVER={KVER}",
+            "--build-arg",
+            "KMODVER=1.0",
+            "--pull=never",
+            "--no-cache",
+            "/ctx",
+        ]
+    ]
     with pytest.raises(ValueError, match="pull policy"):
         runtime.build("/ctx", "Containerfile", "t", {}, {}, pull="sometimes")
 
@@ -222,13 +169,52 @@ def test_docker_and_buildah_build_argv(fake: FakeRuntime) -> None:
     buildah.build("git://example.org/x.git", "Dockerfile", "demo-1:K", build_args, {"name": "demo"}, pull="newer")
     buildah.tag("demo-1:K", "demo-1:K2")
     assert fake.calls("docker") == [
-        ["build", "-t", "demo-1:K", "--file", "/ctx/Containerfile", "--label=name=demo", "--build-arg", "KVER=K",
-         "--build-arg", "EXTRA=a b", "--pull", "/ctx"],
-        ["build", "-t", "demo-1:K", "--file", "/ctx/Containerfile", "--label=name=demo", "--build-arg", "KVER=K",
-         "--build-arg", "EXTRA=a b", "/ctx"]]
+        [
+            "build",
+            "-t",
+            "demo-1:K",
+            "--file",
+            "/ctx/Containerfile",
+            "--label=name=demo",
+            "--build-arg",
+            "KVER=K",
+            "--build-arg",
+            "EXTRA=a b",
+            "--pull",
+            "/ctx",
+        ],
+        [
+            "build",
+            "-t",
+            "demo-1:K",
+            "--file",
+            "/ctx/Containerfile",
+            "--label=name=demo",
+            "--build-arg",
+            "KVER=K",
+            "--build-arg",
+            "EXTRA=a b",
+            "/ctx",
+        ],
+    ]
     assert fake.calls("buildah") == [
-        ["--root=/r", "bud", "--layers", "-t", "demo-1:K", "--file", "Dockerfile", "--label=name=demo", "--build-arg",
-         "KVER=K", "--build-arg", "EXTRA=a b", "--pull=newer", "git://example.org/x.git"]]
+        [
+            "--root=/r",
+            "bud",
+            "--layers",
+            "-t",
+            "demo-1:K",
+            "--file",
+            "Dockerfile",
+            "--label=name=demo",
+            "--build-arg",
+            "KVER=K",
+            "--build-arg",
+            "EXTRA=a b",
+            "--pull=newer",
+            "git://example.org/x.git",
+        ]
+    ]
     # Everything but the build goes to podman, which shares buildah's storage.
     assert fake.calls("podman") == [["--root=/r", "tag", "demo-1:K", "demo-1:K2"]]
 
@@ -257,33 +243,54 @@ def test_a_streamed_build_shares_our_output(fake: FakeRuntime, capfd: pytest.Cap
 
 # ---- images ----------------------------------------------------------------------------------------------
 
+
 def test_list_images_inspects_each_image_once(fake: FakeRuntime) -> None:
-    images = [inspect_entry("a" * 64, ["localhost/demo-1:k1", "localhost/demo-1:k1b"], {"name": "demo"}),
-              inspect_entry("b" * 64, [], {"name": "demo"})]
-    fake.install([(["images"], f"sha256:{'a' * 64}\nsha256:{'a' * 64}\nsha256:{'b' * 64}\n", 0),
-                  (["image", "inspect"], json.dumps(images), 0)])
+    images = [
+        inspect_entry("a" * 64, ["localhost/demo-1:k1", "localhost/demo-1:k1b"], {"name": "demo"}),
+        inspect_entry("b" * 64, [], {"name": "demo"}),
+    ]
+    fake.install(
+        [
+            (["images"], f"sha256:{'a' * 64}\nsha256:{'a' * 64}\nsha256:{'b' * 64}\n", 0),
+            (["image", "inspect"], json.dumps(images), 0),
+        ]
+    )
     found = PodmanRuntime().list_images("name=demo")
     assert [info.id for info in found] == ["a" * 64, "b" * 64]
     assert found[1].dangling
-    assert fake.calls() == [["images", "-q", "--no-trunc", "--filter", "label=name=demo"],
-                            ["image", "inspect", f"sha256:{'a' * 64}", f"sha256:{'b' * 64}"]]
+    assert fake.calls() == [
+        ["images", "-q", "--no-trunc", "--filter", "label=name=demo"],
+        ["image", "inspect", f"sha256:{'a' * 64}", f"sha256:{'b' * 64}"],
+    ]
 
 
 def test_list_images_survives_an_image_removed_meanwhile(fake: FakeRuntime) -> None:
     one = inspect_entry("a" * 64, ["localhost/demo-1:k1"], {"name": "demo"})
-    fake.install([(["images"], "sha256:aaa\nsha256:bbb\n", 0),
-                  (["image", "inspect", "sha256:aaa", "sha256:bbb"], "", 125),
-                  (["image", "inspect", "sha256:aaa"], json.dumps([one]), 0),
-                  fakeprog.Rule(["image", "inspect", "sha256:bbb"], "", 125, "Error: bbb: image not known\n")])
+    fake.install(
+        [
+            (["images"], "sha256:aaa\nsha256:bbb\n", 0),
+            (["image", "inspect", "sha256:aaa", "sha256:bbb"], "", 125),
+            (["image", "inspect", "sha256:aaa"], json.dumps([one]), 0),
+            fakeprog.Rule(["image", "inspect", "sha256:bbb"], "", 125, "Error: bbb: image not known\n"),
+        ]
+    )
     assert [info.id for info in PodmanRuntime().list_images("name=demo")] == ["a" * 64]
 
 
 def test_remove_tag_pull(fake: FakeRuntime) -> None:
-    fake.install([fakeprog.Rule(["rmi", "gone:1"], "", 1, "Error: gone:1: image not known\n"),
-                  fakeprog.Rule(["rmi", "busy:1"], "", 2, "Error: image used by 1234: image is in use by a "
-                                                        "container\n"),
-                  fakeprog.Rule(["pull"], "", 125, "Error: initializing source docker://reg/x:1: pinging container "
-                                                   "registry reg: dial tcp: lookup reg: no such host\n")])
+    fake.install(
+        [
+            fakeprog.Rule(["rmi", "gone:1"], "", 1, "Error: gone:1: image not known\n"),
+            fakeprog.Rule(["rmi", "busy:1"], "", 2, "Error: image used by 1234: image is in use by a container\n"),
+            fakeprog.Rule(
+                ["pull"],
+                "",
+                125,
+                "Error: initializing source docker://reg/x:1: pinging container "
+                "registry reg: dial tcp: lookup reg: no such host\n",
+            ),
+        ]
+    )
     runtime = PodmanRuntime()
     runtime.remove("gone:1", missing_ok=True)
     with pytest.raises(CommandError, match="exited with status 1"):
@@ -296,8 +303,14 @@ def test_remove_tag_pull(fake: FakeRuntime) -> None:
     with pytest.raises(CommandError) as pulled:
         runtime.pull("reg/x:1")
     assert "registry could not be reached" in pulled.value.hint
-    assert fake.calls() == [["rmi", "gone:1"], ["rmi", "gone:1"], ["rmi", "busy:1"], ["rmi", "-f", "x:1"],
-                            ["tag", "x:1", "y:1"], ["pull", "reg/x:1"]]
+    assert fake.calls() == [
+        ["rmi", "gone:1"],
+        ["rmi", "gone:1"],
+        ["rmi", "busy:1"],
+        ["rmi", "-f", "x:1"],
+        ["tag", "x:1", "y:1"],
+        ["pull", "reg/x:1"],
+    ]
 
 
 def test_a_missing_program_says_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,14 +322,36 @@ def test_a_missing_program_says_to_install_it(tmp_path: Path, monkeypatch: pytes
 
 # ---- run -----------------------------------------------------------------------------------------------------
 
+
 def test_run_without_a_terminal_has_no_tty(fake: FakeRuntime) -> None:
     fake.install(default_code=7)
     runtime = runtime_for(GlobalConfig("podman", ("--log-level=error",)))
-    status = runtime.run("img:1", ["spkut", "44"], privileged=True, host_network=True,
-                         mounts=[("/dev", "/dev"), Mount("/etc/x", "/etc/x", read_only=True)])
+    status = runtime.run(
+        "img:1",
+        ["spkut", "44"],
+        privileged=True,
+        host_network=True,
+        mounts=[("/dev", "/dev"), Mount("/etc/x", "/etc/x", read_only=True)],
+    )
     assert status == 7
-    assert fake.calls() == [["--log-level=error", "run", "--rm", "-i", "--pull=never", "--privileged",
-                             "--network=host", "-v", "/dev:/dev", "-v", "/etc/x:/etc/x:ro", "img:1", "spkut", "44"]]
+    assert fake.calls() == [
+        [
+            "--log-level=error",
+            "run",
+            "--rm",
+            "-i",
+            "--pull=never",
+            "--privileged",
+            "--network=host",
+            "-v",
+            "/dev:/dev",
+            "-v",
+            "/etc/x:/etc/x:ro",
+            "img:1",
+            "spkut",
+            "44",
+        ]
+    ]
 
 
 def test_run_on_a_terminal_gets_a_tty(fake: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,6 +386,7 @@ def test_run_refuses_mount_paths_with_colons() -> None:
 
 # ---- files in images ---------------------------------------------------------------------------------------
 
+
 def test_resolve_in_root_keeps_symlinks_inside_the_image(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "usr" / "lib" / "modules").mkdir(parents=True)
@@ -366,8 +402,13 @@ def test_resolve_in_root_keeps_symlinks_inside_the_image(tmp_path: Path) -> None
 
 
 def image_files(fake: FakeRuntime) -> None:
-    fake.files({f"/usr/lib/modules/{KVER}/extra/a.ko": b"A", f"/usr/lib/modules/{KVER}/kernel/b.ko.xz": b"B",
-                f"/usr/lib/modules/{KVER}/modules.dep": b""})
+    fake.files(
+        {
+            f"/usr/lib/modules/{KVER}/extra/a.ko": b"A",
+            f"/usr/lib/modules/{KVER}/kernel/b.ko.xz": b"B",
+            f"/usr/lib/modules/{KVER}/modules.dep": b"",
+        }
+    )
     (fake.root / "lib").symlink_to("usr/lib")
     (fake.root / "usr" / "lib" / "modules" / KVER / "build").symlink_to("/usr/src/linux-headers")
     (fake.root / "usr" / "lib" / "modules" / KVER / "extra" / "evil.ko").symlink_to("/etc/hostname")
@@ -378,14 +419,20 @@ def test_files_through_podman_image_mount(fake: FakeRuntime, tmp_path: Path) -> 
     fake.install()
     runtime = PodmanRuntime()
     assert runtime.list_files("img:1", f"/lib/modules/{KVER}") == [
-        f"/lib/modules/{KVER}/extra/a.ko", f"/lib/modules/{KVER}/kernel/b.ko.xz", f"/lib/modules/{KVER}/modules.dep"]
+        f"/lib/modules/{KVER}/extra/a.ko",
+        f"/lib/modules/{KVER}/kernel/b.ko.xz",
+        f"/lib/modules/{KVER}/modules.dep",
+    ]
     assert runtime.list_files("img:1", "/lib/modules/other") == []
     out = tmp_path / "out"
     out.mkdir()
-    copied = runtime.copy_out("img:1", [f"/lib/modules/{KVER}/extra/a.ko", f"/lib/modules/{KVER}/kernel/b.ko.xz"],
-                              str(out))
-    assert copied == {f"/lib/modules/{KVER}/extra/a.ko": str(out / "a.ko"),
-                      f"/lib/modules/{KVER}/kernel/b.ko.xz": str(out / "b.ko.xz")}
+    copied = runtime.copy_out(
+        "img:1", [f"/lib/modules/{KVER}/extra/a.ko", f"/lib/modules/{KVER}/kernel/b.ko.xz"], str(out)
+    )
+    assert copied == {
+        f"/lib/modules/{KVER}/extra/a.ko": str(out / "a.ko"),
+        f"/lib/modules/{KVER}/kernel/b.ko.xz": str(out / "b.ko.xz"),
+    }
     assert (out / "a.ko").read_bytes() == b"A"
     # A link in the image to /etc/hostname means the image's /etc/hostname, never the host's.
     with pytest.raises(BuildError, match=f"/lib/modules/{KVER}/extra/evil.ko in image img:1 does not exist"):
@@ -409,8 +456,16 @@ def test_one_mount_serves_a_with_block(fake: FakeRuntime, tmp_path: Path) -> Non
 
 def test_files_through_a_container_when_mounting_is_refused(fake: FakeRuntime, tmp_path: Path) -> None:
     image_files(fake)
-    fake.install([(["run", "--rm", "--pull=never", "--network=none", "--entrypoint", "find"],
-                   f"/lib/modules/{KVER}/extra/a.ko\n/lib/modules/{KVER}/kernel/b.ko.xz\n", 0)], mount=False)
+    fake.install(
+        [
+            (
+                ["run", "--rm", "--pull=never", "--network=none", "--entrypoint", "find"],
+                f"/lib/modules/{KVER}/extra/a.ko\n/lib/modules/{KVER}/kernel/b.ko.xz\n",
+                0,
+            )
+        ],
+        mount=False,
+    )
     runtime = PodmanRuntime()
     with runtime.open_image("img:1") as files:
         assert files.via == "container"
@@ -420,21 +475,37 @@ def test_files_through_a_container_when_mounting_is_refused(fake: FakeRuntime, t
     assert Path(copied[listed[1]]).read_bytes() == b"B"
     assert fake.calls() == [
         ["image", "mount", "img:1"],
-        ["run", "--rm", "--pull=never", "--network=none", "--entrypoint", "find", "img:1", f"/lib/modules/{KVER}/",
-         "-type", "f"],
+        [
+            "run",
+            "--rm",
+            "--pull=never",
+            "--network=none",
+            "--entrypoint",
+            "find",
+            "img:1",
+            f"/lib/modules/{KVER}/",
+            "-type",
+            "f",
+        ],
         ["create", "--pull=never", "img:1", "/kvc-copy-out"],
         ["cp", f"c0ffee:/lib/modules/{KVER}/extra/a.ko", str(tmp_path / "a.ko")],
         ["cp", f"c0ffee:/lib/modules/{KVER}/kernel/b.ko.xz", str(tmp_path / "b.ko.xz")],
-        ["rm", "-f", "c0ffee"]]
+        ["rm", "-f", "c0ffee"],
+    ]
 
 
 def test_listing_an_image_without_find_copies_the_directory_out(fake: FakeRuntime) -> None:
     image_files(fake)
-    fake.install([fakeprog.Rule(["run"], "", 127, 'Error: runc: exec: "find": executable file not found in $PATH\n')],
-                 program="docker")
+    fake.install(
+        [fakeprog.Rule(["run"], "", 127, 'Error: runc: exec: "find": executable file not found in $PATH\n')],
+        program="docker",
+    )
     found = DockerRuntime().list_files("scratch-img:1", f"/usr/lib/modules/{KVER}")
-    assert found == [f"/usr/lib/modules/{KVER}/extra/a.ko", f"/usr/lib/modules/{KVER}/kernel/b.ko.xz",
-                     f"/usr/lib/modules/{KVER}/modules.dep"]
+    assert found == [
+        f"/usr/lib/modules/{KVER}/extra/a.ko",
+        f"/usr/lib/modules/{KVER}/kernel/b.ko.xz",
+        f"/usr/lib/modules/{KVER}/modules.dep",
+    ]
     assert DockerRuntime().list_files("scratch-img:1", "/lib/nothing") == []
     calls = fake.calls("docker")
     assert calls[1][:2] == ["create", "--pull=never"] and calls[2][:2] == ["cp", f"c0ffee:/usr/lib/modules/{KVER}"]
@@ -442,8 +513,7 @@ def test_listing_an_image_without_find_copies_the_directory_out(fake: FakeRuntim
 
 
 def test_listing_a_missing_directory_with_find(fake: FakeRuntime) -> None:
-    fake.install([fakeprog.Rule(["run"], "", 1, "find: '/lib/modules/x/': No such file or directory\n")],
-                 mount=False)
+    fake.install([fakeprog.Rule(["run"], "", 1, "find: '/lib/modules/x/': No such file or directory\n")], mount=False)
     assert PodmanRuntime().list_files("img:1", "/lib/modules/x") == []
 
 

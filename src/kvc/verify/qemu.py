@@ -52,12 +52,29 @@ class GuestMachine:
         argv = [self.program, "-accel", self.accel]
         if self.accel == "kvm":
             argv += ["-cpu", "host"]
-        argv += ["-m", f"{self.memory_mb}M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
-                 "-no-reboot", "-nic", "none", "-serial", f"file:{self.console_log}",
-                 "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append]
+        argv += [
+            "-m",
+            f"{self.memory_mb}M",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-serial",
+            f"file:{self.console_log}",
+            "-kernel",
+            self.kernel,
+            "-initrd",
+            self.initrd,
+            "-append",
+            self.append,
+        ]
         for share in self.shares:
-            options = [f"local,path={share.path}", f"mount_tag={share.tag}", "security_model=none",
-                       "multidevs=remap"]
+            options = [f"local,path={share.path}", f"mount_tag={share.tag}", "security_model=none", "multidevs=remap"]
             if share.readonly:
                 options.append("readonly=on")
             argv += ["-virtfs", ",".join(options)]
@@ -111,8 +128,14 @@ def kvm_works(machine: GuestMachine, cache_file: str) -> bool:
     if isinstance(cached, dict) and isinstance(cached.get(key), bool):
         return bool(cached[key])
     probe_log = f"{machine.console_log}.kvm-probe"
-    probe = dataclasses.replace(machine, append=f"{machine.append} {PROBE_ARGUMENT}", console_log=probe_log,
-                                shares=(), memory_mb=min(machine.memory_mb, 512), accel="kvm")
+    probe = dataclasses.replace(
+        machine,
+        append=f"{machine.append} {PROBE_ARGUMENT}",
+        console_log=probe_log,
+        shares=(),
+        memory_mb=min(machine.memory_mb, 512),
+        accel="kvm",
+    )
     try:
         run = run_guest(probe, PROBE_TIMEOUT)
         with open(probe_log, encoding="utf-8", errors="replace") as handle:

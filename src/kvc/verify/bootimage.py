@@ -30,14 +30,15 @@ def _payload(image: bytes) -> Optional[bytes]:
     setup_sectors = image[0x1F1] or 4
     offset, length = struct.unpack_from("<II", image, 0x248)
     start = (setup_sectors + 1) * 512 + offset
-    return image[start:start + length] if start + length <= len(image) else None
+    return image[start : start + length] if start + length <= len(image) else None
 
 
 def _decompress(payload: bytes) -> Optional[bytes]:
     try:
         if payload.startswith(b"\xfd7zXZ\x00"):
             return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=1 << 30).decompress(
-                payload, max_length=_MAX_VMLINUX)
+                payload, max_length=_MAX_VMLINUX
+            )
         if payload.startswith(b"\x1f\x8b"):
             return gzip.decompress(payload)
         if payload.startswith(b"\x28\xb5\x2f\xfd"):
@@ -54,21 +55,21 @@ def has_pvh_note(elf: bytes) -> bool:
     """A 64-bit little-endian ELF whose PT_NOTE segments hold Xen's PHYS32_ENTRY note."""
     if len(elf) < 64 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for index in range(phnum):
         base = phoff + index * phentsize
         if base + 56 > len(elf):
             return False
-        p_type, = struct.unpack_from("<I", elf, base)
+        (p_type,) = struct.unpack_from("<I", elf, base)
         if p_type != _PT_NOTE:
             continue
-        offset, = struct.unpack_from("<Q", elf, base + 8)
-        size, = struct.unpack_from("<Q", elf, base + 32)
+        (offset,) = struct.unpack_from("<Q", elf, base + 8)
+        (size,) = struct.unpack_from("<Q", elf, base + 32)
         position, end = offset, min(offset + size, len(elf))
         while position + 12 <= end:
             namesz, descsz, note_type = struct.unpack_from("<III", elf, position)
-            name = elf[position + 12:position + 12 + namesz].rstrip(b"\0")
+            name = elf[position + 12 : position + 12 + namesz].rstrip(b"\0")
             if name == b"Xen" and note_type == _XEN_ELFNOTE_PHYS32_ENTRY:
                 return True
             position += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4

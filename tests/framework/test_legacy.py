@@ -140,9 +140,15 @@ exec "$@"
 """
 
 
-def run_cli(args: Sequence[str], env: dict[str, str], *, binds: Sequence[tuple[Path, str]] = (),
-            scratch: Optional[Path] = None, stdin: str = "", cwd: Optional[Path] = None,
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    binds: Sequence[tuple[Path, str]] = (),
+    scratch: Optional[Path] = None,
+    stdin: str = "",
+    cwd: Optional[Path] = None,
+) -> subprocess.CompletedProcess[str]:
     """``kmods-via-containers ARGS`` (kvc.cli.legacy_main) in a child process, optionally inside a
     private mount namespace with ``binds``."""
     argv = [sys.executable, "-c", "import sys; from kvc.cli import legacy_main; sys.exit(legacy_main())", *args]
@@ -169,8 +175,7 @@ def sandbox_problem() -> str:
 
 
 def base_env(bin_dir: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("KVC_", "PYTEST_"))}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("KVC_", "PYTEST_"))}
     env["PATH"] = fakeprog.path_with(bin_dir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
     return env
@@ -180,9 +185,19 @@ class Host:
     """A host where the simple-kmod library and conf are installed at the original's paths, with
     fake podman/lsmod/rmmod that share state (flags "built" and "loaded")."""
 
-    def __init__(self, tmp_path: Path, *, flags: Sequence[str] = (), version: str = "dd1a7d4\n",
-                 vermagic: str = GOOD_VERMAGIC, dangling: str = "", tagged: str = "", build_code: int = 0,
-                 library: str = LIBRARY, framework_conf: Optional[str] = "KVC_CONTAINER_RUNTIME=podman\n") -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        flags: Sequence[str] = (),
+        version: str = "dd1a7d4\n",
+        vermagic: str = GOOD_VERMAGIC,
+        dangling: str = "",
+        tagged: str = "",
+        build_code: int = 0,
+        library: str = LIBRARY,
+        framework_conf: Optional[str] = "KVC_CONTAINER_RUNTIME=podman\n",
+    ) -> None:
         if sandbox_problem():
             pytest.skip(sandbox_problem())
         self.tmp = tmp_path
@@ -198,32 +213,45 @@ class Host:
         self.library.write_text(library)
         self.bin = tmp_path / "bin"
         self.log = tmp_path / "calls.jsonl"
-        self.binds: list[tuple[Path, str]] = [(self.etc_kvc, "/etc/kvc"), (self.usr_lib_kvc, "/usr/lib/kvc"),
-                                              (self.usr_local_lib_kvc, "/usr/local/lib/kvc")]
+        self.binds: list[tuple[Path, str]] = [
+            (self.etc_kvc, "/etc/kvc"),
+            (self.usr_lib_kvc, "/usr/lib/kvc"),
+            (self.usr_local_lib_kvc, "/usr/local/lib/kvc"),
+        ]
         label = f"label=name={NAME}"
-        fakeprog.install(self.bin, "podman", self.log, rules=[
-            Rule(["images", IMAGE, "--quiet"], "4f1e2d3c4b5a\n", when=["built"]),
-            Rule(["images", IMAGE, "--quiet"], ""),
-            Rule(["build"], "STEP 1/9: FROM registry.fedoraproject.org/fedora:30\n", code=build_code,
-                 stderr="Error: building at STEP 9/9: exit status 2\n" if build_code else "",
-                 sets=[] if build_code else ["built"]),
-            Rule(["images", "-q", "-f", label, "-f", "dangling=true"], dangling),
-            Rule(["images", "-q", "-f", label, "-f", "dangling=false"], tagged),
-            Rule(["run", "-i", "--rm", IMAGE, "modinfo", "-F", "version"], version),
-            Rule(["run", "-i", "--rm", IMAGE, "modinfo", "-F", "vermagic"], vermagic),
-            Rule(["run", "-i", "--rm", "--privileged", IMAGE, "modprobe", "simple_procfs_kmod"], sets=["loaded"]),
-            Rule(["run", "-i", "--rm", "--privileged", IMAGE, "spkut", "fail"], "spkut: failed\n", code=3),
-        ])
-        fakeprog.install(self.bin, "lsmod", self.log, rules=[Rule([], LSMOD_LOADED, when=["loaded"]),
-                                                             Rule([], LSMOD_HEADER)])
+        fakeprog.install(
+            self.bin,
+            "podman",
+            self.log,
+            rules=[
+                Rule(["images", IMAGE, "--quiet"], "4f1e2d3c4b5a\n", when=["built"]),
+                Rule(["images", IMAGE, "--quiet"], ""),
+                Rule(
+                    ["build"],
+                    "STEP 1/9: FROM registry.fedoraproject.org/fedora:30\n",
+                    code=build_code,
+                    stderr="Error: building at STEP 9/9: exit status 2\n" if build_code else "",
+                    sets=[] if build_code else ["built"],
+                ),
+                Rule(["images", "-q", "-f", label, "-f", "dangling=true"], dangling),
+                Rule(["images", "-q", "-f", label, "-f", "dangling=false"], tagged),
+                Rule(["run", "-i", "--rm", IMAGE, "modinfo", "-F", "version"], version),
+                Rule(["run", "-i", "--rm", IMAGE, "modinfo", "-F", "vermagic"], vermagic),
+                Rule(["run", "-i", "--rm", "--privileged", IMAGE, "modprobe", "simple_procfs_kmod"], sets=["loaded"]),
+                Rule(["run", "-i", "--rm", "--privileged", IMAGE, "spkut", "fail"], "spkut: failed\n", code=3),
+            ],
+        )
+        fakeprog.install(
+            self.bin, "lsmod", self.log, rules=[Rule([], LSMOD_LOADED, when=["loaded"]), Rule([], LSMOD_HEADER)]
+        )
         fakeprog.install(self.bin, "rmmod", self.log, rules=[Rule(["simple_procfs_kmod"], clears=["loaded"])])
         fakeprog.set_flags(self.log, *flags)
 
-    def run(self, *args: str, stdin: str = "", env: Optional[dict[str, str]] = None
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, stdin: str = "", env: Optional[dict[str, str]] = None
+    ) -> subprocess.CompletedProcess[str]:
         self.log.unlink(missing_ok=True)
-        return run_cli(args, {**base_env(self.bin), **(env or {})}, binds=self.binds, scratch=self.tmp,
-                       stdin=stdin)
+        return run_cli(args, {**base_env(self.bin), **(env or {})}, binds=self.binds, scratch=self.tmp, stdin=stdin)
 
     def calls(self, prog: Optional[str] = "podman") -> list[list[str]]:
         return fakeprog.calls(self.log, prog)
@@ -242,10 +270,23 @@ def checks(module: str) -> list[list[str]]:
 
 
 ALL_CHECKS = [*checks("simple-kmod"), *checks("simple-procfs-kmod")]
-BUILD = ["build", "-t", IMAGE, "--file", "Dockerfile.fedora", f"--label=name={NAME}", "--build-arg", f"KVER={KVER}",
-         "--build-arg", "KMODVER=dd1a7d4", CONTEXT]
-GC = [["images", "-q", "-f", f"label=name={NAME}", "-f", "dangling=true"],
-      ["images", "-q", "-f", f"label=name={NAME}", "-f", "dangling=false"]]
+BUILD = [
+    "build",
+    "-t",
+    IMAGE,
+    "--file",
+    "Dockerfile.fedora",
+    f"--label=name={NAME}",
+    "--build-arg",
+    f"KVER={KVER}",
+    "--build-arg",
+    "KMODVER=dd1a7d4",
+    CONTEXT,
+]
+GC = [
+    ["images", "-q", "-f", f"label=name={NAME}", "-f", "dangling=true"],
+    ["images", "-q", "-f", f"label=name={NAME}", "-f", "dangling=false"],
+]
 IS_BUILT = ["images", IMAGE, "--quiet"]
 
 
@@ -266,9 +307,11 @@ def test_build_from_scratch_makes_the_original_calls_and_traces_them(tmp_path: P
     result = host.run("build", NAME, KVER)
     assert result.returncode == 0, result.stderr
     assert host.calls() == [IS_BUILT, BUILD, *GC, *ALL_CHECKS]
-    assert result.stdout.splitlines() == [f"KVC: build {NAME} for {KVER}",
-                                          f"Building {IMAGE} kernel module container...",
-                                          "STEP 1/9: FROM registry.fedoraproject.org/fedora:30"]
+    assert result.stdout.splitlines() == [
+        f"KVC: build {NAME} for {KVER}",
+        f"Building {IMAGE} kernel module container...",
+        "STEP 1/9: FROM registry.fedoraproject.org/fedora:30",
+    ]
     # kvc_c_* trace the runtime's command line with set -x (the library silenced the first one).
     assert traces(result.stderr) == ["podman " + " ".join(call) for call in [BUILD, *GC, *ALL_CHECKS]]
 
@@ -288,19 +331,29 @@ def test_build_removes_dangling_images_and_keeps_three_kernels(tmp_path: Path) -
     assert host.calls() == [IS_BUILT, BUILD, *GC, ["rmi", "-f", "d1", "t4", "t5"], *ALL_CHECKS]
 
 
-@pytest.mark.parametrize(("version", "vermagic", "message"), [
-    ("0000000\n", GOOD_VERMAGIC, f"Module version mismatch within container. rebuilding {IMAGE}"),
-    ("dd1a7d4\n", "5.3.0-1.fc31.x86_64 SMP mod_unload \n", f"Module not built against {KVER}. rebuilding {IMAGE}"),
-])
-def test_build_rebuilds_on_a_bad_module_without_checking_again(tmp_path: Path, version: str, vermagic: str,
-                                                              message: str) -> None:
+@pytest.mark.parametrize(
+    ("version", "vermagic", "message"),
+    [
+        ("0000000\n", GOOD_VERMAGIC, f"Module version mismatch within container. rebuilding {IMAGE}"),
+        ("dd1a7d4\n", "5.3.0-1.fc31.x86_64 SMP mod_unload \n", f"Module not built against {KVER}. rebuilding {IMAGE}"),
+    ],
+)
+def test_build_rebuilds_on_a_bad_module_without_checking_again(
+    tmp_path: Path, version: str, vermagic: str, message: str
+) -> None:
     host = Host(tmp_path, flags=["built"], version=version, vermagic=vermagic)
     result = host.run("build", NAME, KVER)
     assert result.returncode == 0, result.stderr
     rebuild = [BUILD, *GC]
     if version != "dd1a7d4\n":
-        expected = [modinfo("version", "simple-kmod"), *rebuild, modinfo("vermagic", "simple-kmod"),
-                    modinfo("version", "simple-procfs-kmod"), *rebuild, modinfo("vermagic", "simple-procfs-kmod")]
+        expected = [
+            modinfo("version", "simple-kmod"),
+            *rebuild,
+            modinfo("vermagic", "simple-kmod"),
+            modinfo("version", "simple-procfs-kmod"),
+            *rebuild,
+            modinfo("vermagic", "simple-procfs-kmod"),
+        ]
     else:
         expected = [*checks("simple-kmod"), *rebuild, *checks("simple-procfs-kmod"), *rebuild]
     assert host.calls() == [IS_BUILT, *expected]
@@ -323,29 +376,46 @@ def test_lifecycle_load_unload_reload(tmp_path: Path) -> None:
 
     load = host.run("load", NAME, KVER)
     assert load.returncode == 0, load.stderr
-    assert load.stdout == (f"KVC: load {NAME} for {KVER}\n"
-                           "Loading kernel modules using the kernel module container...\n")
-    assert host.sequence() == [["lsmod"], ["podman", *modprobe("simple_kmod")],
-                               ["lsmod"], ["podman", *modprobe("simple_procfs_kmod")]]
+    assert load.stdout == (
+        f"KVC: load {NAME} for {KVER}\nLoading kernel modules using the kernel module container...\n"
+    )
+    assert host.sequence() == [
+        ["lsmod"],
+        ["podman", *modprobe("simple_kmod")],
+        ["lsmod"],
+        ["podman", *modprobe("simple_procfs_kmod")],
+    ]
 
     again = host.run("load", NAME, KVER)
     assert again.returncode == 0, again.stderr
     assert host.calls() == []
     # The library's is_kmod_loaded rewrites the global $module: the original prints underscores.
-    assert again.stdout.splitlines()[2:] == ["Kernel module simple_kmod already loaded",
-                                             "Kernel module simple_procfs_kmod already loaded"]
+    assert again.stdout.splitlines()[2:] == [
+        "Kernel module simple_kmod already loaded",
+        "Kernel module simple_procfs_kmod already loaded",
+    ]
 
     reload = host.run("reload", NAME, KVER)
     assert reload.returncode == 0, reload.stderr
     # build, then unload in load order with the host's rmmod, then load through the image.
     assert host.sequence() == [
-        ["podman", *IS_BUILT], *(["podman", *call] for call in ALL_CHECKS),
-        ["lsmod"], ["rmmod", "simple_kmod"], ["lsmod"], ["rmmod", "simple_procfs_kmod"],
-        ["lsmod"], ["podman", *modprobe("simple_kmod")], ["lsmod"], ["podman", *modprobe("simple_procfs_kmod")],
+        ["podman", *IS_BUILT],
+        *(["podman", *call] for call in ALL_CHECKS),
+        ["lsmod"],
+        ["rmmod", "simple_kmod"],
+        ["lsmod"],
+        ["rmmod", "simple_procfs_kmod"],
+        ["lsmod"],
+        ["podman", *modprobe("simple_kmod")],
+        ["lsmod"],
+        ["podman", *modprobe("simple_procfs_kmod")],
     ]
     assert reload.stdout.splitlines() == [
-        f"KVC: reload {NAME} for {KVER}", f"The {IMAGE} kernel module container is already built",
-        "Unloading kernel modules...", "Loading kernel modules using the kernel module container..."]
+        f"KVC: reload {NAME} for {KVER}",
+        f"The {IMAGE} kernel module container is already built",
+        "Unloading kernel modules...",
+        "Loading kernel modules using the kernel module container...",
+    ]
 
     unload = host.run("unload", NAME, KVER)
     assert unload.returncode == 0, unload.stderr
@@ -355,8 +425,10 @@ def test_lifecycle_load_unload_reload(tmp_path: Path) -> None:
     again = host.run("unload", NAME, KVER)
     assert again.returncode == 0, again.stderr
     assert host.calls("rmmod") == []
-    assert again.stdout.splitlines()[2:] == ["Kernel module simple_kmod already unloaded",
-                                             "Kernel module simple_procfs_kmod already unloaded"]
+    assert again.stdout.splitlines()[2:] == [
+        "Kernel module simple_kmod already unloaded",
+        "Kernel module simple_procfs_kmod already unloaded",
+    ]
 
 
 def test_wrapper_splits_arguments_like_the_original(tmp_path: Path) -> None:
@@ -365,8 +437,10 @@ def test_wrapper_splits_arguments_like_the_original(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     # `wrapper $@` is unquoted in the original: "44 45" arrives as two arguments.
     assert host.calls() == [["run", "-i", "--rm", "--privileged", IMAGE, "spkut", "44", "45"]]
-    assert result.stdout.splitlines() == [f"KVC: wrapper {NAME} for {KVER}",
-                                          "Running userspace wrapper using the kernel module container..."]
+    assert result.stdout.splitlines() == [
+        f"KVC: wrapper {NAME} for {KVER}",
+        "Running userspace wrapper using the kernel module container...",
+    ]
 
 
 def test_wrapper_status_and_stdin_reach_the_caller(tmp_path: Path) -> None:
@@ -400,7 +474,8 @@ def test_missing_library_is_reported_before_the_action_is_checked(tmp_path: Path
         f"KVC: {action} nosuch for {KVER}",
         "KVC requires an instance library to define significant functionality",
         "No instance library found in one of required locations /usr/local/lib/kvc/nosuch-lib.sh "
-        "/usr/lib/kvc/nosuch-lib.sh /etc/kvc/lib/kvc/nosuch-lib.sh"]
+        "/usr/lib/kvc/nosuch-lib.sh /etc/kvc/lib/kvc/nosuch-lib.sh",
+    ]
 
 
 @pytest.mark.parametrize("args", [(), ("build",), ("build", NAME)])
@@ -413,8 +488,10 @@ def test_missing_arguments_fail_like_the_original(tmp_path: Path, args: tuple[st
     assert host.sequence() == []
 
 
-@pytest.mark.parametrize(("action", "stub"), [("build", "build_kmods"), ("load", "load_kmods"),
-                                              ("unload", "unload_kmods"), ("wrapper", "wrapper")])
+@pytest.mark.parametrize(
+    ("action", "stub"),
+    [("build", "build_kmods"), ("load", "load_kmods"), ("unload", "unload_kmods"), ("wrapper", "wrapper")],
+)
 def test_stubs_report_what_the_library_left_out_on_stdout(tmp_path: Path, action: str, stub: str) -> None:
     host = Host(tmp_path, library=LIBRARY.replace(f"\n{stub}() {{", f"\nunused_{stub}() {{"))
     result = host.run(action, NAME, KVER)
@@ -427,8 +504,9 @@ def test_stubs_report_what_the_library_left_out_on_stdout(tmp_path: Path, action
 
 
 def test_framework_conf_is_bash_and_overrides_the_environment(tmp_path: Path) -> None:
-    host = Host(tmp_path, flags=["built"],
-                framework_conf='KVC_CONTAINER_RUNTIME=docker\necho "conf says $(echo hello)"\n')
+    host = Host(
+        tmp_path, flags=["built"], framework_conf='KVC_CONTAINER_RUNTIME=docker\necho "conf says $(echo hello)"\n'
+    )
     fakeprog.install(host.bin, "docker", host.log)
     result = host.run("load", NAME, KVER, env={"KVC_CONTAINER_RUNTIME": "podman"})
     assert result.returncode == 0, result.stderr
@@ -448,8 +526,10 @@ def test_without_framework_conf_the_runtime_is_podman(tmp_path: Path) -> None:
 
 
 def probe_library(tag: str) -> str:
-    return (f'echo "sourced {tag}: $KVC_ACTION $KVC_SOFTWARE_NAME $KVC_KVER $KVC_CONTAINER_RUNTIME"\n'
-            f'load_kmods() {{ echo "load_kmods from {tag}"; }}\n')
+    return (
+        f'echo "sourced {tag}: $KVC_ACTION $KVC_SOFTWARE_NAME $KVC_KVER $KVC_CONTAINER_RUNTIME"\n'
+        f'load_kmods() {{ echo "load_kmods from {tag}"; }}\n'
+    )
 
 
 def rooted(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -460,8 +540,14 @@ def rooted(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return root, {**base_env(bin_dir), "KVC_ROOT": str(root)}
 
 
-@pytest.mark.parametrize("present", [("usr/local/lib/kvc", "usr/lib/kvc", "etc/kvc/lib/kvc"),
-                                     ("usr/local/lib/kvc", "usr/lib/kvc"), ("usr/local/lib/kvc",)])
+@pytest.mark.parametrize(
+    "present",
+    [
+        ("usr/local/lib/kvc", "usr/lib/kvc", "etc/kvc/lib/kvc"),
+        ("usr/local/lib/kvc", "usr/lib/kvc"),
+        ("usr/local/lib/kvc",),
+    ],
+)
 def test_every_library_is_sourced_in_order_and_the_last_wins(tmp_path: Path, present: tuple[str, ...]) -> None:
     root, env = rooted(tmp_path)
     for directory in present:
@@ -469,9 +555,11 @@ def test_every_library_is_sourced_in_order_and_the_last_wins(tmp_path: Path, pre
         (root / directory / "demo-lib.sh").write_text(probe_library(directory))
     result = run_cli(["load", "demo", KVER], env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"KVC: load demo for {KVER}",
-                                          *(f"sourced {d}: load demo {KVER} podman" for d in present),
-                                          f"load_kmods from {present[-1]}"]
+    assert result.stdout.splitlines() == [
+        f"KVC: load demo for {KVER}",
+        *(f"sourced {d}: load demo {KVER} podman" for d in present),
+        f"load_kmods from {present[-1]}",
+    ]
 
 
 def test_under_kvc_root_the_framework_reads_the_rooted_conf(tmp_path: Path) -> None:
@@ -479,7 +567,8 @@ def test_under_kvc_root_the_framework_reads_the_rooted_conf(tmp_path: Path) -> N
     (root / "etc/kvc/kmods-via-containers.conf").write_text("KVC_CONTAINER_RUNTIME=docker\n")
     (root / "usr/lib/kvc").mkdir(parents=True)
     (root / "usr/lib/kvc/demo-lib.sh").write_text(
-        probe_library("lib") + 'wrapper() { env | grep "^KVC_LEGACY_" || echo "driver variables not exported"; }\n')
+        probe_library("lib") + 'wrapper() { env | grep "^KVC_LEGACY_" || echo "driver variables not exported"; }\n'
+    )
     result = run_cli(["load", "demo", KVER], env)
     assert result.returncode == 0, result.stderr
     assert f"sourced lib: load demo {KVER} docker" in result.stdout.splitlines()
@@ -492,7 +581,8 @@ def test_psap_helpers(tmp_path: Path) -> None:
     (root / "usr/lib/kvc").mkdir(parents=True)
     (root / "usr/lib/kvc/demo-lib.sh").write_text(
         'KO_FILES="/lib/modules/k/extra/a.ko /lib/modules/k/extra/b.ko"\n'
-        'load_kmods() { echo "env=$(kvc_c_env)"; weak_modules_add; weak_modules_add /x/c.ko; }\n')
+        'load_kmods() { echo "env=$(kvc_c_env)"; weak_modules_add; weak_modules_add /x/c.ko; }\n'
+    )
     log = tmp_path / "calls.jsonl"
     fakeprog.install(tmp_path / "bin", "weak-modules", log, record_stdin=True)
     result = run_cli(["load", "demo", KVER], env)
@@ -501,7 +591,8 @@ def test_psap_helpers(tmp_path: Path) -> None:
     assert f"env={'kubernetes' if in_pod else 'podman'}" in result.stdout.splitlines()
     assert [(e["argv"], e["stdin"]) for e in fakeprog.entries(log)] == [
         (["--add-modules", "--no-initramfs"], "/lib/modules/k/extra/a.ko\n/lib/modules/k/extra/b.ko\n"),
-        (["--add-modules", "--no-initramfs"], "/x/c.ko\n")]
+        (["--add-modules", "--no-initramfs"], "/x/c.ko\n"),
+    ]
 
 
 READELF = """
@@ -522,7 +613,8 @@ def test_kabi_check_module_warns_about_symbols_outside_the_whitelist(tmp_path: P
     (modules / KVER / "extra" / "simple-kmod.ko").write_bytes(b"\x7fELF")
     (modules / "kabi-rhel88").mkdir()
     (modules / "kabi-rhel88" / f"kabi_whitelist_{os.uname().machine}").write_text(
-        "[rhel8_whitelist]\n\t_printk\n\tproc_create\n")
+        "[rhel8_whitelist]\n\t_printk\n\tproc_create\n"
+    )
     host.binds.append((modules, "/lib/modules"))
     fakeprog.install(host.bin, "readelf", host.log, rules=[Rule(["-sW"], READELF)])
     result = host.run("load", NAME, KVER)
@@ -530,7 +622,8 @@ def test_kabi_check_module_warns_about_symbols_outside_the_whitelist(tmp_path: P
     assert host.calls("readelf") == [["-sW", f"/lib/modules/{KVER}/extra/simple-kmod.ko"]]
     whitelist = f"/lib/modules/kabi-rhel88/kabi_whitelist_{os.uname().machine}"
     assert result.stderr.splitlines() == [
-        f"kABI check: simple-kmod.ko uses __secret_symbol, which is not in {whitelist}"]
+        f"kABI check: simple-kmod.ko uses __secret_symbol, which is not in {whitelist}"
+    ]
     assert result.stdout.splitlines()[-1] == "loading anyway"
 
 
@@ -560,8 +653,9 @@ def native_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, 
     return root, served
 
 
-def test_an_instance_with_a_conf_and_no_library_is_native(native_root: tuple[Path, list[tuple[object, ...]]],
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_instance_with_a_conf_and_no_library_is_native(
+    native_root: tuple[Path, list[tuple[object, ...]]], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, served = native_root
     assert legacy.main(["wrapper", "demo", KVER, "spkut", "44 45"]) == 7
     assert served == [("wrapper", "demo", KVER, ["spkut", "44 45"])]
@@ -571,8 +665,9 @@ def test_an_instance_with_a_conf_and_no_library_is_native(native_root: tuple[Pat
     assert len(served) == 1
 
 
-def test_a_library_takes_precedence_over_native(native_root: tuple[Path, list[tuple[object, ...]]],
-                                                capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_library_takes_precedence_over_native(
+    native_root: tuple[Path, list[tuple[object, ...]]], capfd: pytest.CaptureFixture[str]
+) -> None:
     root, served = native_root
     (root / "etc/kvc/lib/kvc").mkdir(parents=True)
     (root / "etc/kvc/lib/kvc/demo-lib.sh").write_text(probe_library("etc"))
@@ -583,8 +678,9 @@ def test_a_library_takes_precedence_over_native(native_root: tuple[Path, list[tu
 
 
 @pytest.mark.parametrize("name", ["../kvc/demo", "nosuch"])
-def test_names_that_are_not_native_instances_go_to_the_driver(native_root: tuple[Path, list[tuple[object, ...]]],
-                                                              capfd: pytest.CaptureFixture[str], name: str) -> None:
+def test_names_that_are_not_native_instances_go_to_the_driver(
+    native_root: tuple[Path, list[tuple[object, ...]]], capfd: pytest.CaptureFixture[str], name: str
+) -> None:
     _, served = native_root
     assert legacy.main(["load", name, KVER]) == 1
     assert served == []

@@ -5,7 +5,7 @@
   kernel command line of our own (kmod's ``/proc/cmdline`` is a bind mount in a private mount
   namespace; ours is read under ``KVC_ROOT``). Both sides run many names per process.
 * Loading and removal against the fake kernel, kmod seeing the same ``/proc`` and
-  ``/sys/module`` and its syscalls answered by strace (see tests/test_tools_kernel.py).
+  ``/sys/module`` and its syscalls answered by strace (see tests/kmod/test_tools_kernel.py).
 * The configuration parser: kmod's ``-c`` on random configuration files and command lines, and
   hypothesis for robustness.
 """
@@ -40,13 +40,14 @@ from kvc.kmod.modprobe import (
 )
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, module_path
+from support.indexmodel import concrete
+from support.kmodns import NAMESPACE, answer, copy_of, env_for, load
 from support.oracle import Result
-from test_index import concrete
-from test_tools_kernel import NAMESPACE, answer, copy_of, env_for, load
 
-TESTS = Path(__file__).resolve().parent
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="needs root and unshare for a private mount namespace")
+TESTS = Path(__file__).resolve().parents[1]
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a private mount namespace"
+)
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 
 # Every directive, with kmod's quirks: a tab in options, a pattern install, softdeps with words
@@ -89,9 +90,11 @@ CONFIG_FILES = {
     "20-more.alias": "alias kvc-extra vxlan\n",
     "05-first.conf": "options loop max_part=2\nblacklist nouveau\n",
 }
-CMDLINE = ('BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet e1000e.debug=2 loop.max_part=4 '
-           'modprobe.blacklist=pcspkr,floppy "dummy.numdummies=2 x" ivrs[.x=1 snd-hda-intel.model=auto '
-           'vxlan.a.b=1 =x.y=1 bonding.mode="active backup"\n')
+CMDLINE = (
+    "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet e1000e.debug=2 loop.max_part=4 "
+    'modprobe.blacklist=pcspkr,floppy "dummy.numdummies=2 x" ivrs[.x=1 snd-hda-intel.model=auto '
+    'vxlan.a.b=1 =x.y=1 bonding.mode="active backup"\n'
+)
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,12 @@ done
 def run_kmod_batch(cmdline: Path, args: list[str], queries: list[str], tmp: Path) -> list[Result]:
     rc_file = tmp / f"rc-{random.random()}"
     script = f'exec 3>"{rc_file}"\n{BATCH}'
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(cmdline), "modprobe", *args],
-                          input="".join(f"{q}\n" for q in queries).encode(), capture_output=True,
-                          env={**kmod_env(), "PATH": f"/usr/sbin:/sbin:{os.environ.get('PATH', '')}"})
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(cmdline), "modprobe", *args],
+        input="".join(f"{q}\n" for q in queries).encode(),
+        capture_output=True,
+        env={**kmod_env(), "PATH": f"/usr/sbin:/sbin:{os.environ.get('PATH', '')}"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     outs = proc.stdout.split(b"\x1e\n")[1:]
     errs = proc.stderr.split(b"\x1e\n")[1:]
@@ -159,9 +165,13 @@ def run_kmod_batch(cmdline: Path, args: list[str], queries: list[str], tmp: Path
 
 
 def run_ours_batch(root: Path, args: list[str], queries: list[str]) -> list[Result]:
-    proc = subprocess.run([sys.executable, "-m", "support.modprobe_driver", *args],
-                          input="".join(f"{q}\n" for q in queries).encode(), capture_output=True,
-                          env=ours_env(root), cwd=str(TESTS))
+    proc = subprocess.run(
+        [sys.executable, "-m", "support.modprobe_driver", *args],
+        input="".join(f"{q}\n" for q in queries).encode(),
+        capture_output=True,
+        env=ours_env(root),
+        cwd=str(TESTS),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = []
     for line in proc.stdout.decode().splitlines():
@@ -204,10 +214,33 @@ def test_show_depends_every_module_and_500_aliases(setup: Setup, tmp_path: Path)
     assert len(names) > 3500 and len(aliases) >= 480
     rng = random.Random(5)
     dashed = [name.replace("_", "-") for name in rng.sample([n for n in names if "_" in n], 50)]
-    extra = ["my-net", "snd-card-kvc0", "blk-alias", "ghost", "twice", "kvc-extra", "joined-alias", "pcspkr",
-             "igb", "nonexistent", "symbol:drm_*", "a]", "x[y", "ext4", "fs-ext4", "crc32", "dummy", "tun", "nbd",
-             "geneve", "veth", "wireguard", "snd-hda-intel", "pci:v00008086d000015FAsv0sd0bc02sc00i00",
-             *dashed]
+    extra = [
+        "my-net",
+        "snd-card-kvc0",
+        "blk-alias",
+        "ghost",
+        "twice",
+        "kvc-extra",
+        "joined-alias",
+        "pcspkr",
+        "igb",
+        "nonexistent",
+        "symbol:drm_*",
+        "a]",
+        "x[y",
+        "ext4",
+        "fs-ext4",
+        "crc32",
+        "dummy",
+        "tun",
+        "nbd",
+        "geneve",
+        "veth",
+        "wireguard",
+        "snd-hda-intel",
+        "pci:v00008086d000015FAsv0sd0bc02sc00i00",
+        *dashed,
+    ]
     queries = names + aliases + extra
     mismatches = compare_batches(setup, ["-D", *setup.args], queries, tmp_path)
     assert mismatches == {}
@@ -216,8 +249,20 @@ def test_show_depends_every_module_and_500_aliases(setup: Setup, tmp_path: Path)
 @needs_root
 @pytest.mark.oracle
 def test_show_depends_with_flags(setup: Setup, tmp_path: Path) -> None:
-    queries = ["wireguard", "snd-hda-intel", "my-net", "dummy", "tun", "geneve", "blk-alias", "pcspkr", "igb",
-               "e1000e", "ghost", "nonexistent"]
+    queries = [
+        "wireguard",
+        "snd-hda-intel",
+        "my-net",
+        "dummy",
+        "tun",
+        "geneve",
+        "blk-alias",
+        "pcspkr",
+        "igb",
+        "e1000e",
+        "ghost",
+        "nonexistent",
+    ]
     for flags in (["-i"], ["-b"], ["-q"], ["-R"], ["-a"], ["-v"], ["-n"], ["--first-time"]):
         mismatches = compare_batches(setup, ["-D", *flags, *setup.args], queries, tmp_path)
         assert mismatches == {}, flags
@@ -226,11 +271,17 @@ def test_show_depends_with_flags(setup: Setup, tmp_path: Path) -> None:
 def run_pair(setup: Setup, args: list[str], env_extra: Optional[dict[str, str]] = None) -> tuple[Result, Result]:
     env = {**kmod_env(), **(env_extra or {})}
     script = 'mount --bind "$1" /proc/cmdline; shift; exec "$@"'
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(setup.cmdline), "modprobe", *args],
-                          capture_output=True, env={**env, "PATH": f"/usr/sbin:/sbin:{env.get('PATH', '')}"})
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(setup.cmdline), "modprobe", *args],
+        capture_output=True,
+        env={**env, "PATH": f"/usr/sbin:/sbin:{env.get('PATH', '')}"},
+    )
     theirs = Result(proc.returncode, proc.stdout, proc.stderr)
-    mine = subprocess.run([sys.executable, "-m", "kvc", "kmod", "modprobe", *args], capture_output=True,
-                          env={**ours_env(setup.root), **(env_extra or {})})
+    mine = subprocess.run(
+        [sys.executable, "-m", "kvc", "kmod", "modprobe", *args],
+        capture_output=True,
+        env={**ours_env(setup.root), **(env_extra or {})},
+    )
     return Result(mine.returncode, mine.stdout, mine.stderr), theirs
 
 
@@ -247,13 +298,36 @@ def test_show_config(setup: Setup) -> None:
 
 @needs_root
 @pytest.mark.oracle
-@pytest.mark.parametrize("args", [
-    [], ["-h"], ["--help"], ["-V"], ["--bogus"], ["-z"], ["--show-"], ["--remove-", "-D", "loop"], ["--config"],
-    ["-C"], ["-w", "x", "-r", "loop"], ["--dirname=/nonexistent", "-D", "loop"], ["-S", "0.0", "-D", "loop"],
-    ["-c", "extra", "args"], ["-D", "e1000e", "a=1", "b=x y", "c='q r'"], ["-a"], ["-r"], ["-q", "-D", "nonexistent"],
-    ["-D", "nonexistent", "loop"], ["-a", "-D", "nonexistent", "loop"], ["-r", "-q", "nonexistent", "loop"],
-    ["-R", "snd-card-kvc1"], ["-R", "twice"], ["-D", "./relative.ko"], ["-D", "/nonexistent.ko"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["-h"],
+        ["--help"],
+        ["-V"],
+        ["--bogus"],
+        ["-z"],
+        ["--show-"],
+        ["--remove-", "-D", "loop"],
+        ["--config"],
+        ["-C"],
+        ["-w", "x", "-r", "loop"],
+        ["--dirname=/nonexistent", "-D", "loop"],
+        ["-S", "0.0", "-D", "loop"],
+        ["-c", "extra", "args"],
+        ["-D", "e1000e", "a=1", "b=x y", "c='q r'"],
+        ["-a"],
+        ["-r"],
+        ["-q", "-D", "nonexistent"],
+        ["-D", "nonexistent", "loop"],
+        ["-a", "-D", "nonexistent", "loop"],
+        ["-r", "-q", "nonexistent", "loop"],
+        ["-R", "snd-card-kvc1"],
+        ["-R", "twice"],
+        ["-D", "./relative.ko"],
+        ["-D", "/nonexistent.ko"],
+    ],
+)
 def test_cli_edges(setup: Setup, args: list[str]) -> None:
     full = [*args, *setup.args] if args and args[0] not in ("-h", "--help", "-V", "-z", "--bogus") else args
     ours, theirs = run_pair(setup, full)
@@ -264,8 +338,11 @@ def test_cli_edges(setup: Setup, args: list[str]) -> None:
 @pytest.mark.oracle
 def test_show_depends_from_a_path_and_modprobe_options(setup: Setup) -> None:
     path = module_path(setup.kernel, "wireguard")
-    for args, env in [(["-D", path], None), (["-D", "wireguard"], {"MODPROBE_OPTIONS": "-v -i"}),
-                      (["-D", "wireguard"], {"MODPROBE_OPTIONS": "'-i' -b"})]:
+    for args, env in [
+        (["-D", path], None),
+        (["-D", "wireguard"], {"MODPROBE_OPTIONS": "-v -i"}),
+        (["-D", "wireguard"], {"MODPROBE_OPTIONS": "'-i' -b"}),
+    ]:
         ours, theirs = run_pair(setup, [*args, *setup.args], env)
         assert ours == theirs, (args, env)
 
@@ -281,8 +358,15 @@ def test_load_plan_matches_show_depends(setup: Setup) -> None:
     assert dummy.action == ACTION_INSTALL and not dummy.required and dummy.command is not None
     assert dummy.command.startswith("/bin/echo installing $MODPROBE_MODULE")
     assert plan[-2].target and plan[-2].name == "wireguard" and plan[-2].options == "x=1"
-    assert plan[-1] == PlannedModule("loop", ACTION_INSMOD, module_path(setup.kernel, "loop"),
-                                     "max_part=2 max_loop=8 max_part=4 ", None, False, False)
+    assert plan[-1] == PlannedModule(
+        "loop",
+        ACTION_INSMOD,
+        module_path(setup.kernel, "loop"),
+        "max_part=2 max_loop=8 max_part=4 ",
+        None,
+        False,
+        False,
+    )
     assert all(step.required for step in plan if step.name in ("udp_tunnel", "wireguard"))
     ours, _theirs = run_pair(setup, ["-D", "wireguard", "x=1", *setup.args])
     assert "".join(f"{step.show()}\n" for step in plan).encode() == ours.stdout
@@ -313,14 +397,20 @@ def run_kmod_fake(fake: FakeKernel, args: list[str], inject: dict[str, str], tra
     for syscall, reply in inject.items():
         strace += ["-e", f"inject={syscall}:{reply}"]
     env = {**kmod_env(), "PATH": f"/usr/sbin:/sbin:{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", NAMESPACE, "sh", fake.paths.root, "", *strace, "modprobe",
-                           *args], capture_output=True, env=env)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", NAMESPACE, "sh", fake.paths.root, "", *strace, "modprobe", *args],
+        capture_output=True,
+        env=env,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def run_ours_fake(fake: FakeKernel, args: list[str]) -> Result:
-    proc = subprocess.run([sys.executable, "-m", "kvc", "kmod", "modprobe", *args], capture_output=True,
-                          env={**env_for(fake), "PYTHONPATH": str(TESTS)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvc", "kmod", "modprobe", *args],
+        capture_output=True,
+        env={**env_for(fake), "PYTHONPATH": str(TESTS)},
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -337,7 +427,7 @@ def traced_paths(trace: Path, syscall: str) -> list[str]:
             fds[call.rsplit("= ", 1)[1].split()[0]] = path
             last = path
         elif call.startswith(f"{syscall}(") and syscall == "finit_module":
-            paths.append(fds.get(call[len("finit_module("):].split(",", 1)[0], ""))
+            paths.append(fds.get(call[len("finit_module(") :].split(",", 1)[0], ""))
         elif call.startswith(f"{syscall}("):
             paths.append(call.split('"', 2)[1] if syscall == "delete_module" else last)
     return paths
@@ -350,12 +440,32 @@ def fake_setup(fake: FakeKernel, setup: Setup) -> tuple[FakeKernel, Setup]:
 
 
 LOAD_CASES = [
-    ["-v", "wireguard"], ["wireguard"], ["-n", "-v", "wireguard"], ["-n", "wireguard"], ["-v", "my-net"],
-    ["snd-card-kvc3"], ["blk-alias"], ["-v", "-b", "pcspkr"], ["-v", "pcspkr"], ["-v", "-i", "loop"],
-    ["-v", "dummy", "a=1"], ["dummy"], ["-v", "-a", "loop", "nosuch", "vxlan"], ["-v", "udp_tunnel"],
-    ["--first-time", "udp_tunnel"], ["-v", "--first-time", "vxlan"], ["-v", "tun"], ["-v", "nbd"], ["ghost"],
-    ["-v", "geneve"], ["-v", "veth"], ["-v", "twice"], ["-v", "-f", "loop"], ["--force-vermagic", "loop"],
-    ["-v", "kvc-extra"], ["-v", "-i", "wireguard"],
+    ["-v", "wireguard"],
+    ["wireguard"],
+    ["-n", "-v", "wireguard"],
+    ["-n", "wireguard"],
+    ["-v", "my-net"],
+    ["snd-card-kvc3"],
+    ["blk-alias"],
+    ["-v", "-b", "pcspkr"],
+    ["-v", "pcspkr"],
+    ["-v", "-i", "loop"],
+    ["-v", "dummy", "a=1"],
+    ["dummy"],
+    ["-v", "-a", "loop", "nosuch", "vxlan"],
+    ["-v", "udp_tunnel"],
+    ["--first-time", "udp_tunnel"],
+    ["-v", "--first-time", "vxlan"],
+    ["-v", "tun"],
+    ["-v", "nbd"],
+    ["ghost"],
+    ["-v", "geneve"],
+    ["-v", "veth"],
+    ["-v", "twice"],
+    ["-v", "-f", "loop"],
+    ["--force-vermagic", "loop"],
+    ["-v", "kvc-extra"],
+    ["-v", "-i", "wireguard"],
 ]
 
 
@@ -384,8 +494,9 @@ def test_loading_matches_kmod(fake_setup: tuple[FakeKernel, Setup], tmp_path: Pa
 @needs_root
 @needs_strace
 @pytest.mark.oracle
-@pytest.mark.parametrize("args", [["loop", "max_part=x"], ["loop", "max_loop=99999999999"], ["-v", "dummy", "-i"],
-                                  ["loop", "bogus=1"]])
+@pytest.mark.parametrize(
+    "args", [["loop", "max_part=x"], ["loop", "max_loop=99999999999"], ["-v", "dummy", "-i"], ["loop", "bogus=1"]]
+)
 def test_load_errors_match_kmod(fake_setup: tuple[FakeKernel, Setup], tmp_path: Path, args: list[str]) -> None:
     fake, setup = fake_setup
     name = "dummy" if "dummy" in args else "loop"
@@ -403,10 +514,22 @@ def test_load_errors_match_kmod(fake_setup: tuple[FakeKernel, Setup], tmp_path: 
 
 
 REMOVE_CASES = [
-    ["-r", "loop"], ["-r", "nosuch"], ["-r", "nosuch", "loop"], ["-r", "-a", "nosuch", "loop"], ["-r", "held"],
-    ["-r", "--first-time", "vxlan"], ["-r", "vxlan"], ["-r", "-n", "-v", "wireguard"], ["-r", "-v", "dummy"],
-    ["-r", "-n", "-v", "--remove-holders", "udp_tunnel"], ["-r", "bonding"], ["-r", "-i", "-n", "-v", "dummy"],
-    ["-r", "-q", "held"], ["-r", "-v", "-n", "my-net"], ["-r", "-n", "-v", "twice"], ["-r", "{builtin}"],
+    ["-r", "loop"],
+    ["-r", "nosuch"],
+    ["-r", "nosuch", "loop"],
+    ["-r", "-a", "nosuch", "loop"],
+    ["-r", "held"],
+    ["-r", "--first-time", "vxlan"],
+    ["-r", "vxlan"],
+    ["-r", "-n", "-v", "wireguard"],
+    ["-r", "-v", "dummy"],
+    ["-r", "-n", "-v", "--remove-holders", "udp_tunnel"],
+    ["-r", "bonding"],
+    ["-r", "-i", "-n", "-v", "dummy"],
+    ["-r", "-q", "held"],
+    ["-r", "-v", "-n", "my-net"],
+    ["-r", "-n", "-v", "twice"],
+    ["-r", "{builtin}"],
     ["-r", "--first-time", "-n", "-v", "loop"],
 ]
 
@@ -433,8 +556,33 @@ def test_removal_matches_kmod(fake_setup: tuple[FakeKernel, Setup], tmp_path: Pa
 
 # -- the configuration parser ----------------------------------------------------------------------
 
-WORDS = ["alias", "options", "install", "remove", "blacklist", "softdep", "weakdep", "include", "config", "pre:",
-         "post:", "m-a", "m_b", "x[y]", "a]", "[", "*", "?", "#", "$CMDLINE_OPTS", "=", "\"", "'", ".", "k=v"]
+WORDS = [
+    "alias",
+    "options",
+    "install",
+    "remove",
+    "blacklist",
+    "softdep",
+    "weakdep",
+    "include",
+    "config",
+    "pre:",
+    "post:",
+    "m-a",
+    "m_b",
+    "x[y]",
+    "a]",
+    "[",
+    "*",
+    "?",
+    "#",
+    "$CMDLINE_OPTS",
+    "=",
+    '"',
+    "'",
+    ".",
+    "k=v",
+]
 SEPARATORS = [" ", "  ", "\t", "\\\n", "\n", "\\", "\r", "\v"]
 
 
@@ -443,7 +591,7 @@ def random_text(rng: random.Random, size: int) -> str:
 
 
 def random_cmdline(rng: random.Random) -> str:
-    parts = ["a", "b-c", "modprobe", "blacklist", ".", "=", "\"", " ", "x", "[", "]", ",", "\n", "1", "  "]
+    parts = ["a", "b-c", "modprobe", "blacklist", ".", "=", '"', " ", "x", "[", "]", ",", "\n", "1", "  "]
     return "".join(rng.choice(parts) for _ in range(rng.randrange(0, 30)))
 
 
@@ -462,10 +610,15 @@ def test_random_configs_show_like_kmod(tmp_path: Path) -> None:
         (case / "proc").mkdir()
         (case / "proc" / "cmdline").write_text(random_cmdline(rng))
         cases.append(case)
-    script = ('for c in "$@"; do mount --bind "$c/proc/cmdline" /proc/cmdline; printf "\\036\\n"; '
-              'printf "\\036\\n" >&2; modprobe -C "$c/conf" -d "$c" -S 0 -c; umount /proc/cmdline; done')
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *map(str, cases)], capture_output=True,
-                          env={**kmod_env(), "PATH": f"/usr/sbin:/sbin:{os.environ.get('PATH', '')}"})
+    script = (
+        'for c in "$@"; do mount --bind "$c/proc/cmdline" /proc/cmdline; printf "\\036\\n"; '
+        'printf "\\036\\n" >&2; modprobe -C "$c/conf" -d "$c" -S 0 -c; umount /proc/cmdline; done'
+    )
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *map(str, cases)],
+        capture_output=True,
+        env={**kmod_env(), "PATH": f"/usr/sbin:/sbin:{os.environ.get('PATH', '')}"},
+    )
     outs = proc.stdout.split(b"\x1e\n")[1:]
     errs = proc.stderr.split(b"\x1e\n")[1:]
     assert len(outs) == len(errs) == len(cases)
@@ -496,8 +649,9 @@ def test_parser_units() -> None:
     assert parse_softdep("m", "x pre: a b post: c").pre == ("a", "b")
     assert parse_softdep("m", " pre: a").pre == ()  # one leading separator sticks to "pre:"
     assert parse_softdep("m", "  pre: a").pre == ("a",)
-    config = parse_config([("f", b"options m a=1\too\nalias x* m\ninstall m* cmd\n")],
-                          b'm.b=2 "m.c=d e" modprobe.blacklist=q,r')
+    config = parse_config(
+        [("f", b"options m a=1\too\nalias x* m\ninstall m* cmd\n")], b'm.b=2 "m.c=d e" modprobe.blacklist=q,r'
+    )
     assert config.options == (("m", "a=1 oo"), ("m", "b=2"), ("m", 'c="d e"'))
     assert config.module_options("m") == 'a=1 oo b=2 c="d e"'
     assert config.blacklists == ("q", "r") and config.alias_targets("xy") == ["m"]
@@ -508,8 +662,9 @@ def test_parser_units() -> None:
 @needs_strace
 @pytest.mark.oracle
 @pytest.mark.parametrize("args", [["-v", "loop"], ["-r", "-v", "-n", "loop"], ["-r", "loop"]])
-def test_a_coming_module_is_not_in_the_kernel_for_kmod_30(fake_setup: tuple[FakeKernel, Setup], tmp_path: Path,
-                                                          args: list[str]) -> None:
+def test_a_coming_module_is_not_in_the_kernel_for_kmod_30(
+    fake_setup: tuple[FakeKernel, Setup], tmp_path: Path, args: list[str]
+) -> None:
     """kmod 30 counts only live and built-in modules as loaded: a 'coming' one is inserted again
     or removed, and the kernel's answer (the fake kernel's, injected for kmod) is reported."""
     fake, setup = fake_setup
@@ -525,7 +680,11 @@ def test_a_coming_module_is_not_in_the_kernel_for_kmod_30(fake_setup: tuple[Fake
         except KernelError as exc:
             err = exc.errno
     full = [*args, *setup.args]
-    theirs = run_kmod_fake(fake, full, {"finit_module": answer(err), "init_module": answer(err),
-                                        "delete_module": answer(err)}, tmp_path / "trace")
+    theirs = run_kmod_fake(
+        fake,
+        full,
+        {"finit_module": answer(err), "init_module": answer(err), "delete_module": answer(err)},
+        tmp_path / "trace",
+    )
     ours = run_ours_fake(fake, full)
     assert ours == theirs

@@ -29,8 +29,8 @@ from kvc.kmod.moddir import (
 from kvc.kmod.module import ModinfoEntry
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel
+from support.indexmodel import build_index, concrete
 from support.oracle import kmod_tool
-from test_index import build_index, concrete
 
 pytestmark = pytest.mark.oracle
 
@@ -38,10 +38,13 @@ pytestmark = pytest.mark.oracle
 def modprobe_resolve(root: Path, release: str, queries: Sequence[str]) -> dict[str, list[str]]:
     """``modprobe -R`` for each query, in one shell loop. No config (-C /dev/null); -R only
     resolves, so /proc/cmdline (options, blacklist) cannot change its answer."""
-    script = ('while IFS= read -r a; do echo "== $a"; '
-              f'"{kmod_tool("modprobe")}" -C /dev/null -d "{root}" -S "{release}" -R -- "$a" 2>/dev/null; done; exit 0')
-    proc = subprocess.run(["sh", "-c", script], input="".join(f"{q}\n" for q in queries),
-                          capture_output=True, text=True, check=True)
+    script = (
+        'while IFS= read -r a; do echo "== $a"; '
+        f'"{kmod_tool("modprobe")}" -C /dev/null -d "{root}" -S "{release}" -R -- "$a" 2>/dev/null; done; exit 0'
+    )
+    proc = subprocess.run(
+        ["sh", "-c", script], input="".join(f"{q}\n" for q in queries), capture_output=True, text=True, check=True
+    )
     found: dict[str, list[str]] = {}
     current: Optional[str] = None
     for line in proc.stdout.splitlines():
@@ -131,13 +134,24 @@ def test_resolve_matches_modprobe(indexed_kernel_tree: DebianKernel) -> None:
     queries |= set(rng.sample(directory.modules_builtin(), 25))
     records = (moddir / "modules.builtin.modinfo").read_bytes().split(b"\0")
     queries |= {record.decode().split(".alias=", 1)[1] for record in records if b".alias=" in record}
-    queries |= {"nonexistent", "symbol:nonexistent", "symbol:drm_*", "a]", "x[y", "pci:*", "fs-ext4",
-                "crypto-sha256", "pci:v00008086d000015FAsv0sd0bc02sc00i00", "usb:v*",
-                "cpu:type:x86,ven0000fam0006mod006A:feature:,XYZ"}
+    queries |= {
+        "nonexistent",
+        "symbol:nonexistent",
+        "symbol:drm_*",
+        "a]",
+        "x[y",
+        "pci:*",
+        "fs-ext4",
+        "crypto-sha256",
+        "pci:v00008086d000015FAsv0sd0bc02sc00i00",
+        "usb:v*",
+        "cpu:type:x86,ven0000fam0006mod006A:feature:,XYZ",
+    }
     ordered = sorted(q for q in queries if q and not q.startswith("-") and "\n" not in q)
     expected = modprobe_resolve(indexed_kernel_tree.root, indexed_kernel_tree.release, ordered)
-    mismatches = {q: (names(directory.resolve(q)), expected[q]) for q in ordered
-                  if names(directory.resolve(q)) != expected[q]}
+    mismatches = {
+        q: (names(directory.resolve(q)), expected[q]) for q in ordered if names(directory.resolve(q)) != expected[q]
+    }
     assert mismatches == {}
     assert sum(1 for q in ordered if expected[q]) > 550
     assert sum(1 for q in ordered if len(expected[q]) > 1) > 5
@@ -148,8 +162,13 @@ def test_resolved_entries_carry_paths_and_flags(indexed_kernel_tree: DebianKerne
     directory = ModuleDirectory(str(moddir))
     (by_alias,) = directory.resolve("pci:v00008086d000015FAsv0sd0bc02sc00i00")
     assert by_alias.step == "modules.alias" and by_alias.name == "e1000e" and not by_alias.builtin
-    assert by_alias == ModuleEntry("e1000e", f"{moddir}/kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko",
-                                   by_alias.dependencies, False, "modules.alias")
+    assert by_alias == ModuleEntry(
+        "e1000e",
+        f"{moddir}/kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko",
+        by_alias.dependencies,
+        False,
+        "modules.alias",
+    )
     (with_deps,) = directory.resolve("snd-hda-intel")
     line = (moddir / "modules.dep").read_text().split("/snd-hda-intel.ko:", 1)[1].split("\n", 1)[0]
     assert with_deps.dependencies == tuple(f"{moddir}/{dep}" for dep in line.split())
@@ -159,8 +178,9 @@ def test_resolved_entries_carry_paths_and_flags(indexed_kernel_tree: DebianKerne
 
 
 def modinfo_strings(root: Path, release: str, name: str) -> list[str]:
-    out = subprocess.run([kmod_tool("modinfo"), "-0", "-m", "-b", str(root), "-k", release, name],
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        [kmod_tool("modinfo"), "-0", "-m", "-b", str(root), "-k", release, name], capture_output=True, check=True
+    ).stdout
     records = out.decode().split("\0")[:-1]
     assert records[0].split() == ["name:", name] and records[1].split() == ["filename:", "(builtin)"]
     return [record for record in records[2:] if not record.startswith("parm:")]
@@ -176,9 +196,12 @@ def test_builtin_modinfo_matches_modinfo(indexed_kernel_tree: DebianKernel) -> N
         expected = modinfo_strings(indexed_kernel_tree.root, indexed_kernel_tree.release, name)
         assert [f"{key}={value}" for key, value in ours if key not in ("parm", "parmtype")] == expected
     zswap = directory.builtin_modinfo("zswap")
-    assert zswap[:4] == [ModinfoEntry("description", "Compressed cache for swap pages"),
-                         ModinfoEntry("author", "Seth Jennings <sjennings@variantweb.net>"),
-                         ModinfoEntry("license", "GPL"), ModinfoEntry("file", "mm/zswap")]
+    assert zswap[:4] == [
+        ModinfoEntry("description", "Compressed cache for swap pages"),
+        ModinfoEntry("author", "Seth Jennings <sjennings@variantweb.net>"),
+        ModinfoEntry("license", "GPL"),
+        ModinfoEntry("file", "mm/zswap"),
+    ]
     assert ModinfoEntry("parmtype", "max_pool_percent:uint") in zswap
     assert directory.find_builtin_modinfo("e1000e") is None
     assert directory.builtin_modinfo("e1000e") == []
@@ -189,12 +212,17 @@ def test_builtin_modinfo_matches_modinfo(indexed_kernel_tree: DebianKernel) -> N
 RELEASE = "9.9.9-kvc"
 
 
-def make_tree(root: Path, *, dep: Optional[Mapping[str, str]] = None,
-              alias: Optional[Mapping[str, Sequence[tuple[int, str]]]] = None,
-              symbols: Optional[Mapping[str, Sequence[tuple[int, str]]]] = None,
-              builtin: Optional[Sequence[str]] = None,
-              builtin_alias: Optional[Mapping[str, Sequence[tuple[int, str]]]] = None,
-              missing: Sequence[str] = (), empty: Sequence[str] = ()) -> Path:
+def make_tree(
+    root: Path,
+    *,
+    dep: Optional[Mapping[str, str]] = None,
+    alias: Optional[Mapping[str, Sequence[tuple[int, str]]]] = None,
+    symbols: Optional[Mapping[str, Sequence[tuple[int, str]]]] = None,
+    builtin: Optional[Sequence[str]] = None,
+    builtin_alias: Optional[Mapping[str, Sequence[tuple[int, str]]]] = None,
+    missing: Sequence[str] = (),
+    empty: Sequence[str] = (),
+) -> Path:
     moddir = root / "lib" / "modules" / RELEASE
     moddir.mkdir(parents=True)
     files = {
@@ -223,8 +251,12 @@ def test_random_wildcard_tries_resolve_like_modprobe(tmp_path: Path) -> None:
             values = alias.setdefault(key, [])
             values.append((rng.randrange(4), f"m{number}"))
             values.sort(key=lambda v: v[0])
-        queries = sorted({"".join(rng.choice(["a", "b", "c", ":", "_", "-", "*", "?", "["])
-                                  for _ in range(rng.randrange(1, 6))) for _ in range(70)})
+        queries = sorted(
+            {
+                "".join(rng.choice(["a", "b", "c", ":", "_", "-", "*", "?", "["]) for _ in range(rng.randrange(1, 6)))
+                for _ in range(70)
+            }
+        )
         queries = [q for q in queries if not q.startswith("-")]
         for empty_builtin in (False, True):
             root = tmp_path / f"{case}-{empty_builtin}"
@@ -254,10 +286,23 @@ def test_lookup_order_like_modprobe(tmp_path: Path) -> None:
         alias={"real": [(0, "aliased")], "blt*": [(3, "alias_wins")], "symbol:s*": [(0, "alias_sym")]},
         symbols={"symbol:s1": [(0, "real")], "symbol:s?": [(1, "dep")]},
         builtin=["blt", "bi", "b_mod"],
-        builtin_alias={"bi*": [(0, "via_builtin_alias")], "only*": [(0, "ba1")], "onl?": [(0, "ba2")]})
+        builtin_alias={"bi*": [(0, "via_builtin_alias")], "only*": [(0, "ba1")], "onl?": [(0, "ba2")]},
+    )
     directory = ModuleDirectory(str(moddir))
-    queries = ["real", "dep", "symbol:s1", "symbol:s2", "symbol:x", "blt", "bi", "bix", "only", "b-mod", "real:x",
-               "nothing"]
+    queries = [
+        "real",
+        "dep",
+        "symbol:s1",
+        "symbol:s2",
+        "symbol:x",
+        "blt",
+        "bi",
+        "bix",
+        "only",
+        "b-mod",
+        "real:x",
+        "nothing",
+    ]
     expected = modprobe_resolve(root, RELEASE, queries)
     assert {q: names(directory.resolve(q)) for q in queries} == expected
     assert expected["real"] == ["real"]  # modules.dep before modules.alias
@@ -325,7 +370,9 @@ def test_config_steps_have_their_place(tmp_path: Path) -> None:
     directory = ModuleDirectory(str(moddir))
     config = Config({"real": ["other", "real"]}, ["cmd", "real"])
     assert [(e.name, e.step) for e in directory.resolve("real", config)] == [
-        ("other", "config-alias"), ("real", "config-alias")]
+        ("other", "config-alias"),
+        ("real", "config-alias"),
+    ]
     assert directory.resolve("real", config)[1].path == f"{moddir}/kernel/real.ko"
     assert [(e.name, e.step) for e in directory.resolve("cmd", config)] == [("cmd", "command")]
     assert names(directory.resolve("cmd")) == ["from_index"]
@@ -334,10 +381,18 @@ def test_config_steps_have_their_place(tmp_path: Path) -> None:
 # -- parsing units ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("alias", "normalized"), [
-    ("snd-hda-intel", "snd_hda_intel"), ("a-[b-c]-d", "a_[b-c]_d"), ("[[-]-", "[[-]_"),
-    ("pci:v*d*", "pci:v*d*"), ("x\0y-z", "x"), ("", ""), ("a" * 5000, "a" * 4095),
-])
+@pytest.mark.parametrize(
+    ("alias", "normalized"),
+    [
+        ("snd-hda-intel", "snd_hda_intel"),
+        ("a-[b-c]-d", "a_[b-c]_d"),
+        ("[[-]-", "[[-]_"),
+        ("pci:v*d*", "pci:v*d*"),
+        ("x\0y-z", "x"),
+        ("", ""),
+        ("a" * 5000, "a" * 4095),
+    ],
+)
 def test_normalize_alias(alias: str, normalized: str) -> None:
     assert normalize_alias(alias) == normalized
 
@@ -350,12 +405,15 @@ def test_normalize_alias_refuses_unbalanced_brackets(alias: str) -> None:
 
 def test_text_parsers() -> None:
     assert parse_dep_line("kernel/a/b-c.ko.xz: kernel/d.ko\t /abs/e.ko\n") == DepLine(
-        "b_c", "kernel/a/b-c.ko.xz", ("kernel/d.ko", "/abs/e.ko"))
+        "b_c", "kernel/a/b-c.ko.xz", ("kernel/d.ko", "/abs/e.ko")
+    )
     assert parse_dep_line("no colon") is None
     assert parse_dep_line("x.ko:") == DepLine("x", "x.ko", ())
     assert normalize_modname("snd-hda.ko") == "snd_hda"
     assert parse_alias_lines("# header\nalias a* m1\nalias b m2 extra\nsoftdep x pre: y\nalias broken\n") == [
-        ("a*", "m1"), ("b", "m2")]
+        ("a*", "m1"),
+        ("b", "m2"),
+    ]
     assert parse_modules_builtin("kernel/mm/zbud.ko\n\n# comment\n/abs/x.ko\nkernel/a-b.ko\n") == ["zbud", "a_b"]
 
 
@@ -378,5 +436,8 @@ def test_builtin_modinfo_from_a_directory(tmp_path: Path) -> None:
     (tmp_path / "modules.builtin.modinfo").write_bytes(b"m.license=GPL\0m.parm=p:desc\0m.flag\0")
     directory = ModuleDirectory(str(tmp_path))
     assert directory.find_builtin_modinfo("m") == [
-        ModinfoEntry("license", "GPL"), ModinfoEntry("parm", "p:desc"), ModinfoEntry("flag", "")]
+        ModinfoEntry("license", "GPL"),
+        ModinfoEntry("parm", "p:desc"),
+        ModinfoEntry("flag", ""),
+    ]
     assert ModuleDirectory(str(tmp_path / "missing")).find_builtin_modinfo("m") is None

@@ -19,8 +19,9 @@ from support import fakeprog
 
 INSTANCE = "kmods-via-containers@simple-kmod.service"
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                           reason="systemd-analyze is not installed")
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
 
 
 def unit_root(tmp_path: Path) -> Path:
@@ -42,8 +43,9 @@ def verify(root: Path, unit: str = INSTANCE) -> tuple[int, str]:
     """``systemd-analyze verify`` of ``unit`` inside ``root`` (offline: systemd need not be
     running); its status and everything it said. systemd reports most unit file mistakes as
     warnings, with status 0: a clean unit says nothing."""
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}", unit],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}", unit], capture_output=True, text=True
+    )
     return result.returncode, (result.stdout + result.stderr).strip()
 
 
@@ -63,15 +65,18 @@ def test_verify_checks_the_commands_exist(tmp_path: Path) -> None:
 
 
 @needs_systemd_analyze
-@pytest.mark.parametrize(("old", "new", "fatal"), [
-    ("ExecStart=/usr/bin/bash", "ExecStart=/usr/bin/nosuch", True),
-    ('unload %i %v"', "unload %i %v", True),  # unbalanced quoting
-    ("[Service]", "[Servic]", True),
-    ("Type=oneshot", "Type=oneshots", False),
-    ("TimeoutStartSec=25m", "TimeoutStartSec=25 fortnights", False),
-    ("RemainAfterExit=true", "RemainAfterExit=maybe", False),
-    ("StandardOutput=journal+console", "StandardOutput=journal+konsole", False),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "fatal"),
+    [
+        ("ExecStart=/usr/bin/bash", "ExecStart=/usr/bin/nosuch", True),
+        ('unload %i %v"', "unload %i %v", True),  # unbalanced quoting
+        ("[Service]", "[Servic]", True),
+        ("Type=oneshot", "Type=oneshots", False),
+        ("TimeoutStartSec=25m", "TimeoutStartSec=25 fortnights", False),
+        ("RemainAfterExit=true", "RemainAfterExit=maybe", False),
+        ("StandardOutput=journal+console", "StandardOutput=journal+konsole", False),
+    ],
+)
 def test_a_broken_unit_fails_verification(tmp_path: Path, old: str, new: str, fatal: bool) -> None:
     root = unit_root(tmp_path)
     unit = root / "etc" / "systemd" / "system" / UNIT_NAME
@@ -140,8 +145,7 @@ def test_install_writes_the_unit_atomically_and_only_when_it_changed(tmp_path: P
     assert sorted(os.listdir(path.parent)) == [UNIT_NAME]  # no temporary files left
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "etc" / "systemd" / "system" / UNIT_NAME
     target.parent.mkdir(parents=True)
     target.write_text("old\n")
@@ -185,8 +189,12 @@ def test_systemctl_runs_when_systemd_is_running(tmp_path: Path, systemctl_log: P
     assert systemctl.enable("simple-kmod")
     assert systemctl.enable("simple-kmod", now=True)
     assert systemctl.disable("simple-kmod")
-    assert fakeprog.calls(systemctl_log) == [["daemon-reload"], ["enable", INSTANCE], ["enable", "--now", INSTANCE],
-                                             ["disable", "--now", INSTANCE]]
+    assert fakeprog.calls(systemctl_log) == [
+        ["daemon-reload"],
+        ["enable", INSTANCE],
+        ["enable", "--now", INSTANCE],
+        ["disable", "--now", INSTANCE],
+    ]
 
 
 def test_a_failing_systemctl_raises_with_a_hint(tmp_path: Path, systemctl_log: Path) -> None:
@@ -199,19 +207,21 @@ def test_a_failing_systemctl_raises_with_a_hint(tmp_path: Path, systemctl_log: P
     assert "journalctl -u " + INSTANCE in failed.value.hint
 
 
-def test_systemctl_is_skipped_with_a_message_without_systemd(tmp_path: Path, systemctl_log: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_systemctl_is_skipped_with_a_message_without_systemd(
+    tmp_path: Path, systemctl_log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     systemctl = Systemctl(Layout(HostPaths("/")), run_dir=str(tmp_path / "absent"))
     assert not systemctl.available()
     assert not systemctl.enable("simple-kmod")
-    assert capsys.readouterr().out == (f"systemd is not running here: skipped 'systemctl enable {INSTANCE}'; "
-                                       "run it on the host\n")
+    assert capsys.readouterr().out == (
+        f"systemd is not running here: skipped 'systemctl enable {INSTANCE}'; run it on the host\n"
+    )
     assert fakeprog.calls(systemctl_log) == []
 
 
-def test_systemctl_is_skipped_under_kvc_root(tmp_path: Path, systemctl_log: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_systemctl_is_skipped_under_kvc_root(
+    tmp_path: Path, systemctl_log: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     booted = tmp_path / "run-systemd-system"
     booted.mkdir()
     assert not Systemctl(Layout(HostPaths(str(tmp_path))), run_dir=str(booted)).available()
@@ -221,5 +231,6 @@ def test_systemctl_is_skipped_under_kvc_root(tmp_path: Path, systemctl_log: Path
     assert capsys.readouterr().out.splitlines() == [
         f"kvc is managing a root other than /: skipped 'systemctl daemon-reload && systemctl enable {INSTANCE}'; "
         "run it on the host",
-        f"kvc is managing a root other than /: skipped 'systemctl disable --now {INSTANCE}'; run it on the host"]
+        f"kvc is managing a root other than /: skipped 'systemctl disable --now {INSTANCE}'; run it on the host",
+    ]
     assert fakeprog.calls(systemctl_log) == []

@@ -57,10 +57,14 @@ def find_in_tree(root: str, release: str) -> tuple[Optional[KernelFiles], str]:
     and, when they are not all there, what is missing."""
     moddirs = [os.path.join(root, sub, release) for sub in ("lib/modules", "usr/lib/modules", "modules")]
     moddir = next((path for path in moddirs if os.path.isdir(os.path.join(path, "kernel"))), None)
-    vmlinuz = _first_existing([os.path.join(root, "boot", f"vmlinuz-{release}"),
-                               os.path.join(root, f"vmlinuz-{release}"),
-                               *([os.path.join(moddir, "vmlinuz")] if moddir else []),
-                               os.path.join(root, "vmlinuz")])
+    vmlinuz = _first_existing(
+        [
+            os.path.join(root, "boot", f"vmlinuz-{release}"),
+            os.path.join(root, f"vmlinuz-{release}"),
+            *([os.path.join(moddir, "vmlinuz")] if moddir else []),
+            os.path.join(root, "vmlinuz"),
+        ]
+    )
     if vmlinuz is None:
         return None, f"no vmlinuz-{release} in {os.path.join(root, 'boot')}"
     if moddir is None:
@@ -177,6 +181,9 @@ def find_kernel(release: str, sources: Sequence[KernelSource]) -> KernelFiles:
         if found is not None:
             return found
         problems.append(f"{source.description}: {problem}")
-    raise KernelMissingError(f"kernel {release} not found", details="\n".join(problems),
-                             hint=f"pass --kernel-dir DIR, a directory holding boot/vmlinuz-{release} and an "
-                                  f"indexed lib/modules/{release} (e.g. the kernel package unpacked)")
+    raise KernelMissingError(
+        f"kernel {release} not found",
+        details="\n".join(problems),
+        hint=f"pass --kernel-dir DIR, a directory holding boot/vmlinuz-{release} and an "
+        f"indexed lib/modules/{release} (e.g. the kernel package unpacked)",
+    )

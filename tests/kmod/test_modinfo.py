@@ -46,12 +46,32 @@ def test_every_module_of_the_tree_in_one_call(kernel_tree: DebianKernel) -> None
     assert ours.stdout == theirs.stdout
 
 
-@pytest.mark.parametrize("flags", [
-    ["-0"], ["-F", "vermagic"], ["-F", "alias"], ["-F", "parm"], ["-0", "-F", "parm"], ["-p"],
-    ["-a"], ["-d"], ["-l"], ["-n"], ["-F", "signer"], ["-F", "sig_key"], ["-F", "signature"],
-    ["-F", "sig_hashalgo"], ["-F", "sig_id"], ["-F", "name"], ["-F", "depends"], ["-0", "-F", "alias"],
-    ["-F", "nosuchfield"], ["--field=license", "--null"], ["-F", "filename", "-F", "license"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["-0"],
+        ["-F", "vermagic"],
+        ["-F", "alias"],
+        ["-F", "parm"],
+        ["-0", "-F", "parm"],
+        ["-p"],
+        ["-a"],
+        ["-d"],
+        ["-l"],
+        ["-n"],
+        ["-F", "signer"],
+        ["-F", "sig_key"],
+        ["-F", "signature"],
+        ["-F", "sig_hashalgo"],
+        ["-F", "sig_id"],
+        ["-F", "name"],
+        ["-F", "depends"],
+        ["-0", "-F", "alias"],
+        ["-F", "nosuchfield"],
+        ["--field=license", "--null"],
+        ["-F", "filename", "-F", "license"],
+    ],
+)
 def test_field_and_separator_variants(kernel_tree: DebianKernel, flags: list[str]) -> None:
     assert_same([*flags, *sample(kernel_tree, 60)])
 
@@ -73,8 +93,9 @@ def test_recompressed_modules(kernel_tree: DebianKernel, tmp_path: Path, kind: s
     assert_same(["-F", "signer", *paths])
 
 
-def crafted(tmp_path: Path, name: str, is_64: bool, big_endian: bool, entries: list[tuple[str, str]],
-            extra: bytes = b"") -> str:
+def crafted(
+    tmp_path: Path, name: str, is_64: bool, big_endian: bool, entries: list[tuple[str, str]], extra: bytes = b""
+) -> str:
     spec = ElfSpec(is_64=is_64, big_endian=big_endian)
     spec.add(".modinfo", b"\0\0" + modinfo_section(entries) + extra)
     spec.add(".gnu.linkonce.this_module", this_module_section(name, is_64))
@@ -86,10 +107,21 @@ def crafted(tmp_path: Path, name: str, is_64: bool, big_endian: bool, entries: l
 @pytest.mark.parametrize("is_64", [True, False])
 @pytest.mark.parametrize("big_endian", [False, True])
 def test_crafted_modules_of_every_class_and_byte_order(tmp_path: Path, is_64: bool, big_endian: bool) -> None:
-    entries = [("license", "GPL"), ("fifteen_chars_k", "x"), ("a_key_longer_than_15", "y"),
-               ("parm", "p1:first"), ("parmtype", "p1:int"), ("parmtype", "p2:bool"),
-               ("parm", "p3:only a description"), ("parm", "p1:changed"), ("parm", "broken"),
-               ("vermagic", "6.1.0 SMP"), ("depends", "a,b"), ("alias", "x"), ("alias", "x")]
+    entries = [
+        ("license", "GPL"),
+        ("fifteen_chars_k", "x"),
+        ("a_key_longer_than_15", "y"),
+        ("parm", "p1:first"),
+        ("parmtype", "p1:int"),
+        ("parmtype", "p2:bool"),
+        ("parm", "p3:only a description"),
+        ("parm", "p1:changed"),
+        ("parm", "broken"),
+        ("vermagic", "6.1.0 SMP"),
+        ("depends", "a,b"),
+        ("alias", "x"),
+        ("alias", "x"),
+    ]
     path = crafted(tmp_path, "some-mod", is_64, big_endian, entries, extra=b"noequals\0\0\0tail=end")
     for flags in ([], ["-0"], ["-p"], ["-F", "parm"], ["-F", "noequals"], ["-F", "tail"]):
         assert_same([*flags, path])

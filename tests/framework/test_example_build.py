@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "simple-kmod"
 SCRIPTS = ROOT / "scripts"
 KMODVER = "1.2.3-kvctest"
@@ -33,10 +33,10 @@ def current_headers_release() -> str:
     """The kernel release whose headers Debian's linux-headers-ARCH metapackage names."""
     if not shutil.which("apt-cache") or not shutil.which("dpkg"):
         pytest.skip("needs Debian's apt-cache and dpkg")
-    arch = subprocess.run(["dpkg", "--print-architecture"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-    out = subprocess.run(["apt-cache", "depends", f"linux-headers-{arch}"], check=True,
-                         capture_output=True, text=True).stdout
+    arch = subprocess.run(["dpkg", "--print-architecture"], check=True, capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        ["apt-cache", "depends", f"linux-headers-{arch}"], check=True, capture_output=True, text=True
+    ).stdout
     match = re.search(r"Depends: linux-headers-(\d+\.\d+\.\d+-\d+-[a-z0-9]+)\b", out)
     if not match:
         pytest.skip(f"linux-headers-{arch} names no kernel release")
@@ -46,8 +46,10 @@ def current_headers_release() -> str:
 def run(cmd: list[str], timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {result.returncode}\n"
-                    f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} exited {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -60,9 +62,12 @@ def timed(cmd: list[str], timeout: float = 900) -> tuple[float, subprocess.Compl
 def uncached_steps(output: str) -> list[str]:
     """The build steps (other than FROM and LABEL) that the build did not take from its cache."""
     lines = output.splitlines()
-    return [line for index, line in enumerate(lines)
-            if re.search(r"STEP \d+/\d+: (?!FROM |LABEL )", line)
-            and not (index + 1 < len(lines) and lines[index + 1].startswith("--> Using cache"))]
+    return [
+        line
+        for index, line in enumerate(lines)
+        if re.search(r"STEP \d+/\d+: (?!FROM |LABEL )", line)
+        and not (index + 1 < len(lines) and lines[index + 1].startswith("--> Using cache"))
+    ]
 
 
 def compiler_warnings(text: str) -> list[str]:
@@ -70,6 +75,7 @@ def compiler_warnings(text: str) -> list[str]:
 
 
 # ---- on the host ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def host_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, str]:
@@ -121,6 +127,7 @@ def test_host_spkut_arguments(host_build: tuple[str, Path, str]) -> None:
 
 # ---- in a container image ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def container_ready() -> None:
     if os.geteuid() != 0:
@@ -147,9 +154,21 @@ def test_example_image(container_ready: None, tmp_path: Path) -> None:
     image = f"localhost/kvc-test-simple-kmod-{os.getpid()}:{kver}"
     context = tmp_path / "simple-kmod"
     shutil.copytree(EXAMPLE, context)
-    build = [RUNTIME, "build", "-t", image, "--label", "name=kvc-test-simple-kmod",
-             "--build-arg", f"KVER={kver}", "--build-arg", f"KMODVER={KMODVER}",
-             "-f", str(context / "Containerfile"), str(context)]
+    build = [
+        RUNTIME,
+        "build",
+        "-t",
+        image,
+        "--label",
+        "name=kvc-test-simple-kmod",
+        "--build-arg",
+        f"KVER={kver}",
+        "--build-arg",
+        f"KMODVER={KMODVER}",
+        "-f",
+        str(context / "Containerfile"),
+        str(context),
+    ]
     before = all_image_ids()
     try:
         # A --no-cache build reuses nothing, and leaves its RUN layers (not its COPY layers)
@@ -162,8 +181,10 @@ def test_example_image(container_ready: None, tmp_path: Path) -> None:
         warm, result = timed(build)
         assert uncached_steps(result.stdout) == [], result.stdout
         size = int(run([RUNTIME, "image", "inspect", "--format", "{{.Size}}", image]).stdout)
-        print(f"\nimage build for {kver}: cold {cold:.1f} s, after a source change {changed:.1f} s, "
-              f"warm {warm:.1f} s; image {size / 1e6:.0f} MB")
+        print(
+            f"\nimage build for {kver}: cold {cold:.1f} s, after a source change {changed:.1f} s, "
+            f"warm {warm:.1f} s; image {size / 1e6:.0f} MB"
+        )
 
         in_image = [RUNTIME, "run", "--rm", "--network=none", image]
         extra = f"/lib/modules/{kver}/extra"
@@ -172,11 +193,16 @@ def test_example_image(container_ready: None, tmp_path: Path) -> None:
             vermagic = modinfo(ko, "vermagic", in_image)
             assert vermagic.startswith(f"{kver} "), vermagic
             assert modinfo(ko, "version", in_image) == KMODVER
-        listing = run([*in_image, "sh", "-c",
-                       f"ls {extra}; cat /lib/modules/{kver}/modules.dep; command -v spkut"]).stdout
-        assert listing.split() == ["simple-kmod.ko", "simple-procfs-kmod.ko",
-                                   "extra/simple-kmod.ko:", "extra/simple-procfs-kmod.ko:",
-                                   "/usr/local/bin/spkut"]
+        listing = run(
+            [*in_image, "sh", "-c", f"ls {extra}; cat /lib/modules/{kver}/modules.dep; command -v spkut"]
+        ).stdout
+        assert listing.split() == [
+            "simple-kmod.ko",
+            "simple-procfs-kmod.ko",
+            "extra/simple-kmod.ko:",
+            "extra/simple-procfs-kmod.ko:",
+            "/usr/local/bin/spkut",
+        ]
         usage = subprocess.run([*in_image, "spkut"], check=False, capture_output=True, text=True)
         assert usage.returncode == 2
         assert "usage: spkut N" in usage.stderr

@@ -12,13 +12,11 @@ for that answer are then compared with ours, which got it from the fake kernel i
 
 from __future__ import annotations
 
-import errno
 import lzma
 import os
 import shutil
-import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -33,72 +31,19 @@ from kvc.kmod.kernel import (
     read_symvers,
 )
 from kvc.kmod.paths import HostPaths
-from support.debian_kernel import DebianKernel, dependency_chain, module_path
+from support.debian_kernel import DebianKernel, module_path
+from support.kmodns import answer, copy_of, env_for, load, run_kmod_on
 from support.modbuild import Export, ModuleSpec, Param, build_module
-from support.oracle import Result, kmod_tool, run_kmod, run_kvc
+from support.oracle import Result, run_kmod, run_kvc
 
 pytestmark = [
     pytest.mark.oracle,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                       reason="needs root and unshare for a private mount namespace"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("unshare") is None,
+        reason="needs root and unshare for a private mount namespace",
+    ),
 ]
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")
-
-NAMESPACE = r"""
-set -e
-root=$1; moddir=$2; shift 2
-mount --bind "$root/proc" /proc
-mount --bind "$root/sys/module" /sys/module
-if [ -n "$moddir" ]; then
-    release=$(uname -r)
-    mount -t tmpfs kvc-test /usr/lib/modules
-    mkdir -p "/usr/lib/modules/$release"
-    mount --bind "$moddir" "/usr/lib/modules/$release"
-fi
-exec "$@"
-"""
-
-
-
-
-def env_for(fake: FakeKernel) -> dict[str, str]:
-    return {**os.environ, "KVC_ROOT": fake.paths.root, "KVC_KERNEL": "fake"}
-
-
-def run_kmod_on(fake: FakeKernel, tool: str, args: list[str], *, inject: Optional[dict[str, str]] = None,
-                moddir: str = "", trace: Optional[Path] = None) -> Result:
-    """kmod's tool seeing the fake kernel's /proc and /sys/module; ``inject`` maps syscalls to
-    strace's answer for them (``error=EAGAIN`` or ``retval=0``)."""
-    command = [tool, *args]
-    if inject is not None or trace is not None:
-        strace = ["strace", "-o", str(trace or "/dev/null"), "-qq", "-s", "4096"]
-        names = sorted(inject or {})
-        strace += ["-e", f"trace={','.join(names) if names else 'none'}"]
-        for syscall, answer in (inject or {}).items():
-            strace += ["-e", f"inject={syscall}:{answer}"]
-        command = [*strace, tool, *args]  # strace finds it on PATH; argv[0] stays the bare name
-    env = {**os.environ, "PATH": f"{os.path.dirname(kmod_tool(tool))}:{os.environ.get('PATH', '')}"}
-    env.pop("KVC_ROOT", None)
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", NAMESPACE, "sh", fake.paths.root, moddir, *command],
-                          capture_output=True, env=env)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-def answer(err: int) -> str:
-    return f"error={errno.errorcode[err]}" if err else "retval=0"
-
-
-def copy_of(fake: FakeKernel, tmp_path: Path) -> FakeKernel:
-    target = tmp_path / f"copy-{len(list(tmp_path.glob('copy-*')))}"
-    shutil.copytree(fake.paths.root, target, symlinks=True)
-    return FakeKernel(HostPaths(str(target)))
-
-
-def load(fake: FakeKernel, kernel: DebianKernel, *names: str) -> None:
-    for name in names:
-        for path in dependency_chain(kernel, name):
-            if fake.module_state(Path(path).name.split(".")[0].replace("-", "_")) is None:
-                fake.insert(path, "", 0)
 
 
 class Crafted:
@@ -110,12 +55,13 @@ class Crafted:
         self.crcs = crcs
         self.vermagic = f"{kernel.release} SMP preempt mod_unload modversions "
 
-    def __call__(self, name: str, **spec: object) -> str:
-        imports = [(sym, self.crcs.get(sym, 0x11)) for sym in spec.pop("imports", ("_printk",))]  # type: ignore[attr-defined]
+    def __call__(self, name: str, **spec: Any) -> str:
+        imports: list[tuple[str, Optional[int]]] = [
+            (sym, self.crcs.get(sym, 0x11)) for sym in spec.pop("imports", ("_printk",))
+        ]
         vermagic = spec.pop("vermagic", self.vermagic)
-        modinfo = [("license", "GPL"), *spec.pop("modinfo", [])]  # type: ignore[misc]
-        data = build_module(ModuleSpec(name, vermagic, imports=imports, modinfo=modinfo, crcs=self.crcs,  # type: ignore[arg-type]
-                                       **spec))  # type: ignore[arg-type]
+        modinfo = [("license", "GPL"), *spec.pop("modinfo", [])]
+        data = build_module(ModuleSpec(name, vermagic, imports=imports, modinfo=modinfo, crcs=self.crcs, **spec))
         path = self.dir / f"{name}.ko"
         path.write_bytes(data)
         return str(path)
@@ -129,8 +75,9 @@ def crafted(tmp_path: Path, indexed_kernel_tree: DebianKernel) -> Crafted:
 # -- lsmod --------------------------------------------------------------------------------------------
 
 
-def test_lsmod_with_many_modules_and_holders(fake: FakeKernel, indexed_kernel_tree: DebianKernel,
-                                             crafted: Crafted) -> None:
+def test_lsmod_with_many_modules_and_holders(
+    fake: FakeKernel, indexed_kernel_tree: DebianKernel, crafted: Crafted
+) -> None:
     load(fake, indexed_kernel_tree, "wireguard", "vxlan", "loop", "dummy", "geneve", "bonding")
     fake.insert(crafted("oot_provider", exports=[Export("oot_fn", 0x11)]), "", 0)
     fake.insert(crafted("oot_user", imports=("oot_fn",)), "", 0)
@@ -173,14 +120,40 @@ def test_lsmod_arguments_and_missing_proc_modules(fake: FakeKernel, args: list[s
 # -- rmmod --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ["udp_tunnel"], ["nosuch"], ["udp_tunnel", "nosuch", "udp-tunnel"], [], ["--bogus"], ["-h"], ["--help"],
-    ["-w", "x"], ["-h", "-z"], ["-z", "-h"], ["--ver", "x"], ["--force=1"], ["-fz", "x"], ["-s", "udp_tunnel"],
-    ["-v", "libcurve25519_generic"], ["-vv", "nosuch"], [""], ["--", "-h"], ["-"], ["held"],
-    ["libchacha.ko.xz"], ["/"], ["{tmp}/"], ["{tmp}/udp_tunnel.ko", "nosuch"], ["x/"], ["held", "--", "nosuch"],
-])
-def test_rmmod_refusals_match_kmod(fake: FakeKernel, indexed_kernel_tree: DebianKernel, crafted: Crafted,
-                                   tmp_path: Path, args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["udp_tunnel"],
+        ["nosuch"],
+        ["udp_tunnel", "nosuch", "udp-tunnel"],
+        [],
+        ["--bogus"],
+        ["-h"],
+        ["--help"],
+        ["-w", "x"],
+        ["-h", "-z"],
+        ["-z", "-h"],
+        ["--ver", "x"],
+        ["--force=1"],
+        ["-fz", "x"],
+        ["-s", "udp_tunnel"],
+        ["-v", "libcurve25519_generic"],
+        ["-vv", "nosuch"],
+        [""],
+        ["--", "-h"],
+        ["-"],
+        ["held"],
+        ["libchacha.ko.xz"],
+        ["/"],
+        ["{tmp}/"],
+        ["{tmp}/udp_tunnel.ko", "nosuch"],
+        ["x/"],
+        ["held", "--", "nosuch"],
+    ],
+)
+def test_rmmod_refusals_match_kmod(
+    fake: FakeKernel, indexed_kernel_tree: DebianKernel, crafted: Crafted, tmp_path: Path, args: list[str]
+) -> None:
     load(fake, indexed_kernel_tree, "wireguard")
     fake.insert(crafted("held"), "", 0)
     fake.module_get("held")
@@ -196,13 +169,29 @@ def test_rmmod_refusals_match_kmod(fake: FakeKernel, indexed_kernel_tree: Debian
 
 
 @needs_strace
-@pytest.mark.parametrize("args, removed", [
-    (["wireguard"], ["wireguard"]), (["-f", "libchacha"], []), (["-f", "nosuch"], []), (["-f", "held"], ["held"]),
-    (["-f", "udp_tunnel"], []), (["--force", "forever"], ["forever"]), (["forever"], []),
-    (["-v", "wireguard"], ["wireguard"]), (["-f", "coming"], []), (["coming"], []),
-])
-def test_rmmod_removals_match_kmod(fake: FakeKernel, indexed_kernel_tree: DebianKernel, crafted: Crafted,
-                                   tmp_path: Path, args: list[str], removed: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args, removed",
+    [
+        (["wireguard"], ["wireguard"]),
+        (["-f", "libchacha"], []),
+        (["-f", "nosuch"], []),
+        (["-f", "held"], ["held"]),
+        (["-f", "udp_tunnel"], []),
+        (["--force", "forever"], ["forever"]),
+        (["forever"], []),
+        (["-v", "wireguard"], ["wireguard"]),
+        (["-f", "coming"], []),
+        (["coming"], []),
+    ],
+)
+def test_rmmod_removals_match_kmod(
+    fake: FakeKernel,
+    indexed_kernel_tree: DebianKernel,
+    crafted: Crafted,
+    tmp_path: Path,
+    args: list[str],
+    removed: list[str],
+) -> None:
     load(fake, indexed_kernel_tree, "wireguard")
     fake.insert(crafted("held"), "", 0)
     fake.module_get("held")
@@ -219,8 +208,9 @@ def test_rmmod_removals_match_kmod(fake: FakeKernel, indexed_kernel_tree: Debian
     assert sorted(before - {m.name for m in fake.loaded_modules()}) == removed
 
 
-def test_rmmod_builtin_check_uses_the_running_releases_index(fake: FakeKernel,
-                                                            indexed_kernel_tree: DebianKernel) -> None:
+def test_rmmod_builtin_check_uses_the_running_releases_index(
+    fake: FakeKernel, indexed_kernel_tree: DebianKernel
+) -> None:
     moddir = Path(fake.paths.module_dir(indexed_kernel_tree.release))
     moddir.mkdir(parents=True)
     shutil.copy(indexed_kernel_tree.moddir / "modules.builtin.bin", moddir)
@@ -238,8 +228,9 @@ def test_rmmod_builtin_check_uses_the_running_releases_index(fake: FakeKernel,
 # -- insmod -------------------------------------------------------------------------------------------
 
 
-def _insmod_case(fake: FakeKernel, tmp_path: Path, args: list[str], *,
-                 trace: Optional[Path] = None) -> tuple[Result, Result]:
+def _insmod_case(
+    fake: FakeKernel, tmp_path: Path, args: list[str], *, trace: Optional[Path] = None
+) -> tuple[Result, Result]:
     """kmod's insmod with the fake kernel's answer injected, then ours on the fake kernel."""
     err = 0
     operands = [arg for arg in args if not arg.startswith("-")]
@@ -250,15 +241,17 @@ def _insmod_case(fake: FakeKernel, tmp_path: Path, args: list[str], *,
             copy.insert(operands[0], " ".join(operands[1:]), flags)
         except KernelError as exc:
             err = exc.errno
-    theirs = run_kmod_on(fake, "insmod", args, inject={"finit_module": answer(err), "init_module": answer(err)},
-                         trace=trace)
+    theirs = run_kmod_on(
+        fake, "insmod", args, inject={"finit_module": answer(err), "init_module": answer(err)}, trace=trace
+    )
     ours = run_kvc("insmod", args, env_for(fake))
     return ours, theirs
 
 
 @needs_strace
-def test_insmod_messages_match_kmod(fake: FakeKernel, indexed_kernel_tree: DebianKernel, crafted: Crafted,
-                                    tmp_path: Path) -> None:
+def test_insmod_messages_match_kmod(
+    fake: FakeKernel, indexed_kernel_tree: DebianKernel, crafted: Crafted, tmp_path: Path
+) -> None:
     dummy = module_path(indexed_kernel_tree, "dummy")
     loop = module_path(indexed_kernel_tree, "loop")
     bad_crc = bytearray(Path(dummy).read_bytes())
@@ -273,12 +266,32 @@ def test_insmod_messages_match_kmod(fake: FakeKernel, indexed_kernel_tree: Debia
     (tmp_path / "text.ko").write_text("not a module\n" * 10)
     old = crafted("oldmod", vermagic="5.10.0-1-amd64 SMP preempt mod_unload ", modversions=False)
     cases = [
-        [dummy, "numdummies=2"], [dummy], [loop, "max_part=x"], [loop, "max_part=99999999999"],
-        [module_path(indexed_kernel_tree, "wireguard")], [str(tmp_path / "badcrc.ko")],
-        ["-f", str(tmp_path / "badcrc.ko")], [old], ["-f", old], [str(xz)], [str(tmp_path / "empty.ko")],
-        [str(tmp_path / "short.ko")], [str(tmp_path / "corrupt.ko.xz")], [str(tmp_path / "text.ko")],
-        ["/nonexistent.ko"], [str(tmp_path)], [f"{tmp_path}/"], ["/etc/passwd/x"], [], ["-"], ["--bogus"], ["-z"],
-        ["-h"], ["--he"], ["-ps", dummy], [loop, "max_loop=2", "bogus=1"],
+        [dummy, "numdummies=2"],
+        [dummy],
+        [loop, "max_part=x"],
+        [loop, "max_part=99999999999"],
+        [module_path(indexed_kernel_tree, "wireguard")],
+        [str(tmp_path / "badcrc.ko")],
+        ["-f", str(tmp_path / "badcrc.ko")],
+        [old],
+        ["-f", old],
+        [str(xz)],
+        [str(tmp_path / "empty.ko")],
+        [str(tmp_path / "short.ko")],
+        [str(tmp_path / "corrupt.ko.xz")],
+        [str(tmp_path / "text.ko")],
+        ["/nonexistent.ko"],
+        [str(tmp_path)],
+        [f"{tmp_path}/"],
+        ["/etc/passwd/x"],
+        [],
+        ["-"],
+        ["--bogus"],
+        ["-z"],
+        ["-h"],
+        ["--he"],
+        ["-ps", dummy],
+        [loop, "max_loop=2", "bogus=1"],
     ]
     for args in cases:
         ours, theirs = _insmod_case(fake, tmp_path, args)
@@ -303,8 +316,15 @@ def test_tools_on_this_hosts_real_kernel_match_kmod(indexed_kernel_tree: DebianK
     """This machine's kernel has no module support: both tools get the same answers from it."""
     env = {k: v for k, v in os.environ.items() if k not in ("KVC_ROOT", "KVC_KERNEL")}
     dummy = module_path(indexed_kernel_tree, "dummy")
-    for tool, args in [("insmod", [dummy]), ("insmod", [dummy, "numdummies=1"]), ("insmod", ["-f", dummy]),
-                       ("lsmod", []), ("rmmod", ["dummy"]), ("rmmod", ["-f", "dummy"]), ("rmmod", ["8250"])]:
+    for tool, args in [
+        ("insmod", [dummy]),
+        ("insmod", [dummy, "numdummies=1"]),
+        ("insmod", ["-f", dummy]),
+        ("lsmod", []),
+        ("rmmod", ["dummy"]),
+        ("rmmod", ["-f", "dummy"]),
+        ("rmmod", ["8250"]),
+    ]:
         ours = run_kvc(tool, args, env)
         assert ours == run_kmod(tool, args, env), (tool, args)
     assert LiveKernel(HostPaths()).loaded_modules() == []

@@ -46,16 +46,29 @@ class Builder:
         self.vermagic = f"{release} SMP preempt mod_unload modversions "
         self.crcs = crcs
 
-    def __call__(self, name: str, *, imports: tuple[str, ...] = ("_printk",), license: str = "GPL",
-                 vermagic: Optional[str] = None, crc_overrides: Optional[dict[str, int]] = None,
-                 **spec: Any) -> str:
+    def __call__(
+        self,
+        name: str,
+        *,
+        imports: tuple[str, ...] = ("_printk",),
+        license: str = "GPL",
+        vermagic: Optional[str] = None,
+        crc_overrides: Optional[dict[str, int]] = None,
+        **spec: Any,
+    ) -> str:
         overrides = crc_overrides or {}
         modinfo = [("license", license)] if license else []
         modinfo += spec.pop("modinfo", [])
-        built = build_module(ModuleSpec(
-            name, self.vermagic if vermagic is None else vermagic,
-            imports=[(sym, overrides.get(sym, self.crcs.get(sym, 0x12345678))) for sym in imports],
-            modinfo=modinfo, crcs={**self.crcs, **overrides}, **spec))
+        built = build_module(
+            ModuleSpec(
+                name,
+                self.vermagic if vermagic is None else vermagic,
+                imports=[(sym, overrides.get(sym, self.crcs.get(sym, 0x12345678))) for sym in imports],
+                modinfo=modinfo,
+                crcs={**self.crcs, **overrides},
+                **spec,
+            )
+        )
         path = self.dir / f"{name}.ko"
         path.write_bytes(built)
         return str(path)
@@ -96,8 +109,9 @@ def test_wireguard_and_its_dependencies_load_in_order(fake: FakeKernel, indexed_
     assert f"udp_tunnel {loaded['udp_tunnel'].size} 2 vxlan,wireguard, Live 0x0000000000000000" in line
 
 
-def test_a_module_before_its_dependency_has_unknown_symbols(fake: FakeKernel,
-                                                            indexed_kernel_tree: DebianKernel) -> None:
+def test_a_module_before_its_dependency_has_unknown_symbols(
+    fake: FakeKernel, indexed_kernel_tree: DebianKernel
+) -> None:
     error = refused(fake, module_path(indexed_kernel_tree, "wireguard"))
     assert error.errno == errno.ENOENT
     assert "wireguard: Unknown symbol curve25519_arch (err -2)" in error.log_lines
@@ -143,14 +157,18 @@ def test_second_insert_is_eexist_and_params_reach_sysfs(fake: FakeKernel, indexe
     assert dummy_state is not None and dummy_state.parameters == {}  # module_param(numdummies, int, 0)
 
 
-@pytest.mark.parametrize("params, err, line", [
-    ("max_part=many", errno.EINVAL, "loop: `many' invalid for parameter `max_part'"),
-    ("max_part=99999999999", errno.ERANGE, "loop: `99999999999' invalid for parameter `max_part'"),
-    ("max_part", errno.EINVAL, "loop: `' invalid for parameter `max_part'"),
-    ("max_part=x max_loop=1", errno.EINVAL, "loop: `x' invalid for parameter `max_part'"),
-])
-def test_bad_parameter_values_are_refused(fake: FakeKernel, indexed_kernel_tree: DebianKernel, params: str,
-                                          err: int, line: str) -> None:
+@pytest.mark.parametrize(
+    "params, err, line",
+    [
+        ("max_part=many", errno.EINVAL, "loop: `many' invalid for parameter `max_part'"),
+        ("max_part=99999999999", errno.ERANGE, "loop: `99999999999' invalid for parameter `max_part'"),
+        ("max_part", errno.EINVAL, "loop: `' invalid for parameter `max_part'"),
+        ("max_part=x max_loop=1", errno.EINVAL, "loop: `x' invalid for parameter `max_part'"),
+    ],
+)
+def test_bad_parameter_values_are_refused(
+    fake: FakeKernel, indexed_kernel_tree: DebianKernel, params: str, err: int, line: str
+) -> None:
     error = refused(fake, module_path(indexed_kernel_tree, "loop"), params)
     assert error.errno == err and line in error.log_lines
     assert fake.loaded_modules() == []
@@ -166,16 +184,19 @@ def test_crc_mismatch_and_forced_loads(fake: FakeKernel, indexed_kernel_tree: De
     bad.write_bytes(bytes(data))
     error = refused(fake, str(bad))
     assert error.errno == errno.EINVAL
-    assert error.log_lines[-2:] == ("dummy: disagrees about version of symbol register_netdevice",
-                                    "dummy: Unknown symbol register_netdevice (err -22)")
+    assert error.log_lines[-2:] == (
+        "dummy: disagrees about version of symbol register_netdevice",
+        "dummy: Unknown symbol register_netdevice (err -22)",
+    )
     fake.insert(str(bad), "", MODULE_INIT_IGNORE_MODVERSIONS)
     assert [m.taints for m in fake.loaded_modules()] == ["FE"]  # forced, and no longer signed
     assert "dummy: module_layout: kernel tainted." in fake.dmesg()
 
 
 def test_vermagic_and_layout(fake: FakeKernel, build: Builder) -> None:
-    old = build("oldmod", vermagic="5.10.0-1-amd64 SMP preempt mod_unload modversions ",
-                crc_overrides={"module_layout": 1})
+    old = build(
+        "oldmod", vermagic="5.10.0-1-amd64 SMP preempt mod_unload modversions ", crc_overrides={"module_layout": 1}
+    )
     error = refused(fake, old)
     assert error.errno == errno.ENOEXEC
     assert error.log_lines[-1] == "oldmod: disagrees about version of symbol module_layout"
@@ -183,8 +204,9 @@ def test_vermagic_and_layout(fake: FakeKernel, build: Builder) -> None:
     plain = build("plain", vermagic="6.1.0-1-amd64 SMP preempt mod_unload ", modversions=False)
     error = refused(fake, plain)
     assert error.errno == errno.ENOEXEC
-    assert error.log_lines[-1] == ("plain: version magic '6.1.0-1-amd64 SMP preempt mod_unload ' should be "
-                                   f"'{fake.config.vermagic}'")
+    assert error.log_lines[-1] == (
+        f"plain: version magic '6.1.0-1-amd64 SMP preempt mod_unload ' should be '{fake.config.vermagic}'"
+    )
     fake.insert(plain, "", MODULE_INIT_IGNORE_VERMAGIC | MODULE_INIT_IGNORE_MODVERSIONS)
     assert fake.loaded_modules()[0].taints == "FOE"
     assert "plain: module_layout: kernel tainted." in fake.dmesg()
@@ -219,16 +241,22 @@ def test_signatures(tmp_path: Path, indexed_kernel_tree: DebianKernel, build: Bu
     trailer = signature_trailer(Path(module_path(indexed_kernel_tree, "dummy")).read_bytes())
     signed = Path(build("signed_oot"))
     signed.write_bytes(signed.read_bytes() + trailer)
-    kernel = make_fake_kernel(str(tmp_path / "a"), indexed_kernel_tree.release,
-                              symvers=str(indexed_kernel_tree.symvers))
+    kernel = make_fake_kernel(
+        str(tmp_path / "a"), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers)
+    )
     kernel.insert(str(signed), "", 0)
     assert kernel.loaded_modules()[0].taints == "O"
-    untrusting = make_fake_kernel(str(tmp_path / "b"), indexed_kernel_tree.release,
-                                  symvers=str(indexed_kernel_tree.symvers), trusted_keys=["00:11"])
+    untrusting = make_fake_kernel(
+        str(tmp_path / "b"),
+        indexed_kernel_tree.release,
+        symvers=str(indexed_kernel_tree.symvers),
+        trusted_keys=["00:11"],
+    )
     untrusting.insert(str(signed), "", 0)  # ENOKEY is not fatal: just unsigned
     assert untrusting.loaded_modules()[0].taints == "OE"
-    enforcing = make_fake_kernel(str(tmp_path / "c"), indexed_kernel_tree.release,
-                                 symvers=str(indexed_kernel_tree.symvers), sig_enforce=True)
+    enforcing = make_fake_kernel(
+        str(tmp_path / "c"), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers), sig_enforce=True
+    )
     error = refused(enforcing, build("unsigned"))
     assert error.errno == errno.EKEYREJECTED
     assert error.log_lines == ("Loading of unsigned module is rejected",)
@@ -239,19 +267,36 @@ def test_signatures(tmp_path: Path, indexed_kernel_tree: DebianKernel, build: Bu
 
 
 def test_gpl_only_symbols_namespaces_and_duplicates(fake: FakeKernel, build: Builder) -> None:
-    fake.insert(build("provider", exports=[Export("pub_fn", 0x11), Export("gpl_fn", 0x22, gpl=True),
-                                           Export("ns_fn", 0x33, namespace="MY_NS")]), "", 0)
-    prop = build("prop_user", imports=("_printk", "pub_fn", "gpl_fn"), license="Proprietary",
-                 crc_overrides={"pub_fn": 0x11, "gpl_fn": 0x22})
+    fake.insert(
+        build(
+            "provider",
+            exports=[
+                Export("pub_fn", 0x11),
+                Export("gpl_fn", 0x22, gpl=True),
+                Export("ns_fn", 0x33, namespace="MY_NS"),
+            ],
+        ),
+        "",
+        0,
+    )
+    prop = build(
+        "prop_user",
+        imports=("_printk", "pub_fn", "gpl_fn"),
+        license="Proprietary",
+        crc_overrides={"pub_fn": 0x11, "gpl_fn": 0x22},
+    )
     error = refused(fake, prop)
     assert error.errno == errno.ENOENT and error.log_lines[-1] == "prop_user: Unknown symbol gpl_fn (err -2)"
     no_ns = build("ns_user", imports=("ns_fn",), crc_overrides={"ns_fn": 0x33})
     error = refused(fake, no_ns)
     assert error.errno == errno.EINVAL
-    assert error.log_lines[-2:] == ("ns_user: module uses symbol (ns_fn) from namespace MY_NS, but does not import it.",
-                                    "ns_user: Unknown symbol ns_fn (err -22)")
-    fake.insert(build("ns_user", imports=("ns_fn",), crc_overrides={"ns_fn": 0x33},
-                      modinfo=[("import_ns", "MY_NS")]), "", 0)
+    assert error.log_lines[-2:] == (
+        "ns_user: module uses symbol (ns_fn) from namespace MY_NS, but does not import it.",
+        "ns_user: Unknown symbol ns_fn (err -22)",
+    )
+    fake.insert(
+        build("ns_user", imports=("ns_fn",), crc_overrides={"ns_fn": 0x33}, modinfo=[("import_ns", "MY_NS")]), "", 0
+    )
     dup = build("dup", exports=[Export("pub_fn", 0x11)])
     error = refused(fake, dup)
     assert error.errno == errno.ENOEXEC
@@ -265,16 +310,35 @@ def test_gpl_only_symbols_namespaces_and_duplicates(fake: FakeKernel, build: Bui
 
 
 def test_parameters_of_every_kind(fake: FakeKernel, build: Builder) -> None:
-    path = build("params", params=[
-        Param("count", "int", 0o644, 7), Param("hidden", "int", 0, 3), Param("name", "charp", 0o444, "hello"),
-        Param("none", "charp", 0o444, None), Param("flag", "bool", 0o444, True), Param("inv", "invbool", 0o444, False),
-        Param("small", "byte", 0o444, 200), Param("hex", "hexint", 0o444, 16), Param("neg", "short", 0o444, -5),
-        Param("danger", "int", 0o444, 0, unsafe=True)])
+    path = build(
+        "params",
+        params=[
+            Param("count", "int", 0o644, 7),
+            Param("hidden", "int", 0, 3),
+            Param("name", "charp", 0o444, "hello"),
+            Param("none", "charp", 0o444, None),
+            Param("flag", "bool", 0o444, True),
+            Param("inv", "invbool", 0o444, False),
+            Param("small", "byte", 0o444, 200),
+            Param("hex", "hexint", 0o444, 16),
+            Param("neg", "short", 0o444, -5),
+            Param("danger", "int", 0o444, 0, unsafe=True),
+        ],
+    )
     fake.insert(path, 'count=0x10 name="a b" flag inv=0 small=7 -- ignored=1', 0)
     state = fake.module_state("params")
     assert state is not None
-    assert state.parameters == {"count": "16", "name": "a b", "none": "(null)", "flag": "Y", "inv": "N",
-                                "small": "7", "hex": "0x000010", "neg": "-5", "danger": "0"}
+    assert state.parameters == {
+        "count": "16",
+        "name": "a b",
+        "none": "(null)",
+        "flag": "Y",
+        "inv": "N",
+        "small": "7",
+        "hex": "0x000010",
+        "neg": "-5",
+        "danger": "0",
+    }
     assert "params: parameters 'ignored=1' after `--' ignored" in fake.dmesg()
     assert oct(os.stat(Path(fake.paths.sys_module) / "params" / "parameters" / "count").st_mode & 0o777) == "0o644"
     fake.remove("params", 0)
@@ -307,15 +371,17 @@ def test_not_a_module(fake: FakeKernel, tmp_path: Path, build: Builder) -> None:
 def test_in_kernel_decompression(tmp_path: Path, indexed_kernel_tree: DebianKernel, build: Builder) -> None:
     xz = tmp_path / "xzmod.ko.xz"
     xz.write_bytes(lzma.compress(Path(build("xzmod")).read_bytes(), format=lzma.FORMAT_XZ))
-    plain = make_fake_kernel(str(tmp_path / "plain"), indexed_kernel_tree.release,
-                             symvers=str(indexed_kernel_tree.symvers))
+    plain = make_fake_kernel(
+        str(tmp_path / "plain"), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers)
+    )
     assert plain.compression() is None
     with pytest.raises(KernelError) as caught:
         plain.finit_module(str(xz), "", MODULE_INIT_COMPRESSED_FILE)
     assert caught.value.errno == errno.EOPNOTSUPP
     plain.insert(str(xz), "", 0)  # insert() decompresses it here and uses init_module
-    decompressing = make_fake_kernel(str(tmp_path / "xz"), indexed_kernel_tree.release,
-                                     symvers=str(indexed_kernel_tree.symvers), decompress="xz")
+    decompressing = make_fake_kernel(
+        str(tmp_path / "xz"), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers), decompress="xz"
+    )
     assert decompressing.compression() == "xz"
     assert (Path(decompressing.paths.sys_module) / "compression").read_text() == "xz\n"
     decompressing.finit_module(str(xz), "", MODULE_INIT_COMPRESSED_FILE)
@@ -340,8 +406,10 @@ def test_permanent_modules_and_states(fake: FakeKernel, build: Builder) -> None:
     assert "(OE+)" in (Path(fake.paths.root) / "proc/modules").read_text()
     user = build("user", imports=("pub_fn",), crc_overrides={"pub_fn": 0x11})
     error = refused(fake, user)
-    assert error.log_lines[-2:] == ("user: gave up waiting for init of module provider.",
-                                    "user: Unknown symbol pub_fn (err -16)")
+    assert error.log_lines[-2:] == (
+        "user: gave up waiting for init of module provider.",
+        "user: Unknown symbol pub_fn (err -16)",
+    )
     with pytest.raises(KernelError) as busy:
         fake.remove("provider", 0)
     assert busy.value.errno == errno.EBUSY
@@ -349,11 +417,16 @@ def test_permanent_modules_and_states(fake: FakeKernel, build: Builder) -> None:
     assert refused(fake, user).log_lines[-1] == "user: Unknown symbol pub_fn (err -2)"
 
 
-def test_builtin_directories_blacklist_and_disabled_loading(tmp_path: Path, indexed_kernel_tree: DebianKernel,
-                                                            build: Builder) -> None:
-    kernel = make_fake_kernel(str(tmp_path / "root"), indexed_kernel_tree.release,
-                              symvers=str(indexed_kernel_tree.symvers), builtin_modules=["8250"],
-                              blacklist=["banned"])
+def test_builtin_directories_blacklist_and_disabled_loading(
+    tmp_path: Path, indexed_kernel_tree: DebianKernel, build: Builder
+) -> None:
+    kernel = make_fake_kernel(
+        str(tmp_path / "root"),
+        indexed_kernel_tree.release,
+        symvers=str(indexed_kernel_tree.symvers),
+        builtin_modules=["8250"],
+        blacklist=["banned"],
+    )
     error = refused(kernel, build("8250"))
     assert error.errno == errno.EINVAL and error.log_lines[-1] == "8250: module is already loaded"
     assert kernel.module_state("8250") is not None and kernel.module_state("8250").initstate is None  # type: ignore[union-attr]
@@ -363,9 +436,14 @@ def test_builtin_directories_blacklist_and_disabled_loading(tmp_path: Path, inde
 
 
 def test_no_unload_support(tmp_path: Path, indexed_kernel_tree: DebianKernel, build: Builder) -> None:
-    kernel = make_fake_kernel(str(tmp_path / "root"), indexed_kernel_tree.release,
-                              symvers=str(indexed_kernel_tree.symvers), unload=False, modversions=False,
-                              vermagic=f"{indexed_kernel_tree.release} SMP preempt ")
+    kernel = make_fake_kernel(
+        str(tmp_path / "root"),
+        indexed_kernel_tree.release,
+        symvers=str(indexed_kernel_tree.symvers),
+        unload=False,
+        modversions=False,
+        vermagic=f"{indexed_kernel_tree.release} SMP preempt ",
+    )
     kernel.insert(build("nounload", vermagic=f"{indexed_kernel_tree.release} SMP preempt ", modversions=False), "", 0)
     assert (Path(kernel.paths.root) / "proc/modules").read_text().startswith("nounload 16384 - - Live ")
     assert not kernel.loaded_modules()[0].unload
@@ -377,17 +455,27 @@ def test_no_unload_support(tmp_path: Path, indexed_kernel_tree: DebianKernel, bu
 
 def test_config_from_the_debian_kconfig(indexed_kernel_tree: DebianKernel) -> None:
     options = kconfig_options(str(indexed_kernel_tree.root / "boot" / f"config-{indexed_kernel_tree.release}"))
-    assert options == {"modversions": True, "force_load": True, "unload": True, "force_unload": True,
-                       "module_sig": True, "sig_enforce": False, "allow_missing_namespace_imports": False,
-                       "dynamic_debug": True, "livepatch": True}
+    assert options == {
+        "modversions": True,
+        "force_load": True,
+        "unload": True,
+        "force_unload": True,
+        "module_sig": True,
+        "sig_enforce": False,
+        "allow_missing_namespace_imports": False,
+        "dynamic_debug": True,
+        "livepatch": True,
+    }
     config = KernelConfig(indexed_kernel_tree.release, **options)
     assert config.vermagic == f"{indexed_kernel_tree.release} SMP preempt mod_unload modversions "
     assert ModuleFile.open(module_path(indexed_kernel_tree, "dummy")).vermagic == config.vermagic
 
 
 def test_state_is_shared_between_processes(fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
-    code = ("from kvc.kmod.kernel import kernel_from_env; k = kernel_from_env(); "
-            f"k.insert({module_path(indexed_kernel_tree, 'udp_tunnel')!r}, '', 0)")
+    code = (
+        "from kvc.kmod.kernel import kernel_from_env; k = kernel_from_env(); "
+        f"k.insert({module_path(indexed_kernel_tree, 'udp_tunnel')!r}, '', 0)"
+    )
     env = {**os.environ, "KVC_ROOT": fake.paths.root, "KVC_KERNEL": "fake"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     assert [m.name for m in FakeKernel(fake.paths).loaded_modules()] == ["udp_tunnel"]

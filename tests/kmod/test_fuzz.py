@@ -40,8 +40,8 @@ def elf_field_offsets(data: bytes) -> list[tuple[int, int]]:
     if data[:4] != b"\x7fELF" or data[4] != 2:
         return []
     fields = [(0x28, 8), (0x3A, 2), (0x3C, 2), (0x3E, 2)]
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shnum, = struct.unpack_from("<H", data, 0x3C)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    (shnum,) = struct.unpack_from("<H", data, 0x3C)
     for index in range(shnum):
         base = shoff + index * 64
         fields += [(base, 4), (base + 0x18, 8), (base + 0x20, 8)]
@@ -52,14 +52,26 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     buf = bytearray(data)
     choice = rng.randrange(8)
     if choice == 0:  # truncate anywhere
-        return bytes(buf[:rng.randrange(len(buf) + 1)])
+        return bytes(buf[: rng.randrange(len(buf) + 1)])
     if choice in (1, 2):  # a structural field gets an edge value
         fields = elf_field_offsets(data)
         if fields:
             offset, width = rng.choice(fields)
-            value = rng.choice([0, 1, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, (1 << (8 * width)) - 1,
-                                len(data), len(data) - 1, rng.getrandbits(8 * width)])
-            buf[offset:offset + width] = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+            value = rng.choice(
+                [
+                    0,
+                    1,
+                    0xFF,
+                    0xFFFF,
+                    0x7FFFFFFF,
+                    0xFFFFFFFF,
+                    (1 << (8 * width)) - 1,
+                    len(data),
+                    len(data) - 1,
+                    rng.getrandbits(8 * width),
+                ]
+            )
+            buf[offset : offset + width] = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
             return bytes(buf)
     if choice == 3:  # damage the signature trailer region
         for _ in range(rng.randrange(1, 6)):
@@ -68,7 +80,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         return bytes(buf)
     if choice == 4:  # overwrite a run with NULs or 0xFF
         start = rng.randrange(len(buf))
-        buf[start:start + rng.randrange(1, 64)] = bytes([rng.choice([0, 0xFF])]) * rng.randrange(1, 64)
+        buf[start : start + rng.randrange(1, 64)] = bytes([rng.choice([0, 0xFF])]) * rng.randrange(1, 64)
         return bytes(buf)
     for _ in range(rng.randrange(1, 16)):  # random byte flips
         buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
@@ -82,8 +94,15 @@ def exercise(data: bytes) -> None:
     entries = list(module.modinfo)
     entries.extend(signature_entries(module))
     printer.record(module.name, module.path, entries)
-    _ = (module.vermagic, module.depends, module.parameters, module.this_module_name,
-         module.exported_symbols, module.dependency_symbols, module.modversions)
+    _ = (
+        module.vermagic,
+        module.depends,
+        module.parameters,
+        module.this_module_name,
+        module.exported_symbols,
+        module.dependency_symbols,
+        module.modversions,
+    )
 
 
 def test_mutation_fuzz_never_raises_foreign_exceptions(kernel_tree: DebianKernel) -> None:
@@ -117,8 +136,7 @@ def test_cli_reports_each_bad_file_on_one_line(kernel_tree: DebianKernel, tmp_pa
         path = tmp_path / f"case{index}.ko"
         path.write_bytes(mutate(rng.choice(corpus), rng))
         paths.append(str(path))
-    proc = subprocess.run([sys.executable, "-m", "kvc", "kmod", "modinfo", *paths], capture_output=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "kvc", "kmod", "modinfo", *paths], capture_output=True, timeout=120)
     stderr = proc.stderr.decode(errors="replace")
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line]

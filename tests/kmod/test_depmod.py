@@ -28,9 +28,18 @@ from support.debian_kernel import DebianKernel
 from support.modbuild import Export, ModuleSpec, build_module
 from support.oracle import Result, run_kmod
 
-OUTPUTS = ("modules.dep", "modules.dep.bin", "modules.alias", "modules.alias.bin", "modules.softdep",
-           "modules.symbols", "modules.symbols.bin", "modules.builtin.bin", "modules.builtin.alias.bin",
-           "modules.devname")
+OUTPUTS = (
+    "modules.dep",
+    "modules.dep.bin",
+    "modules.alias",
+    "modules.alias.bin",
+    "modules.softdep",
+    "modules.symbols",
+    "modules.symbols.bin",
+    "modules.builtin.bin",
+    "modules.builtin.alias.bin",
+    "modules.devname",
+)
 KVER = "1.2.3"
 
 
@@ -62,8 +71,10 @@ def assert_same_outputs(ours: Path, theirs: Path, swap: tuple[str, str] = ("", "
     for name in kmod:
         renamed = mine[name].replace(old.encode(), new.encode()) if old else mine[name]
         if name.endswith(".bin") and kmod[name]:
-            decoded = {key: [(p, v.replace(old, new) if old else v) for p, v in values]
-                       for key, values in decode_index(str(ours / name)).items()}
+            decoded = {
+                key: [(p, v.replace(old, new) if old else v) for p, v in values]
+                for key, values in decode_index(str(ours / name)).items()
+            }
             assert decoded == decode_index(str(theirs / name)), name
             if renamed == mine[name]:
                 assert mine[name] == kmod[name], name
@@ -91,6 +102,7 @@ def same_run(tmp: Path, build: object, args: list[str], kver: str = KVER) -> tup
 
 
 # ---- the full Debian tree --------------------------------------------------------------------
+
 
 @pytest.mark.oracle
 def test_full_debian_tree_is_byte_identical(kernel_tree: DebianKernel, tmp_path: Path) -> None:
@@ -126,8 +138,9 @@ def test_fast_symbol_reader_matches_the_elf_reader(kernel_tree: DebianKernel) ->
         module = ModuleFile.open(str(path))
         raw = [(s.name.encode("utf-8", "surrogateescape"), s.crc) for s in module.exported_symbols]
         assert [(name, crc) for name, crc, _h in record[1]] == raw
-        imports = [(s.name.encode("utf-8", "surrogateescape"), s.crc, s.bind == "weak")
-                   for s in module.dependency_symbols]
+        imports = [
+            (s.name.encode("utf-8", "surrogateescape"), s.crc, s.bind == "weak") for s in module.dependency_symbols
+        ]
         assert unpack_imports(record[2]) == imports
         assert list(record[3]) == module.aliases
     assert MAX_MODULE_FILE == module_reader.MAX_MODULE_FILE
@@ -165,8 +178,14 @@ def small_tree(kernel: DebianKernel, layout: dict[str, str], extra: dict[str, by
 
 
 PRIORITY_LAYOUT = {f"{d}/fat.ko": f"{FAT}/fat.ko" for d in ("kernel/a", "kernel/b", "updates", "extra", "ext1")}
-PRIORITY_LAYOUT.update({"kernel/a/vfat.ko": f"{FAT}/vfat.ko", "updates/msdos.ko": f"{FAT}/msdos.ko",
-                        "/ext/one/fat.ko": f"{FAT}/fat.ko", "/ext/two/vfat.ko": f"{FAT}/vfat.ko"})
+PRIORITY_LAYOUT.update(
+    {
+        "kernel/a/vfat.ko": f"{FAT}/vfat.ko",
+        "updates/msdos.ko": f"{FAT}/msdos.ko",
+        "/ext/one/fat.ko": f"{FAT}/fat.ko",
+        "/ext/two/vfat.ko": f"{FAT}/vfat.ko",
+    }
+)
 
 CONFIGS = [
     "",
@@ -209,10 +228,18 @@ def test_depmod_d_directives(kernel_tree: DebianKernel, tmp_path: Path, config: 
 
 @pytest.mark.oracle
 def test_config_directories_and_verbose(kernel_tree: DebianKernel, tmp_path: Path) -> None:
-    build = small_tree(kernel_tree, PRIORITY_LAYOUT, {
-        "c1/x.conf": b"search extra\n", "c2/x.conf": b"bogus\n", "c2/a.conf": b"bogus2\n",
-        "c2/b.txt": b"bogus3\n", "c2/.h.conf": b"bogus4\n", "c2/d.conf/f": b"",
-    })
+    build = small_tree(
+        kernel_tree,
+        PRIORITY_LAYOUT,
+        {
+            "c1/x.conf": b"search extra\n",
+            "c2/x.conf": b"bogus\n",
+            "c2/a.conf": b"bogus2\n",
+            "c2/b.txt": b"bogus3\n",
+            "c2/.h.conf": b"bogus4\n",
+            "c2/d.conf/f": b"",
+        },
+    )
     same_run(tmp_path, build, ["-C", "@ROOT@/c1", "-C", "@ROOT@/c2", "-C", "@ROOT@/none"])
     shutil.rmtree(tmp_path / "kmod")
     shutil.rmtree(tmp_path / "ours")
@@ -221,15 +248,21 @@ def test_config_directories_and_verbose(kernel_tree: DebianKernel, tmp_path: Pat
 
 @pytest.mark.oracle
 def test_modules_order_compressed_and_builtin(kernel_tree: DebianKernel, tmp_path: Path) -> None:
-    layout = {"kernel/fs/fat/fat.ko.xz": f"{FAT}/fat.ko", "kernel/fs/fat/vfat.ko.zst": f"{FAT}/vfat.ko",
-              "kernel/fs/fat/msdos.ko": f"{FAT}/msdos.ko", "kernel/fs/fat/ignored.ko.gz": f"{FAT}/msdos.ko",
-              "kernel/fs/autofs/autofs4.ko": "kernel/fs/autofs/autofs4.ko",
-              "kernel/fs/fuse/fuse.ko": "kernel/fs/fuse/fuse.ko"}
+    layout = {
+        "kernel/fs/fat/fat.ko.xz": f"{FAT}/fat.ko",
+        "kernel/fs/fat/vfat.ko.zst": f"{FAT}/vfat.ko",
+        "kernel/fs/fat/msdos.ko": f"{FAT}/msdos.ko",
+        "kernel/fs/fat/ignored.ko.gz": f"{FAT}/msdos.ko",
+        "kernel/fs/autofs/autofs4.ko": "kernel/fs/autofs/autofs4.ko",
+        "kernel/fs/fuse/fuse.ko": "kernel/fs/fuse/fuse.ko",
+    }
     order = b"kernel/fs/fat/vfat.ko\nkernel/fs/fuse/fuse.ko\nkernel/fs/fat/msdos.ko\nkernel/fs/fat/vfat.ko\n"
     moddir = kernel_tree.moddir
-    extra = {f"lib/modules/{KVER}/modules.order": order,
-             f"lib/modules/{KVER}/modules.builtin": (moddir / "modules.builtin").read_bytes() + b"#bad\n",
-             f"lib/modules/{KVER}/modules.builtin.modinfo": (moddir / "modules.builtin.modinfo").read_bytes()}
+    extra = {
+        f"lib/modules/{KVER}/modules.order": order,
+        f"lib/modules/{KVER}/modules.builtin": (moddir / "modules.builtin").read_bytes() + b"#bad\n",
+        f"lib/modules/{KVER}/modules.builtin.modinfo": (moddir / "modules.builtin.modinfo").read_bytes(),
+    }
     same_run(tmp_path, small_tree(kernel_tree, layout, extra), ["-C", "/dev/null"])
     for name in ("kmod", "ours"):
         shutil.rmtree(tmp_path / name)
@@ -242,22 +275,43 @@ def test_modules_order_compressed_and_builtin(kernel_tree: DebianKernel, tmp_pat
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize(("flags", "tail"), [
-    (["-e"], [KVER]), (["-w"], [KVER]), (["-q", "--root", "-m"], [KVER]), (["-P", "ab"], [KVER]),
-    (["-Z"], [KVER]), ([], ["foo"]), ([], [KVER, "relative.ko"]),
-    ([], [KVER, f"@ROOT@/lib/modules/{KVER}/updates/msdos.ko", "@ROOT@/ext/two/vfat.ko"]),
-    ([], [KVER, "/nonexistent.ko"]), (["-a"], [KVER, "/nonexistent.ko"]), (["-A"], [KVER]), (["-h"], []),
-    (["-V"], []), (["-n"], [KVER]),
-])
+@pytest.mark.parametrize(
+    ("flags", "tail"),
+    [
+        (["-e"], [KVER]),
+        (["-w"], [KVER]),
+        (["-q", "--root", "-m"], [KVER]),
+        (["-P", "ab"], [KVER]),
+        (["-Z"], [KVER]),
+        ([], ["foo"]),
+        ([], [KVER, "relative.ko"]),
+        ([], [KVER, f"@ROOT@/lib/modules/{KVER}/updates/msdos.ko", "@ROOT@/ext/two/vfat.ko"]),
+        ([], [KVER, "/nonexistent.ko"]),
+        (["-a"], [KVER, "/nonexistent.ko"]),
+        (["-A"], [KVER]),
+        (["-h"], []),
+        (["-V"], []),
+        (["-n"], [KVER]),
+    ],
+)
 def test_flags_and_errors(kernel_tree: DebianKernel, tmp_path: Path, flags: list[str], tail: list[str]) -> None:
-    layout = {"updates/msdos.ko": f"{FAT}/msdos.ko", "kernel/fat.ko": f"{FAT}/fat.ko",
-              "/ext/two/vfat.ko": f"{FAT}/vfat.ko"}
+    layout = {
+        "updates/msdos.ko": f"{FAT}/msdos.ko",
+        "kernel/fat.ko": f"{FAT}/fat.ko",
+        "/ext/two/vfat.ko": f"{FAT}/vfat.ko",
+    }
     extra = {f"lib/modules/{KVER}/kernel/bad.ko": b"not an ELF file\n"}
     _run_with_tail(tmp_path, kernel_tree, layout, extra, ["-C", "/dev/null", *flags], tail)
 
 
-def _run_with_tail(tmp_path: Path, kernel: DebianKernel, layout: dict[str, str], extra: dict[str, bytes],
-                   flags: list[str], tail: list[str]) -> None:
+def _run_with_tail(
+    tmp_path: Path,
+    kernel: DebianKernel,
+    layout: dict[str, str],
+    extra: dict[str, bytes],
+    flags: list[str],
+    tail: list[str],
+) -> None:
     """Like same_run, with positional arguments (version first) given explicitly."""
     roots = [tmp_path / "kmod", tmp_path / "ours"]
     build = small_tree(kernel, layout, extra)
@@ -271,17 +325,22 @@ def _run_with_tail(tmp_path: Path, kernel: DebianKernel, layout: dict[str, str],
     assert ours.stderr.replace(str(roots[1]).encode(), str(roots[0]).encode()) == theirs.stderr
     assert ours.stdout == theirs.stdout
     assert ours.returncode == theirs.returncode
-    assert_same_outputs(roots[1] / "lib" / "modules" / KVER, roots[0] / "lib" / "modules" / KVER,
-                        (str(roots[1]), str(roots[0])))
+    assert_same_outputs(
+        roots[1] / "lib" / "modules" / KVER, roots[0] / "lib" / "modules" / KVER, (str(roots[1]), str(roots[0]))
+    )
 
 
 # ---- cycles from synthetic modules -----------------------------------------------------------
 
+
 def synthetic(name: str, exports: list[str], imports: list[str], aliases: tuple[str, ...] = ()) -> bytes:
-    spec = ModuleSpec(name=name, vermagic=f"{KVER} SMP mod_unload modversions ",
-                      imports=[(sym, 0x1000 + len(sym)) for sym in imports],
-                      exports=[Export(sym, crc=0x1000 + len(sym)) for sym in exports],
-                      modinfo=[("license", "GPL"), *[("alias", alias) for alias in aliases]])
+    spec = ModuleSpec(
+        name=name,
+        vermagic=f"{KVER} SMP mod_unload modversions ",
+        imports=[(sym, 0x1000 + len(sym)) for sym in imports],
+        exports=[Export(sym, crc=0x1000 + len(sym)) for sym in exports],
+        modinfo=[("license", "GPL"), *[("alias", alias) for alias in aliases]],
+    )
     return build_module(spec)
 
 
@@ -324,6 +383,7 @@ def test_synthetic_dependencies_aliases_and_brackets(tmp_path: Path) -> None:
 
 # ---- cache -------------------------------------------------------------------------------------
 
+
 def test_cache_never_serves_a_changed_module(tmp_path: Path) -> None:
     root = tmp_path / "root"
     synthetic_tree({"a": synthetic("a", ["x"], []), "b": synthetic("b", [], ["x"])})(root)  # type: ignore[operator]
@@ -341,15 +401,37 @@ def test_cache_never_serves_a_changed_module(tmp_path: Path) -> None:
 
 # ---- fuzzing -----------------------------------------------------------------------------------
 
-_WORDS = st.sampled_from(["search", "override", "external", "exclude", "include", "make_map_files", "built-in",
-                          "#", "*", "1.2", "[", "(", "updates", "extra", "kernel/a", "\\", "\t", " ", "fat"])
+_WORDS = st.sampled_from(
+    [
+        "search",
+        "override",
+        "external",
+        "exclude",
+        "include",
+        "make_map_files",
+        "built-in",
+        "#",
+        "*",
+        "1.2",
+        "[",
+        "(",
+        "updates",
+        "extra",
+        "kernel/a",
+        "\\",
+        "\t",
+        " ",
+        "fat",
+    ]
+)
 
 
 @settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(_WORDS, st.text(max_size=8)), max_size=20), st.data())
 def test_fuzz_config_parser(tmp_path_factory: pytest.TempPathFactory, words: list[str], data: st.DataObject) -> None:
-    separators = data.draw(st.lists(st.sampled_from([" ", "\n", "\\\n", "\t"]), min_size=len(words),
-                                    max_size=len(words)))
+    separators = data.draw(
+        st.lists(st.sampled_from([" ", "\n", "\\\n", "\t"]), min_size=len(words), max_size=len(words))
+    )
     text = "".join(w + s for w, s in zip(words, separators))
     directory = tmp_path_factory.getbasetemp() / "fuzzconf"
     directory.mkdir(exist_ok=True)

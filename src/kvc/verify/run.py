@@ -1,11 +1,11 @@
 """``kvc verify``: prove an instance's modules on the real target kernel in a throwaway VM.
 
 The host side: find the image (it must be built), the target kernel's files
-(:mod:`kvc.kernelfiles`), copy the instance's modules out of the image into a work directory,
-write the initramfs (:mod:`kvc.initramfs`) and the job, and boot the kernel under qemu
-(:mod:`kvc.qemu`: TCG unless a KVM probe works, no network, bounded memory, a hard timeout). The
+(:mod:`kvc.verify.kernelfiles`), copy the instance's modules out of the image into a work directory,
+write the initramfs (:mod:`kvc.verify.initramfs`) and the job, and boot the kernel under qemu
+(:mod:`kvc.verify.qemu`: TCG unless a KVM probe works, no network, bounded memory, a hard timeout). The
 guest mounts the host's root read-only over 9p and runs this very installation of kvc
-(:mod:`kvc.vmguest`), which loads the modules with kvc's loader and the live kernel, runs the
+(:mod:`kvc.verify.guest`), which loads the modules with kvc's loader and the live kernel, runs the
 smoke test in the image, unloads and writes ``result.json``; the host turns it into the report.
 
 Outcomes and exit codes: 0 verified; 5 a module refused by the kernel (or not unloadable);
@@ -30,17 +30,17 @@ from typing import Any, Callable, Optional
 
 import kvc
 from kvc.atomic import write_json
-from kvc.bootimage import pvh_kernel
 from kvc.build import image_tag
 from kvc.config import InstanceConfig
 from kvc.errors import CommandError, StateError
 from kvc.extract import copy_instance_modules, replace_dir
-from kvc.initramfs import boot_modules, build_initramfs, find_busybox
-from kvc.kernelfiles import KernelFiles
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
-from kvc.qemu import GuestMachine, Share, choose_accel, run_guest
 from kvc.runtime import ContainerRuntime, ImageFiles
+from kvc.verify.bootimage import pvh_kernel
+from kvc.verify.initramfs import boot_modules, build_initramfs, find_busybox
+from kvc.verify.kernelfiles import KernelFiles
+from kvc.verify.qemu import GuestMachine, Share, choose_accel, run_guest
 
 REPORT_SCHEMA = 1
 GUEST_APPEND = "console=ttyS0 panic=-1 oops=panic quiet"
@@ -50,11 +50,20 @@ GUEST_MODULES = "/kvc/kernel-modules"
 GUEST_IMAGE = "/kvc/image"
 TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
-EXIT_CODES = {"verified": 0, "load-refused": 5, "unload-failed": 5, "smoke-failed": 8,
-              "crashed": 9, "timed-out": 9, "guest-failed": 9}
+EXIT_CODES = {
+    "verified": 0,
+    "load-refused": 5,
+    "unload-failed": 5,
+    "smoke-failed": 8,
+    "crashed": 9,
+    "timed-out": 9,
+    "guest-failed": 9,
+}
 GUEST_FAILURE = re.compile(r"^kvc-guest: (FAILED: .*|agent exited with status [1-9].*)$", re.MULTILINE)
-_CRASH_LINE = re.compile(r"Kernel panic|kernel BUG at|BUG:|Oops|general protection fault|RIP:|Call Trace|"
-                         r"Unable to handle")
+_CRASH_LINE = re.compile(
+    r"Kernel panic|kernel BUG at|BUG:|Oops|general protection fault|RIP:|Call Trace|"
+    r"Unable to handle"
+)
 
 
 @dataclass(frozen=True)
@@ -74,24 +83,34 @@ class VerifyPlan:
     options: VerifyOptions
 
     def describe(self) -> str:
-        return "\n".join([
-            f"verify {self.instance.name} {self.instance.software_version} for {self.kernel.release}:",
-            f"  image {self.image} ({self.image_id[:12]})",
-            f"  kernel {self.kernel.vmlinuz}, modules {self.kernel.moddir} ({self.kernel.source})",
-            f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
-            f"timeout {self.options.timeout:g} s",
-            f"  load {' '.join(self.instance.module_names)} with their in-tree dependencies, "
-            f"smoke test: {self.instance.smoke_test or '(none)'}, unload"])
+        return "\n".join(
+            [
+                f"verify {self.instance.name} {self.instance.software_version} for {self.kernel.release}:",
+                f"  image {self.image} ({self.image_id[:12]})",
+                f"  kernel {self.kernel.vmlinuz}, modules {self.kernel.moddir} ({self.kernel.source})",
+                f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
+                f"timeout {self.options.timeout:g} s",
+                f"  load {' '.join(self.instance.module_names)} with their in-tree dependencies, "
+                f"smoke test: {self.instance.smoke_test or '(none)'}, unload",
+            ]
+        )
 
 
-def plan_verify(instance: InstanceConfig, release: str, runtime: ContainerRuntime, options: VerifyOptions,
-                find_kernel: Callable[[str], KernelFiles]) -> VerifyPlan:
+def plan_verify(
+    instance: InstanceConfig,
+    release: str,
+    runtime: ContainerRuntime,
+    options: VerifyOptions,
+    find_kernel: Callable[[str], KernelFiles],
+) -> VerifyPlan:
     """The image first (a missing build is reported before any kernel download), then the kernel."""
     tag = image_tag(instance, release)
     info = runtime.inspect(tag)
     if info is None:
-        raise StateError(f"image {tag} does not exist: {instance.name} is not built for {release}",
-                         hint=f"run 'kvc build {instance.name} --kernel {release}' first")
+        raise StateError(
+            f"image {tag} does not exist: {instance.name} is not built for {release}",
+            hint=f"run 'kvc build {instance.name} --kernel {release}' first",
+        )
     return VerifyPlan(instance, find_kernel(release), tag, info.id, options)
 
 
@@ -124,7 +143,7 @@ def _crash_lines(console: str) -> list[str]:
     lines = console.splitlines()
     for index, line in enumerate(lines):
         if _CRASH_LINE.search(line):
-            return [text.rstrip() for text in lines[index:index + 24]]
+            return [text.rstrip() for text in lines[index : index + 24]]
     return [text.rstrip() for text in lines[-12:]]
 
 
@@ -170,9 +189,17 @@ def execute_verify(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout) 
     if keep:
         report.data["artifacts"] = final
         report.data["console_log"] = os.path.join(final, "console.log")
-    write_json(layout.verify_record(plan.instance.name, plan.kernel.release),
-               {"schema": REPORT_SCHEMA, "status": report.status, "image_id": plan.image_id, "at": time.time(),
-                "timings": report.data["timings"], "artifacts": report.data["artifacts"]})
+    write_json(
+        layout.verify_record(plan.instance.name, plan.kernel.release),
+        {
+            "schema": REPORT_SCHEMA,
+            "status": report.status,
+            "image_id": plan.image_id,
+            "at": time.time(),
+            "timings": report.data["timings"],
+            "artifacts": report.data["artifacts"],
+        },
+    )
     return report
 
 
@@ -188,13 +215,15 @@ def read_verify_record(layout: Layout, name: str, kernel_release: str) -> Option
     return data
 
 
-def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work: str,
-               started: float) -> VerifyReport:
+def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work: str, started: float) -> VerifyReport:
     instance, kernel = plan.instance, plan.kernel
     moddir = ModuleDirectory(kernel.moddir)
     boot = boot_modules(moddir)
-    settings = {"KVC_BOOT_MODULES": " ".join(name for name, _ in boot), "KVC_PYTHON": sys.executable,
-                "KVC_PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__)))}
+    settings = {
+        "KVC_BOOT_MODULES": " ".join(name for name, _ in boot),
+        "KVC_PYTHON": sys.executable,
+        "KVC_PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__))),
+    }
     with runtime.open_image(plan.image) as files:
         os.makedirs(os.path.join(work, "modules"))
         copies = copy_instance_modules(files, instance, kernel.release, plan.image, os.path.join(work, "modules"))
@@ -205,31 +234,58 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         settings["KVC_IMAGE_SHARE"] = "1" if image_root else "0"
         initrd = os.path.join(work, "initramfs.cpio")
         build_initramfs(initrd, find_busybox(), boot, settings)
-        job = {"instance": instance.name, "kernel": kernel.release, "moddir": GUEST_MODULES,
-               "modules": [f"{GUEST_WORK}/modules/{name}" for name in module_files],
-               "params": dict(instance.module_params), "smoke_test": instance.smoke_test,
-               "smoke_timeout": SMOKE_TIMEOUT, "image_root": GUEST_IMAGE if image_root else "",
-               "tools": f"{GUEST_WORK}/bin" if image_root is None else "",
-               "result": f"{GUEST_WORK}/result.json", "progress": f"{GUEST_WORK}/progress"}
+        job = {
+            "instance": instance.name,
+            "kernel": kernel.release,
+            "moddir": GUEST_MODULES,
+            "modules": [f"{GUEST_WORK}/modules/{name}" for name in module_files],
+            "params": dict(instance.module_params),
+            "smoke_test": instance.smoke_test,
+            "smoke_timeout": SMOKE_TIMEOUT,
+            "image_root": GUEST_IMAGE if image_root else "",
+            "tools": f"{GUEST_WORK}/bin" if image_root is None else "",
+            "result": f"{GUEST_WORK}/result.json",
+            "progress": f"{GUEST_WORK}/progress",
+        }
         write_json(os.path.join(work, "job.json"), job)
         shares = [Share("kvcroot", "/"), Share("kvcwork", work, readonly=False), Share("kvcmods", kernel.moddir)]
         if image_root:
             shares.append(Share("kvcimage", image_root))
         pvh = pvh_kernel(kernel.vmlinuz, layout.cache_dir)
-        machine = GuestMachine(pvh or kernel.vmlinuz, initrd, GUEST_APPEND, os.path.join(work, "console.log"),
-                               tuple(shares), plan.options.memory_mb)
-        accel = choose_accel(plan.options.accel, machine,
-                             os.path.join(layout.cache_dir, "accel-probe.json"))
+        machine = GuestMachine(
+            pvh or kernel.vmlinuz,
+            initrd,
+            GUEST_APPEND,
+            os.path.join(work, "console.log"),
+            tuple(shares),
+            plan.options.memory_mb,
+        )
+        accel = choose_accel(plan.options.accel, machine, os.path.join(layout.cache_dir, "accel-probe.json"))
         machine = dataclasses.replace(machine, accel=accel)
         run = run_guest(machine, plan.options.timeout)
     console = _read_text(machine.console_log)
     data: dict[str, Any] = {
-        "schema": REPORT_SCHEMA, "instance": instance.name, "version": instance.software_version,
-        "kernel": kernel.release, "image": {"tag": plan.image, "id": plan.image_id},
+        "schema": REPORT_SCHEMA,
+        "instance": instance.name,
+        "version": instance.software_version,
+        "kernel": kernel.release,
+        "image": {"tag": plan.image, "id": plan.image_id},
         "kernel_files": {"vmlinuz": kernel.vmlinuz, "moddir": kernel.moddir, "source": kernel.source},
-        "vm": {"accel": accel, "boot": "pvh" if pvh else "bzimage", "kernel_image": machine.kernel,
-               "memory_mb": plan.options.memory_mb, "timeout": plan.options.timeout, "qemu_exit": run.returncode},
-        "modules": [], "smoke": None, "unload": [], "crash": None, "artifacts": None, "console_log": None}
+        "vm": {
+            "accel": accel,
+            "boot": "pvh" if pvh else "bzimage",
+            "kernel_image": machine.kernel,
+            "memory_mb": plan.options.memory_mb,
+            "timeout": plan.options.timeout,
+            "qemu_exit": run.returncode,
+        },
+        "modules": [],
+        "smoke": None,
+        "unload": [],
+        "crash": None,
+        "artifacts": None,
+        "console_log": None,
+    }
     result_text = _read_text(os.path.join(work, "result.json"))
     try:
         result = json.loads(result_text) if result_text else None
@@ -238,14 +294,20 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     timings: dict[str, Any] = {"vm_seconds": round(run.seconds, 2)}
     if isinstance(result, dict):
         status = _status_of(result)
-        data.update(modules=result.get("modules", []), smoke=result.get("smoke"), unload=result.get("unload", []),
-                    plan_error=result.get("plan_error"), tainted=result.get("tainted"))
+        data.update(
+            modules=result.get("modules", []),
+            smoke=result.get("smoke"),
+            unload=result.get("unload", []),
+            plan_error=result.get("plan_error"),
+            tainted=result.get("tainted"),
+        )
         timings["boot_seconds"] = result.get("boot_seconds")
         timings["guest_seconds"] = result.get("agent_seconds")
     else:
         if run.returncode not in (None, 0) and not console.strip():
-            raise CommandError(machine.argv(), run.returncode, run.output,
-                               hint="qemu could not start the guest; see its message above")
+            raise CommandError(
+                machine.argv(), run.returncode, run.output, hint="qemu could not start the guest; see its message above"
+            )
         progress = _read_text(os.path.join(work, "progress")).split("\n")
         during = next((line for line in reversed(progress) if line.strip()), "boot")
         failure = GUEST_FAILURE.search(console)
@@ -256,7 +318,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             status = "guest-failed"
         else:
             status = "crashed"
-        lines = (console.splitlines()[-24:] if status == "guest-failed" else _crash_lines(console))
+        lines = console.splitlines()[-24:] if status == "guest-failed" else _crash_lines(console)
         data["crash"] = {"during": during, "lines": [line.rstrip() for line in lines]}
     timings["total_seconds"] = round(time.monotonic() - started, 2)
     data["timings"] = timings
@@ -266,6 +328,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
 
 # ---- the report, for people ---------------------------------------------------------------------------------
 
+
 def _log_lines(lines: Any, indent: str = "      ") -> list[str]:
     return [f"{indent}kernel: {line}" for line in lines or []]
 
@@ -273,11 +336,13 @@ def _log_lines(lines: Any, indent: str = "      ") -> list[str]:
 def format_report(report: VerifyReport) -> str:
     data = report.data
     vm = data["vm"]
-    lines = [f"verify {data['instance']} {data['version']} on kernel {data['kernel']} "
-             f"(qemu {vm['accel']}, {'PVH boot' if vm['boot'] == 'pvh' else 'bzImage boot'}, "
-             f"{vm['memory_mb']} MiB, no network)",
-             f"  kernel files: {data['kernel_files']['source']}",
-             f"  image: {data['image']['tag']} ({data['image']['id'][:12]})"]
+    lines = [
+        f"verify {data['instance']} {data['version']} on kernel {data['kernel']} "
+        f"(qemu {vm['accel']}, {'PVH boot' if vm['boot'] == 'pvh' else 'bzImage boot'}, "
+        f"{vm['memory_mb']} MiB, no network)",
+        f"  kernel files: {data['kernel_files']['source']}",
+        f"  image: {data['image']['tag']} ({data['image']['id'][:12]})",
+    ]
     if data.get("plan_error"):
         lines.append(f"  plan: {data['plan_error']}")
     if data["modules"]:
@@ -285,11 +350,15 @@ def format_report(report: VerifyReport) -> str:
     for module in data["modules"]:
         params = f" {module['params']}" if module.get("params") else ""
         if module["loaded"]:
-            lines.append(f"    {module['name']}{params} ({module['origin']}): loaded in {module['seconds']:.2f} s, "
-                         f"refcnt {module['refcnt']}, taint {module['taint'] or '-'}")
+            lines.append(
+                f"    {module['name']}{params} ({module['origin']}): loaded in {module['seconds']:.2f} s, "
+                f"refcnt {module['refcnt']}, taint {module['taint'] or '-'}"
+            )
         else:
-            lines.append(f"    {module['name']}{params} ({module['origin']}): REFUSED by the kernel: "
-                         f"{module['errno']} ({module['error']})")
+            lines.append(
+                f"    {module['name']}{params} ({module['origin']}): REFUSED by the kernel: "
+                f"{module['errno']} ({module['error']})"
+            )
         lines += _log_lines(module.get("log"))
     smoke = data.get("smoke")
     if smoke is not None:
@@ -313,12 +382,19 @@ def format_report(report: VerifyReport) -> str:
     timings = data["timings"]
     boot = timings.get("boot_seconds")
     boot_text = f"boot {boot:.1f} s, " if isinstance(boot, (int, float)) else ""
-    summary = {"verified": "VERIFIED", "load-refused": "FAILED: the kernel refused a module",
-               "unload-failed": "FAILED: a module did not unload", "smoke-failed": "FAILED: the smoke test failed",
-               "crashed": "FAILED: the guest kernel crashed", "timed-out": "FAILED: the guest timed out",
-               "guest-failed": "FAILED: kvc's guest setup or agent failed (see its lines above)"}
-    lines.append(f"{summary[report.status]} ({boot_text}VM {timings['vm_seconds']:.1f} s, "
-                 f"total {timings['total_seconds']:.1f} s)")
+    summary = {
+        "verified": "VERIFIED",
+        "load-refused": "FAILED: the kernel refused a module",
+        "unload-failed": "FAILED: a module did not unload",
+        "smoke-failed": "FAILED: the smoke test failed",
+        "crashed": "FAILED: the guest kernel crashed",
+        "timed-out": "FAILED: the guest timed out",
+        "guest-failed": "FAILED: kvc's guest setup or agent failed (see its lines above)",
+    }
+    lines.append(
+        f"{summary[report.status]} ({boot_text}VM {timings['vm_seconds']:.1f} s, "
+        f"total {timings['total_seconds']:.1f} s)"
+    )
     if data.get("artifacts"):
         lines.append(f"  console log and artifacts kept in {data['artifacts']}")
     return "\n".join(lines)

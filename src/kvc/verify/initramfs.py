@@ -45,8 +45,21 @@ def write_cpio(out: BinaryIO, entries: Sequence[CpioEntry]) -> None:
     for inode, entry in enumerate([*entries, CpioEntry(_TRAILER, 0)], start=1):
         name = entry.path.encode() + b"\0"
         nlink = 2 if stat.S_ISDIR(entry.mode) else 1
-        fields = (inode if entry.path != _TRAILER else 0, entry.mode, 0, 0, nlink, 0, len(entry.data), 0, 0,
-                  entry.rdev[0], entry.rdev[1], len(name), 0)
+        fields = (
+            inode if entry.path != _TRAILER else 0,
+            entry.mode,
+            0,
+            0,
+            nlink,
+            0,
+            len(entry.data),
+            0,
+            0,
+            entry.rdev[0],
+            entry.rdev[1],
+            len(name),
+            0,
+        )
         header = _NEWC_MAGIC + b"".join(b"%08X" % value for value in fields)
         out.write(header + name + _pad(len(header) + len(name)))
         out.write(entry.data + _pad(len(entry.data)))
@@ -62,8 +75,10 @@ def find_busybox(candidates: Sequence[str] = BUSYBOX_CANDIDATES) -> str:
             continue
         if head[:4] == b"\x7fELF" and b"/ld-linux" not in head and b"ld-musl" not in head:
             return path
-    raise MissingProgramError("no statically linked busybox found (looked in " + ", ".join(candidates) + ")",
-                     hint="install it: 'apt-get install busybox-static' (Debian) or 'dnf install busybox'")
+    raise MissingProgramError(
+        "no statically linked busybox found (looked in " + ", ".join(candidates) + ")",
+        hint="install it: 'apt-get install busybox-static' (Debian) or 'dnf install busybox'",
+    )
 
 
 def boot_modules(moddir: ModuleDirectory, roots: Sequence[str] = BOOT_MODULE_ROOTS) -> list[tuple[str, str]]:
@@ -76,8 +91,10 @@ def boot_modules(moddir: ModuleDirectory, roots: Sequence[str] = BOOT_MODULE_ROO
         if entry is None or entry.path is None:
             if moddir.is_builtin(root):
                 continue
-            raise KernelMissingError(f"the guest kernel has no module {root} in {moddir.path}",
-                             hint="kvc verify needs a kernel with virtio-pci and 9p (built in or as modules)")
+            raise KernelMissingError(
+                f"the guest kernel has no module {root} in {moddir.path}",
+                hint="kvc verify needs a kernel with virtio-pci and 9p (built in or as modules)",
+            )
         for path in [*reversed(entry.dependencies), entry.path]:
             name = modname_from_path(path)
             if name not in seen:
@@ -100,22 +117,36 @@ def guest_init_script() -> bytes:
     return resources.files("kvc").joinpath("data/vm-init").read_bytes()
 
 
-def build_initramfs(path: str, busybox: str, modules: Sequence[tuple[str, str]],
-                    settings: Mapping[str, str]) -> None:
+def build_initramfs(path: str, busybox: str, modules: Sequence[tuple[str, str]], settings: Mapping[str, str]) -> None:
     """Write the initramfs to ``path`` (a temporary file renamed into place)."""
     with open(busybox, "rb") as handle:
         busybox_data = handle.read()
     conf = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
     directory = stat.S_IFDIR | 0o755
-    entries = [CpioEntry(name, directory) for name in
-               ("dev", "proc", "sys", "run", "kvc", "kvc/host", "kvc/work", "kvc/image", "kvc/kernel-modules",
-                                "kvc/modules")]
-    entries += [CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
-                CpioEntry("kvc/busybox", stat.S_IFREG | 0o755, busybox_data),
-                CpioEntry("init", stat.S_IFREG | 0o755, guest_init_script()),
-                CpioEntry("kvc/boot.conf", stat.S_IFREG | 0o644, conf.encode())]
-    entries += [CpioEntry(f"kvc/modules/{name}", stat.S_IFREG | 0o644, _module_image(source))
-                for name, source in modules]
+    entries = [
+        CpioEntry(name, directory)
+        for name in (
+            "dev",
+            "proc",
+            "sys",
+            "run",
+            "kvc",
+            "kvc/host",
+            "kvc/work",
+            "kvc/image",
+            "kvc/kernel-modules",
+            "kvc/modules",
+        )
+    ]
+    entries += [
+        CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+        CpioEntry("kvc/busybox", stat.S_IFREG | 0o755, busybox_data),
+        CpioEntry("init", stat.S_IFREG | 0o755, guest_init_script()),
+        CpioEntry("kvc/boot.conf", stat.S_IFREG | 0o644, conf.encode()),
+    ]
+    entries += [
+        CpioEntry(f"kvc/modules/{name}", stat.S_IFREG | 0o644, _module_image(source)) for name, source in modules
+    ]
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as out:

@@ -40,6 +40,7 @@ TRAILER = struct.Struct(">BBBBB3xI")
 
 # --- a small DER/BER writer for crafting signatures -----------------------------------------
 
+
 def length(size: int, form: str = "short") -> bytes:
     if form == "short" and size < 0x80:
         return bytes([size])
@@ -91,20 +92,46 @@ def name(*entries: tuple[str, int, bytes]) -> bytes:
     return seq(*[set_of(seq(oid(attr), tlv(tag, value))) for attr, tag, value in entries])
 
 
-def signer_info(*, issuer: Optional[bytes] = None, serial: bytes = b"\x5a\x17", digest: str = SHA256,
-                digest_params: Optional[bytes] = NULL, signature: Optional[bytes] = None,
-                auth: bytes = b"", unauth: bytes = b"") -> bytes:
+def signer_info(
+    *,
+    issuer: Optional[bytes] = None,
+    serial: bytes = b"\x5a\x17",
+    digest: str = SHA256,
+    digest_params: Optional[bytes] = NULL,
+    signature: Optional[bytes] = None,
+    auth: bytes = b"",
+    unauth: bytes = b"",
+) -> bytes:
     if issuer is None:
         issuer = name((CN, 0x0C, b"Crafted signing key"))
     digest_alg = seq(oid(digest), digest_params) if digest_params is not None else seq(oid(digest))
-    return seq(integer(b"\x01"), seq(issuer, integer(serial)), digest_alg, auth, seq(oid(RSA), NULL),
-               signature if signature is not None else octets(bytes(range(64))), unauth)
+    return seq(
+        integer(b"\x01"),
+        seq(issuer, integer(serial)),
+        digest_alg,
+        auth,
+        seq(oid(RSA), NULL),
+        signature if signature is not None else octets(bytes(range(64))),
+        unauth,
+    )
 
 
-def signed_data(*signers: bytes, content: Optional[bytes] = None, certs: bytes = b"",
-                outer_type: str = SIGNED_DATA, form: str = "short", set_tag: int = 0x31) -> bytes:
-    body = seq(integer(b"\x01"), set_of(seq(oid(SHA256), NULL)), content or seq(oid(DATA)), certs,
-               tlv(set_tag, *signers), form=form)
+def signed_data(
+    *signers: bytes,
+    content: Optional[bytes] = None,
+    certs: bytes = b"",
+    outer_type: str = SIGNED_DATA,
+    form: str = "short",
+    set_tag: int = 0x31,
+) -> bytes:
+    body = seq(
+        integer(b"\x01"),
+        set_of(seq(oid(SHA256), NULL)),
+        content or seq(oid(DATA)),
+        certs,
+        tlv(set_tag, *signers),
+        form=form,
+    )
     return seq(oid(outer_type), tlv(0xA0, body, form=form), form=form)
 
 
@@ -112,18 +139,25 @@ def pkcs7_trailer(blob: bytes, *, algo: int = 0, hash_id: int = 0) -> bytes:
     return blob + TRAILER.pack(algo, hash_id, 2, 0, 0, len(blob)) + SIG_MAGIC
 
 
-def legacy_trailer(id_type: int, signer: bytes, key_id: bytes, signature: bytes, *, algo: int = 1,
-                   hash_id: int = 2) -> bytes:
-    return (signer + key_id + signature
-            + TRAILER.pack(algo, hash_id, id_type, len(signer), len(key_id), len(signature)) + SIG_MAGIC)
+def legacy_trailer(
+    id_type: int, signer: bytes, key_id: bytes, signature: bytes, *, algo: int = 1, hash_id: int = 2
+) -> bytes:
+    return (
+        signer
+        + key_id
+        + signature
+        + TRAILER.pack(algo, hash_id, id_type, len(signer), len(key_id), len(signature))
+        + SIG_MAGIC
+    )
 
 
 # --- the real modules and modinfo --------------------------------------------------------------
 
+
 def strip_trailer(image: bytes) -> bytes:
     assert image.endswith(SIG_MAGIC)
     _a, _h, _i, signer_len, key_len, sig_len = TRAILER.unpack(image[-40:-28])
-    return image[:-40 - sig_len - signer_len - key_len]
+    return image[: -40 - sig_len - signer_len - key_len]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +174,7 @@ def unsigned_image(signed_image: bytes) -> bytes:
 
 def real_pkcs7(signed_image: bytes) -> bytes:
     sig_len = TRAILER.unpack(signed_image[-40:-28])[5]
-    return signed_image[-40 - sig_len:-40]
+    return signed_image[-40 - sig_len : -40]
 
 
 def modinfo_records(paths: Sequence[str]) -> List[Dict[str, bytes]]:
@@ -167,17 +201,22 @@ def mismatch(ours: Optional[ModuleSignature], theirs: Dict[str, bytes]) -> Optio
         return None if "sig_id" not in theirs else f"modinfo shows a signature: {theirs}"
     if "sig_id" not in theirs:
         return f"modinfo shows no signature, we read {ours}"
-    pairs = [("sig_id", ours.sig_id.encode(), theirs["sig_id"]),
-             ("signer", ours.signer.encode("utf-8", "surrogateescape"), theirs["signer"]),
-             ("sig_key", ours.sig_key, unhex(theirs["sig_key"])),
-             ("sig_hashalgo", ours.sig_hashalgo.encode(), theirs["sig_hashalgo"]),
-             ("signature", ours.signature, unhex(theirs["signature"]))]
+    pairs = [
+        ("sig_id", ours.sig_id.encode(), theirs["sig_id"]),
+        ("signer", ours.signer.encode("utf-8", "surrogateescape"), theirs["signer"]),
+        ("sig_key", ours.sig_key, unhex(theirs["sig_key"])),
+        ("sig_hashalgo", ours.sig_hashalgo.encode(), theirs["sig_hashalgo"]),
+        ("signature", ours.signature, unhex(theirs["signature"])),
+    ]
     wrong = [f"{key}: ours {a!r}, modinfo {b!r}" for key, a, b in pairs if a != b]
     return "; ".join(wrong) or None
 
 
-def compare_with_modinfo(images: Sequence[bytes], directory: Path, labels: Optional[Sequence[str]] = None,
-                         ) -> List[str]:
+def compare_with_modinfo(
+    images: Sequence[bytes],
+    directory: Path,
+    labels: Optional[Sequence[str]] = None,
+) -> List[str]:
     paths = []
     for index, image in enumerate(images):
         path = directory / f"case{index}.ko"
@@ -185,7 +224,7 @@ def compare_with_modinfo(images: Sequence[bytes], directory: Path, labels: Optio
         paths.append(str(path))
     problems = []
     for start in range(0, len(paths), 500):
-        chunk = paths[start:start + 500]
+        chunk = paths[start : start + 500]
         for offset, theirs in enumerate(modinfo_records(chunk)):
             index = start + offset
             why = mismatch(read_signature(images[index], paths[index]), theirs)
@@ -196,20 +235,25 @@ def compare_with_modinfo(images: Sequence[bytes], directory: Path, labels: Optio
 
 # --- real Debian modules ----------------------------------------------------------------------
 
+
 @pytest.mark.oracle
 def test_real_modules_match_modinfo_field_by_field(kernel_tree: DebianKernel) -> None:
     modules = sorted(random.Random(SEED).sample([str(p) for p in kernel_tree.modules()], 50))
     ours = [read_signature(ModuleFile.open(path).image, path) for path in modules]
     assert all(sig is not None and sig.id_type == "PKCS#7" for sig in ours)
     for field in ("sig_id", "signer", "sig_key", "sig_hashalgo", "signature"):
-        out = subprocess.run([kmod_tool("modinfo"), "-0", "-F", field, *modules], capture_output=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [kmod_tool("modinfo"), "-0", "-F", field, *modules], capture_output=True, check=True
+        ).stdout
         values = out.split(b"\0")[:-1]
         assert len(values) == len(modules)
         for path, sig, value in zip(modules, ours, values):
             assert sig is not None
-            expected = {"sig_id": sig.sig_id.encode(), "signer": sig.signer.encode(),
-                        "sig_hashalgo": sig.sig_hashalgo.encode()}.get(field)
+            expected = {
+                "sig_id": sig.sig_id.encode(),
+                "signer": sig.signer.encode(),
+                "sig_hashalgo": sig.sig_hashalgo.encode(),
+            }.get(field)
             if expected is None:
                 assert unhex(value) == (sig.sig_key if field == "sig_key" else sig.signature), (path, field)
             else:
@@ -222,7 +266,7 @@ def test_every_real_module_matches_modinfo(kernel_tree: DebianKernel) -> None:
     assert len(modules) > 3500
     problems = []
     for start in range(0, len(modules), 500):
-        chunk = modules[start:start + 500]
+        chunk = modules[start : start + 500]
         for path, theirs in zip(chunk, modinfo_records(chunk)):
             why = mismatch(read_signature(ModuleFile.open(path).image, path), theirs)
             if why:
@@ -259,6 +303,7 @@ def test_unsigned_module_and_mmap_images(kernel_tree: DebianKernel, unsigned_ima
 
 # --- crafted trailers against modinfo ------------------------------------------------------
 
+
 def _with_cryptography() -> Dict[str, bytes]:
     """PKCS#7 messages made by a real signing library: like sign-file (no certificate, no
     attributes), and with the certificate and authenticated attributes included."""
@@ -269,17 +314,30 @@ def _with_cryptography() -> Dict[str, bytes]:
     from cryptography.hazmat.primitives.serialization import pkcs7
     from cryptography.x509.oid import NameOID
 
-    def sign(label: str, key: Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey],
-             digest: Union[hashes.SHA256, hashes.SHA384, hashes.SHA512],
-             options: List[pkcs7.PKCS7Options]) -> bytes:
-        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvc tests"),
-                             x509.NameAttribute(NameOID.COMMON_NAME, f"kvc {label} key")])
+    def sign(
+        label: str,
+        key: Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey],
+        digest: Union[hashes.SHA256, hashes.SHA384, hashes.SHA512],
+        options: List[pkcs7.PKCS7Options],
+    ) -> bytes:
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvc tests"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"kvc {label} key"),
+            ]
+        )
         start = datetime.datetime(2024, 1, 1)
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-                .public_key(key.public_key()).serial_number(0x00F1E2D3C4B5A69788)
-                .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(0x00F1E2D3C4B5A69788)
+            .not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
         builder = pkcs7.PKCS7SignatureBuilder().set_data(b"module image").add_signer(cert, key, digest)
         return builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature, *options])
 
@@ -287,22 +345,36 @@ def _with_cryptography() -> Dict[str, bytes]:
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     return {
-        "rsa-sha256-nocerts": sign("rsa-sha256-nocerts", rsa_key(), hashes.SHA256(),
-                                   [pkcs7.PKCS7Options.NoCerts, pkcs7.PKCS7Options.NoAttributes]),
-        "ec-sha512-cert-attrs": sign("ec-sha512-cert-attrs", ec.generate_private_key(ec.SECP384R1()),
-                                     hashes.SHA512(), []),
+        "rsa-sha256-nocerts": sign(
+            "rsa-sha256-nocerts",
+            rsa_key(),
+            hashes.SHA256(),
+            [pkcs7.PKCS7Options.NoCerts, pkcs7.PKCS7Options.NoAttributes],
+        ),
+        "ec-sha512-cert-attrs": sign(
+            "ec-sha512-cert-attrs", ec.generate_private_key(ec.SECP384R1()), hashes.SHA512(), []
+        ),
         "rsa-sha384-cert": sign("rsa-sha384-cert", rsa_key(), hashes.SHA384(), [pkcs7.PKCS7Options.NoAttributes]),
     }
 
 
 def _digest_cases() -> Dict[str, bytes]:
-    digests = {"md4": "1.2.840.113549.2.4", "md5": "1.2.840.113549.2.5", "sha1": "1.3.14.3.2.26",
-               "rmd160": "1.3.36.3.2.1", "sha256": SHA256, "sha384": "2.16.840.1.101.3.4.2.2",
-               "sha512": "2.16.840.1.101.3.4.2.3", "sha224": "2.16.840.1.101.3.4.2.4",
-               "sm3": "1.2.156.10197.1.401",
-               # kmod 30 knows no name for these and drops the whole signature
-               "sha3-256": "2.16.840.1.101.3.4.2.8", "sha512-224": "2.16.840.1.101.3.4.2.5",
-               "sha256WithRSAEncryption": "1.2.840.113549.1.1.11", "unregistered": "1.2.3.4.5.6.7"}
+    digests = {
+        "md4": "1.2.840.113549.2.4",
+        "md5": "1.2.840.113549.2.5",
+        "sha1": "1.3.14.3.2.26",
+        "rmd160": "1.3.36.3.2.1",
+        "sha256": SHA256,
+        "sha384": "2.16.840.1.101.3.4.2.2",
+        "sha512": "2.16.840.1.101.3.4.2.3",
+        "sha224": "2.16.840.1.101.3.4.2.4",
+        "sm3": "1.2.156.10197.1.401",
+        # kmod 30 knows no name for these and drops the whole signature
+        "sha3-256": "2.16.840.1.101.3.4.2.8",
+        "sha512-224": "2.16.840.1.101.3.4.2.5",
+        "sha256WithRSAEncryption": "1.2.840.113549.1.1.11",
+        "unregistered": "1.2.3.4.5.6.7",
+    }
     return {f"digest {label}": signed_data(signer_info(digest=dotted)) for label, dotted in digests.items()}
 
 
@@ -339,10 +411,16 @@ def _issuer_cases() -> Dict[str, bytes]:
 
 
 def _serial_cases() -> Dict[str, bytes]:
-    serials = {"zero": b"\x00", "negative": b"\xff\x01", "leading zero byte": b"\x00\x80",
-               "minus 256": b"\xff\x00", "twenty bytes": bytes(range(1, 21)),
-               "non-minimal rejected": b"\x00\x01", "non-minimal negative rejected": b"\xff\x80",
-               "empty rejected": b""}
+    serials = {
+        "zero": b"\x00",
+        "negative": b"\xff\x01",
+        "leading zero byte": b"\x00\x80",
+        "minus 256": b"\xff\x00",
+        "twenty bytes": bytes(range(1, 21)),
+        "non-minimal rejected": b"\x00\x01",
+        "non-minimal negative rejected": b"\xff\x80",
+        "empty rejected": b"",
+    }
     return {f"serial {label}": signed_data(signer_info(serial=serial)) for label, serial in serials.items()}
 
 
@@ -350,8 +428,16 @@ def _ber_cases() -> Dict[str, bytes]:
     good = signed_data(signer_info())
     info = signer_info()
     sha = seq(oid(SHA256), NULL)
-    indefinite = tlv(0x30, oid(SIGNED_DATA), tlv(0xA0, seq(integer(b"\x01"), tlv(0x31, sha, form="indefinite"),
-                     seq(oid(DATA)), set_of(info), form="indefinite"), form="indefinite"), form="indefinite")
+    indefinite = tlv(
+        0x30,
+        oid(SIGNED_DATA),
+        tlv(
+            0xA0,
+            seq(integer(b"\x01"), tlv(0x31, sha, form="indefinite"), seq(oid(DATA)), set_of(info), form="indefinite"),
+            form="indefinite",
+        ),
+        form="indefinite",
+    )
     nested = seq(oid(DATA))
     deep: Dict[int, bytes] = {}
     for level in range(1, 15):
@@ -364,12 +450,20 @@ def _ber_cases() -> Dict[str, bytes]:
         "top-level length in 5 bytes": reframe(good, 5),
         "top-level length in 6 bytes rejected (8-byte header buffer)": reframe(good, 6),
         "bytes after the message are ignored": good + b"JUNK" * 5,
-        "constructed OCTET STRING signature": signed_data(signer_info(
-            signature=tlv(0x24, octets(b"\xaa" * 3), tlv(0x24, octets(b"\xbb" * 2), form="indefinite")))),
+        "constructed OCTET STRING signature": signed_data(
+            signer_info(signature=tlv(0x24, octets(b"\xaa" * 3), tlv(0x24, octets(b"\xbb" * 2), form="indefinite")))
+        ),
         "long-form empty OCTET STRING at the end rejected": signed_data(signer_info(signature=b"\x04\x81\x00")),
         "empty signature": signed_data(signer_info(signature=b"\x04\x00")),
-        "high-tag-number INTEGER": signed_data(seq(integer(b"\x01"), seq(name((CN, 0x0C, b"K")), b"\x1f\x02\x01\x07"),
-                                                   seq(oid(SHA256), NULL), seq(oid(RSA), NULL), octets(b"\xaa"))),
+        "high-tag-number INTEGER": signed_data(
+            seq(
+                integer(b"\x01"),
+                seq(name((CN, 0x0C, b"K")), b"\x1f\x02\x01\x07"),
+                seq(oid(SHA256), NULL),
+                seq(oid(RSA), NULL),
+                octets(b"\xaa"),
+            )
+        ),
         "no digest parameters": signed_data(signer_info(digest_params=None)),
         "NULL parameter with content rejected": signed_data(signer_info(digest_params=b"\x05\x01\x00")),
         "BOOLEAN parameter of 2 bytes rejected": signed_data(signer_info(digest_params=tlv(0x01, b"\x01\x02"))),
@@ -377,11 +471,15 @@ def _ber_cases() -> Dict[str, bytes]:
         "OID parameter with padding rejected": signed_data(signer_info(digest_params=tlv(0x06, b"\x80\x01"))),
         "short UTCTime parameter accepted by OpenSSL 3.0": signed_data(signer_info(digest_params=tlv(0x17, b"123"))),
         "context-specific parameter": signed_data(signer_info(digest_params=tlv(0x85, b"zz"))),
-        "authenticated and unauthenticated attributes": signed_data(signer_info(
-            auth=tlv(0xA0, seq(oid("1.2.840.113549.1.9.3"), set_of(oid(DATA)))),
-            unauth=tlv(0xA1, seq(oid("1.2.3"), set_of(NULL))))),
-        "attribute value NULL with content rejected": signed_data(signer_info(
-            auth=tlv(0xA0, seq(oid("1.2.840.113549.1.9.3"), set_of(b"\x05\x01\x00"))))),
+        "authenticated and unauthenticated attributes": signed_data(
+            signer_info(
+                auth=tlv(0xA0, seq(oid("1.2.840.113549.1.9.3"), set_of(oid(DATA)))),
+                unauth=tlv(0xA1, seq(oid("1.2.3"), set_of(NULL))),
+            )
+        ),
+        "attribute value NULL with content rejected": signed_data(
+            signer_info(auth=tlv(0xA0, seq(oid("1.2.840.113549.1.9.3"), set_of(b"\x05\x01\x00"))))
+        ),
         "data after the last SignerInfo field rejected": signed_data(signer_info(unauth=NULL)),
         "end-of-contents inside a definite SEQUENCE rejected": signed_data(signer_info(unauth=b"\0\0")),
         "no SignerInfo rejected": signed_data(),
@@ -390,17 +488,26 @@ def _ber_cases() -> Dict[str, bytes]:
         "SignedData without content rejected": seq(oid(SIGNED_DATA)),
         "unknown content type rejected": signed_data(info, outer_type="1.2.840.113549.1.7.9"),
         "SignedAndEnvelopedData": _signed_and_enveloped(info),
-        "inner DigestedData": signed_data(info, content=seq(oid("1.2.840.113549.1.7.5"), tlv(0xA0, seq(
-            integer(b"\x00"), sha, seq(oid(DATA)), octets(b"digest"))))),
-        "inner content of an unknown type with a bad INTEGER rejected": signed_data(info, content=seq(
-            oid("1.2.3"), tlv(0xA0, integer(b"\x00\x01")))),
+        "inner DigestedData": signed_data(
+            info,
+            content=seq(
+                oid("1.2.840.113549.1.7.5"), tlv(0xA0, seq(integer(b"\x00"), sha, seq(oid(DATA)), octets(b"digest")))
+            ),
+        ),
+        "inner content of an unknown type with a bad INTEGER rejected": signed_data(
+            info, content=seq(oid("1.2.3"), tlv(0xA0, integer(b"\x00\x01")))
+        ),
         "bad certificate rejected": signed_data(info, certs=tlv(0xA0, seq(integer(b"\x01")))),
         "bad CRL rejected": signed_data(info, certs=tlv(0xA1, seq(integer(b"\x01")))),
         "13 nested SignedData": signed_data(info, content=deep[13]),
         "14 nested SignedData rejected (nesting limit)": signed_data(info, content=deep[14]),
         "garbage rejected": b"\x30\x03\x02\x01",
-        **{f"OCTET STRING nested {depth} constructed levels deep{' rejected' if depth > 6 else ''}":
-           signed_data(signer_info(signature=nested_string(depth))) for depth in range(5, 9)},
+        **{
+            f"OCTET STRING nested {depth} constructed levels deep{' rejected' if depth > 6 else ''}": signed_data(
+                signer_info(signature=nested_string(depth))
+            )
+            for depth in range(5, 9)
+        },
     }
 
 
@@ -408,7 +515,7 @@ def reframe(element: bytes, length_bytes: int) -> bytes:
     """``element`` with its length rewritten in long form with ``length_bytes`` bytes."""
     header, _too_long = der.get_object(element, 0, len(element))
     size = len(element) - header.content
-    return element[:1] + bytes([0x80 | length_bytes]) + size.to_bytes(length_bytes, "big") + element[header.content:]
+    return element[:1] + bytes([0x80 | length_bytes]) + size.to_bytes(length_bytes, "big") + element[header.content :]
 
 
 def nested_string(depth: int) -> bytes:
@@ -420,8 +527,9 @@ def nested_string(depth: int) -> bytes:
 
 
 def _signed_and_enveloped(info: bytes) -> bytes:
-    recipient = seq(integer(b"\x00"), seq(name((CN, 0x0C, b"Recipient")), integer(b"\x09")), seq(oid(RSA), NULL),
-                    octets(b"key"))
+    recipient = seq(
+        integer(b"\x00"), seq(name((CN, 0x0C, b"Recipient")), integer(b"\x09")), seq(oid(RSA), NULL), octets(b"key")
+    )
     encrypted = seq(oid(DATA), seq(oid("2.16.840.1.101.3.4.1.2"), octets(b"iv" * 8)), tlv(0x80, b"ciphertext"))
     body = seq(integer(b"\x01"), set_of(recipient), set_of(seq(oid(SHA256), NULL)), encrypted, set_of(info))
     return seq(oid(SIGNED_AND_ENVELOPED), tlv(0xA0, body))
@@ -430,10 +538,12 @@ def _signed_and_enveloped(info: bytes) -> bytes:
 def _legacy_cases() -> Dict[str, bytes]:
     cases = {}
     for hash_id in range(9):
-        cases[f"X509 legacy hash {hash_id}"] = legacy_trailer(1, b"Legacy X509 signer", bytes(range(20)),
-                                                              bytes(range(100, 164)), hash_id=hash_id)
-    cases["PGP legacy, DSA"] = legacy_trailer(0, b"PGP signer <pgp@example.org>", b"\x12\x34\x56\x78" * 2,
-                                              b"\x99" * 40, algo=0, hash_id=4)
+        cases[f"X509 legacy hash {hash_id}"] = legacy_trailer(
+            1, b"Legacy X509 signer", bytes(range(20)), bytes(range(100, 164)), hash_id=hash_id
+        )
+    cases["PGP legacy, DSA"] = legacy_trailer(
+        0, b"PGP signer <pgp@example.org>", b"\x12\x34\x56\x78" * 2, b"\x99" * 40, algo=0, hash_id=4
+    )
     cases["legacy signer with a NUL"] = legacy_trailer(1, b"ab\0cd", b"\x01", b"\x02")
     cases["legacy signer with a high byte"] = legacy_trailer(1, b"Schl\xfcssel", b"", b"\x02")
     cases["legacy empty signer and key"] = legacy_trailer(0, b"", b"", b"\x01\x02")
@@ -499,12 +609,22 @@ def test_crafted_values(unsigned_image: bytes) -> None:
     assert sig.algorithm is None
     assert read("indefinite lengths") == sig
     assert read("bytes after the message are ignored") == sig
-    assert read("PGP legacy, DSA") == ModuleSignature("PGP", "PGP signer <pgp@example.org>",
-                                                      b"\x12\x34\x56\x78" * 2, "sha256", b"\x99" * 40, "DSA")
+    assert read("PGP legacy, DSA") == ModuleSignature(
+        "PGP", "PGP signer <pgp@example.org>", b"\x12\x34\x56\x78" * 2, "sha256", b"\x99" * 40, "DSA"
+    )
     assert read("legacy signer with a NUL").signer == "ab"
     assert read("legacy signer with a high byte").signer == "Schl\udcfcssel"
     assert [read(f"X509 legacy hash {i}").hash_algo for i in range(9)] == [
-        "md4", "md5", "sha1", "rmd160", "sha256", "sha384", "sha512", "sha224", "sm3"]
+        "md4",
+        "md5",
+        "sha1",
+        "rmd160",
+        "sha256",
+        "sha384",
+        "sha512",
+        "sha224",
+        "sm3",
+    ]
 
 
 def test_problems_are_reported(unsigned_image: bytes) -> None:
@@ -534,6 +654,7 @@ def test_problems_are_reported(unsigned_image: bytes) -> None:
 
 # --- malformed input: never an unexpected exception -------------------------------------------
 
+
 def _never_raises(image: bytes) -> Optional[ModuleSignature]:
     try:
         parsed = parse_signature(image)
@@ -553,8 +674,10 @@ def test_every_truncation_of_the_trailer_region(signed_image: bytes) -> None:
 @pytest.mark.oracle
 def test_every_truncation_of_the_pkcs7(signed_image: bytes, unsigned_image: bytes, tmp_path: Path) -> None:
     blob = real_pkcs7(signed_image)
-    images = [unsigned_image + pkcs7_trailer(blob[:cut]) if cut else unsigned_image + pkcs7_trailer(b"")
-              for cut in range(len(blob) + 1)]
+    images = [
+        unsigned_image + pkcs7_trailer(blob[:cut]) if cut else unsigned_image + pkcs7_trailer(b"")
+        for cut in range(len(blob) + 1)
+    ]
     for image in images:
         _never_raises(image)
     assert compare_with_modinfo(images, tmp_path) == []
@@ -598,24 +721,34 @@ def test_random_trailers_never_raise(unsigned_image: bytes) -> None:
     for _ in range(3000):
         size = rng.choice([0, 1, 11, 12, 13, 40, 200, 700])
         junk = bytes(rng.randrange(256) for _ in range(size))
-        header = TRAILER.pack(rng.randrange(3), rng.randrange(10), rng.randrange(4), rng.randrange(256),
-                              rng.randrange(256), rng.choice([0, 1, size, size + 1, rng.randrange(1 << 32)]))
-        _never_raises(tail + junk + header[rng.randrange(13):] + SIG_MAGIC)
+        header = TRAILER.pack(
+            rng.randrange(3),
+            rng.randrange(10),
+            rng.randrange(4),
+            rng.randrange(256),
+            rng.randrange(256),
+            rng.choice([0, 1, size, size + 1, rng.randrange(1 << 32)]),
+        )
+        _never_raises(tail + junk + header[rng.randrange(13) :] + SIG_MAGIC)
         _never_raises(tail + pkcs7_trailer(junk))
 
 
 # --- the DER reader on hostile input -----------------------------------------------------------
 
-@pytest.mark.parametrize("blob", [
-    b"\x30\x84\xff\xff\xff\xff",  # claims 4 GiB
-    b"\x30\x88\x7f\xff\xff\xff\xff\xff\xff\xff" + b"\0" * 16,  # header longer than asn1_d2i_read_bio's 8 bytes
-    b"\x30\x89\x01" + b"\0" * 8,  # length needs more than 8 bytes
-    b"\x30\x80" * 5000,  # deep indefinite nesting without an end
-    b"\x1f\xff\xff\xff\xff\x7f\x00",  # tag number beyond INT_MAX
-    b"\x04\x80\x00\x00",  # indefinite primitive
-    b"\x30",
-    b"",
-])
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"\x30\x84\xff\xff\xff\xff",  # claims 4 GiB
+        b"\x30\x88\x7f\xff\xff\xff\xff\xff\xff\xff" + b"\0" * 16,  # header longer than asn1_d2i_read_bio's 8 bytes
+        b"\x30\x89\x01" + b"\0" * 8,  # length needs more than 8 bytes
+        b"\x30\x80" * 5000,  # deep indefinite nesting without an end
+        b"\x1f\xff\xff\xff\xff\x7f\x00",  # tag number beyond INT_MAX
+        b"\x04\x80\x00\x00",  # indefinite primitive
+        b"\x30",
+        b"",
+    ],
+)
 def test_der_rejects_hostile_headers(blob: bytes) -> None:
     with pytest.raises(der.DerError):
         der.d2i_pkcs7_bio(blob)
@@ -655,8 +788,13 @@ def test_get_object_follows_openssl() -> None:
 
 def test_problem_messages_stay_small_for_absurd_oids() -> None:
     huge = tlv(0x06, b"\x2a" + b"\xff" * 3000 + b"\x01")  # one arc of ~21,000 bits
-    info = seq(integer(b"\x01"), seq(name((CN, 0x0C, b"K")), integer(b"\x05")), seq(huge, NULL),
-               seq(oid(RSA), NULL), octets(b"x"))
+    info = seq(
+        integer(b"\x01"),
+        seq(name((CN, 0x0C, b"K")), integer(b"\x05")),
+        seq(huge, NULL),
+        seq(oid(RSA), NULL),
+        octets(b"x"),
+    )
     for blob in (signed_data(info), seq(huge, tlv(0xA0, seq(integer(b"\x01"))))):
         problem = signature_problem(pkcs7_trailer(blob))
         assert problem is not None and "(3002-byte OID)" in problem and len(problem) < 200

@@ -1,4 +1,4 @@
-"""kvc's agent inside the verification VM (``python -m kvc.vmguest JOB``; see kvc.verify).
+"""kvc's agent inside the verification VM (``python -m kvc.verify.guest JOB``; see kvc.verify).
 
 It runs on the guest kernel with the host's Python and the host's kvc (mounted over 9p), and
 does what ``kvc load`` does on a host, with the real kernel judging: it plans the instance's
@@ -91,14 +91,21 @@ def _error_fields(exc: KernelError) -> dict[str, Any]:
     return {"errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": exc.strerror}
 
 
-def _insert_all(steps: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog,
-                progress: Progress) -> tuple[list[dict[str, Any]], list[LoadStep]]:
+def _insert_all(
+    steps: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog, progress: Progress
+) -> tuple[list[dict[str, Any]], list[LoadStep]]:
     results: list[dict[str, Any]] = []
     loaded: list[LoadStep] = []
     for step in steps:
         progress.step(f"insert {step.name}")
-        entry: dict[str, Any] = {"name": step.name, "origin": step.origin, "path": step.path,
-                                 "params": step.params, "required": step.required, "loaded": False}
+        entry: dict[str, Any] = {
+            "name": step.name,
+            "origin": step.origin,
+            "path": step.path,
+            "params": step.params,
+            "required": step.required,
+            "loaded": False,
+        }
         started = time.monotonic()
         try:
             kernel.insert(step.path, step.params, 0)
@@ -119,8 +126,9 @@ def _insert_all(steps: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog,
     return results, loaded
 
 
-def _smoke(command: str, image_root: str, tools: str, timeout: float, log: KernelLog,
-           progress: Progress) -> dict[str, Any]:
+def _smoke(
+    command: str, image_root: str, tools: str, timeout: float, log: KernelLog, progress: Progress
+) -> dict[str, Any]:
     """Run the smoke test in the image (chroot), or on the guest's root with the image's tools
     first on PATH when the image could not be mounted."""
     progress.step("smoke test")
@@ -129,8 +137,9 @@ def _smoke(command: str, image_root: str, tools: str, timeout: float, log: Kerne
     started = time.monotonic()
     result: dict[str, Any] = {"command": command, "in_image": bool(image_root)}
     try:
-        done = proc.run(argv, check=False, timeout=timeout,
-                        env={"PATH": path, "HOME": "/root", "TERM": "dumb", "LANG": "C.UTF-8"})
+        done = proc.run(
+            argv, check=False, timeout=timeout, env={"PATH": path, "HOME": "/root", "TERM": "dumb", "LANG": "C.UTF-8"}
+        )
         result.update(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr, timed_out=False)
     except CommandTimeout:
         result.update(exit_code=None, stdout="", stderr=f"did not finish in {timeout:g} s", timed_out=True)
@@ -141,8 +150,9 @@ def _smoke(command: str, image_root: str, tools: str, timeout: float, log: Kerne
     return result
 
 
-def _unload_all(loaded: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog,
-                progress: Progress) -> list[dict[str, Any]]:
+def _unload_all(
+    loaded: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog, progress: Progress
+) -> list[dict[str, Any]]:
     results = []
     for step in reversed(loaded):
         progress.step(f"remove {step.name}")
@@ -160,16 +170,29 @@ def _unload_all(loaded: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog,
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
-    result: dict[str, Any] = {"schema": RESULT_SCHEMA, "boot_seconds": round(_uptime(), 3),
-                              "kernel_release": os.uname().release, "plan_error": None,
-                              "modules": [], "smoke": None, "unload": []}
+    result: dict[str, Any] = {
+        "schema": RESULT_SCHEMA,
+        "boot_seconds": round(_uptime(), 3),
+        "kernel_release": os.uname().release,
+        "plan_error": None,
+        "modules": [],
+        "smoke": None,
+        "unload": [],
+    }
     progress = Progress(job["progress"])
     progress.step("agent started")
     log = KernelLog()
     kernel = LiveKernel(HostPaths("/"))
     try:
-        plan = plan_load(job["instance"], job["kernel"], job["modules"], job["params"], kernel,
-                         ModuleDirectory(job["moddir"]), preflight=False)
+        plan = plan_load(
+            job["instance"],
+            job["kernel"],
+            job["modules"],
+            job["params"],
+            kernel,
+            ModuleDirectory(job["moddir"]),
+            preflight=False,
+        )
     except KvcError as exc:
         result["plan_error"] = exc.brief + (f": {exc.details}" if exc.details else "")
         plan = None
@@ -177,8 +200,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         modules, loaded = _insert_all(plan.steps, kernel, log, progress)
         result["modules"] = modules
         if len(loaded) == len(plan.steps) and job.get("smoke_test"):
-            result["smoke"] = _smoke(job["smoke_test"], job.get("image_root", ""), job.get("tools", ""),
-                                     float(job["smoke_timeout"]), log, progress)
+            result["smoke"] = _smoke(
+                job["smoke_test"],
+                job.get("image_root", ""),
+                job.get("tools", ""),
+                float(job["smoke_timeout"]),
+                log,
+                progress,
+            )
         result["tainted"] = _tainted()
         result["unload"] = _unload_all(loaded, kernel, log, progress)
     result["agent_seconds"] = round(time.monotonic() - started, 3)
@@ -188,7 +217,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m kvc.vmguest JOB.json\n")
+        sys.stderr.write("usage: python -m kvc.verify.guest JOB.json\n")
         return 2
     with open(argv[0], encoding="utf-8") as handle:
         job = json.load(handle)

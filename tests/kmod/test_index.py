@@ -10,7 +10,7 @@ import random
 import struct
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,92 +37,10 @@ from kvc.kmod.index import (
     reinserted,
 )
 from support.debian_kernel import DebianKernel
+from support.indexmodel import Content, build_index, concrete
 from support.oracle import kmod_tool
 
-Content = Mapping[str, Sequence[tuple[int, str]]]
-
 # -- a test-side index writer (depmod's format) ---------------------------------------------------
-
-
-class _WNode:
-    def __init__(self, prefix: bytes) -> None:
-        self.prefix = prefix
-        self.children: dict[int, _WNode] = {}
-        self.values: list[tuple[int, str]] = []
-
-
-def _trie(entries: list[tuple[bytes, list[tuple[int, str]]]], compress: bool) -> _WNode:
-    """A Patricia trie: a node's prefix is the longest common prefix of the keys reaching it
-    (depmod never gives the root one; ``compress`` does, for the reader's sake)."""
-    common = entries[0][0] if compress and entries else b""
-    for key, _values in entries[1:] if compress else []:
-        while not key.startswith(common):
-            common = common[:-1]
-    node = _WNode(common)
-    groups: dict[int, list[tuple[bytes, list[tuple[int, str]]]]] = {}
-    for key, values in entries:
-        rest = key[len(common):]
-        if not rest:
-            node.values.extend(values)
-        else:
-            groups.setdefault(rest[0], []).append((rest[1:], values))
-    for char, group in groups.items():
-        node.children[char] = _trie(group, True)
-    return node
-
-
-def build_index(content: Content, layout: str = "post", root_prefix: bool = False) -> bytes:
-    """Index bytes for {key: [(priority, value), ...]} (values in stored order). ``post`` writes
-    children before parents like depmod 30, ``pre`` the root first like depmod 34."""
-    entries = [(key.encode(), list(values)) for key, values in content.items() if values]
-    root = _trie(entries, root_prefix) if entries else _WNode(b"")
-    if not entries:
-        return struct.pack(">III", INDEX_MAGIC, 0x00020001, 12)
-
-    def body(node: _WNode, pointers: Mapping[int, int]) -> bytes:
-        out = b""
-        if node.prefix:
-            out += node.prefix + b"\0"
-        if node.children:
-            first, last = min(node.children), max(node.children)
-            out += bytes((first, last))
-            out += b"".join(struct.pack(">I", pointers.get(char, 0)) for char in range(first, last + 1))
-        if node.values:
-            out += struct.pack(">I", len(node.values))
-            out += b"".join(struct.pack(">I", prio) + value.encode() + b"\0" for prio, value in node.values)
-        return out
-
-    def flags(node: _WNode) -> int:
-        return ((NODE_PREFIX if node.prefix else 0) | (NODE_CHILDS if node.children else 0)
-                | (NODE_VALUES if node.values else 0))
-
-    blob = bytearray(struct.pack(">III", INDEX_MAGIC, 0x00020001, 0))
-    if layout == "post":
-        def write(node: _WNode) -> int:
-            pointers = {char: write(child) for char, child in sorted(node.children.items())}
-            offset = len(blob)
-            blob.extend(body(node, pointers))
-            return offset | flags(node)
-        root_pointer = write(root)
-    else:
-        order: list[_WNode] = []
-
-        def walk(node: _WNode) -> None:
-            order.append(node)
-            for _char, child in sorted(node.children.items()):
-                walk(child)
-        walk(root)
-        offsets: dict[int, int] = {}
-        position = 12
-        for node in order:
-            offsets[id(node)] = position
-            position += len(body(node, dict.fromkeys(node.children, 0)))
-        for node in order:
-            pointers = {char: offsets[id(child)] | flags(child) for char, child in node.children.items()}
-            blob.extend(body(node, pointers))
-        root_pointer = offsets[id(root)] | flags(root)
-    struct.pack_into(">I", blob, 8, root_pointer)
-    return bytes(blob)
 
 
 def index_of(content: Content, layout: str = "post", reader: str = "mmap", root_prefix: bool = False) -> Index:
@@ -154,8 +72,27 @@ def glibc_fnmatch(pattern: bytes, string: bytes) -> bool:
 
 
 PATTERN_PIECES = [bytes((b,)) for b in b"ab[]!^-*?\\:.=/z"] + [
-    b"[:alpha:]", b"[:digit:]", b"[:upper:]", b"[:foo:]", b"[:space:]", b"[=a=]", b"[=", b"[.a.]", b"[.-.]",
-    b"[.", b"[:", b"a-c", b"\xe9", b"[!a]", b"[^a]", b"[]a]", b"[a-]", b"[--z]", b"*?", b"\\*"]
+    b"[:alpha:]",
+    b"[:digit:]",
+    b"[:upper:]",
+    b"[:foo:]",
+    b"[:space:]",
+    b"[=a=]",
+    b"[=",
+    b"[.a.]",
+    b"[.-.]",
+    b"[.",
+    b"[:",
+    b"a-c",
+    b"\xe9",
+    b"[!a]",
+    b"[^a]",
+    b"[]a]",
+    b"[a-]",
+    b"[--z]",
+    b"*?",
+    b"\\*",
+]
 STRING_BYTES = b"ab[]!^-:.=/cz9A \t\xe9*?\\"
 
 
@@ -185,8 +122,10 @@ def test_fnmatch_agrees_with_glibc_on_random_patterns() -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(PATTERN_PIECES), max_size=10).map(b"".join),
-       st.lists(st.sampled_from([bytes((b,)) for b in STRING_BYTES]), max_size=10).map(b"".join))
+@given(
+    st.lists(st.sampled_from(PATTERN_PIECES), max_size=10).map(b"".join),
+    st.lists(st.sampled_from([bytes((b,)) for b in STRING_BYTES]), max_size=10).map(b"".join),
+)
 def test_fnmatch_agrees_with_glibc_hypothesis(pattern: bytes, string: bytes) -> None:
     with c_locale():
         expected = glibc_fnmatch(pattern, string)
@@ -194,21 +133,29 @@ def test_fnmatch_agrees_with_glibc_hypothesis(pattern: bytes, string: bytes) -> 
     assert _match_from(pattern, 0, string, 0, None) == expected
 
 
-@pytest.mark.parametrize(("pattern", "string", "expected"), [
-    ("pci:v*d*sv*sd*bc03sc*i*", "pci:v00008086d00001234sv0sd0bc03sc00i00", True),
-    ("pci:v*d*sv*sd*bc03sc*i*", "pci:v00008086d00001234sv0sd0bc02sc00i00", False),
-    ("usb:v13FDp3940d0[0-2]*dc*", "usb:v13FDp3940d01XXdc", True),
-    ("usb:v13FDp3940d0[0-2]*dc*", "usb:v13FDp3940d03XXdc", False),
-    ("mdio:0000????", "mdio:00001010", True),
-    ("a/*", "a/b/c", True),  # flags 0: '*' crosses '/'
-    ("*", ".hidden", True),
-    ("[!a]", "b", True), ("[^a]", "a", False),  # '^' negates too (glibc without POSIXLY_CORRECT)
-    ("\\*", "*", True), ("\\*", "x", False), ("a\\", "a", False),
-    ("[[:digit:]]x", "7x", True), ("[[:foo:]]", "f", False),
-    ("[a", "[a", True), ("[a", "a", False),  # an unterminated '[' is an ordinary character
-    ("[a-", "[a-", False),
-    ("x\0yz", "x", True),  # C strings end at NUL
-])
+@pytest.mark.parametrize(
+    ("pattern", "string", "expected"),
+    [
+        ("pci:v*d*sv*sd*bc03sc*i*", "pci:v00008086d00001234sv0sd0bc03sc00i00", True),
+        ("pci:v*d*sv*sd*bc03sc*i*", "pci:v00008086d00001234sv0sd0bc02sc00i00", False),
+        ("usb:v13FDp3940d0[0-2]*dc*", "usb:v13FDp3940d01XXdc", True),
+        ("usb:v13FDp3940d0[0-2]*dc*", "usb:v13FDp3940d03XXdc", False),
+        ("mdio:0000????", "mdio:00001010", True),
+        ("a/*", "a/b/c", True),  # flags 0: '*' crosses '/'
+        ("*", ".hidden", True),
+        ("[!a]", "b", True),
+        ("[^a]", "a", False),  # '^' negates too (glibc without POSIXLY_CORRECT)
+        ("\\*", "*", True),
+        ("\\*", "x", False),
+        ("a\\", "a", False),
+        ("[[:digit:]]x", "7x", True),
+        ("[[:foo:]]", "f", False),
+        ("[a", "[a", True),
+        ("[a", "a", False),  # an unterminated '[' is an ordinary character
+        ("[a-", "[a-", False),
+        ("x\0yz", "x", True),  # C strings end at NUL
+    ],
+)
 def test_fnmatch_examples(pattern: str, string: str, expected: bool) -> None:
     assert fnmatch_c(pattern, string) is expected
     with c_locale():
@@ -270,7 +217,8 @@ def test_alias_index_matches_modules_alias(indexed_kernel_tree: DebianKernel) ->
     content = decode_index(str(moddir / "modules.alias.bin"))
     assert sorted(content) == sorted(expected)
     assert {key: sorted(values) for key, values in content.items()} == {
-        key: sorted(values) for key, values in expected.items()}
+        key: sorted(values) for key, values in expected.items()
+    }
     # values are stored by ascending priority
     assert all(values == sorted(values, key=lambda v: v[0]) for values in content.values())
     items = list(Index.open(str(moddir / "modules.alias.bin")).items())
@@ -327,8 +275,12 @@ def test_wildcard_search_matches_the_fnmatch_model(indexed_kernel_tree: DebianKe
     heads = [(key.encode(), wildcard_cut(key.encode()), values) for key, values in content.items()]
     for query in queries:
         raw = query.encode()
-        expected = sorted((prio, module) for key, cut, values in heads
-                          if raw.startswith(key[:cut]) and model_match(key, raw) for prio, module in values)
+        expected = sorted(
+            (prio, module)
+            for key, cut, values in heads
+            if raw.startswith(key[:cut]) and model_match(key, raw)
+            for prio, module in values
+        )
         found = index.search_wildcard(query)
         assert sorted(found) == expected, query
         assert [v.priority for v in found] == [p for p, _m in expected]
@@ -345,46 +297,34 @@ def model_match(key: bytes, query: bytes) -> bool:
     return query[:cut] == key[:cut] and fnmatch_bytes(key[cut:], query[cut:])
 
 
-def concrete(pattern: str, rng: random.Random, stars: Sequence[str] = ("", "0", "X1")) -> str:
-    """A string the pattern (usually) matches: '*' and '?' filled, brackets resolved."""
-    out, position = [], 0
-    while position < len(pattern):
-        char = pattern[position]
-        if char == "*":
-            out.append(rng.choice(stars))
-        elif char == "?":
-            out.append(rng.choice("07A"))
-        elif char == "[" and "]" in pattern[position + 1:]:
-            close = pattern.index("]", position + 2)
-            body = pattern[position + 1:close]
-            out.append(body[0] if body[0] not in "!^" else "~")
-            position = close
-        else:
-            out.append(char)
-        position += 1
-    return "".join(out)
-
-
 # -- synthetic indexes ----------------------------------------------------------------------------
 
 keys_strategy = st.text(alphabet="abc*?[]!-_:xyz", min_size=0, max_size=8)
 content_strategy = st.dictionaries(
-    keys_strategy, st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["m1", "m2", "m3", ""])),
-                            min_size=1, max_size=3), max_size=25)
+    keys_strategy,
+    st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["m1", "m2", "m3", ""])), min_size=1, max_size=3),
+    max_size=25,
+)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(content_strategy, st.sampled_from(["post", "pre"]), st.booleans(),
-       st.lists(st.text(alphabet="abc*?[]!-_:xyz", max_size=9), max_size=6))
-def test_synthetic_round_trip(content: dict[str, list[tuple[int, str]]], layout: str, root_prefix: bool,
-                              queries: list[str]) -> None:
+@given(
+    content_strategy,
+    st.sampled_from(["post", "pre"]),
+    st.booleans(),
+    st.lists(st.text(alphabet="abc*?[]!-_:xyz", max_size=9), max_size=6),
+)
+def test_synthetic_round_trip(
+    content: dict[str, list[tuple[int, str]]], layout: str, root_prefix: bool, queries: list[str]
+) -> None:
     for values in content.values():
         values.sort(key=lambda v: v[0])
     index = index_of(content, layout, root_prefix=root_prefix)
     stored = {key: values for key, values in content.items() if values}
     assert index.to_dict() == stored
     assert [item.key.encode() for item in index.items()] == sorted(
-        key.encode() for key, values in stored.items() for _v in values)
+        key.encode() for key, values in stored.items() for _v in values
+    )
     other = index_of(content, "pre" if layout == "post" else "post")
     assert other.to_dict() == index.to_dict()
     for key, values in stored.items():
@@ -394,8 +334,9 @@ def test_synthetic_round_trip(content: dict[str, list[tuple[int, str]]], layout:
         if query not in stored:
             assert index.lookup(query) is None
         if not any(w in query for w in "*?["):
-            expected = sorted(v for key, values in stored.items() if model_match(key.encode(), query.encode())
-                              for v in values)
+            expected = sorted(
+                v for key, values in stored.items() if model_match(key.encode(), query.encode()) for v in values
+            )
             assert sorted(index.search_wildcard(query)) == [IndexValue(*v) for v in expected]
 
 
@@ -420,12 +361,22 @@ def test_readers_differ_only_in_the_order_of_equal_priorities() -> None:
     assert [v.value for v in read.search_wildcard("k")] == ["a", "b", "e", "c", "d"]
     assert [tuple(item) for item in read.items()][:2] == [("k", "b", 1), ("k", "a", 1)]
     assert reinserted([IndexValue(2, "x"), IndexValue(1, "y"), IndexValue(1, "z")]) == (
-        IndexValue(1, "z"), IndexValue(1, "y"), IndexValue(2, "x"))
+        IndexValue(1, "z"),
+        IndexValue(1, "y"),
+        IndexValue(2, "x"),
+    )
 
 
 def test_wildcard_walk_quirks() -> None:
-    content = {"ab*": [(1, "star")], "ab": [(2, "exact")], "a?c": [(3, "q")], "a[bx]c": [(4, "br")],
-               "abc": [(5, "abc")], "a\\*": [(6, "esc")], "x*y*": [(7, "xy")]}
+    content = {
+        "ab*": [(1, "star")],
+        "ab": [(2, "exact")],
+        "a?c": [(3, "q")],
+        "a[bx]c": [(4, "br")],
+        "abc": [(5, "abc")],
+        "a\\*": [(6, "esc")],
+        "x*y*": [(7, "xy")],
+    }
     index = index_of(content)
     assert [v.value for v in index.search_wildcard("ab")] == ["star", "exact"]
     assert [v.value for v in index.search_wildcard("abc")] == ["star", "q", "br", "abc"]
@@ -489,7 +440,9 @@ def corrupt(name: str, data: bytes, queries: Sequence[str]) -> Optional[str]:
 def test_header_errors(tmp_path: Path) -> None:
     good = build_index({"a": [(0, "x")]})
     cases = {
-        "empty": b"", "short": good[:11], "magic": b"\xb0\x07\xfa\x57" + good[4:],
+        "empty": b"",
+        "short": good[:11],
+        "magic": b"\xb0\x07\xfa\x57" + good[4:],
         "version": good[:4] + b"\x00\x03\x00\x01" + good[8:],
     }
     for name, data in cases.items():
@@ -533,17 +486,20 @@ def test_pointer_loops_and_explosions_are_refused() -> None:
         list(Index("<long>", bytes(long_chain)).items())
 
 
-@pytest.mark.parametrize(("data", "problem"), [
-    (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_VALUES | 8), "header"),
-    (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_VALUES | 99), "past the end"),
-    (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_PREFIX | 12) + b"abc", "prefix"),
-    (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_CHILDS | 12) + b"a", "child range"),
-    (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_CHILDS | 12) + b"ba", "child range"),
-    (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_CHILDS | 12) + b"az\0\0", "child table"),
-    (struct.pack(">IIII", INDEX_MAGIC, 0x00020001, NODE_VALUES | 12, 0xFFFFFFFF), "claims"),
-    (struct.pack(">IIIII", INDEX_MAGIC, 0x00020001, NODE_VALUES | 12, 1, 5) + b"abc", "value"),
-    (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_VALUES | 12) + b"\0\0", "value count"),
-])
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_VALUES | 8), "header"),
+        (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_VALUES | 99), "past the end"),
+        (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_PREFIX | 12) + b"abc", "prefix"),
+        (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_CHILDS | 12) + b"a", "child range"),
+        (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_CHILDS | 12) + b"ba", "child range"),
+        (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_CHILDS | 12) + b"az\0\0", "child table"),
+        (struct.pack(">IIII", INDEX_MAGIC, 0x00020001, NODE_VALUES | 12, 0xFFFFFFFF), "claims"),
+        (struct.pack(">IIIII", INDEX_MAGIC, 0x00020001, NODE_VALUES | 12, 1, 5) + b"abc", "value"),
+        (struct.pack(">III", INDEX_MAGIC, 0x00020001, NODE_VALUES | 12) + b"\0\0", "value count"),
+    ],
+)
 def test_each_corruption_names_its_problem(data: bytes, problem: str) -> None:
     found = only_index_errors(lambda: Index("<bad>", data), ["", "a", "abc"])
     assert found is not None and problem in found
@@ -591,7 +547,7 @@ def test_real_indexes_truncated_and_flipped(indexed_kernel_tree: DebianKernel, t
     for case in range(60):
         data = bytearray(original)
         if case % 3 == 0:
-            data = data[:rng.randrange(len(data))]
+            data = data[: rng.randrange(len(data))]
         else:
             for _ in range(rng.randrange(1, 20)):
                 data[rng.randrange(len(data))] = rng.randrange(256)
@@ -602,10 +558,25 @@ def test_real_indexes_truncated_and_flipped(indexed_kernel_tree: DebianKernel, t
 @pytest.mark.oracle
 def test_dump_matches_modprobe_c(indexed_kernel_tree: DebianKernel) -> None:
     """modprobe -c ends with index_dump of modules.alias.bin and modules.symbols.bin."""
-    proc = subprocess.run([kmod_tool("modprobe"), "-C", "/dev/null", "-d", str(indexed_kernel_tree.root),
-                           "-S", indexed_kernel_tree.release, "-c"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            kmod_tool("modprobe"),
+            "-C",
+            "/dev/null",
+            "-d",
+            str(indexed_kernel_tree.root),
+            "-S",
+            indexed_kernel_tree.release,
+            "-c",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dumped = proc.stdout.split("\n# End of configuration files. Dumping indexes now:\n\n", 1)[1]
     moddir = indexed_kernel_tree.moddir
-    ours = [*Index.open(str(moddir / "modules.alias.bin")).dump("alias "),
-            *Index.open(str(moddir / "modules.symbols.bin")).dump("alias ")]
+    ours = [
+        *Index.open(str(moddir / "modules.alias.bin")).dump("alias "),
+        *Index.open(str(moddir / "modules.symbols.bin")).dump("alias "),
+    ]
     assert dumped.splitlines() == ours

@@ -39,11 +39,11 @@ from kvc.layout import Layout
 from kvc.runtime import ImageInfo, PodmanRuntime
 from support import fakeprog
 from support.debian_kernel import DebianKernel
-from test_runtime import KVER, FakeRuntime, fake, inspect_entry, module_bytes
+from support.fakeruntime import KVER, FakeRuntime, fake, inspect_entry, module_bytes
 
 __all__ = ["fake"]  # the fixture, imported for these tests
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TAG = f"demo-1.0:{KVER}"
 CANDIDATE = f"demo-1.0:{KVER}-kvc-candidate"
 
@@ -55,8 +55,13 @@ def instance(tmp_path: Path, *, keep: int = 3, modules: str = "demo-mod", **extr
         (context / "Containerfile").write_text("FROM scratch\n")
         (context / "src").mkdir()
         (context / "src" / "demo-mod.c").write_text("int x;\n")
-    values = {"KMOD_CONTAINER_BUILD_CONTEXT": str(context), "KMOD_SOFTWARE_VERSION": "1.0",
-              "KMOD_NAMES": modules, "KVC_KEEP_KERNELS": str(keep), **extra}
+    values = {
+        "KMOD_CONTAINER_BUILD_CONTEXT": str(context),
+        "KMOD_SOFTWARE_VERSION": "1.0",
+        "KMOD_NAMES": modules,
+        "KVC_KEEP_KERNELS": str(keep),
+        **extra,
+    }
     return InstanceConfig.from_values("demo", str(tmp_path / "demo.conf"), values)
 
 
@@ -65,6 +70,7 @@ def good_image(fake: FakeRuntime, vermagic: str = f"{KVER} SMP preempt mod_unloa
 
 
 # ---- names ----------------------------------------------------------------------------------------------
+
 
 def test_image_names_follow_kvc() -> None:
     config = InstanceConfig("simple-kmod", "s", "/c", "Containerfile", "dd1a7d4", ("simple-kmod",))
@@ -86,6 +92,7 @@ def test_prebuilt_references() -> None:
 
 
 # ---- the context digest --------------------------------------------------------------------------------------
+
 
 def test_the_digest_covers_files_modes_version_args_and_kernel(tmp_path: Path) -> None:
     config = instance(tmp_path)
@@ -130,7 +137,8 @@ def test_a_url_context_counts_by_its_url_only(tmp_path: Path, fake: FakeRuntime)
     config = instance(tmp_path, KMOD_CONTAINER_BUILD_CONTEXT=url, KMOD_CONTAINER_BUILD_FILE="Dockerfile.fedora")
     assert context_digest(config, KVER) != context_digest(
         instance(tmp_path, KMOD_CONTAINER_BUILD_CONTEXT=url + "#main", KMOD_CONTAINER_BUILD_FILE="Dockerfile.fedora"),
-        KVER)
+        KVER,
+    )
     fake.install([fakeprog.Rule(["image", "inspect"], "", 125, "Error: image not known\n")])
     plan = plan_build(config, KVER, PodmanRuntime())
     assert plan.command[-1] == url and plan.command[plan.command.index("--file") + 1] == "Dockerfile.fedora"
@@ -138,6 +146,7 @@ def test_a_url_context_counts_by_its_url_only(tmp_path: Path, fake: FakeRuntime)
 
 
 # ---- planning ----------------------------------------------------------------------------------------------
+
 
 def inspect_rule(tag: str, labels: Mapping[str, str], image_id: str = "ab" * 32) -> fakeprog.RuleSpec:
     return (["image", "inspect", tag], json.dumps([inspect_entry(image_id, [f"localhost/{tag}"], labels)]), 0)
@@ -151,14 +160,34 @@ def test_plan_without_an_image_builds(tmp_path: Path, fake: FakeRuntime) -> None
     config = instance(tmp_path, KVC_BUILD_ARGS="EXTRA=1 KVER=ignored")
     plan = plan_build(config, KVER, PodmanRuntime())
     assert (plan.action, plan.reason, plan.tag) == ("build", "no image yet", TAG)
-    assert plan.labels == {"name": "demo", "kvc.kernel": KVER, "kvc.version": "1.0", "kvc.modules": "demo-mod",
-                           "kvc.digest": context_digest(config, KVER)}
+    assert plan.labels == {
+        "name": "demo",
+        "kvc.kernel": KVER,
+        "kvc.version": "1.0",
+        "kvc.modules": "demo-mod",
+        "kvc.digest": context_digest(config, KVER),
+    }
     context = str(tmp_path / "ctx")
     assert list(plan.command) == [
-        "podman", "build", "-t", CANDIDATE, "--file", f"{context}/Containerfile", "--label=name=demo",
-        f"--label=kvc.kernel={KVER}", "--label=kvc.version=1.0", "--label=kvc.modules=demo-mod",
-        f"--label=kvc.digest={plan.digest}", "--build-arg", f"KVER={KVER}", "--build-arg", "KMODVER=1.0",
-        "--build-arg", "EXTRA=1", context]
+        "podman",
+        "build",
+        "-t",
+        CANDIDATE,
+        "--file",
+        f"{context}/Containerfile",
+        "--label=name=demo",
+        f"--label=kvc.kernel={KVER}",
+        "--label=kvc.version=1.0",
+        "--label=kvc.modules=demo-mod",
+        f"--label=kvc.digest={plan.digest}",
+        "--build-arg",
+        f"KVER={KVER}",
+        "--build-arg",
+        "KMODVER=1.0",
+        "--build-arg",
+        "EXTRA=1",
+        context,
+    ]
     described = plan.describe().splitlines()
     assert described[0] == f"{TAG}: build (no image yet)"
     assert f"verify demo_mod under /lib/modules/{KVER} (vermagic {KVER}), then tag {TAG}" in described[2]
@@ -198,8 +227,10 @@ def test_plan_for_a_prebuilt_image(tmp_path: Path, fake: FakeRuntime) -> None:
     plan = plan_build(config, KVER, PodmanRuntime())
     assert (plan.action, plan.source, plan.reason) == ("pull", source, "no image yet")
     assert plan.describe().splitlines() == [
-        f"{TAG}: pull {source} (no image yet)", f"  tag {source} as {CANDIDATE}",
-        f"  verify demo_mod under /lib/modules/{KVER} (vermagic {KVER}), then tag {TAG}"]
+        f"{TAG}: pull {source} (no image yet)",
+        f"  tag {source} as {CANDIDATE}",
+        f"  verify demo_mod under /lib/modules/{KVER} (vermagic {KVER}), then tag {TAG}",
+    ]
     fake.install([inspect_rule(TAG, {}), inspect_rule(source, {})])
     assert plan_build(config, KVER, PodmanRuntime()).action == "up-to-date"
     fake.install([inspect_rule(TAG, {}), inspect_rule(source, {}, image_id="cd" * 32)])
@@ -209,6 +240,7 @@ def test_plan_for_a_prebuilt_image(tmp_path: Path, fake: FakeRuntime) -> None:
 
 
 # ---- execution ---------------------------------------------------------------------------------------------
+
 
 def build_rules(listing: str = "", inspect: str = "[]") -> list[fakeprog.RuleSpec]:
     return [(["build"], "STEP 1/1: FROM scratch\n", 0), (["images"], listing, 0), (["image", "inspect"], inspect, 0)]
@@ -224,8 +256,13 @@ def test_a_good_build_is_verified_tagged_and_its_candidate_removed(tmp_path: Pat
     assert execute_build(plan, PodmanRuntime()) == f"built {TAG} (demo_mod verified for {KVER})"
     calls = fake.calls()
     assert calls[0] == list(plan.command[1:])
-    assert calls[1:] == [["image", "mount", CANDIDATE], ["image", "unmount", CANDIDATE], ["tag", CANDIDATE, TAG],
-                         ["rmi", CANDIDATE], ["images", "-q", "--no-trunc", "--filter", "label=name=demo"]]
+    assert calls[1:] == [
+        ["image", "mount", CANDIDATE],
+        ["image", "unmount", CANDIDATE],
+        ["tag", CANDIDATE, TAG],
+        ["rmi", CANDIDATE],
+        ["images", "-q", "--no-trunc", "--filter", "label=name=demo"],
+    ]
     assert not [c for c in calls if c[0] in ("run", "create")]
 
 
@@ -236,8 +273,10 @@ def test_a_module_for_another_kernel_fails_and_the_candidate_goes(tmp_path: Path
     with pytest.raises(BuildError) as failed:
         execute_build(plan, PodmanRuntime())
     assert failed.value.brief == f"image {CANDIDATE} has modules that are not built for kernel {KVER}"
-    assert failed.value.details == (f"demo_mod (/lib/modules/{KVER}/extra/demo-mod.ko): vermagic "
-                                    f"'5.10.0-9-amd64 SMP mod_unload' names kernel 5.10.0-9-amd64, not {KVER}")
+    assert failed.value.details == (
+        f"demo_mod (/lib/modules/{KVER}/extra/demo-mod.ko): vermagic "
+        f"'5.10.0-9-amd64 SMP mod_unload' names kernel 5.10.0-9-amd64, not {KVER}"
+    )
     assert "KVER" in failed.value.hint
     calls = fake.calls()
     assert ["rmi", CANDIDATE] in calls
@@ -246,8 +285,12 @@ def test_a_module_for_another_kernel_fails_and_the_candidate_goes(tmp_path: Path
 
 
 def test_a_missing_module_is_named_with_what_was_found(tmp_path: Path, fake: FakeRuntime) -> None:
-    fake.files({f"/lib/modules/{KVER}/extra/other.ko": module_bytes("other", KVER),
-                "/lib/modules/5.10.0-9-amd64/extra/demo_mod.ko": module_bytes("demo_mod", "5.10.0-9-amd64")})
+    fake.files(
+        {
+            f"/lib/modules/{KVER}/extra/other.ko": module_bytes("other", KVER),
+            "/lib/modules/5.10.0-9-amd64/extra/demo_mod.ko": module_bytes("demo_mod", "5.10.0-9-amd64"),
+        }
+    )
     fake.install(build_rules())
     plan = BuildPlan(instance(tmp_path), KVER, TAG, {}, "build", "test")
     with pytest.raises(BuildError) as failed:
@@ -256,49 +299,73 @@ def test_a_missing_module_is_named_with_what_was_found(tmp_path: Path, fake: Fak
     assert failed.value.details.splitlines() == [
         f"missing: demo-mod (no demo_mod.ko[.xz|.zst|.gz] below /lib/modules/{KVER})",
         f"module files below /lib/modules/{KVER}: extra/other.ko",
-        "found for another kernel: /lib/modules/5.10.0-9-amd64/extra/demo_mod.ko"]
+        "found for another kernel: /lib/modules/5.10.0-9-amd64/extra/demo_mod.ko",
+    ]
     assert ["rmi", CANDIDATE] in fake.calls()
     assert not [c for c in fake.calls() if c[0] == "tag"]
 
 
 def test_modules_in_any_subdirectory_compressed_with_either_spelling(tmp_path: Path, fake: FakeRuntime) -> None:
     xz = lzma.compress(module_bytes("b_mod", KVER + " SMP"), check=lzma.CHECK_CRC32)
-    fake.files({f"/lib/modules/{KVER}/updates/dkms/a_mod.ko": module_bytes("a_mod", KVER + " SMP"),
-                f"/lib/modules/{KVER}/kernel/drivers/b-mod.ko.xz": xz,
-                # the copy in updates/ wins over extra/, as with depmod
-                f"/lib/modules/{KVER}/extra/a-mod.ko": module_bytes("a_mod", "1.0.0 SMP")})
+    fake.files(
+        {
+            f"/lib/modules/{KVER}/updates/dkms/a_mod.ko": module_bytes("a_mod", KVER + " SMP"),
+            f"/lib/modules/{KVER}/kernel/drivers/b-mod.ko.xz": xz,
+            # the copy in updates/ wins over extra/, as with depmod
+            f"/lib/modules/{KVER}/extra/a-mod.ko": module_bytes("a_mod", "1.0.0 SMP"),
+        }
+    )
     fake.install(build_rules())
     plan = BuildPlan(instance(tmp_path, modules="a-mod b_mod"), KVER, TAG, {}, "build", "test")
     assert execute_build(plan, PodmanRuntime()).startswith(f"built {TAG} (a_mod, b_mod verified")
 
 
-@pytest.mark.parametrize(("output", "brief", "hint"), [
-    ("Get:1 http://deb.debian.org bookworm InRelease\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n"
-     "Error: building at STEP \"RUN apt-get install\": exit status 100\n",
-     "no kernel headers for 6.1.0-56-amd64 in the build image's package sources "
-     "(E: Unable to locate package linux-headers-6.1.0-56-amd64)", "another suite"),
-    ("W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving "
-     "'deb.debian.org'\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n",
-     "the build could not reach the network, so the package lists are incomplete (W: Failed to fetch "
-     "http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving 'deb.debian.org')",
-     "proxy"),
-    ("  CC [M]  /build/simple-kmod.c\n/build/simple-kmod.c:12:5: error: implicit declaration of function 'x'\n"
-     "make[2]: *** [scripts/Makefile.build:250: /build/simple-kmod.o] Error 1\n",
-     "the module source failed to compile: /build/simple-kmod.c:12:5: error: implicit declaration of function 'x'",
-     "kernel's API"),
-    ("ERROR: modpost: \"foo\" [/build/simple-kmod.ko] undefined!\n",
-     "the module failed to link (modpost): ERROR: modpost: \"foo\" [/build/simple-kmod.ko] undefined!", "exported"),
-    ("make: *** /lib/modules/6.1.0-56-amd64/build: No such file or directory.  Stop.\n",
-     "no kernel headers for 6.1.0-56-amd64 in the build image's package sources "
-     "(/lib/modules/6.1.0-56-amd64/build is missing)", "another suite"),
-    ("Error: creating build container: initializing source docker://fedora:30: pinging container registry "
-     "registry.fedoraproject.org: dial tcp: lookup registry.fedoraproject.org: no such host\n",
-     "the build could not reach the network (Error: creating build container: initializing source docker://fedora:30:"
-     " pinging container registry registry.fedoraproject.org: dial tcp: lookup registry.fedo", "DNS"),
-    ("something odd\n", "the image build failed", "build output"),
-])
-def test_build_failures_name_their_cause(tmp_path: Path, fake: FakeRuntime, output: str, brief: str,
-                                         hint: str) -> None:
+@pytest.mark.parametrize(
+    ("output", "brief", "hint"),
+    [
+        (
+            "Get:1 http://deb.debian.org bookworm InRelease\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n"
+            'Error: building at STEP "RUN apt-get install": exit status 100\n',
+            "no kernel headers for 6.1.0-56-amd64 in the build image's package sources "
+            "(E: Unable to locate package linux-headers-6.1.0-56-amd64)",
+            "another suite",
+        ),
+        (
+            "W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving "
+            "'deb.debian.org'\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n",
+            "the build could not reach the network, so the package lists are incomplete (W: Failed to fetch "
+            "http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving 'deb.debian.org')",
+            "proxy",
+        ),
+        (
+            "  CC [M]  /build/simple-kmod.c\n/build/simple-kmod.c:12:5: error: implicit declaration of function 'x'\n"
+            "make[2]: *** [scripts/Makefile.build:250: /build/simple-kmod.o] Error 1\n",
+            "the module source failed to compile: "
+            "/build/simple-kmod.c:12:5: error: implicit declaration of function 'x'",
+            "kernel's API",
+        ),
+        (
+            'ERROR: modpost: "foo" [/build/simple-kmod.ko] undefined!\n',
+            'the module failed to link (modpost): ERROR: modpost: "foo" [/build/simple-kmod.ko] undefined!',
+            "exported",
+        ),
+        (
+            "make: *** /lib/modules/6.1.0-56-amd64/build: No such file or directory.  Stop.\n",
+            "no kernel headers for 6.1.0-56-amd64 in the build image's package sources "
+            "(/lib/modules/6.1.0-56-amd64/build is missing)",
+            "another suite",
+        ),
+        (
+            "Error: creating build container: initializing source docker://fedora:30: pinging container registry "
+            "registry.fedoraproject.org: dial tcp: lookup registry.fedoraproject.org: no such host\n",
+            "the build could not reach the network (Error: creating build container: initializing source docker://fedora:30:"
+            " pinging container registry registry.fedoraproject.org: dial tcp: lookup registry.fedo",
+            "DNS",
+        ),
+        ("something odd\n", "the image build failed", "build output"),
+    ],
+)
+def test_build_failures_name_their_cause(tmp_path: Path, fake: FakeRuntime, output: str, brief: str, hint: str) -> None:
     fake.install([(["build"], output, 1)])
     plan = BuildPlan(instance(tmp_path), KVER, TAG, {}, "build", "test")
     with pytest.raises(BuildError) as failed:
@@ -320,8 +387,11 @@ def test_pulling_a_prebuilt_image_verifies_it(tmp_path: Path, fake: FakeRuntime)
     config = instance(tmp_path, KVC_IMAGE="quay.io/org/demo")
     plan = BuildPlan(config, KVER, TAG, {}, "pull", "no image yet", f"quay.io/org/demo:{KVER}")
     assert execute_build(plan, PodmanRuntime()) == f"pulled {TAG} (demo_mod verified for {KVER})"
-    assert fake.calls()[:3] == [["pull", f"quay.io/org/demo:{KVER}"], ["tag", f"quay.io/org/demo:{KVER}", CANDIDATE],
-                                ["image", "mount", CANDIDATE]]
+    assert fake.calls()[:3] == [
+        ["pull", f"quay.io/org/demo:{KVER}"],
+        ["tag", f"quay.io/org/demo:{KVER}", CANDIDATE],
+        ["image", "mount", CANDIDATE],
+    ]
     fake.install([fakeprog.Rule(["pull"], "", 125, "Error: reading manifest: manifest unknown\n")])
     with pytest.raises(BuildError) as failed:
         execute_build(plan, PodmanRuntime())
@@ -330,6 +400,7 @@ def test_pulling_a_prebuilt_image_verifies_it(tmp_path: Path, fake: FakeRuntime)
 
 
 # ---- pruning ------------------------------------------------------------------------------------------------
+
 
 def image(image_id: str, names: list[str], kernel: Optional[str], created: str, name: str = "demo") -> ImageInfo:
     labels = {"name": name}
@@ -340,16 +411,27 @@ def image(image_id: str, names: list[str], kernel: Optional[str], created: str, 
 
 def test_prune_keeps_the_newest_kernels_and_the_current_image(tmp_path: Path) -> None:
     config = instance(tmp_path, keep=3)
-    images = [image(f"k{i}", [f"localhost/demo-1.0:6.1.0-{i}-amd64"], f"6.1.0-{i}-amd64", f"2026-11-{10 + i}T00:00:00Z")
-              for i in range(6)]
+    images = [
+        image(f"k{i}", [f"localhost/demo-1.0:6.1.0-{i}-amd64"], f"6.1.0-{i}-amd64", f"2026-11-{10 + i}T00:00:00Z")
+        for i in range(6)
+    ]
     images += [
         image("old-version", ["localhost/demo-0.9:6.1.0-5-amd64"], "6.1.0-5-amd64", "2026-11-01T00:00:00Z"),
         image("dangling", [], "6.1.0-5-amd64", "2026-11-30T00:00:00Z"),
-        image("stale-candidate", ["localhost/demo-1.0:6.1.0-5-amd64-kvc-candidate"], "6.1.0-5-amd64",
-              "2026-11-30T00:00:00Z"),
+        image(
+            "stale-candidate",
+            ["localhost/demo-1.0:6.1.0-5-amd64-kvc-candidate"],
+            "6.1.0-5-amd64",
+            "2026-11-30T00:00:00Z",
+        ),
         image("legacy", ["localhost/demo-0.1:5.0.0"], None, "2020-01-01T00:00:00Z"),
-        image("other-instance", ["localhost/demox-1.0:6.1.0-0-amd64"], "6.1.0-0-amd64", "2020-01-01T00:00:00Z",
-              name="demox"),
+        image(
+            "other-instance",
+            ["localhost/demox-1.0:6.1.0-0-amd64"],
+            "6.1.0-0-amd64",
+            "2020-01-01T00:00:00Z",
+            name="demox",
+        ),
     ]
     # An older kernel built just now: it stays and counts as one of the three.
     keep, remove = prune_plan(images, config, keep_tag="demo-1.0:6.1.0-0-amd64")
@@ -362,19 +444,33 @@ def test_prune_keeps_the_newest_kernels_and_the_current_image(tmp_path: Path) ->
 
 
 def test_prune_removes_only_our_names_and_tolerates_images_in_use(tmp_path: Path, fake: FakeRuntime) -> None:
-    images = [inspect_entry("a" * 64, [f"localhost/demo-1.0:{KVER}"], {"name": "demo", "kvc.kernel": KVER},
-                            "2026-11-24T10:00:00Z"),
-              inspect_entry("b" * 64, ["localhost/demo-1.0:6.1.0-1-amd64", "quay.io/me/keep:1"],
-                            {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"}, "2026-11-20T10:00:00Z"),
-              inspect_entry("c" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"}, "2026-11-19T10:00:00Z"),
-              inspect_entry("d" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-2-amd64"}, "2026-11-18T10:00:00Z")]
-    fake.install([(["images"], "".join(f"sha256:{c * 64}\n" for c in "abcd"), 0),
-                  (["image", "inspect"], json.dumps(images), 0),
-                  fakeprog.Rule(["rmi", "c" * 64], "", 2, "Error: image is in use by a container\n")])
+    images = [
+        inspect_entry(
+            "a" * 64, [f"localhost/demo-1.0:{KVER}"], {"name": "demo", "kvc.kernel": KVER}, "2026-11-24T10:00:00Z"
+        ),
+        inspect_entry(
+            "b" * 64,
+            ["localhost/demo-1.0:6.1.0-1-amd64", "quay.io/me/keep:1"],
+            {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"},
+            "2026-11-20T10:00:00Z",
+        ),
+        inspect_entry("c" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"}, "2026-11-19T10:00:00Z"),
+        inspect_entry("d" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-2-amd64"}, "2026-11-18T10:00:00Z"),
+    ]
+    fake.install(
+        [
+            (["images"], "".join(f"sha256:{c * 64}\n" for c in "abcd"), 0),
+            (["image", "inspect"], json.dumps(images), 0),
+            fakeprog.Rule(["rmi", "c" * 64], "", 2, "Error: image is in use by a container\n"),
+        ]
+    )
     removed = prune_images(PodmanRuntime(), instance(tmp_path, keep=1), keep_tag=TAG)
     assert removed == ["localhost/demo-1.0:6.1.0-1-amd64", "d" * 64]
-    assert [c for c in fake.calls() if c[0] == "rmi"] == [["rmi", "localhost/demo-1.0:6.1.0-1-amd64"],
-                                                           ["rmi", "c" * 64], ["rmi", "d" * 64]]
+    assert [c for c in fake.calls() if c[0] == "rmi"] == [
+        ["rmi", "localhost/demo-1.0:6.1.0-1-amd64"],
+        ["rmi", "c" * 64],
+        ["rmi", "d" * 64],
+    ]
 
 
 # ---- real podman --------------------------------------------------------------------------------------------
@@ -418,12 +514,19 @@ def scratch_instance(tmp_path: Path, kernel_tree: DebianKernel, podman_works: No
         shutil.copyfile(module, context / module.name)
     (context / "Containerfile").write_text("FROM scratch\nARG KVER\nCOPY *.ko /lib/modules/${KVER}/extra/\n")
     name = f"kvctest-{uuid.uuid4().hex[:8]}"
-    config = InstanceConfig.from_values(name, str(tmp_path / f"{name}.conf"), {
-        "KMOD_CONTAINER_BUILD_CONTEXT": str(context), "KMOD_SOFTWARE_VERSION": "1.0",
-        "KMOD_NAMES": "udp-tunnel ip6_udp_tunnel"})
+    config = InstanceConfig.from_values(
+        name,
+        str(tmp_path / f"{name}.conf"),
+        {
+            "KMOD_CONTAINER_BUILD_CONTEXT": str(context),
+            "KMOD_SOFTWARE_VERSION": "1.0",
+            "KMOD_NAMES": "udp-tunnel ip6_udp_tunnel",
+        },
+    )
     yield config
-    ids = subprocess.run(["podman", "images", "-a", "-q", "--filter", f"label=name={name}"], capture_output=True,
-                         text=True).stdout.split()
+    ids = subprocess.run(
+        ["podman", "images", "-a", "-q", "--filter", f"label=name={name}"], capture_output=True, text=True
+    ).stdout.split()
     for tag in (f"{name}-1.0:{kernel_tree.release}", f"{name}-1.0:6.1.0-0-fake"):
         subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
     if ids:
@@ -431,8 +534,9 @@ def scratch_instance(tmp_path: Path, kernel_tree: DebianKernel, podman_works: No
 
 
 @pytest.mark.podman
-def test_real_build_verify_extract_and_up_to_date(scratch_instance: InstanceConfig, kernel_tree: DebianKernel,
-                                                  tmp_path: Path) -> None:
+def test_real_build_verify_extract_and_up_to_date(
+    scratch_instance: InstanceConfig, kernel_tree: DebianKernel, tmp_path: Path
+) -> None:
     runtime = PodmanRuntime()
     release = kernel_tree.release
     plan = plan_build(scratch_instance, release, runtime)
@@ -448,8 +552,10 @@ def test_real_build_verify_extract_and_up_to_date(scratch_instance: InstanceConf
 
     layout = Layout(HostPaths(str(tmp_path / "host")))
     manifest = extract(layout, scratch_instance, release, runtime, plan.tag)
-    assert [(m.name, m.file) for m in manifest.modules] == [("udp_tunnel", "udp_tunnel.ko"),
-                                                            ("ip6_udp_tunnel", "ip6_udp_tunnel.ko")]
+    assert [(m.name, m.file) for m in manifest.modules] == [
+        ("udp_tunnel", "udp_tunnel.ko"),
+        ("ip6_udp_tunnel", "ip6_udp_tunnel.ko"),
+    ]
     assert all(m.vermagic.split()[0] == release for m in manifest.modules)
     assert manifest.image_id == info.id and manifest.image_digest == plan.digest
     manifest.verify()

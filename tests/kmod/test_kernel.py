@@ -42,11 +42,13 @@ from support.modbuild import ModuleSpec, build_module
 
 
 def test_proc_modules_lines() -> None:
-    text = ("vxlan 118784 0 - Live 0x0000000000000000\n"
-            "udp_tunnel 28672 2 vxlan,wireguard, Live 0xffffffffc0a00000 (OE)\n"
-            "forever 16384 0 [permanent], Live 0x0000000000000000\n"
-            "nounload 16384 - - Loading 0x0000000000000000 (O+)\n"
-            "garbage\n")
+    text = (
+        "vxlan 118784 0 - Live 0x0000000000000000\n"
+        "udp_tunnel 28672 2 vxlan,wireguard, Live 0xffffffffc0a00000 (OE)\n"
+        "forever 16384 0 [permanent], Live 0x0000000000000000\n"
+        "nounload 16384 - - Loading 0x0000000000000000 (O+)\n"
+        "garbage\n"
+    )
     mods = parse_proc_modules(text)
     assert [m.name for m in mods] == ["vxlan", "udp_tunnel", "forever", "nounload"]
     assert mods[1].users == ("vxlan", "wireguard") and mods[1].refcnt == 2 and mods[1].taints == "OE"
@@ -68,8 +70,14 @@ def test_sysfs_module_state(tmp_path: Path) -> None:
     (base / "holders" / "user").symlink_to("../../user")
     state = read_module_state(str(tmp_path), "demo")
     assert state is not None
-    assert (state.initstate, state.refcnt, state.coresize, state.taint, state.holders, state.version) == \
-        ("live", 1, 16384, "OE", ("user",), "1.2")
+    assert (state.initstate, state.refcnt, state.coresize, state.taint, state.holders, state.version) == (
+        "live",
+        1,
+        16384,
+        "OE",
+        ("user",),
+        "1.2",
+    )
     assert state.parameters == {"debug": "Y"} and state.initsize is None
     assert read_module_state(str(tmp_path), "absent") is None
     (tmp_path / "builtin").mkdir()
@@ -87,14 +95,18 @@ def test_symbol_tables(tmp_path: Path, indexed_kernel_tree: DebianKernel) -> Non
     plain = read_symvers(str(indexed_kernel_tree.symvers))
     assert plain is not None and plain["module_layout"] == 0x9060323F and "udp_tunnel_sock_release" not in plain
     system_map = tmp_path / "System.map"
-    system_map.write_text("ffffffff81000000 T _stext\n"
-                          "ffffffff82000000 r __ksymtab_printk\n"
-                          "ffffffff82000010 R __start___ksymtab_gpl\n"
-                          "ffffffff82000010 r __ksymtab_gpl_only\n"
-                          "ffffffff82000020 R __stop___ksymtab_gpl\n"
-                          "00000000deadbeef A __crc_printk\n")
-    assert read_system_map_exports(str(system_map)) == {"printk": Export(0xDEADBEEF, False),
-                                                        "gpl_only": Export(None, True)}
+    system_map.write_text(
+        "ffffffff81000000 T _stext\n"
+        "ffffffff82000000 r __ksymtab_printk\n"
+        "ffffffff82000010 R __start___ksymtab_gpl\n"
+        "ffffffff82000010 r __ksymtab_gpl_only\n"
+        "ffffffff82000020 R __stop___ksymtab_gpl\n"
+        "00000000deadbeef A __crc_printk\n"
+    )
+    assert read_system_map_exports(str(system_map)) == {
+        "printk": Export(0xDEADBEEF, False),
+        "gpl_only": Export(None, True),
+    }
     assert read_system_map_exports(str(tmp_path / "missing")) is None
 
 
@@ -135,8 +147,9 @@ class Recorder(SyscallKernel):
 @pytest.fixture
 def module_file(tmp_path: Path) -> Path:
     path = tmp_path / "demo.ko"
-    path.write_bytes(build_module(ModuleSpec("demo", "6.1.0-1-amd64 SMP preempt mod_unload modversions ",
-                                             imports=[("_printk", 1)])))
+    path.write_bytes(
+        build_module(ModuleSpec("demo", "6.1.0-1-amd64 SMP preempt mod_unload modversions ", imports=[("_printk", 1)]))
+    )
     return path
 
 
@@ -166,8 +179,9 @@ def test_insert_uses_finit_module_and_falls_back_to_init_module(module_file: Pat
     assert memory.calls[-1][0] == "finit"
 
 
-@pytest.mark.parametrize("content, err", [(b"", errno.EINVAL), (b"abc", errno.EINVAL),
-                                          (b"\xfd7zXZ\x00garbage-garbage", errno.EINVAL)])
+@pytest.mark.parametrize(
+    "content, err", [(b"", errno.EINVAL), (b"abc", errno.EINVAL), (b"\xfd7zXZ\x00garbage-garbage", errno.EINVAL)]
+)
 def test_insert_refuses_what_libkmod_cannot_open(tmp_path: Path, content: bytes, err: int) -> None:
     path = tmp_path / "bad.ko.xz"
     path.write_bytes(content)
@@ -242,8 +256,12 @@ def test_libkmod_view_of_odd_files(tmp_path: Path) -> None:
     (sys_module / "dirinit" / "initstate").mkdir()
     view = LibkmodView(HostPaths(str(tmp_path)))
     assert view.loaded_names() == ["good", "nocore"]
-    assert (view.initstate("good"), view.refcnt("good"), view.size("good"), view.holders("good")) == \
-        (KMOD_MODULE_LIVE, 7, 4096, ["a_b"])
+    assert (view.initstate("good"), view.refcnt("good"), view.size("good"), view.holders("good")) == (
+        KMOD_MODULE_LIVE,
+        7,
+        4096,
+        ["a_b"],
+    )
     assert view.take_logs() == []
     assert view.initstate("nocore") == KMOD_MODULE_COMING  # a directory without initstate
     assert view.initstate("absent") == -errno.ENOENT and view.size("absent") == -errno.ENOENT
@@ -255,8 +273,11 @@ def test_libkmod_view_of_odd_files(tmp_path: Path) -> None:
     assert messages == [
         (1919, "kmod_module_get_size", "invalid line format at /proc/modules:2\n"),
         (1847, "kmod_module_get_initstate", "unknown /sys/module/weird/initstate: 'weird\n'\n"),
-        (1967, "kmod_module_get_refcnt",
-         "could not read integer from '/sys/module/weird/refcnt': 'Invalid argument'\n"),
+        (
+            1967,
+            "kmod_module_get_refcnt",
+            "could not read integer from '/sys/module/weird/refcnt': 'Invalid argument'\n",
+        ),
         (1835, "kmod_module_get_initstate", "could not read from '/sys/module/dirinit/initstate': Is a directory\n"),
         (1998, "kmod_module_get_holders", "could not open '/sys/module/absent/holders': No such file or directory\n"),
     ]

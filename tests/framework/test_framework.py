@@ -25,7 +25,7 @@ from support import fakeprog
 from support.debian_kernel import DebianKernel
 from support.modbuild import Export, ModuleSpec, build_module
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "simple-kmod"
 
 
@@ -133,12 +133,17 @@ def test_a_refused_second_module_leaves_nothing_loaded(host: Host) -> None:
 SYMVERS_CRCS = {"_printk": 0x92997ED8, "udp_tunnel_sock_release": 0xC810759E}
 
 
-def crafted(tmp_path: Path, name: str, release: str, *, imports: tuple[str, ...] = (),
-            exports: tuple[str, ...] = ()) -> str:
+def crafted(
+    tmp_path: Path, name: str, release: str, *, imports: tuple[str, ...] = (), exports: tuple[str, ...] = ()
+) -> str:
     """A module shaped as kbuild makes them, importing with the CRCs the kernel's symvers has."""
-    spec = ModuleSpec(name=name, vermagic=f"{release} SMP preempt mod_unload modversions ",
-                      imports=[(sym, SYMVERS_CRCS.get(sym, 0x12345678)) for sym in ("_printk", *imports)],
-                      exports=[Export(sym) for sym in exports], modinfo=[("license", "GPL")])
+    spec = ModuleSpec(
+        name=name,
+        vermagic=f"{release} SMP preempt mod_unload modversions ",
+        imports=[(sym, SYMVERS_CRCS.get(sym, 0x12345678)) for sym in ("_printk", *imports)],
+        exports=[Export(sym) for sym in exports],
+        modinfo=[("license", "GPL")],
+    )
     path = tmp_path / f"{name}.ko"
     path.write_bytes(build_module(spec))
     return str(path)
@@ -156,24 +161,28 @@ def test_preflight_names_unknown_symbols_before_any_syscall(tmp_path: Path, inde
     assert kernel.loaded_modules() == [] and kernel.dmesg() == []
 
 
-def test_plan_orders_providers_first_and_pulls_in_tree_dependencies(tmp_path: Path,
-                                                                    indexed_kernel_tree: DebianKernel) -> None:
+def test_plan_orders_providers_first_and_pulls_in_tree_dependencies(
+    tmp_path: Path, indexed_kernel_tree: DebianKernel
+) -> None:
     release = indexed_kernel_tree.release
     kernel = FakeKernel.create(HostPaths(str(tmp_path / "root")), release, symvers=str(indexed_kernel_tree.symvers))
     user = crafted(tmp_path, "user_mod", release, imports=("provider_sym", "udp_tunnel_sock_release"))
     provider = crafted(tmp_path, "provider_mod", release, exports=("provider_sym",))
-    plan = plan_load("demo", release, [user, provider], {"user_mod": "x=1"}, kernel,
-                     ModuleDirectory(str(indexed_kernel_tree.moddir)))
-    assert [(s.name, s.origin) for s in plan.steps] == [("udp_tunnel", "in-tree"), ("provider_mod", "instance"),
-                                                        ("user_mod", "instance")]
+    plan = plan_load(
+        "demo", release, [user, provider], {"user_mod": "x=1"}, kernel, ModuleDirectory(str(indexed_kernel_tree.moddir))
+    )
+    assert [(s.name, s.origin) for s in plan.steps] == [
+        ("udp_tunnel", "in-tree"),
+        ("provider_mod", "instance"),
+        ("user_mod", "instance"),
+    ]
     execute_load(plan, kernel, None)
     provider_state = kernel.module_state("provider_mod")
     assert provider_state is not None and provider_state.holders == ("user_mod",)
     assert kernel.module_state("udp_tunnel") is not None
 
 
-def test_in_tree_dependencies_are_planned_as_modprobe_would(tmp_path: Path,
-                                                           indexed_kernel_tree: DebianKernel) -> None:
+def test_in_tree_dependencies_are_planned_as_modprobe_would(tmp_path: Path, indexed_kernel_tree: DebianKernel) -> None:
     """modprobe.d options and softdeps apply to the in-tree modules an instance needs; a softdep the
     kernel refuses is skipped, and an install command is refused (never run)."""
     release = indexed_kernel_tree.release
@@ -183,13 +192,17 @@ def test_in_tree_dependencies_are_planned_as_modprobe_would(tmp_path: Path,
     user = crafted(tmp_path, "user_mod", release, imports=("udp_tunnel_sock_release",))
     conf_dir = tmp_path / "modprobe.d"
     conf_dir.mkdir()
-    (conf_dir / "kvc.conf").write_text("options udp_tunnel nosuchparam=1\noptions loop max_part=lots\n"
-                                       "softdep udp_tunnel pre: crc-itu-t loop\n")
+    (conf_dir / "kvc.conf").write_text(
+        "options udp_tunnel nosuchparam=1\noptions loop max_part=lots\nsoftdep udp_tunnel pre: crc-itu-t loop\n"
+    )
     config = load_config([str(conf_dir)], module_dir=moddir.path, paths=HostPaths(str(root)))
     plan = plan_load("demo", release, [user], {}, kernel, moddir, modprobe_config=config)
     assert [(s.name, s.origin, s.params, s.required) for s in plan.steps] == [
-        ("crc_itu_t", "in-tree", "", False), ("loop", "in-tree", "max_part=lots", False),
-        ("udp_tunnel", "in-tree", "nosuchparam=1", True), ("user_mod", "instance", "", True)]
+        ("crc_itu_t", "in-tree", "", False),
+        ("loop", "in-tree", "max_part=lots", False),
+        ("udp_tunnel", "in-tree", "nosuchparam=1", True),
+        ("user_mod", "instance", "", True),
+    ]
     assert "(in-tree, softdep)" in plan.describe()
     # Linux ignores an unknown parameter but refuses a bad value: the softdep loop is skipped.
     assert execute_load(plan, kernel, None) == ["crc_itu_t", "udp_tunnel", "user_mod"]
@@ -199,23 +212,31 @@ def test_in_tree_dependencies_are_planned_as_modprobe_would(tmp_path: Path,
     fresh = FakeKernel.create(HostPaths(str(tmp_path / "fresh")), release, symvers=str(indexed_kernel_tree.symvers))
     with pytest.raises(LoadError) as install:
         plan_load("demo", release, [user], {}, fresh, moddir, modprobe_config=config)
-    assert install.value.brief == ("in-tree module udp_tunnel has an install command in the modprobe "
-                                   "configuration: /bin/true")
+    assert install.value.brief == (
+        "in-tree module udp_tunnel has an install command in the modprobe configuration: /bin/true"
+    )
 
 
-@pytest.mark.parametrize("conf, message", [
-    ('KMOD_NAMES="$(rm -rf /)"\n', "command substitution is not allowed"),
-    ("KMOD_SOFTWARE_VERSION=1\nKMOD_NAMES=a\n", "KMOD_CONTAINER_BUILD_CONTEXT is not set"),
-    ("KMOD_CONTAINER_BUILD_CONTEXT=--privileged\nKMOD_SOFTWARE_VERSION=1\nKMOD_NAMES=a\n", "is not allowed"),
-    ("KMOD_CONTAINER_BUILD_CONTEXT=.\nKMOD_SOFTWARE_VERSION=1\nKMOD_NAMES=a\nKVC_KEEP_KERNELS=x\n", "whole number"),
-])
+@pytest.mark.parametrize(
+    "conf, message",
+    [
+        ('KMOD_NAMES="$(rm -rf /)"\n', "command substitution is not allowed"),
+        ("KMOD_SOFTWARE_VERSION=1\nKMOD_NAMES=a\n", "KMOD_CONTAINER_BUILD_CONTEXT is not set"),
+        ("KMOD_CONTAINER_BUILD_CONTEXT=--privileged\nKMOD_SOFTWARE_VERSION=1\nKMOD_NAMES=a\n", "is not allowed"),
+        ("KMOD_CONTAINER_BUILD_CONTEXT=.\nKMOD_SOFTWARE_VERSION=1\nKMOD_NAMES=a\nKVC_KEEP_KERNELS=x\n", "whole number"),
+    ],
+)
 def test_bad_instance_confs_get_one_clear_line(tmp_path: Path, conf: str, message: str) -> None:
     etc = tmp_path / "etc" / "kvc"
     etc.mkdir(parents=True)
     (etc / "bad.conf").write_text(conf)
     env = {**os.environ, "KVC_ROOT": str(tmp_path), "KVC_KERNEL": "fake"}
-    result = subprocess.run([sys.executable, "-m", "kvc", "build", "bad", "--kernel", "6.1.0-1-amd64"],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "kvc", "build", "bad", "--kernel", "6.1.0-1-amd64"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 3
     assert message in result.stderr.splitlines()[0]
     assert "Traceback" not in result.stderr
@@ -223,8 +244,11 @@ def test_bad_instance_confs_get_one_clear_line(tmp_path: Path, conf: str, messag
 
 def test_bad_names_and_missing_instances(tmp_path: Path) -> None:
     env = {**os.environ, "KVC_ROOT": str(tmp_path), "KVC_KERNEL": "fake"}
-    for args in (["build", "../etc", "--kernel", "6.1.0-1-amd64"], ["load", "nosuch", "--kernel", "6.1.0-1-amd64"],
-                 ["build", "x", "--kernel", "--oops"]):
+    for args in (
+        ["build", "../etc", "--kernel", "6.1.0-1-amd64"],
+        ["load", "nosuch", "--kernel", "6.1.0-1-amd64"],
+        ["build", "x", "--kernel", "--oops"],
+    ):
         result = subprocess.run([sys.executable, "-m", "kvc", *args], capture_output=True, text=True, env=env)
         assert result.returncode in (2, 3), (args, result.stderr)
         assert "Traceback" not in result.stderr

@@ -28,25 +28,31 @@ from typing import Any, Iterator
 
 import pytest
 
-from kvc.bootimage import has_pvh_note, pvh_kernel
-from kvc.initramfs import BOOT_MODULE_ROOTS, CpioEntry, boot_modules, find_busybox, write_cpio
-from kvc.kernelfiles import find_in_tree, index_module_tree
 from kvc.kmod.moddir import ModuleDirectory
+from kvc.verify.bootimage import has_pvh_note, pvh_kernel
+from kvc.verify.initramfs import BOOT_MODULE_ROOTS, CpioEntry, boot_modules, find_busybox, write_cpio
+from kvc.verify.kernelfiles import find_in_tree, index_module_tree
 from support import fakeprog
 from support.debian_headers import foreign_headers
 from support.debian_kernel import DebianKernel
 from support.example import write_example_conf
 from support.modbuild import ModuleSpec, build_module
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KMODS = ROOT / "tests" / "kmods"
 SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
 BASE_IMAGE = "localhost/debian:bookworm"
 
 
 def kvc(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvc", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "kvc", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=timeout,
+        check=False,
+    )
 
 
 def write_conf(root: Path, name: str, values: dict[str, str]) -> None:
@@ -57,23 +63,32 @@ def write_conf(root: Path, name: str, values: dict[str, str]) -> None:
 
 # ---- the initramfs ----------------------------------------------------------------------------------
 
+
 def test_cpio_archive_unpacks_with_busybox(tmp_path: Path) -> None:
     archive = tmp_path / "a.cpio"
-    entries = [CpioEntry("dir", stat.S_IFDIR | 0o755), CpioEntry("dir/script", stat.S_IFREG | 0o755, b"#!/bin/sh\n"),
-               CpioEntry("odd", stat.S_IFREG | 0o600, b"12345"), CpioEntry("empty", stat.S_IFREG | 0o644),
-               CpioEntry("console", stat.S_IFCHR | 0o600, rdev=(5, 1))]
+    entries = [
+        CpioEntry("dir", stat.S_IFDIR | 0o755),
+        CpioEntry("dir/script", stat.S_IFREG | 0o755, b"#!/bin/sh\n"),
+        CpioEntry("odd", stat.S_IFREG | 0o600, b"12345"),
+        CpioEntry("empty", stat.S_IFREG | 0o644),
+        CpioEntry("console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+    ]
     with open(archive, "wb") as out:
         write_cpio(out, entries)
     assert archive.stat().st_size % 4 == 0
     busybox = find_busybox()
-    listing = subprocess.run([busybox, "cpio", "-tv"], input=archive.read_bytes(), capture_output=True,
-                             check=True).stdout.decode().splitlines()
+    listing = (
+        subprocess.run([busybox, "cpio", "-tv"], input=archive.read_bytes(), capture_output=True, check=True)
+        .stdout.decode()
+        .splitlines()
+    )
     assert [line.split()[-1] for line in listing] == ["dir", "dir/script", "odd", "empty", "console"]
     assert listing[-1].startswith("crw-------")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    subprocess.run([busybox, "cpio", "-i", "-d"], input=archive.read_bytes(), cwd=out_dir, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [busybox, "cpio", "-i", "-d"], input=archive.read_bytes(), cwd=out_dir, check=True, capture_output=True
+    )
     assert (out_dir / "dir" / "script").read_bytes() == b"#!/bin/sh\n"
     assert stat.S_IMODE((out_dir / "dir" / "script").stat().st_mode) == 0o755
     assert (out_dir / "odd").read_bytes() == b"12345"
@@ -102,6 +117,7 @@ def test_busybox_must_be_static(tmp_path: Path) -> None:
 
 # ---- kernel files -----------------------------------------------------------------------------------
 
+
 def test_kernel_files_in_the_layouts_people_have(tmp_path: Path) -> None:
     release = "6.1.0-99-amd64"
     debian = tmp_path / "debian"
@@ -124,8 +140,9 @@ def test_kernel_files_in_the_layouts_people_have(tmp_path: Path) -> None:
     assert found is None and f"no vmlinuz-{release}" in problem
 
 
-def test_a_fetched_kernel_is_indexed_by_kvcs_depmod_as_debians_would_be(tmp_path: Path,
-                                                                        indexed_kernel_tree: DebianKernel) -> None:
+def test_a_fetched_kernel_is_indexed_by_kvcs_depmod_as_debians_would_be(
+    tmp_path: Path, indexed_kernel_tree: DebianKernel
+) -> None:
     copy = tmp_path / "tree"
     subprocess.run(["cp", "-al", str(indexed_kernel_tree.root), str(copy)], check=True)
     moddir = copy / "lib" / "modules" / indexed_kernel_tree.release
@@ -177,45 +194,67 @@ def fake_host(tmp_path: Path) -> Iterator[dict[str, Any]]:
     (moddir / "modules.dep").write_text("".join(f"kernel/{name}.ko:\n" for name in BOOT_MODULE_ROOTS))
     for name in BOOT_MODULE_ROOTS:
         (moddir / "kernel" / f"{name}.ko").write_bytes(build_module(ModuleSpec(name, f"{RELEASE} SMP ")))
-    write_conf(root, "hello", {"KMOD_CONTAINER_BUILD_CONTEXT": str(tmp_path), "KMOD_SOFTWARE_VERSION": "1.0",
-                               "KMOD_NAMES": "kvc-hello"})
+    write_conf(
+        root,
+        "hello",
+        {"KMOD_CONTAINER_BUILD_CONTEXT": str(tmp_path), "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": "kvc-hello"},
+    )
     bin_dir = tmp_path / "bin"
     log = tmp_path / "calls.log"
-    image = json.dumps([{"Id": "sha256:" + "ab" * 32, "RepoTags": [f"hello-1.0:{RELEASE}"],
-                         "Labels": {"name": "hello"}}])
-    fakeprog.install(bin_dir, "podman", log, rules=[
-        (["image", "inspect", f"hello-1.0:{RELEASE}"], image, 0),
-        fakeprog.Rule(["image", "inspect"], code=125, stderr="Error: image not known\n"),
-        (["image", "mount", "**"], f"{image_root}\n", 0),
-        (["image", "unmount", "**"], "", 0)])
+    image = json.dumps(
+        [{"Id": "sha256:" + "ab" * 32, "RepoTags": [f"hello-1.0:{RELEASE}"], "Labels": {"name": "hello"}}]
+    )
+    fakeprog.install(
+        bin_dir,
+        "podman",
+        log,
+        rules=[
+            (["image", "inspect", f"hello-1.0:{RELEASE}"], image, 0),
+            fakeprog.Rule(["image", "inspect"], code=125, stderr="Error: image not known\n"),
+            (["image", "mount", "**"], f"{image_root}\n", 0),
+            (["image", "unmount", "**"], "", 0),
+        ],
+    )
     env = {"KVC_ROOT": str(root), "KVC_CACHE_DIR": str(tmp_path / "cache"), "PATH": fakeprog.path_with(bin_dir)}
     yield {"root": root, "env": env, "bin": bin_dir, "log": log, "kernel": kernel, "tmp": tmp_path}
 
 
 def test_a_missing_build_is_exit_6_before_any_kernel_lookup(fake_host: dict[str, Any]) -> None:
-    write_conf(fake_host["root"], "other", {"KMOD_CONTAINER_BUILD_CONTEXT": str(fake_host["tmp"]),
-                                            "KMOD_SOFTWARE_VERSION": "2.0", "KMOD_NAMES": "x"})
+    write_conf(
+        fake_host["root"],
+        "other",
+        {"KMOD_CONTAINER_BUILD_CONTEXT": str(fake_host["tmp"]), "KMOD_SOFTWARE_VERSION": "2.0", "KMOD_NAMES": "x"},
+    )
     result = kvc(["verify", "other", "--kernel", "6.1.0-0-nowhere-amd64"], fake_host["env"])
     assert result.returncode == 6, result.stderr
-    assert result.stderr.splitlines()[0] == ("kvc: error: image other-2.0:6.1.0-0-nowhere-amd64 does not exist: "
-                                             "other is not built for 6.1.0-0-nowhere-amd64")
+    assert result.stderr.splitlines()[0] == (
+        "kvc: error: image other-2.0:6.1.0-0-nowhere-amd64 does not exist: other is not built for 6.1.0-0-nowhere-amd64"
+    )
     assert "kvc build other --kernel 6.1.0-0-nowhere-amd64" in result.stderr
     assert not (fake_host["tmp"] / "cache").exists()
 
 
 def test_a_kernel_nobody_has_is_exit_7_naming_every_source(fake_host: dict[str, Any]) -> None:
     release = "6.1.0-0-nowhere-amd64"
-    write_conf(fake_host["root"], "gone", {"KMOD_CONTAINER_BUILD_CONTEXT": str(fake_host["tmp"]),
-                                           "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": "x"})
-    fakeprog.install(fake_host["bin"], "podman", fake_host["log"], rules=[
-        (["image", "inspect", "**"], json.dumps([{"Id": "sha256:" + "cd" * 32}]), 0)])
+    write_conf(
+        fake_host["root"],
+        "gone",
+        {"KMOD_CONTAINER_BUILD_CONTEXT": str(fake_host["tmp"]), "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": "x"},
+    )
+    fakeprog.install(
+        fake_host["bin"],
+        "podman",
+        fake_host["log"],
+        rules=[(["image", "inspect", "**"], json.dumps([{"Id": "sha256:" + "cd" * 32}]), 0)],
+    )
     result = kvc(["verify", "gone", "--kernel", release], fake_host["env"])
     assert result.returncode == 7, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0] == f"kvc: error: kernel {release} not found"
     assert f"host: no vmlinuz-{release} in {fake_host['root']}/boot" in result.stderr
-    assert (f"distribution package: no package linux-image-{release} in this machine's apt sources"
-            in result.stderr)  # asked the real apt-cache
+    assert (
+        f"distribution package: no package linux-image-{release} in this machine's apt sources" in result.stderr
+    )  # asked the real apt-cache
     assert not (fake_host["tmp"] / "cache" / "kernels" / release).exists()
     assert lines[-1].startswith("kvc: hint: pass --kernel-dir DIR")
     result = kvc(["verify", "gone", "--kernel", release, "--kernel-dir", str(fake_host["tmp"])], fake_host["env"])
@@ -224,19 +263,40 @@ def test_a_kernel_nobody_has_is_exit_7_naming_every_source(fake_host: dict[str, 
 
 
 def test_qemu_gets_no_network_bounded_memory_and_read_only_host(fake_host: dict[str, Any]) -> None:
-    fakeprog.install(fake_host["bin"], "qemu-system-x86_64", fake_host["log"], default_code=1,
-                     rules=[fakeprog.Rule(["**"], code=1, stderr="qemu: could not load kernel\n")])
-    result = kvc(["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]),
-                  "--accel", "tcg", "--memory", "768"], fake_host["env"])
+    fakeprog.install(
+        fake_host["bin"],
+        "qemu-system-x86_64",
+        fake_host["log"],
+        default_code=1,
+        rules=[fakeprog.Rule(["**"], code=1, stderr="qemu: could not load kernel\n")],
+    )
+    result = kvc(
+        [
+            "verify",
+            "hello",
+            "--kernel",
+            RELEASE,
+            "--kernel-dir",
+            str(fake_host["kernel"]),
+            "--accel",
+            "tcg",
+            "--memory",
+            "768",
+        ],
+        fake_host["env"],
+    )
     assert result.returncode == 4, result.stderr
-    assert result.stderr.startswith("kvc: error: qemu-system-x86_64 exited with status 1\n"
-                                    "  qemu: could not load kernel")
+    assert result.stderr.startswith(
+        "kvc: error: qemu-system-x86_64 exited with status 1\n  qemu: could not load kernel"
+    )
     (argv,) = fakeprog.calls(fake_host["log"], "qemu-system-x86_64")
     assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-m") + 1] == "768M"
     assert argv[argv.index("-nic") + 1] == "none" and "-no-reboot" in argv
     assert argv[argv.index("-kernel") + 1] == str(fake_host["kernel"] / "boot" / f"vmlinuz-{RELEASE}")
-    shares = {opt.split("mount_tag=")[1].split(",")[0]: opt for opt in
-              (argv[i + 1] for i, arg in enumerate(argv) if arg == "-virtfs")}
+    shares = {
+        opt.split("mount_tag=")[1].split(",")[0]: opt
+        for opt in (argv[i + 1] for i, arg in enumerate(argv) if arg == "-virtfs")
+    }
     assert set(shares) == {"kvcroot", "kvcwork", "kvcmods", "kvcimage"}
     assert shares["kvcroot"].startswith("local,path=/,") and "readonly=on" in shares["kvcroot"]
     assert "readonly=on" not in shares["kvcwork"] and "readonly=on" in shares["kvcimage"]
@@ -251,11 +311,28 @@ def test_qemu_gets_no_network_bounded_memory_and_read_only_host(fake_host: dict[
 
 def test_a_guest_that_hangs_is_killed_at_the_timeout(fake_host: dict[str, Any]) -> None:
     qemu = fake_host["bin"] / "qemu-system-x86_64"
-    qemu.write_text("#!/bin/sh\nfor arg; do case $arg in file:*) echo 'kvc-guest: init started' > ${arg#file:};; "
-                    "esac; done\nexec sleep 60\n")
+    qemu.write_text(
+        "#!/bin/sh\nfor arg; do case $arg in file:*) echo 'kvc-guest: init started' > ${arg#file:};; "
+        "esac; done\nexec sleep 60\n"
+    )
     qemu.chmod(0o755)
-    result = kvc(["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]), "--accel",
-                  "tcg", "--timeout", "2", "--json"], fake_host["env"], timeout=30)
+    result = kvc(
+        [
+            "verify",
+            "hello",
+            "--kernel",
+            RELEASE,
+            "--kernel-dir",
+            str(fake_host["kernel"]),
+            "--accel",
+            "tcg",
+            "--timeout",
+            "2",
+            "--json",
+        ],
+        fake_host["env"],
+        timeout=30,
+    )
     assert result.returncode == 9, result.stderr
     report = json.loads(result.stdout)
     assert report["schema"] == 1 and report["status"] == "timed-out" and report["vm"]["qemu_exit"] is None
@@ -270,19 +347,25 @@ def fake_qemu(path: Path, console: str, code: int = 0, log: Path | None = None) 
     """A qemu that writes ``console`` to the serial log file it is given and exits with ``code``;
     with ``log``, it appends its argv there first (one JSON line per call)."""
     record = f"import json; open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')" if log else ""
-    path.write_text(f"#!{sys.executable}\nimport sys\n{record}\n"
-                    f"serial = sys.argv[sys.argv.index('-serial') + 1][len('file:'):]\n"
-                    f"open(serial, 'w').write({console!r})\nsys.exit({code})\n")
+    path.write_text(
+        f"#!{sys.executable}\nimport sys\n{record}\n"
+        f"serial = sys.argv[sys.argv.index('-serial') + 1][len('file:'):]\n"
+        f"open(serial, 'w').write({console!r})\nsys.exit({code})\n"
+    )
     path.chmod(0o755)
 
 
 def test_a_failing_guest_agent_is_not_a_kernel_crash(fake_host: dict[str, Any]) -> None:
-    console = ("kvc-guest: init started\nkvc-guest: agent starting\nTraceback (most recent call last):\n"
-               "ModuleNotFoundError: No module named 'kvc'\nkvc-guest: agent exited with status 1\n"
-               "[    4.7] reboot: Power down\n")
+    console = (
+        "kvc-guest: init started\nkvc-guest: agent starting\nTraceback (most recent call last):\n"
+        "ModuleNotFoundError: No module named 'kvc'\nkvc-guest: agent exited with status 1\n"
+        "[    4.7] reboot: Power down\n"
+    )
     fake_qemu(fake_host["bin"] / "qemu-system-x86_64", console)
-    result = kvc(["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]), "--accel",
-                  "tcg"], fake_host["env"])
+    result = kvc(
+        ["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]), "--accel", "tcg"],
+        fake_host["env"],
+    )
     assert result.returncode == 9, result.stderr
     lines = result.stdout.splitlines()
     assert "  the guest failed during: boot" in lines
@@ -318,6 +401,7 @@ def test_kvm_only_after_a_probe_boot_works_and_the_verdict_is_cached(fake_host: 
 
 # ---- in a real VM -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def vm_ready() -> None:
     for program in ("qemu-system-x86_64", "podman", "make"):
@@ -326,22 +410,25 @@ def vm_ready() -> None:
 
 
 @pytest.fixture(scope="module")
-def vm_env(tmp_path_factory: pytest.TempPathFactory, indexed_kernel_tree: DebianKernel,
-           vm_ready: None) -> Iterator[dict[str, Any]]:
+def vm_env(
+    tmp_path_factory: pytest.TempPathFactory, indexed_kernel_tree: DebianKernel, vm_ready: None
+) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("verify")
     release = indexed_kernel_tree.release
     assert (Path("/usr/src") / f"linux-headers-{release}").is_dir(), "headers and kernel ABI differ"
     prefix = f"kvcvm{uuid.uuid4().hex[:6]}"
     env = {"KVC_ROOT": str(tmp / "root"), "KVC_CACHE_DIR": str(SHARED_CACHE)}
     yield {"tmp": tmp, "release": release, "env": env, "prefix": prefix, "kernel_dir": str(indexed_kernel_tree.root)}
-    ids = subprocess.run(["podman", "images", "-q", "--filter", f"reference={prefix}*"], capture_output=True,
-                         text=True).stdout.split()
+    ids = subprocess.run(
+        ["podman", "images", "-q", "--filter", f"reference={prefix}*"], capture_output=True, text=True
+    ).stdout.split()
     if ids:
         subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
 
 
-def verify_test_module(vm_env: dict[str, Any], source: str, *extra: str, headers: Path | None = None,
-                       build_with_kvc: bool = True) -> tuple[int, dict[str, Any]]:
+def verify_test_module(
+    vm_env: dict[str, Any], source: str, *extra: str, headers: Path | None = None, build_with_kvc: bool = True
+) -> tuple[int, dict[str, Any]]:
     """Build tests/kmods/SOURCE.c against ``headers`` (default: the target kernel's), put it in a
     FROM-scratch image of its own instance -- built by kvc, or (for a module kvc build would refuse)
     tagged directly, as a prebuilt image from elsewhere would be -- and verify that on the real kernel
@@ -351,27 +438,50 @@ def verify_test_module(vm_env: dict[str, Any], source: str, *extra: str, headers
     name = f"{vm_env['prefix']}-{source}"
     work = vm_env["tmp"] / name
     shutil.copytree(KMODS, work / "src")
-    built = subprocess.run(["make", f"KDIR={headers}", f"MODULES={source}", "modules"], cwd=work / "src",
-                           capture_output=True, text=True, check=False)
+    built = subprocess.run(
+        ["make", f"KDIR={headers}", f"MODULES={source}", "modules"],
+        cwd=work / "src",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     context = work / "context"
     context.mkdir()
     shutil.copyfile(work / "src" / f"{source}.ko", context / f"{source}.ko")
     (context / "Containerfile").write_text("FROM scratch\nARG KVER\nCOPY *.ko /lib/modules/${KVER}/extra/\n")
-    write_conf(Path(vm_env["env"]["KVC_ROOT"]), name, {"KMOD_CONTAINER_BUILD_CONTEXT": str(context),
-                                                       "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": source})
+    write_conf(
+        Path(vm_env["env"]["KVC_ROOT"]),
+        name,
+        {"KMOD_CONTAINER_BUILD_CONTEXT": str(context), "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": source},
+    )
     if build_with_kvc:
         result = kvc(["build", name, "--kernel", release], vm_env["env"])
         assert result.returncode == 0, result.stderr
     else:
-        subprocess.run(["podman", "build", "-q", "--build-arg", f"KVER={release}", "--label", f"name={name}",
-                        "-t", f"{name}-1.0:{release}", str(context)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "podman",
+                "build",
+                "-q",
+                "--build-arg",
+                f"KVER={release}",
+                "--label",
+                f"name={name}",
+                "-t",
+                f"{name}-1.0:{release}",
+                str(context),
+            ],
+            check=True,
+            capture_output=True,
+        )
     return verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"], *extra)
 
 
 def verify_json(vm_env: dict[str, Any], name: str, *extra: str) -> tuple[int, dict[str, Any]]:
-    result = kvc(["verify", name, "--kernel", vm_env["release"], "--json", "--accel", "tcg", *extra],
-                 vm_env["env"], timeout=400)
+    result = kvc(
+        ["verify", name, "--kernel", vm_env["release"], "--json", "--accel", "tcg", *extra], vm_env["env"], timeout=400
+    )
     assert result.stdout, result.stderr
     return result.returncode, json.loads(result.stdout)
 
@@ -400,8 +510,10 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
     assert smoke["exit_code"] == 0 and smoke["in_image"], smoke
     assert "simple-procfs-kmod number = 0" in smoke["stdout"] and "simple-procfs-kmod number = 44" in smoke["stdout"]
     assert "Hello world from simple_kmod." in smoke["stdout"]  # the smoke test's dmesg check
-    assert [(u["name"], u["removed"]) for u in report["unload"]] == [("simple_procfs_kmod", True),
-                                                                    ("simple_kmod", True)]
+    assert [(u["name"], u["removed"]) for u in report["unload"]] == [
+        ("simple_procfs_kmod", True),
+        ("simple_kmod", True),
+    ]
     assert "Goodbye world from simple_kmod." in report["unload"][1]["log"]
     assert report["tainted"] & (1 << 12)  # TAINT_OOT_MODULE
     assert 0 < report["timings"]["boot_seconds"] < report["timings"]["vm_seconds"]
@@ -411,8 +523,11 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
     (entry,) = status["instances"][0]["kernels"]
     assert entry["verification"]["status"] == "verified" and entry["verification"]["current"]
     assert entry["verification"]["image_id"] == report["image"]["id"]
-    human = kvc(["verify", name, "--kernel", vm_env["release"], "--accel", "tcg", "--keep-artifacts"],
-                vm_env["env"], timeout=400)
+    human = kvc(
+        ["verify", name, "--kernel", vm_env["release"], "--accel", "tcg", "--keep-artifacts"],
+        vm_env["env"],
+        timeout=400,
+    )
     assert human.returncode == 0, human.stdout + human.stderr
     assert "      kernel: Hello world from simple_kmod." in human.stdout
     assert human.stdout.splitlines()[-2].startswith("VERIFIED (boot ")
@@ -425,8 +540,11 @@ def test_simple_kmod_verified_on_the_real_kernel(vm_env: dict[str, Any]) -> None
 @pytest.mark.podman
 def test_a_failing_smoke_test_is_exit_8_and_the_modules_still_unload(vm_env: dict[str, Any]) -> None:
     name = f"{vm_env['prefix']}-smokefail"
-    write_example_conf(Path(vm_env["env"]["KVC_ROOT"]), name, "KVC_SMOKE_TEST=\"spkut 44 && grep -x "
-                       "'simple-procfs-kmod number = 45' /proc/simple-procfs-kmod\"\n")
+    write_example_conf(
+        Path(vm_env["env"]["KVC_ROOT"]),
+        name,
+        "KVC_SMOKE_TEST=\"spkut 44 && grep -x 'simple-procfs-kmod number = 45' /proc/simple-procfs-kmod\"\n",
+    )
     built = kvc(["build", name, "--kernel", vm_env["release"]], vm_env["env"])
     assert built.returncode == 0, built.stderr
     code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
@@ -448,7 +566,7 @@ def test_without_image_mounts_the_smoke_test_gets_the_images_tools(vm_env: dict[
     (root / "etc" / "kvc" / "kmods-via-containers.conf").write_text("KVC_CONTAINER_RUNTIME=docker\n")
     bin_dir = vm_env["tmp"] / "docker-bin"
     bin_dir.mkdir()
-    (bin_dir / "docker").write_text(f"#!/bin/sh\nexec {shutil.which('podman')} \"$@\"\n")
+    (bin_dir / "docker").write_text(f'#!/bin/sh\nexec {shutil.which("podman")} "$@"\n')
     (bin_dir / "docker").chmod(0o755)
     env = {**vm_env["env"], "KVC_ROOT": str(root), "PATH": fakeprog.path_with(bin_dir)}
     built = kvc(["build", name, "--kernel", vm_env["release"]], env)
@@ -472,10 +590,16 @@ def test_in_tree_dependencies_come_from_the_guest_kernels_tree(vm_env: dict[str,
     assert in_tree["udp_tunnel"]["path"].startswith("/kvc/kernel-modules/kernel/net/ipv4/udp_tunnel.ko")
     assert in_tree["udp_tunnel"]["refcnt"] == 1 and in_tree["crc_itu_t"]["refcnt"] == 1  # held by ours
     # The kernel names the module the function came from.
-    assert any(line.startswith("kvc_uses_intree: crc_itu_t(kvc) = 0x") and line.endswith("using "
-               "udp_tunnel_sock_release [udp_tunnel]") for line in report["modules"][2]["log"])
+    assert any(
+        line.startswith("kvc_uses_intree: crc_itu_t(kvc) = 0x")
+        and line.endswith("using udp_tunnel_sock_release [udp_tunnel]")
+        for line in report["modules"][2]["log"]
+    )
     assert [(u["name"], u["removed"]) for u in report["unload"]] == [
-        ("kvc_uses_intree", True), (loaded[1][0], True), (loaded[0][0], True)]
+        ("kvc_uses_intree", True),
+        (loaded[1][0], True),
+        (loaded[0][0], True),
+    ]
 
 
 @pytest.mark.vm

@@ -1,0 +1,4 @@
+"""``kvc verify``: an instance's modules loaded, smoke-tested and unloaded on the real target kernel
+in a throwaway qemu VM. :mod:`.run` plans, executes and reports; :mod:`.kernelfiles` finds the
+kernel; :mod:`.initramfs`, :mod:`.bootimage` and :mod:`.qemu` make and boot the guest;
+:mod:`.guest` is the agent inside it. Nothing else in kvc imports this package except the CLI."""

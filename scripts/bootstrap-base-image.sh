@@ -7,11 +7,12 @@
 #   IMAGE                   image to create (default: localhost/debian:SUITE)
 #   --suite NAME            Debian suite (default: bookworm)
 #   --mirror URL            Debian mirror for debootstrap and the image's sources.list
-#                           (default: http://deb.debian.org/debian). For air-gapped hosts,
-#                           point this at a local mirror or apt proxy.
-#   --security-mirror URL   mirror of debian-security (default: http://deb.debian.org/debian-security
-#                           with the default mirror; with --mirror, SUITE-security is left out
-#                           unless this is given)
+#                           (default: the host's own apt source for SUITE, from
+#                           /etc/apt/sources.list and /etc/apt/sources.list.d/*.{list,sources}).
+#                           For air-gapped hosts, point this at a local mirror or apt proxy.
+#   --security-mirror URL   mirror of debian-security (default: the host's apt source for
+#                           SUITE-security when the mirror came from the host too; with --mirror,
+#                           SUITE-security is left out unless this is given)
 #   --keyring FILE          keyring debootstrap checks the mirror's Release file with
 #   --no-upgrade            do not apply SUITE-updates and SUITE-security to the image
 #   --force                 rebuild even if IMAGE already exists
@@ -34,7 +35,7 @@ usage_error() { printf '%s: error: %s (see --help)\n' "$PROG" "$*" >&2; exit 2; 
 usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0" >&2; }
 
 SUITE=bookworm
-DEFAULT_MIRROR=http://deb.debian.org/debian
+APT_ETC=${APT_ETC:-/etc/apt}  # tests point this at a sources tree of their own
 MIRROR=""
 SECURITY_MIRROR=""
 KEYRING=""
@@ -63,9 +64,53 @@ while [ $# -gt 0 ]; do
 done
 
 [[ $SUITE =~ ^[a-z][a-z0-9-]*$ ]] || usage_error "--suite '$SUITE' is not a Debian suite name"
+# The first enabled `deb` source in the host's apt configuration that serves suite $1 with the
+# main component: one-line entries (`deb [options] URI SUITE COMPONENT...`) and deb822 stanzas.
+apt_source_for() {
+    local files=()
+    [ -f "$APT_ETC/sources.list" ] && files+=("$APT_ETC/sources.list")
+    local file
+    for file in "$APT_ETC"/sources.list.d/*.list "$APT_ETC"/sources.list.d/*.sources; do
+        [ -f "$file" ] && files+=("$file")
+    done
+    [ ${#files[@]} -gt 0 ] || return 0
+    awk -v want="$1" '
+        function serves(suites, components,   n, i, s, m, j, c) {
+            n = split(suites, s, /[ \t]+/); m = split(components, c, /[ \t]+/)
+            for (i = 1; i <= n; i++) if (s[i] == want) for (j = 1; j <= m; j++) if (c[j] == "main") return 1
+            return 0
+        }
+        function stanza_end() {
+            if (types ~ /(^|[ \t])deb([ \t]|$)/ && enabled != "no" && serves(suites, comps) && uris != "") {
+                split(uris, u, /[ \t]+/); print u[1]; found = 1; exit
+            }
+            types = ""; uris = ""; suites = ""; comps = ""; enabled = ""
+        }
+        FNR == 1 { stanza_end() }
+        FILENAME ~ /\.sources$/ {
+            if ($0 ~ /^[ \t]*$/) { stanza_end(); next }
+            if ($0 ~ /^#/) next
+            key = tolower($1); sub(/:$/, "", key); value = $0; sub(/^[^:]*:[ \t]*/, "", value)
+            if (key == "types") types = value; else if (key == "uris") uris = value
+            else if (key == "suites") suites = value; else if (key == "components") comps = value
+            else if (key == "enabled") enabled = tolower(value)
+            next
+        }
+        $1 == "deb" {
+            i = 2
+            if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+            uri = $i; suite = $(i + 1); rest = ""
+            for (j = i + 2; j <= NF; j++) rest = rest " " $j
+            if (serves(suite, rest)) { print uri; found = 1; exit }
+        }
+        END { if (!found) stanza_end() }
+    ' "${files[@]}"
+}
+
 if [ -z "$MIRROR" ]; then
-    MIRROR=$DEFAULT_MIRROR
-    SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+    MIRROR=$(apt_source_for "$SUITE")
+    [ -n "$MIRROR" ] || usage_error "no apt source for '$SUITE' (main) in $APT_ETC/sources.list{,.d}: give --mirror URL"
+    SECURITY_MIRROR=${SECURITY_MIRROR:-$(apt_source_for "$SUITE-security")}
 fi
 for url in "$MIRROR" ${SECURITY_MIRROR:+"$SECURITY_MIRROR"}; do
     [[ $url =~ ^(https?|file|ftp)://[^[:space:]]+$ ]] || usage_error "'$url' is not a mirror URL (http://, https://, ftp:// or file://)"

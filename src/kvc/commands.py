@@ -15,10 +15,11 @@ from typing import Any, Callable, Optional
 
 from kvc import systemd
 from kvc.atomic import write_file
-from kvc.build import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, context_digest, execute_build, image_tag, plan_build
+from kvc.build import context_digest, execute_build, plan_build
 from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.errors import ConfigError, StateError, UsageError
 from kvc.extract import extract, read_manifest
+from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel import Kernel, kernel_from_env
 from kvc.kmod.moddir import ModuleDirectory

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kvc.atomic import fsync_path
-from kvc.build import LABEL_DIGEST, match_modules
 from kvc.config import InstanceConfig
 from kvc.errors import StateError
+from kvc.images import LABEL_DIGEST, match_modules
 from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile, normalize_name
 from kvc.layout import Layout

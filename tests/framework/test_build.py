@@ -17,23 +17,11 @@ from typing import Iterator, Mapping, Optional
 
 import pytest
 
-from kvc.build import (
-    LABEL_DIGEST,
-    BuildPlan,
-    candidate_tag,
-    classify_failure,
-    context_digest,
-    execute_build,
-    image_tag,
-    kernel_tag,
-    plan_build,
-    prebuilt_ref,
-    prune_images,
-    prune_plan,
-)
+from kvc.build import BuildPlan, classify_failure, context_digest, execute_build, plan_build
 from kvc.config import InstanceConfig
 from kvc.errors import BuildError
 from kvc.extract import extract, read_manifest
+from kvc.images import LABEL_DIGEST, candidate_tag, image_tag, kernel_tag, prebuilt_ref, prune_images, prune_plan
 from kvc.kmod.paths import HostPaths
 from kvc.layout import Layout
 from kvc.runtime import ImageInfo, PodmanRuntime

@@ -30,10 +30,10 @@ from typing import Any, Callable, Optional
 
 import kvc
 from kvc.atomic import write_json
-from kvc.build import image_tag
 from kvc.config import InstanceConfig
 from kvc.errors import CommandError, StateError
 from kvc.extract import copy_instance_modules, replace_dir
+from kvc.images import image_tag
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime, ImageFiles

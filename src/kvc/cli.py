@@ -1,21 +1,33 @@
-"""kvc's command line: a thin layer over kvc.kmod and the framework.
+"""kvc's command line: a thin layer over kvc.kmod and the framework, and its one error boundary.
 
-Exit codes: 0 success; 1 failure; 2 usage; 3 configuration; 4 container runtime, build or
-another external program (qemu); 5 modules refused (preflight or kernel); 6 state (not built,
-locked, in use); 7 kernel files not found; 8 smoke test failed; 9 verification guest crashed or
-timed out. ``kvc kmod`` tools exit as kmod's do.
+Every expected failure ends here as one ``kvc: error: ...`` line (with details indented below it
+and a ``kvc: hint: ...`` line), never a traceback. Exit codes (:class:`kvc.errors.ExitCode`):
+0 success; 1 failure; 2 usage; 3 configuration; 4 container runtime, build or another external
+program (systemctl, qemu); 5 modules refused (preflight or kernel); 6 state (not built, not
+installed, locked, in use, not the running kernel, a file kvc did not write); 7 kernel files or
+the fake kernel not found; 8 smoke test failed; 9 verification guest crashed or timed out;
+10 a host file cannot be written or read (permissions, no space, read-only file system);
+130 interrupted. ``kvc kmod`` tools exit as kmod's do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
-from kvc.errors import KvcError
+from kvc.errors import ConfigError, ExitCode, HostFileError, KernelMissingError, KvcError, LoadError, UsageError
 
 PROG = "kvc"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaints reported through the error boundary (one line and a hint)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"see '{self.prog} --help'")
 
 
 def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
@@ -32,7 +44,7 @@ def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Kernel modules via containers.",
         epilog="'kvc kmod TOOL ...' runs the kmod-compatible tools (lsmod, modinfo, insmod, rmmod).",
@@ -61,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="build if needed, unload, load")
     p.add_argument("name")
     _add_kernel(p)
+    p.add_argument("--dry-run", action="store_true", help="print the three plans (build, unload, load), change nothing")
 
     p = sub.add_parser("wrapper", help="run a userspace tool from the instance image")
     p.add_argument("name")
@@ -104,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install", help="install an instance bundle and the systemd unit")
     p.add_argument("bundle", metavar="BUNDLE_DIR")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument(
+        "--shadow",
+        action="store_true",
+        help="install wrapper commands even where they shadow a host command of the same name",
+    )
 
     p = sub.add_parser("uninstall", help="remove an installed instance")
     p.add_argument("name")
@@ -118,7 +136,51 @@ def report(error: KvcError) -> int:
     if error.hint:
         lines.append(f"{PROG}: hint: {error.hint}")
     sys.stderr.write("\n".join(lines) + "\n")
-    return error.exit_code
+    return int(error.exit_code)
+
+
+_ERRNO_HINTS = {
+    errno.EACCES: "run kvc as root, or check the permissions of the path",
+    errno.EPERM: "run kvc as root, or check the permissions of the path",
+    errno.ENOSPC: "free space on that file system, then run the command again",
+    errno.EDQUOT: "free space (the disk quota is used up), then run the command again",
+    errno.EROFS: "the host's file system is read-only: point KVC_ROOT at a writable directory, or make /var writable",
+}
+
+
+def as_kvc_error(exc: BaseException) -> Optional[KvcError]:
+    """The framework's error for an expected failure raised below it: the kernel or kvc.kmod
+    refusing, depmod stopping, the host refusing a file operation. None for anything else (a bug,
+    which keeps its traceback)."""
+    from kvc.kmod.depmod import DepmodError
+    from kvc.kmod.errors import KmodError, ModuleFormatError
+    from kvc.kmod.kernel import KernelError
+
+    if isinstance(exc, KernelError):
+        if exc.errno == errno.ENOSYS:
+            return KernelMissingError(
+                f"no kernel to work with: {exc}",
+                hint="with KVC_KERNEL=fake, create the fake kernel under KVC_ROOT first "
+                "(kvc.kmod.fakekernel.FakeKernel.create), or unset KVC_KERNEL",
+            )
+        return LoadError(f"the kernel refused: {exc}", details="\n".join(exc.log_lines), hint="see 'kvc status'")
+    if isinstance(exc, ModuleFormatError):
+        return LoadError(exc.brief, details=exc.details, hint=exc.hint)
+    if isinstance(exc, KmodError):
+        return KvcError(exc.brief, details=exc.details, hint=exc.hint)
+    if isinstance(exc, DepmodError):
+        return KvcError(f"depmod failed: {exc}", hint="see depmod's messages above")
+    if isinstance(exc, UnicodeDecodeError):
+        return ConfigError(f"a file kvc reads is not UTF-8 text: {exc}", hint="fix or remove the file")
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else "a host file"
+        target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        reason = exc.strerror or str(exc)
+        return HostFileError(
+            f"{where}{target}: {reason}",
+            hint=_ERRNO_HINTS.get(exc.errno or 0, "check the path, then run the command again"),
+        )
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,21 +189,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from kvc.kmod import tools
 
         return tools.main(args[1:])
-    parser = build_parser()
-    options = parser.parse_args(args)
-    if options.command is None:
-        parser.print_help()
-        return 2
-    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
-    import kvc.commands as commands
-
     try:
+        parser = build_parser()
+        options = parser.parse_args(args)
+        if options.command is None:
+            parser.print_help()
+            return int(ExitCode.USAGE)
+        logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
+        import kvc.commands as commands
+
         return commands.dispatch(options)
-    except KvcError as error:
-        return report(error)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
+        return int(ExitCode.INTERRUPTED)
+    except KvcError as error:
+        return report(error)
+    except Exception as exc:
+        mapped = as_kvc_error(exc)
+        if mapped is None:
+            raise
+        return report(mapped)
 
 
 def legacy_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -149,5 +216,13 @@ def legacy_main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return legacy.main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return int(ExitCode.INTERRUPTED)
     except KvcError as error:
         return report(error)
+    except Exception as exc:
+        mapped = as_kvc_error(exc)
+        if mapped is None:
+            raise
+        return report(mapped)

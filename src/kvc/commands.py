@@ -5,26 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Optional
+from typing import AbstractSet, Any, Callable, Optional
 
 from kvc import systemd
-from kvc.atomic import write_file
-from kvc.build import context_digest, execute_build, plan_build
-from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release, check_name
-from kvc.errors import ConfigError, StateError, UsageError
-from kvc.extract import extract, read_manifest
+from kvc.build import ACTION_UP_TO_DATE, context_digest, execute_build, plan_build
+from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release
+from kvc.errors import StateError, UsageError
+from kvc.extract import Manifest, extract, read_manifest
 from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, image_tag
+from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel import Kernel, kernel_from_env
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
-from kvc.loader import LOADED_RECORD, execute_load, execute_unload, plan_load, plan_unload
+from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
 from kvc.lock import instance_lock
 from kvc.runtime import ContainerRuntime, runtime_for
 
@@ -52,6 +50,18 @@ class Context:
 
     def kernel_release(self, requested: Optional[str]) -> str:
         return check_kernel_release(requested) if requested else self.kernel.release()
+
+    def running_kernel(self, instance: InstanceConfig, requested: Optional[str], action: str) -> str:
+        """The running kernel's release; ``--kernel`` may only name it (modules of another kernel
+        must not go into this one)."""
+        running = self.kernel.release()
+        if requested and check_kernel_release(requested) != running:
+            raise StateError(
+                f"cannot {action} {instance.name} for kernel {requested}: the running kernel is {running}",
+                hint=f"'kvc verify {instance.name} --kernel {requested}' tries the modules on {requested} in a VM; "
+                f"'kvc build {instance.name} --kernel {requested}' prepares its image for the next boot",
+            )
+        return running
 
     def moddir(self, kernel_release: str) -> Optional[ModuleDirectory]:
         path = self.layout.host.module_dir(kernel_release)
@@ -84,22 +94,14 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool) -> int:
-    tag = image_tag(instance, kernel)
-    if dry_run and read_manifest(ctx.layout, instance.name, kernel) is None:
-        say(f"extract {instance.name} modules from {tag} into {ctx.layout.kernel_state(instance.name, kernel)}")
-        return 0
-    manifest = (
-        read_manifest(ctx.layout, instance.name, kernel)
-        if dry_run
-        else extract(ctx.layout, instance, kernel, ctx.runtime, tag, force=force)
-    )
-    assert manifest is not None
+def _plan_load(
+    ctx: Context, instance: InstanceConfig, kernel: str, manifest: Manifest, unloaded_first: AbstractSet[str]
+) -> LoadPlan:
     manifest.verify()
     paths = [manifest.path_of(m.name) for m in manifest.modules]
     moddir = ctx.moddir(kernel)
     config = load_config(None, module_dir=moddir.path, paths=ctx.layout.host) if moddir is not None else None
-    plan = plan_load(
+    return plan_load(
         instance.name,
         kernel,
         paths,
@@ -108,33 +110,55 @@ def _load(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool,
         moddir,
         reload_loaded=False,
         modprobe_config=config,
+        unloaded_first=unloaded_first,
     )
-    say(plan.describe())
+
+
+def _dry_load(
+    ctx: Context, instance: InstanceConfig, kernel: str, *, new_image: bool, unloaded_first: AbstractSet[str]
+) -> None:
+    """Print what a load would do; the extraction when there is nothing (current) extracted yet."""
+    manifest = read_manifest(ctx.layout, instance.name, kernel)
+    if manifest is None or new_image:
+        source = "the image the build makes" if new_image else "the image"
+        say(
+            f"extract {instance.name} modules from {image_tag(instance, kernel)} ({source}) into "
+            f"{ctx.layout.kernel_state(instance.name, kernel)}, then load them in dependency order"
+        )
+        return
+    say(_plan_load(ctx, instance, kernel, manifest, unloaded_first).describe())
+
+
+def _load(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool) -> int:
     if dry_run:
+        _dry_load(ctx, instance, kernel, new_image=False, unloaded_first=frozenset())
         return 0
+    manifest = extract(ctx.layout, instance, kernel, ctx.runtime, image_tag(instance, kernel), force=force)
+    plan = _plan_load(ctx, instance, kernel, manifest, frozenset())
+    say(plan.describe())
     loaded = execute_load(plan, ctx.kernel, os.path.join(manifest.directory, LOADED_RECORD))
     say(f"loaded {', '.join(loaded) or 'nothing new'}")
     return 0
 
 
+def _loaded_record(ctx: Context, instance: InstanceConfig, kernel: str) -> str:
+    return os.path.join(ctx.layout.kernel_state(instance.name, kernel), LOADED_RECORD)
+
+
 def _unload(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool) -> int:
-    plan = plan_unload(instance.name, kernel, instance.module_names, ctx.kernel, force=force)
+    record = _loaded_record(ctx, instance, kernel)
+    plan = plan_unload(instance.name, kernel, instance.module_names, ctx.kernel, force=force, record_path=record)
     say(plan.describe())
     if dry_run:
         return 0
-    execute_unload(
-        plan,
-        ctx.kernel,
-        force=force,
-        record_path=os.path.join(ctx.layout.kernel_state(instance.name, kernel), LOADED_RECORD),
-    )
+    execute_unload(plan, ctx.kernel, force=force, record_path=record)
     return 0
 
 
 def _locked_action(ctx: Context, args: argparse.Namespace, action: Callable[..., int]) -> int:
     """Load or unload: a dry run plans without the lock; a real run holds it."""
     instance = ctx.instance(args.name)
-    kernel = ctx.kernel_release(args.kernel)
+    kernel = ctx.running_kernel(instance, args.kernel, args.command)
     if args.dry_run:
         return action(ctx, instance, kernel, dry_run=True, force=args.force)
     with instance_lock(ctx.layout.lock_dir, instance.name):
@@ -151,7 +175,16 @@ def cmd_unload(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_reload(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
-    kernel = ctx.kernel_release(args.kernel)
+    kernel = ctx.running_kernel(instance, args.kernel, "reload")
+    if args.dry_run:
+        build = plan_build(instance, kernel, ctx.runtime)
+        say(build.describe())
+        record = _loaded_record(ctx, instance, kernel)
+        unload = plan_unload(instance.name, kernel, instance.module_names, ctx.kernel, record_path=record)
+        say(unload.describe())
+        new_image = build.action != ACTION_UP_TO_DATE
+        _dry_load(ctx, instance, kernel, new_image=new_image, unloaded_first={*unload.names, *unload.in_tree})
+        return 0
     with instance_lock(ctx.layout.lock_dir, instance.name):
         say(execute_build(plan_build(instance, kernel, ctx.runtime), ctx.runtime))
         _unload(ctx, instance, kernel, dry_run=False, force=False)
@@ -225,10 +258,13 @@ def _verification(ctx: Context, name: str, kernel: str, image_id: Optional[str])
 
 
 def _verification_text(verification: Optional[dict[str, Any]]) -> str:
+    from kvc.verify.run import VerifyStatus
+
     if verification is None:
         return "not verified"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(verification["at"] or 0)))
-    what = "verified" if verification["status"] == "verified" else f"verification {verification['status']}"
+    verified = verification["status"] == VerifyStatus.VERIFIED.value
+    what = "verified" if verified else f"verification {verification['status']}"
     return f"{what} {when}" + ("" if verification["current"] else " (an older image)")
 
 
@@ -269,81 +305,25 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
-    bundle = os.path.abspath(args.bundle)
-    confs = [e for e in sorted(os.listdir(bundle)) if e.endswith(".conf")] if os.path.isdir(bundle) else []
-    if len(confs) != 1:
-        raise ConfigError(f"{bundle}: a bundle directory holds exactly one NAME.conf (found {len(confs)})")
-    name = check_name(confs[0][:-5])
-    target = os.path.join(ctx.layout.conf_dir, "bundles", name)
-    instance = InstanceConfig.load(bundle, name)
-    steps = [f"copy {bundle} to {target}", f"write {ctx.layout.instance_conf(name)}"]
-    library = os.path.join(bundle, f"{name}-lib.sh")
-    lib_target = os.path.join(ctx.layout.host.host("/etc/kvc/lib/kvc"), f"{name}-lib.sh")
-    if os.path.exists(library):
-        steps.append(f"install {lib_target}")
-    tools = [os.path.join(ctx.layout.bin_dir, tool) for tool in instance.wrapper_tools]
-    steps += [f"install wrapper {tool}" for tool in tools]
-    steps.append(f"install {os.path.join(ctx.layout.systemd_dir, systemd.UNIT_NAME)}")
+    plan = plan_install(ctx.layout, args.bundle, shadow=args.shadow)
+    say(plan.describe())
     if args.dry_run:
-        for step in steps:
-            say(step)
         return 0
-    with instance_lock(ctx.layout.lock_dir, name):
-        staging = tempfile.mkdtemp(prefix=f".{name}.new-", dir=_ensure_dir(os.path.dirname(target)))
-        shutil.copytree(bundle, staging, dirs_exist_ok=True, symlinks=True)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.rename(staging, target)
-        with open(os.path.join(bundle, confs[0]), encoding="utf-8") as handle:
-            text = handle.read()
-        lines = [
-            f"KMOD_CONTAINER_BUILD_CONTEXT={target}"
-            if line.startswith("KMOD_CONTAINER_BUILD_CONTEXT=")
-            and not line.split("=", 1)[1].strip("\"'").startswith(("/", "git", "http"))
-            else line
-            for line in text.splitlines()
-        ]
-        write_file(ctx.layout.instance_conf(name), "\n".join(lines) + "\n", 0o644)
-        if os.path.exists(library):
-            with open(library, encoding="utf-8") as handle:
-                write_file(lib_target, handle.read(), 0o644)
-        for tool in tools:
-            write_file(tool, f'#!/bin/sh\nexec kvc wrapper {name} -- {os.path.basename(tool)} "$@"\n', 0o755)
-        systemd.install_unit(ctx.layout)
-    for step in steps:
-        say(f"done: {step}")
-    systemd.enable_instance(name)
+    with instance_lock(ctx.layout.lock_dir, plan.name):
+        execute_install(plan, ctx.layout, say)
+    systemd.Systemctl(ctx.layout).run(plan.systemctl)
     return 0
 
 
-def _ensure_dir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
 def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
-    name = check_name(args.name)
-    instance = ctx.instance(name)
-    paths = [
-        ctx.layout.instance_conf(name),
-        os.path.join(ctx.layout.conf_dir, "bundles", name),
-        os.path.join(ctx.layout.host.host("/etc/kvc/lib/kvc"), f"{name}-lib.sh"),
-        *[os.path.join(ctx.layout.bin_dir, tool) for tool in instance.wrapper_tools],
-        ctx.layout.instance_state(name),
-    ]
-    present = [path for path in paths if os.path.lexists(path)]
+    plan = plan_uninstall(ctx.layout, args.name)
+    say(plan.describe())
     if args.dry_run:
-        for path in present:
-            say(f"remove {path}")
         return 0
-    systemd.disable_instance(name)
-    with instance_lock(ctx.layout.lock_dir, name):
-        for path in present:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-            say(f"removed {path}")
+    # Before the lock: stopping the unit runs its ExecStop, an unload that takes the lock itself.
+    systemd.Systemctl(ctx.layout).run(plan.systemctl)
+    with instance_lock(ctx.layout.lock_dir, plan.name):
+        execute_uninstall(plan, say)
     return 0
 
 

@@ -15,6 +15,12 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_.+:@%=,/~#-]*")
 _IMAGE_REF = re.compile(r"[a-z0-9][A-Za-z0-9._/:@+{}-]*")
 _KERNEL_RELEASE = re.compile(r"[0-9][A-Za-z0-9._+~-]*")
+# A kernel module name: what Linux accepts in MODULE_NAME_LEN (56 bytes with the NUL) and kbuild
+# makes of file names; never a path.
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,54}")
+# A wrapper command becomes a file in /usr/local/bin: a plain command name, never a path.
+_COMMAND_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+_UNSET_HINT = "set it on an earlier line, or write a literal '$' as '\\$' or inside single quotes"
 
 CONF_DIR = "/etc/kvc"
 GLOBAL_CONF = "kmods-via-containers.conf"
@@ -112,6 +118,8 @@ def _parse_value(text: str, known: Mapping[str, str], where: str) -> tuple[str, 
 
 
 def _expand(text: str, pos: int, known: Mapping[str, str], where: str) -> tuple[str, int]:
+    """The value of ``$NAME`` or ``${NAME}`` at ``pos``. A key not set earlier is an error: the
+    shell would expand it to nothing, silently breaking the value (``/sys/module/$m/x``)."""
     if text.startswith("$(", pos):
         raise ConfigError(f"{where}: command substitution is not allowed", hint="write the literal value")
     if text.startswith("${", pos):
@@ -119,11 +127,20 @@ def _expand(text: str, pos: int, known: Mapping[str, str], where: str) -> tuple[
         name = text[pos + 2 : end] if end > 0 else ""
         if not _NAME.fullmatch(name):
             raise ConfigError(f"{where}: only plain ${{NAME}} expansions are supported", hint="write the literal value")
-        return known.get(name, ""), end + 1
-    match = _NAME.match(text, pos + 1)
-    if not match:
-        return "$", pos + 1
-    return known.get(match.group(0), ""), match.end()
+        after = end + 1
+    else:
+        match = _NAME.match(text, pos + 1)
+        if not match:
+            following = text[pos + 1 : pos + 2]
+            if following and (following.isdigit() or following in "?#@*!$-"):
+                raise ConfigError(
+                    f"{where}: ${following} is not a key of the file", hint="expand only keys set on earlier lines"
+                )
+            return "$", pos + 1
+        name, after = match.group(0), match.end()
+    if name not in known:
+        raise ConfigError(f"{where}: ${name} is not set (the shell would make it empty)", hint=_UNSET_HINT)
+    return known[name], after
 
 
 def read_conf(path: str, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
@@ -145,6 +162,27 @@ def check_word(value: str, what: str, source: str, pattern: re.Pattern[str] = _S
             hint="use letters, digits and . _ - + : @ % = , / ~ # (and no leading '-')",
         )
     return value
+
+
+def check_module_name(name: str, source: str) -> str:
+    """``name`` if it is a kernel module name (letters, digits, ``_`` and ``-``): it becomes file
+    names, image labels and ``/sys/module`` paths."""
+    if not _MODULE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{source}: module name {name!r} in KMOD_NAMES is not a kernel module name",
+            hint="list module names as modinfo shows them: letters, digits, '_' and '-', at most 55 characters",
+        )
+    return name
+
+
+def check_command_name(name: str, source: str) -> str:
+    """``name`` if it is a plain command name (no path): wrappers are installed under it."""
+    if not _COMMAND_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{source}: wrapper tool {name!r} in KVC_WRAPPER_TOOLS is not a plain command name",
+            hint="name the tool as it is called on PATH: letters, digits and . _ + - (no '/', no leading '.' or '-')",
+        )
+    return name
 
 
 def check_name(name: str, source: str = "instance name") -> str:
@@ -233,10 +271,15 @@ class InstanceConfig:
                 context = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), context))
         build_file = values.get("KMOD_CONTAINER_BUILD_FILE", "") or "Containerfile"
         check_word(build_file, "KMOD_CONTAINER_BUILD_FILE", path)
+        if not os.path.isabs(build_file) and os.path.normpath(build_file).split(os.sep)[0] == "..":
+            raise ConfigError(
+                f"{path}: KMOD_CONTAINER_BUILD_FILE {build_file!r} points outside the build context",
+                hint="name a file in the build context (relative to it), or give an absolute path",
+            )
         version = check_word(required("KMOD_SOFTWARE_VERSION"), "KMOD_SOFTWARE_VERSION", path)
         modules = tuple(required("KMOD_NAMES").split())
         for module in modules:
-            check_word(module, "module name in KMOD_NAMES", path)
+            check_module_name(module, path)
         params = {}
         prefix = "KVC_MODULE_PARAMS_"
         for key, value in values.items():
@@ -250,7 +293,7 @@ class InstanceConfig:
                 params[module] = value
         tools = tuple(values.get("KVC_WRAPPER_TOOLS", "").split())
         for tool in tools:
-            check_word(tool, "wrapper tool", path)
+            check_command_name(tool, path)
         build_args = []
         for item in values.get("KVC_BUILD_ARGS", "").split():
             key, sep, value = item.partition("=")

@@ -1,15 +1,34 @@
-"""The framework's errors. Each carries a one-line brief, optional details (e.g. a log tail) and a
-hint saying what to do; its class fixes the process exit status (documented in README.md)."""
+"""The framework's errors and exit codes. Each error carries a one-line brief, optional details
+(e.g. a log tail) and a hint saying what to do; its class fixes the process exit status, from the
+one :class:`ExitCode` table (documented in README.md and in ``kvc --help``'s module docstring)."""
 
 from __future__ import annotations
 
+import enum
 from typing import Sequence
+
+
+class ExitCode(enum.IntEnum):
+    """What every framework command (and ``kvc verify``'s report) exits with."""
+
+    SUCCESS = 0
+    FAILURE = 1  # anything else that went wrong
+    USAGE = 2  # unknown command, flag or argument
+    CONFIG = 3  # a conf file is missing or malformed, or names something it must not
+    EXTERNAL = 4  # container runtime, build, systemctl, qemu: failed or missing
+    REFUSED = 5  # modules refused (preflight or kernel), or not unloadable
+    STATE = 6  # not built, not installed, locked, in use, another kernel
+    KERNEL_MISSING = 7  # the kernel (its files, or the fake kernel) cannot be found
+    SMOKE_FAILED = 8
+    GUEST_FAILED = 9  # the verification guest crashed, timed out, or kvc's guest side failed
+    HOST_FILES = 10  # a host file cannot be written or read: permissions, no space, read-only
+    INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 class KvcError(Exception):
     """Base of every error the framework raises on purpose."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILURE
 
     def __init__(self, brief: str, *, details: str = "", hint: str = "") -> None:
         super().__init__(brief)
@@ -19,19 +38,19 @@ class KvcError(Exception):
 
 
 class UsageError(KvcError):
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(KvcError):
     """An instance or global configuration file is missing or malformed."""
 
-    exit_code = 3
+    exit_code = ExitCode.CONFIG
 
 
 class CommandError(KvcError):
     """An external program (podman, docker, buildah, systemctl, qemu) failed."""
 
-    exit_code = 4
+    exit_code = ExitCode.EXTERNAL
 
     def __init__(self, argv: Sequence[str], returncode: int, output_tail: str, *, hint: str = "") -> None:
         program = argv[0] if argv else "?"
@@ -44,7 +63,7 @@ class CommandError(KvcError):
 class MissingProgramError(KvcError):
     """A program kvc needs is not installed (or not usable)."""
 
-    exit_code = 4
+    exit_code = ExitCode.EXTERNAL
 
 
 class CommandTimeout(CommandError):
@@ -54,34 +73,40 @@ class CommandTimeout(CommandError):
 class BuildError(KvcError):
     """A module image could not be built, or was built without the modules it must contain."""
 
-    exit_code = 4
+    exit_code = ExitCode.EXTERNAL
 
 
 class LoadError(KvcError):
     """Modules were refused by preflight or by the kernel; nothing this run loaded stays loaded."""
 
-    exit_code = 5
+    exit_code = ExitCode.REFUSED
 
 
 class StateError(KvcError):
     """The instance is not in a state the action needs (not built, not extracted, locked, held)."""
 
-    exit_code = 6
+    exit_code = ExitCode.STATE
 
 
 class KernelMissingError(KvcError):
     """The files of the kernel to verify against (vmlinuz and its module tree) cannot be found."""
 
-    exit_code = 7
+    exit_code = ExitCode.KERNEL_MISSING
 
 
 class SmokeTestError(KvcError):
     """The modules loaded, but the instance's smoke test failed."""
 
-    exit_code = 8
+    exit_code = ExitCode.SMOKE_FAILED
 
 
 class GuestError(KvcError):
     """The verification VM crashed or did not finish in time."""
 
-    exit_code = 9
+    exit_code = ExitCode.GUEST_FAILED
+
+
+class HostFileError(KvcError):
+    """The host refused a file operation (permissions, no space, read-only file system)."""
+
+    exit_code = ExitCode.HOST_FILES

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from kvc.errors import ConfigError
 from kvc.kmod.paths import HostPaths
 
 # The original framework's library directories; later entries are sourced later and win.
@@ -15,6 +16,16 @@ ETC_LIBRARY_DIR = "/etc/kvc/lib/kvc"
 
 
 CACHE_ENV = "KVC_CACHE_DIR"
+INSTALL_MANIFEST = "install.json"
+
+
+def _component(value: str, what: str) -> str:
+    """``value`` if it is one path component: names from confs and the command line become paths
+    below kvc's directories and must not leave them (callers check names first; this is the
+    backstop)."""
+    if not value or value in (".", "..") or "/" in value or "\0" in value:
+        raise ConfigError(f"{what} {value!r} cannot name a file", hint="use letters, digits and . _ -")
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,18 +48,33 @@ class Layout:
         return self.host.host("/etc/kvc")
 
     def instance_conf(self, name: str) -> str:
-        return os.path.join(self.conf_dir, f"{name}.conf")
+        return os.path.join(self.conf_dir, f"{_component(name, 'instance name')}.conf")
+
+    def bundle_dir(self, name: str) -> str:
+        """Where ``kvc install`` copies an instance's bundle (its build context)."""
+        return os.path.join(self.conf_dir, "bundles", _component(name, "instance name"))
+
+    def etc_library(self, name: str) -> str:
+        """Where ``kvc install`` puts a bundle's ``NAME-lib.sh``."""
+        return os.path.join(self.host.host(ETC_LIBRARY_DIR), f"{_component(name, 'instance name')}-lib.sh")
+
+    def wrapper(self, tool: str) -> str:
+        return os.path.join(self.bin_dir, _component(tool, "wrapper tool"))
 
     @property
     def state_dir(self) -> str:
         return self.host.host("/var/lib/kvc")
 
     def instance_state(self, name: str) -> str:
-        return os.path.join(self.state_dir, name)
+        return os.path.join(self.state_dir, _component(name, "instance name"))
+
+    def install_manifest(self, name: str) -> str:
+        """What ``kvc install`` wrote for the instance (``kvc uninstall`` removes only that)."""
+        return os.path.join(self.instance_state(name), INSTALL_MANIFEST)
 
     def kernel_state(self, name: str, kernel_release: str) -> str:
         """Extracted modules of one instance for one kernel: ``/var/lib/kvc/NAME/KVER``."""
-        return os.path.join(self.state_dir, name, kernel_release)
+        return os.path.join(self.instance_state(name), _component(kernel_release, "kernel release"))
 
     def verify_dir(self, name: str, kernel_release: str) -> str:
         """What ``kvc verify`` keeps of a failed (or ``--keep-artifacts``) run."""

@@ -11,9 +11,10 @@ run loaded is unloaded again; a softdep the kernel refuses is skipped, as modpro
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import AbstractSet, Mapping, Optional, Sequence
 
 from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
@@ -26,18 +27,25 @@ from kvc.kmod.module import ModuleFile, normalize_name
 LOADED_RECORD = "loaded.json"
 
 
+class Origin(str, enum.Enum):
+    """Where a module to load comes from. A str, so the guest's JSON result carries the value."""
+
+    IN_TREE = "in-tree"
+    INSTANCE = "instance"
+
+
 @dataclass(frozen=True)
 class LoadStep:
     name: str
     path: str
     params: str
-    origin: str  # "in-tree" or "instance"
+    origin: Origin
     required: bool = True  # False for softdeps: a refusal is skipped, as modprobe does
 
     def describe(self) -> str:
         params = f" {self.params}" if self.params else ""
         softdep = ", softdep" if not self.required else ""
-        return f"insmod {self.path}{params}  ({self.origin}{softdep})"
+        return f"insmod {self.path}{params}  ({self.origin.value}{softdep})"
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,16 @@ class UnloadPlan:
     kernel_release: str
     names: tuple[str, ...]
     not_loaded: tuple[str, ...] = ()
+    # In-tree modules this instance's loads pulled in (its loaded record) that are loaded now: each
+    # is removed after the instance's modules once nothing uses it any more.
+    in_tree: tuple[str, ...] = ()
 
     def describe(self) -> str:
         lines = [f"unload {self.instance} for {self.kernel_release}:"]
         lines += [f"  rmmod {name}" for name in self.names]
+        lines += [f"  rmmod {name}  (in-tree, pulled in by {self.instance}; only once unused)" for name in self.in_tree]
         lines += [f"  skip {name} (not loaded)" for name in self.not_loaded]
-        if not self.names:
+        if not self.names and not self.in_tree:
             lines.append("  nothing to unload")
         return "\n".join(lines)
 
@@ -96,12 +108,14 @@ def plan_load(
     reload_loaded: bool = False,
     preflight: bool = True,
     modprobe_config: Optional[ModprobeConfig] = None,
+    unloaded_first: AbstractSet[str] = frozenset(),
 ) -> LoadPlan:
     """Preflight and plan. ``module_paths`` are the instance's extracted module files in
     KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string. Without
     ``preflight`` what it finds wrong is left for the kernel to refuse (verification wants the
     real kernel's verdict). ``modprobe_config`` is the host's modprobe configuration for the
-    in-tree modules (None: only the module directory's own modules.softdep)."""
+    in-tree modules (None: only the module directory's own modules.softdep). ``unloaded_first``
+    names loaded modules an unload runs before this plan (a reload's dry run)."""
     candidates: dict[str, _Candidate] = {}
     problems: list[str] = []
     for path in module_paths:
@@ -112,7 +126,7 @@ def plan_load(
         candidates[module.name] = _Candidate(module.name, path, module)
     provided_by_instance = {sym.name: name for name, cand in candidates.items() for sym in cand.module.exported_symbols}
     kernel_symbols = kernel.exported_symbols()
-    loaded = {entry.name for entry in kernel.loaded_modules()}
+    loaded = {entry.name for entry in kernel.loaded_modules()} - set(unloaded_first)
     in_tree: dict[str, list[str]] = {}
     missing: dict[str, list[str]] = {}
     for name, cand in candidates.items():
@@ -167,7 +181,7 @@ def plan_load(
         if name in loaded and not reload_loaded:
             skipped.append(name)
             continue
-        steps.append(LoadStep(name, candidates[name].path, params.get(name, ""), "instance"))
+        steps.append(LoadStep(name, candidates[name].path, params.get(name, ""), Origin.INSTANCE))
     return LoadPlan(instance, kernel_release, tuple(steps), tuple(skipped))
 
 
@@ -192,25 +206,30 @@ def _in_tree_steps(moddir: Optional[ModuleDirectory], config: Optional[ModprobeC
                 hint=f"kvc does not run install commands: load it with 'modprobe {item.name}' "
                 "first, or remove the install line",
             )
-        steps.append(LoadStep(item.name, item.path, item.options.strip(), "in-tree", item.required))
+        steps.append(LoadStep(item.name, item.path, item.options.strip(), Origin.IN_TREE, item.required))
     return steps
+
+
+class _Visit(enum.Enum):
+    ACTIVE = enum.auto()
+    DONE = enum.auto()
 
 
 def _dependency_order(candidates: Mapping[str, _Candidate]) -> list[str]:
     """Providers before users; otherwise the instance's own order (KMOD_NAMES)."""
     order: list[str] = []
-    state: dict[str, str] = {}
+    state: dict[str, _Visit] = {}
 
     def visit(name: str, trail: list[str]) -> None:
-        if state.get(name) == "done":
+        if state.get(name) is _Visit.DONE:
             return
-        if state.get(name) == "active":
+        if state.get(name) is _Visit.ACTIVE:
             cycle = " -> ".join([*trail[trail.index(name) :], name])
             raise LoadError(f"dependency cycle between the instance's modules: {cycle}")
-        state[name] = "active"
+        state[name] = _Visit.ACTIVE
         for dep in candidates[name].imports:
             visit(dep, [*trail, name])
-        state[name] = "done"
+        state[name] = _Visit.DONE
         order.append(name)
 
     for name in candidates:
@@ -251,7 +270,7 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
 def _record_loaded(path: str, plan: LoadPlan, done: Sequence[LoadStep]) -> None:
     """Remember which in-tree modules this instance pulled in, so unload can drop them again."""
     previous = read_loaded_record(path)
-    in_tree = [s.name for s in done if s.origin == "in-tree"]
+    in_tree = [s.name for s in done if s.origin is Origin.IN_TREE]
     record = {
         "schema": 1,
         "kernel": plan.kernel_release,
@@ -271,9 +290,16 @@ def read_loaded_record(path: str) -> dict[str, list[str]]:
 
 
 def plan_unload(
-    instance: str, kernel_release: str, module_names: Sequence[str], kernel: Kernel, *, force: bool = False
+    instance: str,
+    kernel_release: str,
+    module_names: Sequence[str],
+    kernel: Kernel,
+    *,
+    force: bool = False,
+    record_path: Optional[str] = None,
 ) -> UnloadPlan:
-    """Unload in reverse dependency order; refuse modules held by modules outside the instance."""
+    """Unload in reverse dependency order; refuse modules held by modules outside the instance.
+    ``record_path`` is the instance's loaded record: its in-tree modules go too once unused."""
     loaded = {entry.name: entry for entry in kernel.loaded_modules()}
     ours = [normalize_name(name) for name in module_names]
     present = [name for name in ours if name in loaded]
@@ -300,7 +326,9 @@ def plan_unload(
                 details="\n".join(held),
                 hint="unload the users first, or pass --force",
             )
-    return UnloadPlan(instance, kernel_release, tuple(order), absent)
+    pulled_in = read_loaded_record(record_path).get("in_tree", []) if record_path is not None else []
+    in_tree = tuple(name for name in reversed(pulled_in) if name in loaded and name not in ours)
+    return UnloadPlan(instance, kernel_release, tuple(order), absent, in_tree)
 
 
 def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path: Optional[str]) -> None:
@@ -311,10 +339,9 @@ def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path
         except KernelError as exc:
             failures.append(f"{name}: {exc}")
     if record_path is not None:
-        record = read_loaded_record(record_path)
         loaded = {entry.name: entry for entry in kernel.loaded_modules()}
         still_needed = []
-        for name in reversed(record.get("in_tree", [])):
+        for name in plan.in_tree:
             entry = loaded.get(name)
             if entry is None:
                 continue

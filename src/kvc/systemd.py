@@ -9,10 +9,12 @@ saying what to run on the host.
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
+from dataclasses import dataclass
 from importlib import resources
-from typing import Optional, TextIO
+from typing import Optional, Sequence, TextIO
 
 from kvc import proc
 from kvc.atomic import write_file
@@ -35,18 +37,21 @@ def unit_path(layout: Layout) -> str:
     return os.path.join(layout.systemd_dir, UNIT_NAME)
 
 
+def unit_is_current(layout: Layout) -> bool:
+    """Whether the installed template unit is kvc's, with its mode."""
+    try:
+        with open(unit_path(layout), encoding="utf-8") as handle:
+            return handle.read() == unit_text() and (os.fstat(handle.fileno()).st_mode & 0o7777) == UNIT_MODE
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def install_unit(layout: Layout) -> str:
     """Install the template unit into ``layout.systemd_dir`` (rewritten only when it differs);
     its path."""
     path = unit_path(layout)
-    text = unit_text()
-    try:
-        with open(path, encoding="utf-8") as handle:
-            unchanged = handle.read() == text and (os.fstat(handle.fileno()).st_mode & 0o7777) == UNIT_MODE
-    except (OSError, UnicodeDecodeError):
-        unchanged = False
-    if not unchanged:
-        write_file(path, text, UNIT_MODE)
+    if not unit_is_current(layout):
+        write_file(path, unit_text(), UNIT_MODE)
     return path
 
 
@@ -61,6 +66,49 @@ def instance_unit(name: str) -> str:
     return UNIT_NAME.replace("@", f"@{name}")
 
 
+class UnitAction(enum.Enum):
+    """What kvc asks systemctl to do; the value is the command's arguments before the unit."""
+
+    DAEMON_RELOAD = ("daemon-reload",)
+    ENABLE = ("enable",)
+    # Stopping runs the unit's ExecStop, which unloads the instance's modules.
+    DISABLE_NOW = ("disable", "--now")
+
+
+@dataclass(frozen=True)
+class SystemctlCall:
+    """One planned ``systemctl`` call."""
+
+    action: UnitAction
+    unit: str = ""
+
+    @property
+    def args(self) -> list[str]:
+        return [*self.action.value, *([self.unit] if self.unit else [])]
+
+    @property
+    def hint(self) -> str:
+        if self.action is UnitAction.DISABLE_NOW:
+            return f"stopping {self.unit} runs its ExecStop (unload); see 'journalctl -u {self.unit}'"
+        if self.unit:
+            return f"see 'systemctl status {self.unit}' and 'journalctl -u {self.unit}'"
+        return ""
+
+    def describe(self) -> str:
+        note = "  (stops the unit: its ExecStop unloads the modules)" if self.action is UnitAction.DISABLE_NOW else ""
+        return "systemctl " + " ".join(self.args) + note
+
+
+def enable_calls(name: str) -> tuple[SystemctlCall, ...]:
+    """daemon-reload, then enable ``kmods-via-containers@NAME.service`` (it starts at next boot)."""
+    return SystemctlCall(UnitAction.DAEMON_RELOAD), SystemctlCall(UnitAction.ENABLE, instance_unit(name))
+
+
+def disable_calls(name: str) -> tuple[SystemctlCall, ...]:
+    """Stop (which unloads) and disable ``kmods-via-containers@NAME.service``."""
+    return (SystemctlCall(UnitAction.DISABLE_NOW, instance_unit(name)),)
+
+
 class Systemctl:
     """``systemctl`` for kvc's unit, through kvc.proc. Every call is skipped, with a message on
     ``out`` giving the command to run on the host, unless systemd is running here and the layout
@@ -73,61 +121,25 @@ class Systemctl:
         self.run_dir = run_dir
         self.out = out
 
+    def skip_reason(self) -> str:
+        """Why systemctl calls are skipped here, or "" when they run."""
+        if self.layout.host.root not in ("", "/"):
+            return "kvc is managing a root other than /"
+        if not os.path.isdir(self.run_dir):
+            return "systemd is not running here"
+        return ""
+
     def available(self) -> bool:
-        return self.layout.host.root in ("", "/") and os.path.isdir(self.run_dir)
+        return not self.skip_reason()
 
-    def skip(self, *commands: list[str]) -> None:
-        """Say that ``systemctl COMMAND`` was not run, and why."""
-        reason = (
-            "kvc is managing a root other than /"
-            if self.layout.host.root not in ("", "/")
-            else "systemd is not running here"
-        )
-        wanted = " && ".join("systemctl " + " ".join(args) for args in commands)
-        (self.out or sys.stdout).write(f"{reason}: skipped '{wanted}'; run it on the host\n")
-
-    def _run(self, args: list[str], hint: str = "") -> bool:
-        if not self.available():
-            self.skip(args)
+    def run(self, calls: Sequence[SystemctlCall]) -> bool:
+        """Run ``calls`` in order (a failure raises :class:`~kvc.errors.CommandError`); when
+        systemctl cannot run here, say so once for all of them. False when skipped."""
+        reason = self.skip_reason()
+        if reason:
+            wanted = " && ".join("systemctl " + " ".join(call.args) for call in calls)
+            (self.out or sys.stdout).write(f"{reason}: skipped '{wanted}'; run it on the host\n")
             return False
-        proc.run(["systemctl", *args], hint=hint)
+        for call in calls:
+            proc.run(["systemctl", *call.args], hint=call.hint)
         return True
-
-    def daemon_reload(self) -> bool:
-        return self._run(["daemon-reload"])
-
-    def enable(self, name: str, *, now: bool = False) -> bool:
-        unit = instance_unit(name)
-        return self._run(
-            ["enable", *(["--now"] if now else []), unit],
-            hint=f"see 'systemctl status {unit}' and 'journalctl -u {unit}'",
-        )
-
-    def disable(self, name: str, *, now: bool = True) -> bool:
-        unit = instance_unit(name)
-        return self._run(
-            ["disable", *(["--now"] if now else []), unit],
-            hint=f"stopping {unit} runs its ExecStop (unload); see 'journalctl -u {unit}'",
-        )
-
-
-def systemd_running(layout: Optional[Layout] = None) -> bool:
-    return Systemctl(layout).available()
-
-
-def enable_instance(name: str, layout: Optional[Layout] = None) -> bool:
-    """daemon-reload, then enable ``kmods-via-containers@NAME.service`` (it starts at next boot);
-    False when skipped."""
-    systemctl = Systemctl(layout)
-    unit = instance_unit(name)
-    if not systemctl.available():
-        systemctl.skip(["daemon-reload"], ["enable", unit])
-        return False
-    systemctl.daemon_reload()
-    return systemctl.enable(name)
-
-
-def disable_instance(name: str, layout: Optional[Layout] = None) -> bool:
-    """Stop (which unloads) and disable ``kmods-via-containers@NAME.service``; False when skipped.
-    A failure raises :class:`~kvc.errors.CommandError`."""
-    return Systemctl(layout).disable(name, now=True)

@@ -10,11 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from kvc import systemd
 from kvc.errors import CommandError, ConfigError
 from kvc.kmod.paths import HostPaths
 from kvc.layout import Layout
-from kvc.systemd import UNIT_NAME, Systemctl, install_unit, instance_unit, unit_text
+from kvc.systemd import (
+    UNIT_NAME,
+    Systemctl,
+    UnitAction,
+    disable_calls,
+    enable_calls,
+    install_unit,
+    instance_unit,
+    unit_text,
+)
 from support import fakeprog
 
 INSTANCE = "kmods-via-containers@simple-kmod.service"
@@ -184,17 +192,22 @@ def test_systemctl_runs_when_systemd_is_running(tmp_path: Path, systemctl_log: P
     booted = tmp_path / "run-systemd-system"
     booted.mkdir()
     systemctl = Systemctl(Layout(HostPaths("/")), run_dir=str(booted))
-    assert systemctl.available()
-    assert systemctl.daemon_reload()
-    assert systemctl.enable("simple-kmod")
-    assert systemctl.enable("simple-kmod", now=True)
-    assert systemctl.disable("simple-kmod")
-    assert fakeprog.calls(systemctl_log) == [
-        ["daemon-reload"],
-        ["enable", INSTANCE],
-        ["enable", "--now", INSTANCE],
-        ["disable", "--now", INSTANCE],
+    assert systemctl.available() and systemctl.skip_reason() == ""
+    assert systemctl.run(enable_calls("simple-kmod"))
+    assert systemctl.run(disable_calls("simple-kmod"))
+    assert fakeprog.calls(systemctl_log) == [["daemon-reload"], ["enable", INSTANCE], ["disable", "--now", INSTANCE]]
+
+
+def test_planned_calls_say_what_they_do() -> None:
+    assert [call.describe() for call in enable_calls("simple-kmod")] == [
+        "systemctl daemon-reload",
+        f"systemctl enable {INSTANCE}",
     ]
+    (disable,) = disable_calls("simple-kmod")
+    assert disable.action is UnitAction.DISABLE_NOW
+    assert (
+        disable.describe() == f"systemctl disable --now {INSTANCE}  (stops the unit: its ExecStop unloads the modules)"
+    )
 
 
 def test_a_failing_systemctl_raises_with_a_hint(tmp_path: Path, systemctl_log: Path) -> None:
@@ -202,7 +215,7 @@ def test_a_failing_systemctl_raises_with_a_hint(tmp_path: Path, systemctl_log: P
     booted.mkdir()
     fakeprog.install(tmp_path / "bin", "systemctl", systemctl_log, default_code=1)
     with pytest.raises(CommandError) as failed:
-        Systemctl(Layout(HostPaths("/")), run_dir=str(booted)).disable("simple-kmod")
+        Systemctl(Layout(HostPaths("/")), run_dir=str(booted)).run(disable_calls("simple-kmod"))
     assert failed.value.argv == ["systemctl", "disable", "--now", INSTANCE]
     assert "journalctl -u " + INSTANCE in failed.value.hint
 
@@ -212,22 +225,23 @@ def test_systemctl_is_skipped_with_a_message_without_systemd(
 ) -> None:
     systemctl = Systemctl(Layout(HostPaths("/")), run_dir=str(tmp_path / "absent"))
     assert not systemctl.available()
-    assert not systemctl.enable("simple-kmod")
+    assert not systemctl.run(enable_calls("simple-kmod"))
     assert capsys.readouterr().out == (
-        f"systemd is not running here: skipped 'systemctl enable {INSTANCE}'; run it on the host\n"
+        "systemd is not running here: skipped 'systemctl daemon-reload && "
+        f"systemctl enable {INSTANCE}'; run it on the host\n"
     )
     assert fakeprog.calls(systemctl_log) == []
 
 
 def test_systemctl_is_skipped_under_kvc_root(
-    tmp_path: Path, systemctl_log: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, systemctl_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     booted = tmp_path / "run-systemd-system"
     booted.mkdir()
-    assert not Systemctl(Layout(HostPaths(str(tmp_path))), run_dir=str(booted)).available()
-    monkeypatch.setenv("KVC_ROOT", str(tmp_path))
-    assert not systemd.enable_instance("simple-kmod")
-    assert not systemd.disable_instance("simple-kmod")
+    systemctl = Systemctl(Layout(HostPaths(str(tmp_path))), run_dir=str(booted))
+    assert systemctl.skip_reason() == "kvc is managing a root other than /"
+    assert not systemctl.run(enable_calls("simple-kmod"))
+    assert not systemctl.run(disable_calls("simple-kmod"))
     assert capsys.readouterr().out.splitlines() == [
         f"kvc is managing a root other than /: skipped 'systemctl daemon-reload && systemctl enable {INSTANCE}'; "
         "run it on the host",

@@ -8,9 +8,10 @@ guest mounts the host's root read-only over 9p and runs this very installation o
 (:mod:`kvc.verify.guest`), which loads the modules with kvc's loader and the live kernel, runs the
 smoke test in the image, unloads and writes ``result.json``; the host turns it into the report.
 
-Outcomes and exit codes: 0 verified; 5 a module refused by the kernel (or not unloadable);
-6 the image is not built; 7 the kernel's files cannot be found; 8 the smoke test failed; 9 the
-guest kernel crashed, the guest timed out, or kvc's guest init or agent failed. A failed run (or
+Outcomes (:class:`VerifyStatus`) and exit codes (:class:`kvc.errors.ExitCode`): 0 verified; 5 a
+module refused by the kernel (or not unloadable); 6 the image is not built; 7 the kernel's files
+cannot be found; 8 the smoke test failed; 9 the guest kernel crashed, the guest timed out, or kvc's
+guest init or agent failed. A failed run (or
 any run with ``--keep-artifacts``) is kept in ``/var/lib/kvc/NAME/verify/KVER/`` (console log, job,
 result, initramfs, modules).
 """
@@ -18,6 +19,7 @@ result, initramfs, modules).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import re
@@ -31,7 +33,7 @@ from typing import Any, Callable, Optional
 import kvc
 from kvc.atomic import write_json
 from kvc.config import InstanceConfig
-from kvc.errors import CommandError, StateError
+from kvc.errors import CommandError, ExitCode, StateError
 from kvc.extract import copy_instance_modules, replace_dir
 from kvc.images import image_tag
 from kvc.kmod.moddir import ModuleDirectory
@@ -50,14 +52,46 @@ GUEST_MODULES = "/kvc/kernel-modules"
 GUEST_IMAGE = "/kvc/image"
 TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
-EXIT_CODES = {
-    "verified": 0,
-    "load-refused": 5,
-    "unload-failed": 5,
-    "smoke-failed": 8,
-    "crashed": 9,
-    "timed-out": 9,
-    "guest-failed": 9,
+
+class VerifyStatus(enum.Enum):
+    """A verification's outcome; the value is what the JSON report and the record say."""
+
+    VERIFIED = "verified"
+    LOAD_REFUSED = "load-refused"
+    UNLOAD_FAILED = "unload-failed"
+    SMOKE_FAILED = "smoke-failed"
+    CRASHED = "crashed"
+    TIMED_OUT = "timed-out"
+    GUEST_FAILED = "guest-failed"
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return _STATUS_EXIT[self]
+
+    @property
+    def summary(self) -> str:
+        """The report's last line, for people."""
+        return _STATUS_SUMMARY[self]
+
+
+_STATUS_EXIT = {
+    VerifyStatus.VERIFIED: ExitCode.SUCCESS,
+    VerifyStatus.LOAD_REFUSED: ExitCode.REFUSED,
+    VerifyStatus.UNLOAD_FAILED: ExitCode.REFUSED,
+    VerifyStatus.SMOKE_FAILED: ExitCode.SMOKE_FAILED,
+    VerifyStatus.CRASHED: ExitCode.GUEST_FAILED,
+    VerifyStatus.TIMED_OUT: ExitCode.GUEST_FAILED,
+    VerifyStatus.GUEST_FAILED: ExitCode.GUEST_FAILED,
+}
+_STATUS_VALUES = frozenset(status.value for status in VerifyStatus)
+_STATUS_SUMMARY = {
+    VerifyStatus.VERIFIED: "VERIFIED",
+    VerifyStatus.LOAD_REFUSED: "FAILED: the kernel refused a module",
+    VerifyStatus.UNLOAD_FAILED: "FAILED: a module did not unload",
+    VerifyStatus.SMOKE_FAILED: "FAILED: the smoke test failed",
+    VerifyStatus.CRASHED: "FAILED: the guest kernel crashed",
+    VerifyStatus.TIMED_OUT: "FAILED: the guest timed out",
+    VerifyStatus.GUEST_FAILED: "FAILED: kvc's guest setup or agent failed (see its lines above)",
 }
 GUEST_FAILURE = re.compile(r"^kvc-guest: (FAILED: .*|agent exited with status [1-9].*)$", re.MULTILINE)
 _CRASH_LINE = re.compile(
@@ -116,12 +150,12 @@ def plan_verify(
 
 @dataclass(frozen=True)
 class VerifyReport:
-    status: str
+    status: VerifyStatus
     data: dict[str, Any]
 
     @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.status]
+    def exit_code(self) -> ExitCode:
+        return self.status.exit_code
 
 
 def _copy_tools(files: ImageFiles, plan: VerifyPlan, destination: str) -> None:
@@ -155,16 +189,16 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def _status_of(result: dict[str, Any]) -> str:
+def _status_of(result: dict[str, Any]) -> VerifyStatus:
     modules = result.get("modules", [])
     if result.get("plan_error") or not all(m.get("loaded") or not m.get("required", True) for m in modules):
-        return "load-refused"
+        return VerifyStatus.LOAD_REFUSED
     smoke = result.get("smoke")
     if smoke is not None and (smoke.get("timed_out") or smoke.get("exit_code") != 0):
-        return "smoke-failed"
+        return VerifyStatus.SMOKE_FAILED
     if not all(u.get("removed") for u in result.get("unload", [])):
-        return "unload-failed"
-    return "verified"
+        return VerifyStatus.UNLOAD_FAILED
+    return VerifyStatus.VERIFIED
 
 
 def execute_verify(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout) -> VerifyReport:
@@ -177,7 +211,7 @@ def execute_verify(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout) 
     keep = plan.options.keep_artifacts
     try:
         report = _run_in_vm(plan, runtime, layout, work, started)
-        keep = keep or report.status != "verified"
+        keep = keep or report.status is not VerifyStatus.VERIFIED
     except BaseException:
         keep = True
         raise
@@ -193,7 +227,7 @@ def execute_verify(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout) 
         layout.verify_record(plan.instance.name, plan.kernel.release),
         {
             "schema": REPORT_SCHEMA,
-            "status": report.status,
+            "status": report.status.value,
             "image_id": plan.image_id,
             "at": time.time(),
             "timings": report.data["timings"],
@@ -210,7 +244,7 @@ def read_verify_record(layout: Layout, name: str, kernel_release: str) -> Option
             data = json.load(handle)
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or data.get("status") not in EXIT_CODES:
+    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or data.get("status") not in _STATUS_VALUES:
         return None
     return data
 
@@ -312,17 +346,17 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         during = next((line for line in reversed(progress) if line.strip()), "boot")
         failure = GUEST_FAILURE.search(console)
         if run.timed_out:
-            status = "timed-out"
+            status = VerifyStatus.TIMED_OUT
         elif failure is not None and not _CRASH_LINE.search(console):
             # The kernel is fine; kvc's guest init or agent is not (its own lines say what).
-            status = "guest-failed"
+            status = VerifyStatus.GUEST_FAILED
         else:
-            status = "crashed"
-        lines = console.splitlines()[-24:] if status == "guest-failed" else _crash_lines(console)
+            status = VerifyStatus.CRASHED
+        lines = console.splitlines()[-24:] if status is VerifyStatus.GUEST_FAILED else _crash_lines(console)
         data["crash"] = {"during": during, "lines": [line.rstrip() for line in lines]}
     timings["total_seconds"] = round(time.monotonic() - started, 2)
     data["timings"] = timings
-    data["status"] = status
+    data["status"] = status.value
     return VerifyReport(status, data)
 
 
@@ -376,24 +410,14 @@ def format_report(report: VerifyReport) -> str:
         lines += _log_lines(entry.get("log"))
     crash = data.get("crash")
     if crash is not None:
-        what = {"timed-out": "timed out", "guest-failed": "failed"}.get(report.status, "crashed")
+        what = {VerifyStatus.TIMED_OUT: "timed out", VerifyStatus.GUEST_FAILED: "failed"}.get(report.status, "crashed")
         lines.append(f"  the guest {what} during: {crash['during']}")
         lines += [f"    {line}" for line in crash["lines"]]
     timings = data["timings"]
     boot = timings.get("boot_seconds")
     boot_text = f"boot {boot:.1f} s, " if isinstance(boot, (int, float)) else ""
-    summary = {
-        "verified": "VERIFIED",
-        "load-refused": "FAILED: the kernel refused a module",
-        "unload-failed": "FAILED: a module did not unload",
-        "smoke-failed": "FAILED: the smoke test failed",
-        "crashed": "FAILED: the guest kernel crashed",
-        "timed-out": "FAILED: the guest timed out",
-        "guest-failed": "FAILED: kvc's guest setup or agent failed (see its lines above)",
-    }
     lines.append(
-        f"{summary[report.status]} ({boot_text}VM {timings['vm_seconds']:.1f} s, "
-        f"total {timings['total_seconds']:.1f} s)"
+        f"{report.status.summary} ({boot_text}VM {timings['vm_seconds']:.1f} s, total {timings['total_seconds']:.1f} s)"
     )
     if data.get("artifacts"):
         lines.append(f"  console log and artifacts kept in {data['artifacts']}")

@@ -5,7 +5,8 @@
 #
 #   1. System packages (apt-get): Python with venv and headers, gcc and make, Debian's kmod
 #      (the reference the kmod tools are compared with), the kernel headers of the current
-#      Debian 6.1 ABI (linux-headers-amd64), util-linux, ca-certificates, xz-utils, zstd and
+#      Debian 6.1 ABI (linux-headers-amd64), pahole (dwarves: newer headers such as bookworm's 6.12
+#      run it for BTF while building any module), util-linux, ca-certificates, xz-utils, zstd and
 #      systemd (for systemd-analyze), qemu-system-x86 and busybox-static (kvc verify's VM).
 #      apt-get update runs first, every time (about a second when nothing changed).
 #   2. A virtualenv .venv in the repository made by Debian's /usr/bin/python3, with kvc
@@ -68,10 +69,14 @@ flock -w 1200 9 || die "another setup has held $lock for 20 minutes"
 # ---- 1. system packages -------------------------------------------------------------------
 # Groups of Debian packages; later parts of kvc add their own group here.
 BASE_PACKAGES=(python3 python3-venv python3-dev gcc make kmod util-linux ca-certificates xz-utils zstd strace)
-KERNEL_PACKAGES=(linux-headers-amd64)  # the headers of the current 6.1 ABI: Module.symvers, kbuild
+# kmod's modinfo reads signatures with libssl3's libcrypto: brought to the mirror's current version,
+# the one kvc's signature reader and its tests follow (they name it).
+ORACLE_PACKAGES=(libssl3 openssl)
+KERNEL_PACKAGES=(linux-headers-amd64 dwarves)  # the current 6.1 ABI's headers (Module.symvers, kbuild);
+# pahole (dwarves): newer headers (bookworm's 6.12) run it while building any module (BTF flags)
 SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
 VM_PACKAGES=(qemu-system-x86 busybox-static)  # kvc verify boots the target kernel under qemu
-PACKAGES=("${BASE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}")
+PACKAGES=("${BASE_PACKAGES[@]}" "${ORACLE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}")
 
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -q -o DPkg::Lock::Timeout=300)

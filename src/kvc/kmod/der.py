@@ -6,8 +6,7 @@ with the ASN.1 templates of ``pk7_asn1.c``, ``x_name.c``, ``x_algor.c``, ``x_att
 ``x_x509.c`` and ``x_crl.c``. That decoder is BER, not DER: indefinite lengths, constructed
 strings and non-minimal lengths are accepted; it also has quirks of its own (``SET OF`` headers
 need not be constructed, at most 30 nested items, pieces of a constructed string at most 5 levels
-deep, a header with a long-form length needs one byte after it, names must convert to UTF-8,
-the top-level header must fit in 8 bytes). This module
+deep, names must convert to UTF-8, a header read from the input must fit in 10 bytes). This module
 mirrors those rules, and the templates, so the same bytes are accepted or rejected.
 
 Every read is bounds-checked against the enclosing element; malformed input raises
@@ -37,7 +36,10 @@ _LONG_MAX = 2**63 - 1
 _UINT32_MAX = 2**32 - 1
 _MAX_CONSTRUCTED_NEST = 30  # ASN1_MAX_CONSTRUCTED_NEST
 _MAX_STRING_NEST = 5  # ASN1_MAX_STRING_NEST
-_HEADER_SIZE = 8  # asn1_d2i_read_bio reads headers 8 bytes at a time
+# asn1_d2i_read_bio reads a header's bytes this many at a time: 10 (2 + sizeof(long)) in OpenSSL
+# 3.0.22 as Debian ships it (3.0.22-1~deb12u2); 3.0.19 read 8 (and wanted a byte after a long-form
+# length), so a top-level length in 6 to 8 bytes was rejected there and is accepted now.
+_HEADER_SIZE = 10
 _NAME_MAX = 1024 * 1024  # X509_NAME_MAX
 
 # ASN1_tag2bit: which multi-string masks accept a universal tag (tags above 30 map to 0).
@@ -261,7 +263,7 @@ def get_object(data: bytes, pos: int, omax: int) -> Tuple[Header, bool]:
         length = 0
     elif byte & 0x80:
         count = byte & 0x7F
-        if left < count + 1:
+        if left < count:
             raise DerError("truncated length", pos)
         while count > 0 and data[p] == 0:
             p += 1
@@ -282,7 +284,7 @@ def get_object(data: bytes, pos: int, omax: int) -> Tuple[Header, bool]:
 
 def read_bio_extent(data: bytes) -> int:
     """How many bytes ``asn1_d2i_read_bio`` buffers for the first element of ``data``: headers
-    are parsed from at most 8 buffered bytes, indefinite lengths are followed to their EOC, and
+    are parsed from at most ``_HEADER_SIZE`` buffered bytes, indefinite lengths are followed to their EOC, and
     content must be fully present. Trailing bytes after the element are never read."""
     size = len(data)
     buffered = off = eos = 0

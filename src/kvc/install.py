@@ -130,6 +130,13 @@ def read_manifest(layout: Layout, name: str) -> Optional[Manifest]:
             f"{path}: the install manifest is unreadable ({exc})",
             hint="kvc removes only files its manifest lists; remove the instance's files by hand",
         ) from None
+    places = (layout.conf_dir, layout.bin_dir)
+    strays = [entry.path for entry in entries if not any(_below(os.path.normpath(entry.path), p) for p in places)]
+    if strays:
+        raise StateError(
+            f"{path}: the install manifest lists {strays[0]}, outside kvc's places ({', '.join(places)})",
+            hint="kvc install never writes there, so the manifest was altered: remove the instance's files by hand",
+        )
     return Manifest(name, entries)
 
 
@@ -242,8 +249,6 @@ def _installed_conf(text: str, conf: str, instance: InstanceConfig, bundle: str,
     relative = os.path.relpath(os.path.realpath(context), os.path.realpath(bundle))
     if relative == ".." or relative.startswith(".." + os.sep):
         values = parse_assignments(text, conf)
-        if os.path.isabs(values.get(_CONTEXT_KEY, "")):
-            return text  # an absolute context on this host, named by whoever installs the bundle
         raise ConfigError(
             f"{conf}: {_CONTEXT_KEY} {values.get(_CONTEXT_KEY, '')!r} points outside the bundle",
             hint="a bundle's relative build context must be inside the bundle",
@@ -262,6 +267,20 @@ def _installed_conf(text: str, conf: str, instance: InstanceConfig, bundle: str,
             hint=f"write {_CONTEXT_KEY} on one line of its own",
         )
     return result
+
+
+def _refuse_host_paths(conf: str) -> None:
+    """A bundle builds from what it carries: an absolute build context or build file would send
+    any host directory (``/etc``, ``/root``) into a build the bundle's Containerfile controls."""
+    with open(conf, encoding="utf-8") as handle:
+        values = parse_assignments(handle.read(), conf)
+    for key in (_CONTEXT_KEY, "KMOD_CONTAINER_BUILD_FILE"):
+        if os.path.isabs(values.get(key, "")):
+            raise ConfigError(
+                f"{conf}: {key} {values[key]!r} is a host path; a bundle's build inputs are inside the bundle",
+                hint=f"make {key} relative to the bundle (or a git/tarball URL for the context); an absolute "
+                "path belongs in a conf written on the host itself",
+            )
 
 
 def _shadowed(layout: Layout, tool: str, path_env: str) -> Optional[str]:
@@ -312,6 +331,7 @@ def plan_install(
     if kind_of(conf) is not Kind.FILE:
         raise ConfigError(f"{conf}: not a regular file", hint="the bundle's conf must be a file, not a link")
     instance = InstanceConfig.load(bundle, name)
+    _refuse_host_paths(conf)
     previous = read_manifest(layout, name)
     target = layout.bundle_dir(name)
     copy = _bundle_entries(bundle, target)

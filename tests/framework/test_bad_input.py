@@ -7,6 +7,7 @@ removed anywhere). Then what install and uninstall must never do to files that a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -291,6 +292,20 @@ CASES: list[tuple[str, Setup, tuple[str, ...], ExitCode, str]] = [
         E.CONFIG,
         "outside the bundle",
     ),
+    (
+        "bundle context on the host",
+        _bundle_conf(BUNDLE_CONF + "KMOD_CONTAINER_BUILD_CONTEXT=/etc\n"),
+        ("install", "{bundle}"),
+        E.CONFIG,
+        "KMOD_CONTAINER_BUILD_CONTEXT '/etc' is a host path",
+    ),
+    (
+        "bundle build file on the host",
+        _bundle_conf(BUNDLE_CONF + "KMOD_CONTAINER_BUILD_FILE=/etc/kvc/bundles/demo/Containerfile\n"),
+        ("install", "{bundle}"),
+        E.CONFIG,
+        "KMOD_CONTAINER_BUILD_FILE '/etc/kvc/bundles/demo/Containerfile' is a host path",
+    ),
     ("bundle with two confs", _second_conf, ("install", "{bundle}"), E.CONFIG, "exactly one NAME.conf (found 2)"),
     ("bundle missing", _nothing, ("install", "{tmp}/nosuch"), E.CONFIG, "not a bundle directory"),
     (
@@ -427,6 +442,22 @@ def test_uninstall_removes_only_what_install_wrote(world: World) -> None:
     assert not manifest.exists()
     assert not (world.root / "etc" / "kvc" / "bundles" / "demo" / "Containerfile").exists()
     assert f"kept {wrapper}: changed since kvc installed it" in result.stdout
+
+
+def test_uninstall_refuses_a_manifest_that_lists_a_path_outside_kvcs_places(world: World) -> None:
+    installed = world.kvc("install", str(world.bundle))
+    assert installed.returncode == 0, installed.stderr
+    precious = world.root / "etc" / "precious"
+    precious.write_text("not kvc's\n")
+    manifest = world.root / "var" / "lib" / "kvc" / "demo" / "install.json"
+    data = json.loads(manifest.read_text())
+    digest = hashlib.sha256(precious.read_bytes()).hexdigest()
+    data["entries"].append({"path": str(precious), "kind": "file", "sha256": [digest]})
+    manifest.write_text(json.dumps(data))
+    before = snapshot(world.root)
+    result = world.kvc("uninstall", "demo")
+    assert_one_clear_error(result, E.STATE, f"the install manifest lists {precious}, outside kvc's places")
+    assert snapshot(world.root) == before
 
 
 def test_install_dry_run_lists_every_file_and_systemctl_call_and_a_reinstall_replaces_its_own(world: World) -> None:

@@ -30,13 +30,13 @@ from kvc.config import InstanceConfig
 from kvc.errors import BuildError, CommandError
 from kvc.images import (
     LABEL_DIGEST,
-    LABEL_NAME,
     candidate_tag,
     image_labels,
     image_tag,
     match_modules,
     prebuilt_ref,
     prune_images,
+    remove_if_untagged,
 )
 from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile, is_module_filename, name_from_path, normalize_name
@@ -188,8 +188,9 @@ class BuildPlan:
             lines.append(f"  {shlex.join(self.command)}")
         lines.append(f"  {verify}")
         lines.append(
-            f"  prune images labelled {LABEL_NAME}={self.instance.name} to the newest "
-            f"{self.instance.keep_kernels} kernel(s)"
+            f"  remove the image {self.tag} named before if nothing else names it; prune kvc's tags of "
+            f"{self.instance.name} to the newest {self.instance.keep_kernels} kernel(s) (an image with "
+            "other names is only untagged)"
         )
         return "\n".join(lines)
 
@@ -453,12 +454,15 @@ def execute_build(
     plan: BuildPlan,
     runtime: ContainerRuntime,
     *,
-    stream: bool = False,
+    stream: Optional[bool] = None,
     pull: Optional[str] = None,
     no_cache: bool = False,
 ) -> str:
     """Carry out a plan and return a one-line summary. The tag moves only onto a verified image;
-    a build or verification failure raises BuildError and leaves no candidate behind."""
+    a build or verification failure raises BuildError and leaves no candidate behind. The image
+    the tag named before goes when nothing else names it (a rebuild with every step cached gives
+    the same image, which stays). ``stream``: the build output on stderr as it runs (None: when
+    kvc runs with -v)."""
     if plan.action == ACTION_UP_TO_DATE:
         return f"{plan.tag} is up to date"
     instance = plan.instance
@@ -494,10 +498,13 @@ def execute_build(
     except BaseException:
         _remove_quietly(runtime, candidate)
         raise
+    previous = runtime.inspect(plan.tag)
     runtime.tag(candidate, plan.tag)
     runtime.remove(candidate)
+    replaced = previous is not None and remove_if_untagged(runtime, previous.id)
     pruned = prune_images(runtime, instance, keep_tag=plan.tag)
     verb = "pulled" if plan.action == ACTION_PULL else "built"
     modules = ", ".join(module.name for module in found)
-    suffix = f"; removed {len(pruned)} old image(s)" if pruned else ""
+    removed = len(pruned) + (1 if replaced else 0)
+    suffix = f"; removed {removed} old image(s)" if removed else ""
     return f"{verb} {plan.tag} ({modules} verified for {plan.kernel_release}){suffix}"

@@ -1,20 +1,28 @@
 """An instance's images: their names, their labels, where their modules lie, and pruning.
 
 Image naming follows KVC: ``NAME-VERSION:KVER`` with the label ``name=NAME``, so images of the
-original framework and kvc's are found alike. Characters a tag cannot hold (``+`` in Debian
-backport kernels such as ``6.12.9+bpo-amd64``) become ``_`` in the tag and the repository is
-lowercased; the ``kvc.kernel`` label keeps the exact release.
+original framework and kvc's are found alike. Versions and kernel releases are mapped to what an
+image reference can hold (:func:`repository_name`, :func:`kernel_tag`: ``0.0+git20231103`` gives
+``NAME-0.0_git20231103``, ``1.2~rc1`` gives ``NAME-1.2-rc1``, ``6.12.9+bpo-amd64`` the tag
+``6.12.9_bpo-amd64``); the labels ``kvc.version`` and ``kvc.kernel`` keep the exact strings.
 
 Prebuilt images (``KVC_IMAGE``): the reference for a kernel is ``KVC_IMAGE`` with ``{kver}``
 replaced by the kernel release when it contains ``{kver}``; else, when it already has a tag,
 ``-KVER`` appended to that tag (``reg/x:1.0`` -> ``reg/x:1.0-6.1.0-56-amd64``); else ``:KVER``
 appended (``reg/x`` -> ``reg/x:6.1.0-56-amd64``); a digest reference (``@sha256:...``) is used as
 is.
+
+Pruning removes kvc's own tags only (see :func:`prune_plan`): an untagged image is never removed
+for carrying kvc's labels (podman gives ``--label`` to the build stages of a multi-stage build
+too, and those images are the build cache), and an image someone else also tagged is only
+untagged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from kvc.config import InstanceConfig
@@ -30,20 +38,58 @@ LABEL_DIGEST = "kvc.digest"
 CANDIDATE_SUFFIX = "-kvc-candidate"
 
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+_REPOSITORY_BAD = re.compile(r"[^a-z0-9_.-]")
+_SEPARATORS = re.compile(r"[_.-]+")
+_SEPARATORS_ALLOWED = re.compile(r"\.|_|__|-+")
 _MAX_TAG = 128
+# A whole name may have 255 characters; podman puts "localhost/" before a local one.
+_MAX_REPOSITORY = 255 - len("localhost/")
+_HASH_DIGITS = 8
 
 
 # ---- names --------------------------------------------------------------------------------------------
 
 
+def _common_characters(text: str) -> str:
+    """``+`` -> ``_`` and ``~`` -> ``-``: Debian's and DKMS's version characters (``0.0+git20231103``,
+    ``1.2~rc1``), mapped the same in tags and repositories."""
+    return text.replace("+", "_").replace("~", "-")
+
+
 def kernel_tag(kernel_release: str, suffix: str = "") -> str:
-    """The tag for a kernel release: characters a tag cannot hold become '_' (at most 128 chars)."""
-    tag = _TAG_BAD.sub("_", kernel_release)
+    """A valid tag for a kernel release (then ``suffix``): ``+`` -> ``_``, ``~`` -> ``-``, any other
+    character but letters, digits, ``_ . -`` -> ``_``; a leading ``.`` or ``-`` (a tag begins with a
+    letter, digit or ``_``) -> ``_``; cut to 128 characters, suffix included. Case is kept."""
+    tag = _TAG_BAD.sub("_", _common_characters(kernel_release))
+    if tag[:1] in (".", "-"):
+        tag = "_" + tag[1:]
     return tag[: _MAX_TAG - len(suffix)] + suffix
 
 
+def _separator_run(match: re.Match[str]) -> str:
+    run = match.group(0)
+    return run if _SEPARATORS_ALLOWED.fullmatch(run) else "-"
+
+
+def repository_name(name: str, version: str) -> str:
+    """``NAME-VERSION`` as a valid repository name (one path component of an image reference):
+    lowercased; ``+`` -> ``_``, ``~`` -> ``-``, any other character but ``a-z 0-9 _ . -`` -> ``_``;
+    a run of separators the reference grammar forbids (anything but one ``.``, one or two ``_``,
+    or dashes, e.g. ``_.`` or ``___``) -> ``-``; separators at either end dropped. A result longer
+    than 245 characters (255 for a whole name, less podman's ``localhost/``) is cut to 236 and
+    ``-`` plus the first 8 hex digits of the sha256 of ``NAME-VERSION`` appended, so that long
+    versions stay apart."""
+    original = f"{name}-{version}"
+    mapped = _REPOSITORY_BAD.sub("_", _common_characters(original.lower()))
+    repository = _SEPARATORS.sub(_separator_run, mapped).strip("_.-")
+    if len(repository) > _MAX_REPOSITORY:
+        digest = hashlib.sha256(original.encode()).hexdigest()[:_HASH_DIGITS]
+        repository = repository[: _MAX_REPOSITORY - _HASH_DIGITS - 1].rstrip("_.-") + "-" + digest
+    return repository
+
+
 def image_repository(instance: InstanceConfig) -> str:
-    return instance.image_repository.lower()
+    return repository_name(instance.name, instance.software_version)
 
 
 def image_tag(instance: InstanceConfig, kernel_release: str) -> str:
@@ -116,21 +162,43 @@ def _is_candidate(name: str) -> bool:
     return name.endswith(CANDIDATE_SUFFIX)
 
 
-def _ours(instance: InstanceConfig, name: str) -> bool:
-    return normalize_ref(name).split(":", 1)[0].startswith(f"{instance.name.lower()}-")
+def kvc_names(info: ImageInfo, instance: InstanceConfig) -> tuple[str, ...]:
+    """The names of ``info`` that kvc gave it for ``instance``: ``NAME-VERSION:KVER`` or its
+    candidate, KVER the image's ``kvc.kernel`` label and VERSION its ``kvc.version`` label (an
+    earlier version's image) or the instance's version (a pulled image keeps the labels it was
+    built with). Registry names and names other people gave the image are not kvc's."""
+    kernel = image_kernel(info)
+    if info.labels.get(LABEL_NAME) != instance.name or not kernel:
+        return ()
+    versions = {instance.software_version, info.labels.get(LABEL_VERSION, instance.software_version)}
+    repositories = {repository_name(instance.name, version) for version in versions}
+    tags = (kernel_tag(kernel), kernel_tag(kernel, CANDIDATE_SUFFIX))
+    given = {f"{repository}:{tag}" for repository in repositories for tag in tags}
+    return tuple(name for name in info.names if normalize_ref(name) in given)
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    """kvc's names to take off one image: the image goes with them unless ``untag_only`` (it has
+    other names, which keep it)."""
+
+    image: ImageInfo
+    names: tuple[str, ...]
+    untag_only: bool
 
 
 def prune_plan(
     images: Sequence[ImageInfo], instance: InstanceConfig, *, keep_tag: Optional[str] = None
-) -> tuple[list[ImageInfo], list[ImageInfo]]:
-    """(keep, remove) among the instance's images. Only images kvc built are considered (label
-    name=NAME *and* a kvc.kernel label; KVC-library images are left alone). The image named
-    ``keep_tag`` stays, and its kernel counts first; then the newest image (by creation time) of
-    each of the newest ``keep_kernels`` kernels stays. Older images of a kept kernel (earlier
-    versions), images of older kernels, stale candidates and dangling images go."""
-    ours = [info for info in images if info.labels.get(LABEL_NAME) == instance.name and image_kernel(info)]
+) -> tuple[list[ImageInfo], list[PruneStep]]:
+    """(kept images, steps) among ``images``. Only images with a name kvc gave them
+    (:func:`kvc_names`) count; untagged images and images with other names only are left alone.
+    The image named ``keep_tag`` stays, and its kernel counts first; then the newest image (by
+    creation time) of each of the newest ``keep_kernels`` kernels stays. kvc's names come off
+    older images of a kept kernel (earlier versions), images of older kernels and stale
+    candidates; an image that has other names too is only untagged."""
+    ours = [info for info in images if kvc_names(info, instance)]
     keep: list[ImageInfo] = []
-    remove: list[ImageInfo] = []
+    steps: list[PruneStep] = []
     kernels: list[str] = []
     current = [info for info in ours if keep_tag is not None and info.has_name(keep_tag)]
     for info in current:
@@ -140,28 +208,43 @@ def prune_plan(
     for info in sorted(ours, key=lambda i: (i.created_epoch, i.id), reverse=True):
         if info in current:
             continue
-        tagged = [name for name in info.names if not _is_candidate(name)]
+        names = kvc_names(info, instance)
         kernel = image_kernel(info)
+        tagged = [name for name in names if not _is_candidate(name)]
         if tagged and kernel not in kernels and len(kernels) < instance.keep_kernels:
             kernels.append(kernel)
             keep.append(info)
         else:
-            remove.append(info)
-    return keep, remove
+            steps.append(PruneStep(info, names, untag_only=len(names) < len(info.names)))
+    return keep, steps
 
 
 def prune_images(runtime: ContainerRuntime, instance: InstanceConfig, *, keep_tag: Optional[str] = None) -> list[str]:
-    """Remove what :func:`prune_plan` says goes; returns the names (or ids) removed. Only the
-    instance's own tags are removed from an image (another tag keeps it alive), and an image in
-    use by a container stays (the failure is ignored)."""
-    _keep, remove = prune_plan(runtime.list_images(f"{LABEL_NAME}={instance.name}"), instance, keep_tag=keep_tag)
+    """Carry out :func:`prune_plan`; returns kvc's names taken off. A name that cannot be removed
+    (the image is in use by a container) stays, and the failure is ignored."""
+    _keep, steps = prune_plan(runtime.list_images(f"{LABEL_NAME}={instance.name}"), instance, keep_tag=keep_tag)
     removed: list[str] = []
-    for info in remove:
-        refs = [name for name in info.names if _ours(instance, name)] if info.names else [info.id]
-        for ref in refs:
+    for step in steps:
+        for name in step.names:
             try:
-                runtime.remove(ref, missing_ok=True)
+                if step.untag_only:
+                    runtime.untag(step.image.id, name)
+                else:
+                    runtime.remove(name, missing_ok=True)
             except CommandError:
                 continue
-            removed.append(ref)
+            removed.append(name)
     return removed
+
+
+def remove_if_untagged(runtime: ContainerRuntime, image_id: str) -> bool:
+    """Remove the image ``image_id`` if it has no names left (kvc moved its tag to a new build);
+    whether it was removed. An image with a name, or in use by a container, stays."""
+    info = runtime.inspect(image_id)
+    if info is None or info.names:
+        return False
+    try:
+        runtime.remove(image_id, missing_ok=True)
+    except CommandError:
+        return False
+    return True

@@ -29,11 +29,9 @@ import abc
 import contextlib
 import errno
 import json
-import logging
 import os
 import posixpath
 import re
-import shlex
 import shutil
 import stat
 import sys
@@ -45,8 +43,6 @@ from typing import Iterator, Mapping, NamedTuple, Optional, Sequence, Tuple, Uni
 from kvc import proc
 from kvc.config import GlobalConfig
 from kvc.errors import BuildError, CommandError
-
-log = logging.getLogger("kvc.runtime")
 
 PULL_POLICIES = ("always", "missing", "never", "newer")
 
@@ -197,17 +193,18 @@ def hint_for(program: str, output: str) -> str:
 
 
 class BuildCommandError(CommandError):
-    """A failed image build; ``output`` holds everything it printed (when it was captured)."""
+    """A failed image build; ``output`` holds everything it printed. Its tail is the error's
+    details unless the output was ``shown`` as it ran (it is on the screen already)."""
 
-    def __init__(self, argv: Sequence[str], returncode: int, output: str, *, hint: str = "") -> None:
-        super().__init__(argv, returncode, proc.tail(output, 40), hint=hint)
+    def __init__(self, argv: Sequence[str], returncode: int, output: str, *, shown: bool, hint: str = "") -> None:
+        super().__init__(argv, returncode, "" if shown else proc.tail(output, 40), hint=hint)
         self.output = output
 
 
 def _failure(result: proc.Completed, hint: str) -> CommandError:
     """The error for a failed call made with ``check=False`` (logged once, like proc.run does)."""
     output = result.stdout + result.stderr
-    log.error("command failed (status %d): %s", result.returncode, shlex.join(result.argv))
+    proc.log_failure(result.argv, result.returncode)
     return CommandError(
         result.argv, result.returncode, proc.tail(output), hint=hint_for(result.argv[0], output) or hint
     )
@@ -420,12 +417,12 @@ class ContainerRuntime(abc.ABC):
         *,
         pull: Optional[str] = None,
         no_cache: bool = False,
-        stream: bool = False,
+        stream: Optional[bool] = None,
     ) -> None:
         """Build ``context`` (a directory, or a git/tarball URL) with ``build_file`` into ``tag``.
         ``pull`` is a base-image policy (always, missing, never, newer; None: the runtime's default).
-        Output is captured and its tail reported on failure (a BuildCommandError carrying all of
-        it), or with ``stream`` shown live (the error then has no output)."""
+        Output is captured, and a failure raises a BuildCommandError carrying all of it; with
+        ``stream`` it is also shown on stderr as it arrives (None: when kvc runs with -v)."""
 
     @abc.abstractmethod
     def build_argv(
@@ -456,6 +453,10 @@ class ContainerRuntime(abc.ABC):
     @abc.abstractmethod
     def remove(self, ref: str, *, force: bool = False, missing_ok: bool = False) -> None:
         """Remove a tag (the image goes with its last tag) or an image by id."""
+
+    @abc.abstractmethod
+    def untag(self, image: str, name: str) -> None:
+        """Take the name ``name`` off ``image`` (an id or a name); the image itself stays."""
 
     @abc.abstractmethod
     def tag(self, source: str, target: str) -> None: ...
@@ -569,15 +570,20 @@ class CliRuntime(ContainerRuntime):
         *,
         pull: Optional[str] = None,
         no_cache: bool = False,
-        stream: bool = False,
+        stream: Optional[bool] = None,
     ) -> None:
         argv = self.build_argv(context, build_file, tag, build_args, labels, pull=pull, no_cache=no_cache)
-        result = proc.run(argv, check=False, capture=not stream)
+        shown = proc.verbose() if stream is None else stream
+        result = proc.run(argv, check=False, echo=shown)
         if result.returncode != 0:
             output = result.stdout + result.stderr
-            log.error("command failed (status %d): %s", result.returncode, shlex.join(result.argv))
+            proc.log_failure(result.argv, result.returncode)
             raise BuildCommandError(
-                argv, result.returncode, output, hint=hint_for(argv[0], output) or "see the build output above"
+                argv,
+                result.returncode,
+                output,
+                shown=shown,
+                hint=hint_for(argv[0], output) or "see the build output above",
             )
 
     # -- images
@@ -619,6 +625,9 @@ class CliRuntime(ContainerRuntime):
         if result.returncode == 0 or (missing_ok and _is_not_found(result.stdout + result.stderr)):
             return
         raise _failure(result, "removing the image failed")
+
+    def untag(self, image: str, name: str) -> None:
+        self.call("untag", image, name)
 
     def tag(self, source: str, target: str) -> None:
         self.call("tag", source, target)
@@ -736,6 +745,10 @@ class DockerRuntime(CliRuntime):
 
     def __init__(self, program: str = "docker", global_args: Sequence[str] = ()) -> None:
         super().__init__(program, global_args)
+
+    def untag(self, image: str, name: str) -> None:
+        # docker has no untag; its rmi of one name of several only untags (callers keep another name).
+        self.call("rmi", name)
 
     def _pull_args(self, pull: Optional[str]) -> list[str]:
         # docker build knows only "always pull" (--pull); its default is to pull what is missing.

@@ -5,11 +5,15 @@ modules is built, verified, extracted, found up to date, and refused for the wro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import lzma
 import os
+import re
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,10 +25,22 @@ from kvc.build import BuildPlan, classify_failure, context_digest, execute_build
 from kvc.config import InstanceConfig
 from kvc.errors import BuildError
 from kvc.extract import extract, read_manifest
-from kvc.images import LABEL_DIGEST, candidate_tag, image_tag, kernel_tag, prebuilt_ref, prune_images, prune_plan
+from kvc.images import (
+    LABEL_DIGEST,
+    LABEL_VERSION,
+    candidate_tag,
+    image_labels,
+    image_tag,
+    kernel_tag,
+    kvc_names,
+    prebuilt_ref,
+    prune_images,
+    prune_plan,
+    repository_name,
+)
 from kvc.kmod.paths import HostPaths
 from kvc.layout import Layout
-from kvc.runtime import ImageInfo, PodmanRuntime
+from kvc.runtime import ImageInfo, PodmanRuntime, same_image_name
 from support import fakeprog
 from support.debian_kernel import DebianKernel
 from support.fakeruntime import KVER, FakeRuntime, fake, inspect_entry, module_bytes
@@ -68,6 +84,64 @@ def test_image_names_follow_kvc() -> None:
     upper = InstanceConfig("Demo", "s", "/c", "Containerfile", "V1", ("m",))
     assert image_tag(upper, "6.12.9+bpo-amd64") == "demo-v1:6.12.9_bpo-amd64"
     assert len(kernel_tag("9" * 200, "-kvc-candidate")) == 128
+
+
+# The reference grammar of the distribution spec (what podman and docker parse), written out
+# here independently of kvc's mapping: path components joined by "/", a tag of 1-128 characters.
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+REFERENCE = re.compile(rf"(?P<name>{_COMPONENT}(?:/{_COMPONENT})*):(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})")
+
+VERSIONS = [
+    ("0.0+git20231103", "demo-0.0_git20231103"),
+    ("1.2~rc1", "demo-1.2-rc1"),
+    ("2.0~rc1+dfsg-3", "demo-2.0-rc1_dfsg-3"),
+    ("V1", "demo-v1"),
+    ("1.0+", "demo-1.0"),
+    ("1.0+.1", "demo-1.0-1"),
+    ("1..2___3", "demo-1-2-3"),
+    ("_1", "demo-1"),
+    ("a/b:c@d%e=f,g#h", "demo-a_b_c_d_e_f_g_h"),
+]
+KERNELS = [
+    ("6.1.0-57-amd64", "6.1.0-57-amd64"),
+    ("6.12.0+rpt-rpi-v8", "6.12.0_rpt-rpi-v8"),
+    ("6.12.9+bpo-amd64", "6.12.9_bpo-amd64"),
+    ("5.15.0-1034-raspi", "5.15.0-1034-raspi"),
+    ("6.8.0~rc3", "6.8.0-rc3"),
+    ("5.14.0-427.13.1.el9_4.x86_64", "5.14.0-427.13.1.el9_4.x86_64"),
+]
+
+
+@pytest.mark.parametrize(("version", "repository"), VERSIONS)
+@pytest.mark.parametrize(("kernel", "tag"), KERNELS)
+def test_any_version_and_kernel_give_a_valid_reference(version: str, repository: str, kernel: str, tag: str) -> None:
+    config = InstanceConfig("demo", "s", "/c", "Containerfile", version, ("m",))
+    for ref, wanted_tag in ((image_tag(config, kernel), tag), (candidate_tag(config, kernel), tag + "-kvc-candidate")):
+        match = REFERENCE.fullmatch(ref)
+        assert match, ref
+        assert (match["name"], match["tag"]) == (repository, wanted_tag)
+        assert len("localhost/" + match["name"]) <= 255
+    assert image_labels(config, kernel, "d")[LABEL_VERSION] == version
+
+
+def test_long_versions_stay_valid_and_apart() -> None:
+    long_a, long_b = "1." + "9" * 300 + "a", "1." + "9" * 300 + "b"
+    first, second = repository_name("demo", long_a), repository_name("demo", long_b)
+    assert first != second
+    for name in (first, second):
+        assert len(name) == 245 and REFERENCE.fullmatch(f"{name}:1")
+    assert repository_name("demo", long_a) == first
+    assert REFERENCE.fullmatch(f"{repository_name('demo', '1.' + '_.' * 200)}:1")
+
+
+def test_the_build_command_carries_the_mapped_tag_and_the_exact_version(tmp_path: Path, fake: FakeRuntime) -> None:
+    fake.install([NOT_KNOWN])
+    plan = plan_build(instance(tmp_path, KMOD_SOFTWARE_VERSION="0.0+git20231103"), "6.12.0+rpt-rpi-v8", PodmanRuntime())
+    assert plan.tag == "demo-0.0_git20231103:6.12.0_rpt-rpi-v8"
+    assert plan.command[plan.command.index("-t") + 1] == "demo-0.0_git20231103:6.12.0_rpt-rpi-v8-kvc-candidate"
+    assert "--label=kvc.version=0.0+git20231103" in plan.command
+    assert "--label=kvc.kernel=6.12.0+rpt-rpi-v8" in plan.command
+    assert "KMODVER=0.0+git20231103" in plan.command
 
 
 def test_prebuilt_references() -> None:
@@ -247,11 +321,45 @@ def test_a_good_build_is_verified_tagged_and_its_candidate_removed(tmp_path: Pat
     assert calls[1:] == [
         ["image", "mount", CANDIDATE],
         ["image", "unmount", CANDIDATE],
+        ["image", "inspect", TAG],
         ["tag", CANDIDATE, TAG],
         ["rmi", CANDIDATE],
         ["images", "-q", "--no-trunc", "--filter", "label=name=demo"],
     ]
     assert not [c for c in calls if c[0] in ("run", "create")]
+
+
+OLD_ID = "0e" * 32
+
+
+@pytest.mark.parametrize(
+    ("names_after", "removed"),
+    [
+        ([], True),  # the tag moved to the new image: the old one goes
+        (["quay.io/me/mine:1"], False),  # someone else's name keeps it
+        ([f"localhost/{TAG}"], False),  # every step cached: the same image, still tagged
+    ],
+)
+def test_the_image_the_tag_named_before(
+    tmp_path: Path, fake: FakeRuntime, names_after: list[str], removed: bool
+) -> None:
+    good_image(fake)
+    before = inspect_entry(OLD_ID, sorted({f"localhost/{TAG}", *names_after}), {"name": "demo"})
+    after = inspect_entry(OLD_ID, names_after, {"name": "demo"})
+    fake.install(
+        [
+            (["build"], "", 0),
+            (["images"], "", 0),
+            (["image", "inspect", TAG], json.dumps([before]), 0),
+            (["image", "inspect", OLD_ID], json.dumps([after]), 0),
+        ]
+    )
+    plan = BuildPlan(instance(tmp_path), KVER, TAG, {}, "build", "test")
+    summary = execute_build(plan, PodmanRuntime())
+    assert summary.endswith("; removed 1 old image(s)") == removed
+    assert (["rmi", OLD_ID] in fake.calls()) == removed
+    tag_call = fake.calls().index(["tag", CANDIDATE, TAG])
+    assert fake.calls()[tag_call - 1] == ["image", "inspect", TAG]
 
 
 def test_a_module_for_another_kernel_fails_and_the_candidate_goes(tmp_path: Path, fake: FakeRuntime) -> None:
@@ -390,8 +498,10 @@ def test_pulling_a_prebuilt_image_verifies_it(tmp_path: Path, fake: FakeRuntime)
 # ---- pruning ------------------------------------------------------------------------------------------------
 
 
-def image(image_id: str, names: list[str], kernel: Optional[str], created: str, name: str = "demo") -> ImageInfo:
-    labels = {"name": name}
+def image(
+    image_id: str, names: list[str], kernel: Optional[str], created: str, name: str = "demo", version: str = "1.0"
+) -> ImageInfo:
+    labels = {"name": name, "kvc.version": version}
     if kernel is not None:
         labels["kvc.kernel"] = kernel
     return ImageInfo(image_id, tuple(names), labels, created)
@@ -404,14 +514,19 @@ def test_prune_keeps_the_newest_kernels_and_the_current_image(tmp_path: Path) ->
         for i in range(6)
     ]
     images += [
-        image("old-version", ["localhost/demo-0.9:6.1.0-5-amd64"], "6.1.0-5-amd64", "2026-11-01T00:00:00Z"),
-        image("dangling", [], "6.1.0-5-amd64", "2026-11-30T00:00:00Z"),
+        image(
+            "old-version", ["localhost/demo-0.9:6.1.0-5-amd64"], "6.1.0-5-amd64", "2026-11-01T00:00:00Z", version="0.9"
+        ),
         image(
             "stale-candidate",
             ["localhost/demo-1.0:6.1.0-5-amd64-kvc-candidate"],
             "6.1.0-5-amd64",
             "2026-11-30T00:00:00Z",
         ),
+        # Left alone: untagged (a build stage: the build cache), named by others only, not kvc's.
+        image("dangling", [], "6.1.0-5-amd64", "2026-11-30T00:00:00Z"),
+        image("foreign-only", ["quay.io/me/demo:6.1.0-1-amd64"], "6.1.0-1-amd64", "2026-11-30T00:00:00Z"),
+        image("other-kernel-tag", ["localhost/demo-1.0:6.1.0-9-amd64"], "6.1.0-1-amd64", "2026-11-01T00:00:00Z"),
         image("legacy", ["localhost/demo-0.1:5.0.0"], None, "2020-01-01T00:00:00Z"),
         image(
             "other-instance",
@@ -422,42 +537,74 @@ def test_prune_keeps_the_newest_kernels_and_the_current_image(tmp_path: Path) ->
         ),
     ]
     # An older kernel built just now: it stays and counts as one of the three.
-    keep, remove = prune_plan(images, config, keep_tag="demo-1.0:6.1.0-0-amd64")
+    keep, steps = prune_plan(images, config, keep_tag="demo-1.0:6.1.0-0-amd64")
     assert [i.id for i in keep] == ["k0", "k5", "k4"]
-    assert sorted(i.id for i in remove) == ["dangling", "k1", "k2", "k3", "old-version", "stale-candidate"]
+    assert sorted((step.image.id, step.names, step.untag_only) for step in steps) == [
+        ("k1", ("localhost/demo-1.0:6.1.0-1-amd64",), False),
+        ("k2", ("localhost/demo-1.0:6.1.0-2-amd64",), False),
+        ("k3", ("localhost/demo-1.0:6.1.0-3-amd64",), False),
+        ("old-version", ("localhost/demo-0.9:6.1.0-5-amd64",), False),
+        ("stale-candidate", ("localhost/demo-1.0:6.1.0-5-amd64-kvc-candidate",), False),
+    ]
     keep, _ = prune_plan(images, config, keep_tag="demo-1.0:6.1.0-5-amd64")
     assert [i.id for i in keep] == ["k5", "k4", "k3"]
     keep, _ = prune_plan(images, instance(tmp_path, keep=1), keep_tag="localhost/demo-1.0:6.1.0-4-amd64")
     assert [i.id for i in keep] == ["k4"]
 
 
-def test_prune_removes_only_our_names_and_tolerates_images_in_use(tmp_path: Path, fake: FakeRuntime) -> None:
+def test_kvc_names_are_the_ones_kvc_gives(tmp_path: Path) -> None:
+    config = instance(tmp_path, KMOD_SOFTWARE_VERSION="1.2~rc1")
+    both = image(
+        "x",
+        ["localhost/demo-1.2-rc1:6.12.0_rpt-rpi-v8", "demo-1.1_git5:6.12.0_rpt-rpi-v8-kvc-candidate", "reg/demo:1"],
+        "6.12.0+rpt-rpi-v8",
+        "",
+        version="1.1+git5",
+    )
+    assert kvc_names(both, config) == both.names[:2]
+    assert kvc_names(image("y", list(both.names), "6.12.0+rpt-rpi-v8", "", name="other"), config) == ()
+    assert kvc_names(image("z", list(both.names), None, ""), config) == ()
+
+
+def test_prune_untags_images_others_named_and_leaves_untagged_ones(tmp_path: Path, fake: FakeRuntime) -> None:
+    labels = {"name": "demo", "kvc.version": "1.0"}
     images = [
-        inspect_entry(
-            "a" * 64, [f"localhost/demo-1.0:{KVER}"], {"name": "demo", "kvc.kernel": KVER}, "2026-11-24T10:00:00Z"
-        ),
+        inspect_entry("a" * 64, [f"localhost/demo-1.0:{KVER}"], {**labels, "kvc.kernel": KVER}, "2026-11-24T10:00:00Z"),
         inspect_entry(
             "b" * 64,
             ["localhost/demo-1.0:6.1.0-1-amd64", "quay.io/me/keep:1"],
-            {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"},
+            {**labels, "kvc.kernel": "6.1.0-1-amd64"},
             "2026-11-20T10:00:00Z",
         ),
-        inspect_entry("c" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-1-amd64"}, "2026-11-19T10:00:00Z"),
-        inspect_entry("d" * 64, [], {"name": "demo", "kvc.kernel": "6.1.0-2-amd64"}, "2026-11-18T10:00:00Z"),
+        inspect_entry(
+            "c" * 64,
+            ["localhost/demo-1.0:6.1.0-2-amd64"],
+            {**labels, "kvc.kernel": "6.1.0-2-amd64"},
+            "2026-11-19T10:00:00Z",
+        ),
+        inspect_entry(
+            "d" * 64,
+            ["localhost/demo-1.0:6.1.0-3-amd64"],
+            {**labels, "kvc.kernel": "6.1.0-3-amd64"},
+            "2026-11-18T10:00:00Z",
+        ),
+        inspect_entry("e" * 64, [], {**labels, "kvc.kernel": "6.1.0-1-amd64"}, "2026-11-30T10:00:00Z"),
     ]
     fake.install(
         [
-            (["images"], "".join(f"sha256:{c * 64}\n" for c in "abcd"), 0),
+            (["images"], "".join(f"sha256:{c * 64}\n" for c in "abcde"), 0),
             (["image", "inspect"], json.dumps(images), 0),
-            fakeprog.Rule(["rmi", "c" * 64], "", 2, "Error: image is in use by a container\n"),
+            fakeprog.Rule(
+                ["rmi", "localhost/demo-1.0:6.1.0-2-amd64"], "", 2, "Error: image is in use by a container\n"
+            ),
         ]
     )
     removed = prune_images(PodmanRuntime(), instance(tmp_path, keep=1), keep_tag=TAG)
-    assert removed == ["localhost/demo-1.0:6.1.0-1-amd64", "d" * 64]
-    assert [c for c in fake.calls() if c[0] == "rmi"] == [
-        ["rmi", "localhost/demo-1.0:6.1.0-1-amd64"],
-        ["rmi", "c" * 64],
-        ["rmi", "d" * 64],
+    assert removed == ["localhost/demo-1.0:6.1.0-1-amd64", "localhost/demo-1.0:6.1.0-3-amd64"]
+    assert [c for c in fake.calls() if c[0] in ("rmi", "untag")] == [
+        ["untag", "b" * 64, "localhost/demo-1.0:6.1.0-1-amd64"],
+        ["rmi", "localhost/demo-1.0:6.1.0-2-amd64"],
+        ["rmi", "localhost/demo-1.0:6.1.0-3-amd64"],
     ]
 
 
@@ -500,7 +647,11 @@ def scratch_instance(tmp_path: Path, kernel_tree: DebianKernel, podman_works: No
     context.mkdir()
     for module in modules:
         shutil.copyfile(module, context / module.name)
-    (context / "Containerfile").write_text("FROM scratch\nARG KVER\nCOPY *.ko /lib/modules/${KVER}/extra/\n")
+    # Two stages, as real module builds have: podman labels the first stage's image too.
+    (context / "Containerfile").write_text(
+        "FROM scratch AS modules\nARG KVER\nCOPY *.ko /modules/\n"
+        "FROM scratch\nARG KVER\nCOPY --from=modules /modules/ /lib/modules/${KVER}/extra/\n"
+    )
     name = f"kvctest-{uuid.uuid4().hex[:8]}"
     config = InstanceConfig.from_values(
         name,
@@ -532,8 +683,8 @@ def test_real_build_verify_extract_and_up_to_date(
     started = time.monotonic()
     summary = execute_build(plan, runtime)
     build_seconds = time.monotonic() - started
-    # (FROM scratch leaves a parent-less, labelled image of the ARG step, which the pruning removes.)
-    assert summary.startswith(f"built {plan.tag} (udp_tunnel, ip6_udp_tunnel verified for {release})")
+    # Nothing is removed: the labelled, untagged image of the first stage is the build cache.
+    assert summary == f"built {plan.tag} (udp_tunnel, ip6_udp_tunnel verified for {release})"
     info = runtime.inspect(plan.tag)
     assert info is not None and info.labels[LABEL_DIGEST] == plan.digest
     assert runtime.inspect(candidate_tag(scratch_instance, release)) is None
@@ -571,3 +722,136 @@ def test_real_build_for_the_wrong_kernel_leaves_no_tag(scratch_instance: Instanc
     assert "udp_tunnel" in failed.value.details and "ip6_udp_tunnel" in failed.value.details
     assert runtime.inspect(plan.tag) is None
     assert runtime.inspect(candidate_tag(scratch_instance, "6.1.0-0-fake")) is None
+
+
+@pytest.mark.podman
+def test_real_tags_from_any_version_round_trip(podman_works: None, tmp_path: Path) -> None:
+    """podman accepts kvc's names for Debian/DKMS versions and odd kernel releases, finds the image
+    by them again, and kvc recognizes them as its own from the image's labels."""
+    runtime = PodmanRuntime()
+    name = f"kvctest-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "f").write_text("x\n")
+    (tmp_path / "Containerfile").write_text("FROM scratch\nCOPY f /f\n")
+    try:
+        for kernel, tag in KERNELS[1:5]:
+            labels = {"name": name, "kvc.kernel": kernel}
+            runtime.build(str(tmp_path), str(tmp_path / "Containerfile"), f"{name}-base:{tag}", {}, labels)
+            for version, _ in VERSIONS:
+                config = InstanceConfig(name, "s", "/c", "Containerfile", version, ("m",))
+                ref = image_tag(config, kernel)
+                runtime.tag(f"{name}-base:{tag}", ref)
+                info = runtime.inspect(ref)
+                assert info is not None and info.has_name(ref)
+                assert f"localhost/{ref}" in kvc_names(info, config)
+    finally:
+        ids = subprocess.run(
+            ["podman", "images", "-q", "--filter", f"label=name={name}"], capture_output=True, text=True
+        ).stdout.split()
+        if ids:
+            subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
+
+
+@pytest.mark.podman
+def test_real_pruning_keeps_the_build_cache_and_foreign_tags(
+    scratch_instance: InstanceConfig, kernel_tree: DebianKernel, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runtime = PodmanRuntime()
+    release = kernel_tree.release
+    name = scratch_instance.name
+    execute_build(plan_build(scratch_instance, release, runtime), runtime)
+    tag = image_tag(scratch_instance, release)
+    first = runtime.inspect(tag)
+    assert first is not None
+    stages = [info for info in runtime.list_images(f"name={name}") if info.dangling]
+    assert stages, "the first stage's labelled image (the build cache) is gone"
+
+    # A forced rebuild of unchanged sources: every step from the cache, the very same image.
+    capfd.readouterr()
+    started = time.monotonic()
+    summary = execute_build(plan_build(scratch_instance, release, runtime, force=True), runtime, stream=True)
+    seconds = time.monotonic() - started
+    output = capfd.readouterr().err
+    assert summary == f"built {tag} (udp_tunnel, ip6_udp_tunnel verified for {release})"
+    copies = re.findall(r"STEP \d+/\d+: COPY .*\n(.*)", output)
+    assert len(copies) == 2 and all(line.startswith("--> Using cache") for line in copies), output
+    again = runtime.inspect(tag)
+    assert again is not None and again.id == first.id
+    assert {info.id for info in stages} <= {info.id for info in runtime.list_images(f"name={name}")}
+
+    # Someone else tags the image; a new version makes it an old one, which pruning only untags.
+    foreign = f"localhost/{name}-theirs:kept"
+    runtime.tag(tag, foreign)
+    newer = dataclasses.replace(scratch_instance, software_version="1.1")
+    summary = execute_build(plan_build(newer, release, runtime), runtime)
+    assert summary.endswith("; removed 1 old image(s)"), summary
+    kept = runtime.inspect(foreign)
+    assert kept is not None and kept.id == first.id
+    assert [same_image_name(n, foreign) for n in kept.names] == [True]
+    assert runtime.inspect(tag) is None
+    print(f"\nreal forced rebuild of unchanged sources (all cached): {seconds:.2f} s")
+
+
+# ---- kvc -v -------------------------------------------------------------------------------------------------
+
+
+def kvc_build(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``kvc [options] build demo --kernel KVER`` as a program, the instance under a KVC_ROOT."""
+    config = instance(tmp_path)
+    conf = tmp_path / "root" / "etc" / "kvc" / "demo.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(
+        f"KMOD_CONTAINER_BUILD_CONTEXT={config.build_context}\nKMOD_SOFTWARE_VERSION=1.0\nKMOD_NAMES=demo-mod\n"
+    )
+    env = {**os.environ, "KVC_ROOT": str(tmp_path / "root")}
+    return subprocess.run(
+        [sys.executable, "-m", "kvc", *options, "build", "demo", "--kernel", KVER],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def logged_commands(stderr: str) -> list[str]:
+    return [line[len("kvc: + ") :] for line in stderr.splitlines() if line.startswith("kvc: + ")]
+
+
+def test_verbose_logs_each_command_once_in_order_and_streams_the_build(tmp_path: Path, fake: FakeRuntime) -> None:
+    good_image(fake)
+    fake.install([(["build"], "STEP 1/1: FROM scratch\nCOMMIT demo\n", 0), NOT_KNOWN, (["images"], "", 0)])
+    result = kvc_build(tmp_path, "-v")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"built {TAG} (demo_mod verified for {KVER})\n"
+    commands = [shlex.join(["podman", *argv]) for argv in fake.calls()]
+    assert len(commands) == 8 and commands[1].startswith("podman build -t ")
+    assert logged_commands(result.stderr) == commands
+    # The build's output, live, once.
+    assert result.stderr.count("STEP 1/1: FROM scratch\n") == 1
+    lines = result.stderr.splitlines()
+    assert lines.index("STEP 1/1: FROM scratch") == lines.index(f"kvc: + {commands[1]}") + 1
+    quiet = kvc_build(tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+@pytest.mark.parametrize("options", [("-v",), ()])
+def test_a_failing_build_shows_its_tail_once(tmp_path: Path, fake: FakeRuntime, options: tuple[str, ...]) -> None:
+    output = "".join(f"step {i}\n" for i in range(60)) + f"E: Unable to locate package linux-headers-{KVER}\n"
+    fake.install([(["build"], output, 100), NOT_KNOWN])
+    result = kvc_build(tmp_path, *options)
+    assert result.returncode == 4
+    lines = [line.strip() for line in result.stderr.splitlines()]
+    assert lines.count(f"E: Unable to locate package linux-headers-{KVER}") == 1
+    assert lines.count("step 59") == 1
+    assert result.stderr.count("command failed (status 100): podman build ") == 1
+    assert f"kvc: error: {TAG}: no kernel headers for {KVER}" in result.stderr
+    # Streamed with -v (every line), else the last 40 lines as the error's details.
+    assert lines.count("step 0") == (1 if options else 0)
+
+
+@pytest.mark.parametrize("options", [("-v",), ()])
+def test_a_failing_command_shows_its_tail_once(tmp_path: Path, fake: FakeRuntime, options: tuple[str, ...]) -> None:
+    fake.install([fakeprog.Rule(["image", "inspect"], "", 125, "Error: reading layer: input/output error\n")])
+    result = kvc_build(tmp_path, *options)
+    assert result.returncode == 4
+    assert result.stderr.count("Error: reading layer: input/output error") == 1
+    assert result.stderr.count(f"command failed (status 125): podman image inspect {TAG}") == 1
+    assert logged_commands(result.stderr) == ([f"podman image inspect {TAG}"] if options else [])

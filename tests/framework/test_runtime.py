@@ -6,15 +6,18 @@ of an image through ``podman image mount`` or a created container."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pty
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from kvc import proc
 from kvc.config import GlobalConfig
-from kvc.errors import BuildError, CommandError
+from kvc.errors import BuildError, CommandError, CommandTimeout
 from kvc.runtime import (
     BuildahRuntime,
     BuildCommandError,
@@ -30,7 +33,9 @@ from kvc.runtime import (
     same_image_name,
 )
 from support import fakeprog
-from support.fakeruntime import KVER, FakeRuntime, inspect_entry
+from support.fakeruntime import KVER, FakeRuntime, fake, inspect_entry
+
+__all__ = ["fake"]  # the fixture, imported for these tests
 
 # ---- names and metadata ---------------------------------------------------------------------------------
 
@@ -235,10 +240,60 @@ def test_a_failed_build_carries_its_whole_output_and_a_tail(fake: FakeRuntime) -
     assert failed.value.returncode == 1 and failed.value.argv[:2] == ["podman", "build"]
 
 
-def test_a_streamed_build_shares_our_output(fake: FakeRuntime, capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_streamed_build_shows_its_output_on_stderr_and_keeps_it(
+    fake: FakeRuntime, capfd: pytest.CaptureFixture[str]
+) -> None:
+    fake.install([fakeprog.Rule(["build"], "STEP 1/2: FROM scratch\n", 1, "Error: boom\n")])
+    with pytest.raises(BuildCommandError) as failed:
+        PodmanRuntime().build("/ctx", "/ctx/Containerfile", "t:1", {}, {}, stream=True)
+    assert capfd.readouterr() == ("", "STEP 1/2: FROM scratch\nError: boom\n")
+    # Kept for the cause; not repeated in the error's details (it is on the screen already).
+    assert failed.value.output == "STEP 1/2: FROM scratch\nError: boom\n"
+    assert failed.value.output_tail == ""
+
+
+def test_a_build_streams_when_kvc_runs_verbose(
+    fake: FakeRuntime, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     fake.install([(["build"], "STEP 1/2: FROM scratch\n", 0)])
-    PodmanRuntime().build("/ctx", "/ctx/Containerfile", "t:1", {}, {}, stream=True)
-    assert "STEP 1/2: FROM scratch" in capfd.readouterr().out
+    PodmanRuntime().build("/ctx", "/ctx/Containerfile", "t:1", {}, {})
+    assert capfd.readouterr().err == ""
+    caplog.set_level(logging.INFO, logger="kvc.proc")
+    PodmanRuntime().build("/ctx", "/ctx/Containerfile", "t:1", {}, {})
+    assert capfd.readouterr().err == "STEP 1/2: FROM scratch\n"
+
+
+def test_each_command_is_logged_once_as_it_starts(fake: FakeRuntime, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kvc.proc")
+    fake.install([fakeprog.Rule(["rmi", "gone:1"], "", 2, "Error: image is in use by a container\n")])
+    runtime = PodmanRuntime()
+    runtime.tag("x:1", "y:1")
+    runtime.build("/my ctx", "/my ctx/Containerfile", "t:1", {}, {"k": "a b"}, stream=False)
+    with pytest.raises(CommandError):
+        runtime.remove("gone:1")
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("kvc.proc", "INFO", "+ podman tag x:1 y:1"),
+        ("kvc.proc", "INFO", "+ podman build -t t:1 --file '/my ctx/Containerfile' '--label=k=a b' '/my ctx'"),
+        ("kvc.proc", "INFO", "+ podman rmi gone:1"),
+        ("kvc.proc", "ERROR", "command failed (status 2): podman rmi gone:1"),
+    ]
+
+
+def test_an_echoed_command_that_times_out_is_killed(capfd: pytest.CaptureFixture[str]) -> None:
+    script = "import time; print('started', flush=True); time.sleep(30)"
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout) as timed_out:
+        proc.run([sys.executable, "-c", script], echo=True, timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert capfd.readouterr().err == "started\n"
+    assert timed_out.value.output_tail == ""
+
+
+def test_echo_merges_the_streams_in_order(capfd: pytest.CaptureFixture[str]) -> None:
+    script = "import sys\nfor i in range(3):\n print(i, flush=True); print('e', i, file=sys.stderr, flush=True)"
+    result = proc.run([sys.executable, "-c", script], echo=True)
+    assert result.stdout == "0\ne 0\n1\ne 1\n2\ne 2\n" and result.stderr == ""
+    assert capfd.readouterr().err == result.stdout
 
 
 # ---- images ----------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ for rule in RULES:
             json.dump(sorted(flags), handle)
         os.replace(STATE + ".tmp", STATE)
     sys.stdout.write(rule["stdout"])
+    sys.stdout.flush()  # stdout before stderr also when both go to one pipe
     sys.stderr.write(rule["stderr"])
     sys.exit(rule["code"])
 real = {real!r}

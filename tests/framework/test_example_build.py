@@ -8,6 +8,10 @@
   then the example's Containerfile is built for the current Debian kernel ABI with the build
   args kvc passes, cold (``--no-cache``), warm (every layer cached) and after a source change;
   the times are printed (``pytest -s``) and the image is checked with its own ``modinfo``.
+* Through kvc (``-m podman``): the example installed under a ``KVC_ROOT`` is built with
+  ``kvc build``, then ``kvc -v build --force`` rebuilds the unchanged sources with every step
+  from podman's cache (kvc's pruning leaves the labelled build-stage image alone) into the very
+  same image.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+
+from support.example import write_example_conf
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "simple-kmod"
@@ -215,3 +223,36 @@ def test_example_image(container_ready: None, tmp_path: Path) -> None:
         new = sorted(all_image_ids() - before)
         if new:
             subprocess.run([RUNTIME, "rmi", *new], check=False, capture_output=True)
+
+
+@pytest.mark.podman
+def test_a_forced_kvc_rebuild_of_the_example_is_all_cache_hits(container_ready: None, tmp_path: Path) -> None:
+    if RUNTIME != "podman":
+        pytest.skip("kvc's default runtime is podman")
+    kver = current_headers_release()
+    name = f"kvctest-example-{uuid.uuid4().hex[:8]}"
+    write_example_conf(tmp_path / "root", name)
+    env = {**os.environ, "KVC_ROOT": str(tmp_path / "root")}
+    kvc = [sys.executable, "-m", "kvc"]
+    tag = f"localhost/{name}-1.0.0:{kver}"
+    try:
+        first = subprocess.run([*kvc, "build", name, "--kernel", kver], capture_output=True, text=True, env=env)
+        assert first.returncode == 0, first.stderr
+        assert "removed" not in first.stdout
+        built = run([RUNTIME, "image", "inspect", "--format", "{{.Id}}", tag]).stdout.strip()
+        start = time.monotonic()
+        forced = subprocess.run(
+            [*kvc, "-v", "build", name, "--kernel", kver, "--force"], capture_output=True, text=True, env=env
+        )
+        seconds = time.monotonic() - start
+        assert forced.returncode == 0, forced.stderr
+        assert forced.stdout.startswith(f"built {name}-1.0.0:{kver} ") and "removed" not in forced.stdout
+        assert uncached_steps(forced.stderr) == [], forced.stderr
+        assert forced.stderr.count("--> Using cache") >= 5, forced.stderr
+        assert run([RUNTIME, "image", "inspect", "--format", "{{.Id}}", tag]).stdout.strip() == built
+        print(f"\nkvc build --force of the unchanged example: {seconds:.1f} s")
+    finally:
+        subprocess.run([RUNTIME, "rmi", tag], check=False, capture_output=True)
+        ids = run([RUNTIME, "images", "-a", "-q", "--filter", f"label=name={name}"]).stdout.split()
+        if ids:
+            subprocess.run([RUNTIME, "rmi", *sorted(set(ids))], check=False, capture_output=True)

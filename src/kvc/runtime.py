@@ -65,8 +65,9 @@ MountSpec = Union[Mount, Tuple[str, str]]
 
 def normalize_ref(ref: str) -> str:
     """An image reference in a form fit for comparison: ``localhost/`` (podman's prefix for local
-    images) and Docker Hub's ``docker.io/[library/]`` dropped, ``:latest`` added when the reference
-    has neither tag nor digest."""
+    images) and the default domain ``docker.io/[library/]`` dropped, ``:latest`` added when the
+    reference has neither tag nor digest. The default domain is part of the reference grammar
+    docker applies to short names (podman reports the names it expanded that way), not a mirror."""
     name = ref.strip()
     for prefix in ("localhost/", "docker.io/", "index.docker.io/"):
         if name.startswith(prefix):

@@ -145,9 +145,9 @@ def test_the_build_command_carries_the_mapped_tag_and_the_exact_version(tmp_path
 
 
 def test_prebuilt_references() -> None:
-    assert prebuilt_ref("quay.io/org/kmod", KVER) == f"quay.io/org/kmod:{KVER}"
+    assert prebuilt_ref("registry.example.com/org/kmod", KVER) == f"registry.example.com/org/kmod:{KVER}"
     assert prebuilt_ref("localhost:5000/kmod", KVER) == f"localhost:5000/kmod:{KVER}"
-    assert prebuilt_ref("quay.io/org/kmod:1.0", KVER) == f"quay.io/org/kmod:1.0-{KVER}"
+    assert prebuilt_ref("registry.example.com/org/kmod:1.0", KVER) == f"registry.example.com/org/kmod:1.0-{KVER}"
     assert prebuilt_ref("reg/kmod:{kver}-v2", KVER) == f"reg/kmod:{KVER}-v2"
     pinned = "reg/kmod@sha256:" + "0" * 64
     assert prebuilt_ref(pinned, KVER) == pinned
@@ -283,8 +283,8 @@ def test_plan_reasons(tmp_path: Path, fake: FakeRuntime) -> None:
 
 
 def test_plan_for_a_prebuilt_image(tmp_path: Path, fake: FakeRuntime) -> None:
-    config = instance(tmp_path, KVC_IMAGE="quay.io/org/demo")
-    source = f"quay.io/org/demo:{KVER}"
+    config = instance(tmp_path, KVC_IMAGE="registry.example.com/org/demo")
+    source = f"registry.example.com/org/demo:{KVER}"
     fake.install([NOT_KNOWN])
     plan = plan_build(config, KVER, PodmanRuntime())
     assert (plan.action, plan.source, plan.reason) == ("pull", source, "no image yet")
@@ -336,7 +336,7 @@ OLD_ID = "0e" * 32
     ("names_after", "removed"),
     [
         ([], True),  # the tag moved to the new image: the old one goes
-        (["quay.io/me/mine:1"], False),  # someone else's name keeps it
+        (["registry.example.com/me/mine:1"], False),  # someone else's name keeps it
         ([f"localhost/{TAG}"], False),  # every step cached: the same image, still tagged
     ],
 )
@@ -420,17 +420,17 @@ def test_modules_in_any_subdirectory_compressed_with_either_spelling(tmp_path: P
     ("output", "brief", "hint"),
     [
         (
-            "Get:1 http://deb.debian.org bookworm InRelease\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n"
+            "Get:1 http://mirror.example bookworm InRelease\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n"
             'Error: building at STEP "RUN apt-get install": exit status 100\n',
             "no kernel headers for 6.1.0-56-amd64 in the build image's package sources "
             "(E: Unable to locate package linux-headers-6.1.0-56-amd64)",
             "another suite",
         ),
         (
-            "W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving "
-            "'deb.debian.org'\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n",
+            "W: Failed to fetch http://mirror.example/debian/dists/bookworm/InRelease  Temporary failure resolving "
+            "'mirror.example'\nE: Unable to locate package linux-headers-6.1.0-56-amd64\n",
             "the build could not reach the network, so the package lists are incomplete (W: Failed to fetch "
-            "http://deb.debian.org/debian/dists/bookworm/InRelease  Temporary failure resolving 'deb.debian.org')",
+            "http://mirror.example/debian/dists/bookworm/InRelease  Temporary failure resolving 'mirror.example')",
             "proxy",
         ),
         (
@@ -453,9 +453,9 @@ def test_modules_in_any_subdirectory_compressed_with_either_spelling(tmp_path: P
         ),
         (
             "Error: creating build container: initializing source docker://fedora:30: pinging container registry "
-            "registry.fedoraproject.org: dial tcp: lookup registry.fedoraproject.org: no such host\n",
+            "registry.example.org: dial tcp: lookup registry.example.org: no such host\n",
             "the build could not reach the network (Error: creating build container: initializing source docker://fedora:30:"
-            " pinging container registry registry.fedoraproject.org: dial tcp: lookup registry.fedo",
+            " pinging container registry registry.example.org: dial tcp: lookup",
             "DNS",
         ),
         ("something odd\n", "the image build failed", "build output"),
@@ -480,18 +480,18 @@ def test_failure_causes_prefer_the_compiler_over_a_stray_warning() -> None:
 def test_pulling_a_prebuilt_image_verifies_it(tmp_path: Path, fake: FakeRuntime) -> None:
     good_image(fake)
     fake.install(build_rules())
-    config = instance(tmp_path, KVC_IMAGE="quay.io/org/demo")
-    plan = BuildPlan(config, KVER, TAG, {}, "pull", "no image yet", f"quay.io/org/demo:{KVER}")
+    config = instance(tmp_path, KVC_IMAGE="registry.example.com/org/demo")
+    plan = BuildPlan(config, KVER, TAG, {}, "pull", "no image yet", f"registry.example.com/org/demo:{KVER}")
     assert execute_build(plan, PodmanRuntime()) == f"pulled {TAG} (demo_mod verified for {KVER})"
     assert fake.calls()[:3] == [
-        ["pull", f"quay.io/org/demo:{KVER}"],
-        ["tag", f"quay.io/org/demo:{KVER}", CANDIDATE],
+        ["pull", f"registry.example.com/org/demo:{KVER}"],
+        ["tag", f"registry.example.com/org/demo:{KVER}", CANDIDATE],
         ["image", "mount", CANDIDATE],
     ]
     fake.install([fakeprog.Rule(["pull"], "", 125, "Error: reading manifest: manifest unknown\n")])
     with pytest.raises(BuildError) as failed:
         execute_build(plan, PodmanRuntime())
-    assert failed.value.brief == f"{TAG}: pulling quay.io/org/demo:{KVER} failed"
+    assert failed.value.brief == f"{TAG}: pulling registry.example.com/org/demo:{KVER} failed"
     assert "registry has no such image" in failed.value.hint
 
 
@@ -525,7 +525,7 @@ def test_prune_keeps_the_newest_kernels_and_the_current_image(tmp_path: Path) ->
         ),
         # Left alone: untagged (a build stage: the build cache), named by others only, not kvc's.
         image("dangling", [], "6.1.0-5-amd64", "2026-11-30T00:00:00Z"),
-        image("foreign-only", ["quay.io/me/demo:6.1.0-1-amd64"], "6.1.0-1-amd64", "2026-11-30T00:00:00Z"),
+        image("foreign-only", ["registry.example.com/me/demo:6.1.0-1-amd64"], "6.1.0-1-amd64", "2026-11-30T00:00:00Z"),
         image("other-kernel-tag", ["localhost/demo-1.0:6.1.0-9-amd64"], "6.1.0-1-amd64", "2026-11-01T00:00:00Z"),
         image("legacy", ["localhost/demo-0.1:5.0.0"], None, "2020-01-01T00:00:00Z"),
         image(
@@ -572,7 +572,7 @@ def test_prune_untags_images_others_named_and_leaves_untagged_ones(tmp_path: Pat
         inspect_entry("a" * 64, [f"localhost/demo-1.0:{KVER}"], {**labels, "kvc.kernel": KVER}, "2026-11-24T10:00:00Z"),
         inspect_entry(
             "b" * 64,
-            ["localhost/demo-1.0:6.1.0-1-amd64", "quay.io/me/keep:1"],
+            ["localhost/demo-1.0:6.1.0-1-amd64", "registry.example.com/me/keep:1"],
             {**labels, "kvc.kernel": "6.1.0-1-amd64"},
             "2026-11-20T10:00:00Z",
         ),

@@ -228,7 +228,7 @@ class Host:
                 Rule(["images", IMAGE, "--quiet"], ""),
                 Rule(
                     ["build"],
-                    "STEP 1/9: FROM registry.fedoraproject.org/fedora:30\n",
+                    "STEP 1/9: FROM registry.example.org/fedora:30\n",
                     code=build_code,
                     stderr="Error: building at STEP 9/9: exit status 2\n" if build_code else "",
                     sets=[] if build_code else ["built"],
@@ -310,7 +310,7 @@ def test_build_from_scratch_makes_the_original_calls_and_traces_them(tmp_path: P
     assert result.stdout.splitlines() == [
         f"KVC: build {NAME} for {KVER}",
         f"Building {IMAGE} kernel module container...",
-        "STEP 1/9: FROM registry.fedoraproject.org/fedora:30",
+        "STEP 1/9: FROM registry.example.org/fedora:30",
     ]
     # kvc_c_* trace the runtime's command line with set -x (the library silenced the first one).
     assert traces(result.stderr) == ["podman " + " ".join(call) for call in [BUILD, *GC, *ALL_CHECKS]]

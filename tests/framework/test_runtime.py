@@ -44,7 +44,7 @@ def test_image_names_compare_with_and_without_localhost() -> None:
     assert same_image_name("localhost/simple-kmod-1.0:6.1.0-56-amd64", "simple-kmod-1.0:6.1.0-56-amd64")
     assert same_image_name("docker.io/library/debian", "debian:latest")
     assert same_image_name("docker.io/me/x:1", "me/x:1")
-    assert not same_image_name("quay.io/a/x:1", "a/x:1")
+    assert not same_image_name("registry.example.com/a/x:1", "a/x:1")
     assert not same_image_name("x:1", "x:2")
     assert normalize_ref("reg:5000/x") == "reg:5000/x:latest"
     assert normalize_ref("x@sha256:" + "0" * 64) == "x@sha256:" + "0" * 64
@@ -116,7 +116,7 @@ def test_hints_from_runtime_output() -> None:
     assert "registry" in hint_for(
         "podman",
         "Error: initializing source docker://x: pinging container registry "
-        "quay.io: dial tcp: lookup quay.io: no such host",
+        "registry.example.com: dial tcp: lookup registry.example.com: no such host",
     )
     assert hint_for("podman", "something else") == ""
 

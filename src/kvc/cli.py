@@ -16,7 +16,7 @@ import argparse
 import errno
 import logging
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from kvc.errors import ConfigError, ExitCode, HostFileError, KernelMissingError, KvcError, LoadError, UsageError
 
@@ -183,13 +183,31 @@ def as_kvc_error(exc: BaseException) -> Optional[KvcError]:
     return None
 
 
+def _guarded(command: Callable[[], int]) -> int:
+    """The one error boundary: an expected failure becomes one error line (and a hint) with its
+    exit code; anything else is a bug and keeps its traceback."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return int(ExitCode.INTERRUPTED)
+    except KvcError as error:
+        return report(error)
+    except Exception as exc:
+        mapped = as_kvc_error(exc)
+        if mapped is None:
+            raise
+        return report(mapped)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "kmod":
         from kvc.kmod import tools
 
         return tools.main(args[1:])
-    try:
+
+    def command() -> int:
         parser = build_parser()
         options = parser.parse_args(args)
         if options.command is None:
@@ -199,30 +217,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import kvc.commands as commands
 
         return commands.dispatch(options)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return int(ExitCode.INTERRUPTED)
-    except KvcError as error:
-        return report(error)
-    except Exception as exc:
-        mapped = as_kvc_error(exc)
-        if mapped is None:
-            raise
-        return report(mapped)
+
+    return _guarded(command)
 
 
 def legacy_main(argv: Optional[Sequence[str]] = None) -> int:
     import kvc.legacy as legacy
 
-    try:
-        return legacy.main(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return int(ExitCode.INTERRUPTED)
-    except KvcError as error:
-        return report(error)
-    except Exception as exc:
-        mapped = as_kvc_error(exc)
-        if mapped is None:
-            raise
-        return report(mapped)
+    return _guarded(lambda: legacy.main(list(sys.argv[1:] if argv is None else argv)))

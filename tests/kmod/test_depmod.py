@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import lzma
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
 from kvc.kmod.module import ModuleFile
 from support.debian_kernel import DebianKernel
 from support.modbuild import Export, ModuleSpec, build_module
-from support.oracle import Result, run_kmod
+from support.oracle import Result, run_kmod, run_kmod_bounded
 
 OUTPUTS = (
     "modules.dep",
@@ -379,6 +381,101 @@ def test_synthetic_dependencies_aliases_and_brackets(tmp_path: Path) -> None:
         "dash-name": synthetic("dash_name", [], ["m1"], ("block-major-+3-4", "devname:d")),
     }
     same_run(tmp_path, synthetic_tree(modules), ["-C", "/dev/null", "-w"])
+
+
+def graph_tree(graph: dict[str, list[str]], order: str | None = None) -> object:
+    """Synthetic modules where each exports ``sym_<name>`` and imports its dependencies' symbols,
+    in the order given (that is the order of depmod's dependency list); ``order`` is written as
+    modules.order when given."""
+    modules = {
+        name.replace("_", "-"): synthetic(name, [f"sym_{name}"], [f"sym_{d}" for d in deps])
+        for name, deps in graph.items()
+    }
+    build_modules = synthetic_tree(modules)
+
+    def build(root: Path) -> None:
+        assert callable(build_modules)
+        build_modules(root)
+        if order is not None:
+            (root / "lib" / "modules" / KVER / "modules.order").write_text(order)
+
+    return build
+
+
+# kmod 30's testsuite case depmod_detect_loop: module-playground/mod-loop-{a..k}.c, each calling
+# the others' print functions in this order, under an empty modules.order.
+DETECT_LOOP = {
+    "mod_loop_a": ["mod_loop_b", "mod_loop_f", "mod_loop_g"],
+    "mod_loop_b": ["mod_loop_c", "mod_loop_f", "mod_loop_g"],
+    "mod_loop_c": ["mod_loop_a"],
+    "mod_loop_d": ["mod_loop_e"],
+    "mod_loop_e": ["mod_loop_d"],
+    "mod_loop_f": [],
+    "mod_loop_g": [],
+    "mod_loop_h": ["mod_loop_i"],
+    "mod_loop_i": ["mod_loop_j"],
+    "mod_loop_j": ["mod_loop_h", "mod_loop_k"],
+    "mod_loop_k": ["mod_loop_h"],
+}
+# Its expected stderr, testsuite/rootfs-pristine/test-depmod/detect-loop/correct.txt.
+DETECT_LOOP_STDERR = b"""depmod: ERROR: Cycle detected: mod_loop_d -> mod_loop_e -> mod_loop_d
+depmod: ERROR: Cycle detected: mod_loop_i -> mod_loop_j -> mod_loop_k -> mod_loop_h -> mod_loop_i
+depmod: ERROR: Cycle detected: mod_loop_i -> mod_loop_j -> mod_loop_h -> mod_loop_i
+depmod: ERROR: Cycle detected: mod_loop_c -> mod_loop_a -> mod_loop_b -> mod_loop_c
+depmod: ERROR: Found 9 modules in dependency cycles!
+"""
+
+
+def test_detect_loop_matches_kmods_testsuite(tmp_path: Path) -> None:
+    build = graph_tree(DETECT_LOOP, order="")
+    assert callable(build)
+    build(tmp_path)
+    ours = run_ours(["-b", str(tmp_path), KVER])
+    assert (ours.returncode, ours.stdout, ours.stderr) == (1, b"", DETECT_LOOP_STDERR)
+    assert not (tmp_path / "lib" / "modules" / KVER / "modules.dep").exists()
+
+
+CYCLE_SHAPES = {
+    "detect-loop": DETECT_LOOP,
+    "two disjoint": {"a": ["b"], "b": ["a"], "c": ["d"], "d": ["e"], "e": ["c"]},
+    "tail below": {"a": ["b"], "b": ["c"], "c": ["a", "x"], "x": ["y"], "y": []},
+    "tail above": {"r": ["a"], "a": ["b"], "b": ["a"]},
+    "two through one": {"a": ["b", "c"], "b": ["a"], "c": ["a"]},
+    "fan": {"a": ["b", "c", "d", "e"], "b": ["a"], "c": ["a"], "d": ["a"], "e": ["a"]},
+    "nested": {"a": ["b"], "b": ["c", "a"], "c": ["d", "b"], "d": ["a"]},
+    "figure eight": {"m": ["a", "c"], "a": ["m"], "c": ["m"]},
+    "cycle below a cycle": {"a": ["b"], "b": ["a", "p"], "p": ["q"], "q": ["p"]},
+}
+LOOPS_FOREVER = re.compile(rb"depmod: ERROR: Cycles reached from \S+ cannot be reported \(kmod 30 loops forever\)\n")
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("ordered", [False, True], ids=["hash order", "modules.order"])
+@pytest.mark.parametrize("shape", sorted(CYCLE_SHAPES))
+def test_cycle_reports_like_kmod(tmp_path: Path, shape: str, ordered: bool) -> None:
+    """Every report in kmod's order. Where kmod's walk overruns the stack it sized by the number
+    of roots, it dies on an assertion (SIGABRT) after its reports: ours prints the same and fails.
+    Where the walk enters a cycle without its start, kmod never ends (printing ever longer
+    reports, or nothing): ours prints kmod's first reports, then says so and fails."""
+    graph = CYCLE_SHAPES[shape]
+    order = "".join(f"kernel/{name.replace('_', '-')}.ko\n" for name in sorted(graph, reverse=True)) if ordered else ""
+    roots = [tmp_path / "kmod", tmp_path / "ours"]
+    for root in roots:
+        build = graph_tree(graph, order)
+        assert callable(build)
+        build(root)
+    theirs = run_kmod_bounded("depmod", ["-b", str(roots[0]), "-C", "/dev/null", KVER], seconds=3)
+    ours = run_ours(["-b", str(roots[1]), "-C", "/dev/null", KVER])
+    stderr = ours.stderr.replace(str(roots[1]).encode(), str(roots[0]).encode())
+    assert (ours.returncode, ours.stdout) == (1, theirs.stdout)
+    if theirs.returncode is None:
+        *reports, last = stderr.splitlines(keepends=True)
+        assert LOOPS_FOREVER.fullmatch(last)
+        assert theirs.stderr.startswith(b"".join(reports))
+    else:
+        assert theirs.returncode in (1, -signal.SIGABRT)
+        assert stderr == theirs.stderr
+    assert not (roots[1] / "lib" / "modules" / KVER / "modules.dep").exists()
 
 
 # ---- cache -------------------------------------------------------------------------------------

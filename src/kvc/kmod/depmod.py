@@ -24,7 +24,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar, cast
+from typing import Callable, Generic, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar, cast
 
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
@@ -59,6 +59,8 @@ _PARALLEL_MIN = 256
 FATAL, ERROR, WARNING, NOTICE, INFO, DEBUG = 2, 3, 4, 5, 6, 7
 LEVEL_NAMES = {FATAL: "FATAL", ERROR: "ERROR", WARNING: "WARNING", NOTICE: "NOTICE", INFO: "INFO", DEBUG: "DEBUG"}
 STDOUT = -1  # a "level" for the -v lines depmod prints on stdout
+ABORT = -2  # a "level" for the failed assertion that kills kmod's depmod, as glibc prints it
+_STACK_ASSERTION = "../tools/depmod.c:1851: depmod_report_cycles_from_root: Assertion `is < stack_size' failed.\n"
 
 
 class DepmodError(Exception):
@@ -775,20 +777,29 @@ class Depmod:
                     roots.append(dep.idx)
         if sorted_count < len(array):
             self._report_cycles(array, users)
-            raise DepmodError
 
-    def _report_cycles(self, array: list[_Module], users: list[int]) -> None:
+    def _report_cycles(self, array: list[_Module], users: list[int]) -> NoReturn:
         """depmod_report_cycles: a depth-first walk from each module left with users; a walk that
-        comes back to its start reports that cycle and drops its members from the roots."""
+        comes back to its start reports that cycle and drops its members from the roots. The
+        roots are kmod's circular list, whose head moves on with every removal (see
+        :func:`_remove_rotating`): that decides where the next walk, and so its report, starts.
+        Raises DepmodError after logging."""
         roots = [module for module in array if users[module.idx] > 0]
-        limit = len(roots)
+        stack_size = len(roots)
         in_cycles: set[str] = set()
         while roots:
             root = roots.pop(0)
+            visited_count = sum(module.visited for module in array)
+            # kmod's walk never ends when it enters a cycle that does not contain its root: it
+            # comes back to a state it was in (modules on the stack, roots left, visited count).
+            seen: set[tuple[tuple[int, ...], int, int]] = set()
             stack: list[tuple[_Module, Optional[tuple[object, ...]]]] = [(root, None)]
             while stack:
-                if len(stack) > limit:
-                    break
+                state = (tuple(module.idx for module, _ in stack), len(roots), visited_count)
+                if state in seen:
+                    self.log(ERROR, f"Cycles reached from {root.name} cannot be reported (kmod 30 loops forever)\n")
+                    raise DepmodError
+                seen.add(state)
                 module, parents = stack.pop()
                 if module.visited and module is root:
                     chain: list[_Module] = []
@@ -798,21 +809,26 @@ class Depmod:
                         assert isinstance(member, _Module)
                         chain.append(member)
                         link = link[1]  # type: ignore[assignment]
-                    names = [member.name for member in reversed(chain)]
+                    chain.reverse()
                     for member in chain:
                         in_cycles.add(member.name)
-                        if member in roots:
-                            roots.remove(member)
-                    self.log(ERROR, f"Cycle detected: {' -> '.join([*names, module.name])}\n")
+                        roots = _remove_rotating(roots, member)
+                    self.log(ERROR, f"Cycle detected: {' -> '.join([*(m.name for m in chain), module.name])}\n")
                     continue
-                module.visited = True
+                if not module.visited:
+                    module.visited = True
+                    visited_count += 1
                 if not module.deps:
-                    if module in roots:
-                        roots.remove(module)
+                    roots = _remove_rotating(roots, module)
                     continue
                 for dep in module.deps:
+                    if len(stack) >= stack_size:
+                        # kmod sized its stack by the number of roots and asserts it is not overrun.
+                        self.log(ABORT, _STACK_ASSERTION)
+                        raise DepmodError
                     stack.append((dep, (module, parents)))
         self.log(ERROR, f"Found {len(in_cycles)} modules in dependency cycles!\n")
+        raise DepmodError
 
     # -- outputs ---------------------------------------------------------------------------
 
@@ -1030,6 +1046,15 @@ class Depmod:
 
 
 _DEVICE = re.compile(r"(char|block)-major-\s*([+-]?\d+)-\s*([+-]?\d+)", re.ASCII)
+
+
+def _remove_rotating(roots: list[_Module], module: _Module) -> list[_Module]:
+    """kmod_list_remove_data on a circular list: the element after the removed one becomes the
+    head, so the list comes back rotated; unchanged when ``module`` is not in it."""
+    for index, candidate in enumerate(roots):
+        if candidate is module:
+            return roots[index + 1 :] + roots[:index]
+    return roots
 
 
 def _normalize(alias: str) -> Optional[str]:

@@ -86,6 +86,8 @@ def _emit(level: int, message: str) -> None:
     if level == engine.STDOUT:
         write_out(message)
         sys.stdout.flush()
+    elif level == engine.ABORT:
+        write_err(f"{PROG}: {message}")
     else:
         write_err(f"{PROG}: {engine.LEVEL_NAMES[level]}: {message}")
 

@@ -3,9 +3,13 @@ readers of odd sysfs files, and choosing a kernel from the environment."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import lzma
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -222,6 +226,149 @@ def test_live_kernel_on_this_machine(module_file: Path, tmp_path: Path) -> None:
     (tmp_path / "sys" / "module").mkdir(parents=True)
     (tmp_path / "sys" / "module" / "compression").write_text("zstd\n")
     assert rooted.compression() == "zstd"
+
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (apt-get install gcc)")
+
+# An LD_PRELOAD library like kmod's testsuite's: it traps init_module and delete_module, and
+# finit_module among syscall()'s calls, records each call's arguments in $TRAP_LOG and fails
+# with $TRAP_ERRNO; every other syscall() goes on to libc's.
+TRAP_SOURCE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static void record(const char *format, ...)
+{
+    va_list args;
+    FILE *log = fopen(getenv("TRAP_LOG"), "a");
+    va_start(args, format);
+    vfprintf(log, format, args);
+    va_end(args);
+    fclose(log);
+}
+
+static int fail(void)
+{
+    errno = atoi(getenv("TRAP_ERRNO"));
+    return -1;
+}
+
+int init_module(void *image, unsigned long size, const char *params)
+{
+    record("init_module %lu [%.*s] [%s]\n", size, (int)size, (const char *)image, params);
+    return fail();
+}
+
+int delete_module(const char *name, unsigned int flags)
+{
+    record("delete_module [%s] %u\n", name, flags);
+    return fail();
+}
+
+long syscall(long number, ...)
+{
+    long arg[6];
+    va_list args;
+    va_start(args, number);
+    for (int i = 0; i < 6; i++)
+        arg[i] = va_arg(args, long);
+    va_end(args);
+    if (number == SYS_finit_module) {
+        char fd_path[64], target[4096];
+        snprintf(fd_path, sizeof(fd_path), "/proc/self/fd/%ld", arg[0]);
+        ssize_t n = readlink(fd_path, target, sizeof(target) - 1);
+        target[n < 0 ? 0 : n] = '\0';
+        record("finit_module [%s] [%s] %ld\n", target, (const char *)arg[1], arg[2]);
+        return fail();
+    }
+    long (*next)(long, ...) = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+    return next(number, arg[0], arg[1], arg[2], arg[3], arg[4], arg[5]);
+}
+"""
+
+TRAPPED_CALLS = """
+import sys
+from kvc.kmod.kernel import REMOVE_FORCE, KernelError, LiveKernel
+
+kernel = LiveKernel()
+for call in (
+    lambda: kernel.insert(b"module-image", "a=1 b=x"),
+    lambda: kernel.remove("mod-x", REMOVE_FORCE),
+    lambda: kernel.insert(sys.argv[1], "p=2"),
+):
+    try:
+        call()
+        print(0)
+    except KernelError as error:
+        print(error.errno)
+"""
+
+
+@needs_gcc
+@pytest.mark.parametrize("err", [errno.EEXIST, errno.EPERM])
+def test_live_kernel_calls_libc_so_that_preloaded_fakes_see_them(tmp_path: Path, err: int) -> None:
+    source = tmp_path / "trap.c"
+    source.write_text(TRAP_SOURCE)
+    library = tmp_path / "trap.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source), "-ldl"], check=True)
+    module = tmp_path / "plain.ko"
+    module.write_bytes(b"an uncompressed module\n")
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, LD_PRELOAD=str(library), TRAP_LOG=str(log), TRAP_ERRNO=str(err))
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAPPED_CALLS, str(module)], capture_output=True, text=True, env=env, check=True
+    )
+    assert proc.stdout.split() == [str(err)] * 3
+    assert log.read_text().splitlines() == [
+        "init_module 12 [module-image] [a=1 b=x]",
+        f"delete_module [mod-x] {os.O_NONBLOCK | os.O_TRUNC}",
+        f"finit_module [{module}] [p=2] 0",
+    ]
+
+
+# A library without init_module and delete_module and without libc beneath it: its syscall()
+# keeps each call's number and first two arguments and fails without setting errno.
+BARE_SYSCALL_SOURCE = r"""
+long calls[4][3];
+int call_count;
+
+long syscall(long number, long first, long second)
+{
+    calls[call_count][0] = number;
+    calls[call_count][1] = first;
+    calls[call_count][2] = second;
+    call_count++;
+    return -1;
+}
+"""
+
+
+@needs_gcc
+@pytest.mark.skipif(syscall_numbers() is None, reason="no syscall numbers for this machine")
+def test_live_kernel_falls_back_to_syscall_for_functions_libc_lacks(tmp_path: Path) -> None:
+    source = tmp_path / "bare.c"
+    source.write_text(BARE_SYSCALL_SOURCE)
+    library_path = tmp_path / "bare.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-nostdlib", "-o", str(library_path), str(source)], check=True)
+    library = ctypes.CDLL(str(library_path))
+    kernel = LiveKernel(HostPaths(str(tmp_path)), libc=library)
+    with pytest.raises(KernelError) as inserted:
+        kernel.insert(b"image", "")
+    with pytest.raises(KernelError) as removed:
+        kernel.remove("demo")
+    assert inserted.value.errno == removed.value.errno == errno.EIO
+    numbers = syscall_numbers()
+    assert numbers is not None
+    calls = (ctypes.c_long * 12).in_dll(library, "calls")
+    assert ctypes.c_int.in_dll(library, "call_count").value == 2
+    assert (calls[0], calls[2]) == (numbers[0], len(b"image"))
+    assert (calls[3], calls[5]) == (numbers[1], O_NONBLOCK)
 
 
 def test_kernel_from_env(tmp_path: Path) -> None:

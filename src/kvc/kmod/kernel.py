@@ -22,7 +22,7 @@ import platform
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Protocol, Union
 
 from kvc.kmod import compression as _compression
 from kvc.kmod.elf import ElfFile
@@ -401,12 +401,24 @@ def syscall_numbers(
     return _SYSCALLS.get((machine or platform.machine(), pointer_size or struct.calcsize("P")))
 
 
-class LiveKernel(SyscallKernel):
-    """The running kernel, through real syscalls and ``/proc``/``/sys`` (under ``KVC_ROOT``)."""
+# glibc's init_module and delete_module (it has no finit_module: that one goes through syscall()).
+_INIT_MODULE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_char_p, use_errno=True)
+_DELETE_MODULE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, use_errno=True)
+_SyscallArgument = Union[int, bytes, "ctypes.Array[ctypes.c_char]"]
 
-    def __init__(self, paths: Optional[HostPaths] = None) -> None:
+
+class LiveKernel(SyscallKernel):
+    """The running kernel, through libc and ``/proc``/``/sys`` (under ``KVC_ROOT``).
+
+    ``init_module`` and ``delete_module`` are libc's functions, found among the process's symbols
+    (``libc``: another library to call instead), so an LD_PRELOAD library that defines them --
+    kmod's testsuite traps exactly those -- sees the calls; a symbol libc lacks, and
+    ``finit_module``, which glibc does not wrap, go through ``syscall()``."""
+
+    def __init__(self, paths: Optional[HostPaths] = None, *, libc: Optional[ctypes.CDLL] = None) -> None:
         self.paths = paths or HostPaths()
         self._numbers = syscall_numbers()
+        self._libc = libc if libc is not None else ctypes.CDLL(None, use_errno=True)
 
     def release(self) -> str:
         return self.paths.kernel_release()
@@ -435,21 +447,38 @@ class LiveKernel(SyscallKernel):
             return None
         return {name: export.crc or 0 for name, export in system_map.items()}
 
-    def _syscall(self, which: int, *args: Union[int, bytes, ctypes.Array[ctypes.c_char]]) -> int:
+    def _call(self, function: Callable[..., int], *args: object) -> int:
+        """0, or the errno of a failed call (EIO when the callee left errno unset)."""
+        ctypes.set_errno(0)
+        result = function(*args)
+        return (ctypes.get_errno() or errno.EIO) if result != 0 else 0
+
+    def _libc_function(
+        self, name: str, prototype: Callable[[tuple[str, ctypes.CDLL]], Callable[..., int]]
+    ) -> Optional[Callable[..., int]]:
+        try:
+            return prototype((name, self._libc))
+        except AttributeError:
+            return None
+
+    def _syscall(self, which: int, *args: _SyscallArgument) -> int:
         if self._numbers is None:
             return errno.ENOSYS
-        libc = ctypes.CDLL(None, use_errno=True)
         converted = [ctypes.c_long(arg) if isinstance(arg, int) else arg for arg in args]
-        ctypes.set_errno(0)
-        result = libc.syscall(ctypes.c_long(self._numbers[which]), *converted)
-        return (ctypes.get_errno() or errno.EIO) if result != 0 else 0
+        return self._call(self._libc.syscall, ctypes.c_long(self._numbers[which]), *converted)
 
     def sys_init_module(self, image: bytes, params: str) -> int:
         buffer = ctypes.create_string_buffer(image, len(image))
-        return self._syscall(0, buffer, len(image), _c_string(params))
+        function = self._libc_function("init_module", _INIT_MODULE)
+        if function is None:
+            return self._syscall(0, buffer, len(image), _c_string(params))
+        return self._call(function, buffer, len(image), _c_string(params))
 
     def sys_delete_module(self, name: str, flags: int) -> int:
-        return self._syscall(1, _c_string(name), flags)
+        function = self._libc_function("delete_module", _DELETE_MODULE)
+        if function is None:
+            return self._syscall(1, _c_string(name), flags)
+        return self._call(function, _c_string(name), flags)
 
     def sys_finit_module(self, fd: int, params: str, flags: int) -> int:
         return self._syscall(2, fd, _c_string(params), flags)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from kvc.kmod.fakekernel import FakeKernel
+from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import indexed_debian_kernel

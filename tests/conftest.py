@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvc.kmod.fakekernel import FakeKernel
+from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_kernel
 

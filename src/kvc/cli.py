@@ -154,7 +154,7 @@ def as_kvc_error(exc: BaseException) -> Optional[KvcError]:
     which keeps its traceback)."""
     from kvc.kmod.depmod import DepmodError
     from kvc.kmod.errors import KmodError, ModuleFormatError
-    from kvc.kmod.kernel import KernelError
+    from kvc.kmod.kernel.protocol import KernelError
 
     if isinstance(exc, KernelError):
         if exc.errno == errno.ENOSYS:

@@ -19,7 +19,8 @@ from kvc.extract import Manifest, extract, read_manifest
 from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
 from kvc.kmod.config import load_config
-from kvc.kmod.kernel import Kernel, kernel_from_env
+from kvc.kmod.kernel.environment import kernel_from_env
+from kvc.kmod.kernel.protocol import Kernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload

@@ -19,7 +19,7 @@ from typing import AbstractSet, Mapping, Optional, Sequence
 from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
 from kvc.kmod.config import ModprobeConfig, load_config
-from kvc.kmod.kernel import Kernel, KernelError
+from kvc.kmod.kernel.protocol import Kernel, KernelError
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.modprobe import ACTION_BUILTIN, ACTION_INSTALL, load_plan
 from kvc.kmod.module import ModuleFile, normalize_name

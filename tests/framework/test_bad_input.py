@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 
 from kvc.errors import ExitCode
-from kvc.kmod.fakekernel import FakeKernel
+from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support import fakeprog
 

@@ -17,7 +17,7 @@ import pytest
 from kvc.config import InstanceConfig
 from kvc.errors import LoadError
 from kvc.kmod.config import load_config
-from kvc.kmod.fakekernel import FakeKernel
+from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
 from kvc.loader import execute_load, plan_load

@@ -13,21 +13,16 @@ from typing import Any, Optional
 
 import pytest
 
-from kvc.kmod.fakekernel import (
-    FakeKernel,
-    KernelConfig,
-    kconfig_options,
-    make_fake_kernel,
-)
-from kvc.kmod.kernel import (
+from kvc.kmod.kernel.environment import kernel_from_env
+from kvc.kmod.kernel.fake import FakeKernel, KernelConfig, kconfig_options, make_fake_kernel
+from kvc.kmod.kernel.protocol import (
     MODULE_INIT_COMPRESSED_FILE,
     MODULE_INIT_IGNORE_MODVERSIONS,
     MODULE_INIT_IGNORE_VERMAGIC,
     O_TRUNC,
     KernelError,
-    kernel_from_env,
-    read_symvers,
 )
+from kvc.kmod.kernel.readers import read_symvers
 from kvc.kmod.module import ModuleFile
 from support.debian_kernel import DebianKernel, dependency_chain, module_path
 from support.modbuild import Export, ModuleSpec, Param, build_module, signature_trailer
@@ -473,7 +468,7 @@ def test_config_from_the_debian_kconfig(indexed_kernel_tree: DebianKernel) -> No
 
 def test_state_is_shared_between_processes(fake: FakeKernel, indexed_kernel_tree: DebianKernel) -> None:
     code = (
-        "from kvc.kmod.kernel import kernel_from_env; k = kernel_from_env(); "
+        "from kvc.kmod.kernel.environment import kernel_from_env; k = kernel_from_env(); "
         f"k.insert({module_path(indexed_kernel_tree, 'udp_tunnel')!r}, '', 0)"
     )
     env = {**os.environ, "KVC_ROOT": fake.paths.root, "KVC_KERNEL": "fake"}

@@ -1,5 +1,5 @@
-"""kvc.kmod.kernel: /proc and /sys parsing, libkmod's insert strategy, the live kernel, libkmod's
-readers of odd sysfs files, and choosing a kernel from the environment."""
+"""kvc.kmod.kernel: /proc and /sys parsing (readers), libkmod's insert strategy and its readers of
+odd sysfs files (libkmod), the live kernel (live), and choosing a kernel from the environment."""
 
 from __future__ import annotations
 
@@ -15,29 +15,32 @@ from typing import Optional
 
 import pytest
 
-from kvc.kmod.fakekernel import FakeKernel
-from kvc.kmod.kernel import (
+from kvc.kmod.kernel.environment import kernel_from_env
+from kvc.kmod.kernel.fake import FakeKernel
+from kvc.kmod.kernel.libkmod import (
     KMOD_MODULE_COMING,
     KMOD_MODULE_LIVE,
+    LibkmodView,
+    SyscallKernel,
+    modname_normalize,
+    path_to_modname,
+)
+from kvc.kmod.kernel.live import LiveKernel, syscall_numbers
+from kvc.kmod.kernel.protocol import (
     MODULE_INIT_COMPRESSED_FILE,
     MODULE_INIT_IGNORE_MODVERSIONS,
     MODULE_INIT_IGNORE_VERMAGIC,
     O_NONBLOCK,
     O_TRUNC,
-    Export,
     KernelError,
-    LibkmodView,
-    LiveKernel,
-    SyscallKernel,
-    kernel_from_env,
-    modname_normalize,
+)
+from kvc.kmod.kernel.readers import (
+    Export,
     parse_proc_modules,
-    path_to_modname,
     read_module_state,
     read_symvers,
     read_symvers_exports,
     read_system_map_exports,
-    syscall_numbers,
 )
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.paths import HostPaths
@@ -294,7 +297,8 @@ long syscall(long number, ...)
 
 TRAPPED_CALLS = """
 import sys
-from kvc.kmod.kernel import REMOVE_FORCE, KernelError, LiveKernel
+from kvc.kmod.kernel.live import LiveKernel
+from kvc.kmod.kernel.protocol import REMOVE_FORCE, KernelError
 
 kernel = LiveKernel()
 for call in (

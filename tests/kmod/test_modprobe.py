@@ -27,8 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvc.kmod.config import ModprobeConfig, load_config, parse_config, parse_softdep, underscores, wrapped_lines
-from kvc.kmod.fakekernel import FakeKernel
-from kvc.kmod.kernel import KernelError, LibkmodView
+from kvc.kmod.kernel.fake import FakeKernel
+from kvc.kmod.kernel.libkmod import LibkmodView
+from kvc.kmod.kernel.protocol import KernelError
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.modprobe import (
     ACTION_BUILTIN,

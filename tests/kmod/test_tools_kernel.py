@@ -20,16 +20,16 @@ from typing import Any, Optional
 
 import pytest
 
-from kvc.kmod.fakekernel import FakeKernel
-from kvc.kmod.kernel import (
+from kvc.kmod.kernel.fake import FakeKernel
+from kvc.kmod.kernel.live import LiveKernel
+from kvc.kmod.kernel.protocol import (
     MODULE_INIT_IGNORE_MODVERSIONS,
     MODULE_INIT_IGNORE_VERMAGIC,
     O_NONBLOCK,
     O_TRUNC,
     KernelError,
-    LiveKernel,
-    read_symvers,
 )
+from kvc.kmod.kernel.readers import read_symvers
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, module_path
 from support.kmodns import answer, copy_of, env_for, load, run_kmod_on

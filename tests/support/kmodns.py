@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from kvc.kmod.fakekernel import FakeKernel
+from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, dependency_chain
 from support.oracle import Result, kmod_tool

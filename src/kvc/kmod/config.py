@@ -13,7 +13,7 @@ tabs only. Module names and alias patterns pass through ``underscores()`` ('-' b
 ``[...]``; an unbalanced bracket makes the line bad). Directives: ``alias``, ``options``,
 ``install``, ``remove``, ``blacklist``, ``softdep``; ``include``/``config`` are "deprecated", and
 anything else -- ``weakdep`` too, which kmod 30 does not know -- is a bad line. libkmod's messages
-are kept as :class:`~kvc.kmod.kernel.LibkmodLog` records with kmod 30's source lines.
+are kept as :class:`~kvc.kmod.kernel.libkmod.LibkmodLog` records with kmod 30's source lines.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from kvc.kmod.index import fnmatch_c
-from kvc.kmod.kernel import LOG_ERR, LibkmodLog
+from kvc.kmod.kernel.libkmod import LOG_ERR, LibkmodLog
 from kvc.kmod.paths import HostPaths
 
 DEFAULT_CONFIG_DIRS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/local/lib/modprobe.d", "/lib/modprobe.d")

@@ -26,17 +26,13 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 from kvc.kmod.config import ModprobeConfig
-from kvc.kmod.kernel import (
-    KMOD_MODULE_BUILTIN,
-    KMOD_MODULE_LIVE,
-    LOG_ERR,
+from kvc.kmod.kernel.libkmod import KMOD_MODULE_BUILTIN, KMOD_MODULE_LIVE, LOG_ERR, LibkmodLog, LibkmodView
+from kvc.kmod.kernel.protocol import (
     MODULE_INIT_IGNORE_MODVERSIONS,
     MODULE_INIT_IGNORE_VERMAGIC,
     REMOVE_FORCE,
     Kernel,
     KernelError,
-    LibkmodLog,
-    LibkmodView,
 )
 from kvc.kmod.moddir import (
     STEP_ALIAS,

@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence
 from kvc import proc
 from kvc.atomic import write_json
 from kvc.errors import CommandTimeout, KvcError
-from kvc.kmod.kernel import KernelError, LiveKernel
+from kvc.kmod.kernel.live import LiveKernel
+from kvc.kmod.kernel.protocol import KernelError
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
 from kvc.loader import LoadStep, plan_load

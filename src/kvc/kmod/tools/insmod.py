@@ -16,13 +16,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from kvc.kmod.kernel import (
-    MODULE_INIT_IGNORE_MODVERSIONS,
-    MODULE_INIT_IGNORE_VERMAGIC,
-    KernelError,
-    kernel_from_env,
-    path_to_modname,
-)
+from kvc.kmod.kernel.environment import kernel_from_env
+from kvc.kmod.kernel.libkmod import path_to_modname
+from kvc.kmod.kernel.protocol import MODULE_INIT_IGNORE_MODVERSIONS, MODULE_INIT_IGNORE_VERMAGIC, KernelError
 from kvc.kmod.tools._cli import log_error, run_tool, write_out
 from kvc.kmod.tools.rmmod import getopt_sequence
 

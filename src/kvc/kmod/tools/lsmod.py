@@ -3,7 +3,7 @@
 kmod 30's lsmod takes no options at all (any argument prints ``Usage: lsmod``). For each
 ``/proc/modules`` line it prints ``%-19s %8ld  %d`` (name, size, refcnt) and the holders after
 a space, comma-separated. Size, refcount and holders come from libkmod's readers
-(:class:`~kvc.kmod.kernel.LibkmodView`), whose errors are logged by libkmod's default logger
+(:class:`~kvc.kmod.kernel.libkmod.LibkmodView`), whose errors are logged by libkmod's default logger
 (``libkmod: ERROR file:line function: message``) and show up as negative numbers.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from kvc.kmod.kernel import LibkmodLog, LibkmodView
+from kvc.kmod.kernel.libkmod import LibkmodLog, LibkmodView
 from kvc.kmod.paths import HostPaths
 from kvc.kmod.tools._cli import run_tool, write_err, write_out
 

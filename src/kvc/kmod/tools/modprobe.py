@@ -20,14 +20,8 @@ from typing import Optional, Sequence
 
 from kvc.kmod.config import ModprobeConfig, load_config
 from kvc.kmod.errors import KmodError
-from kvc.kmod.kernel import (
-    KMOD_MODULE_BUILTIN,
-    LOG_ERR,
-    LOG_INFO,
-    LibkmodLog,
-    LibkmodView,
-    kernel_from_env,
-)
+from kvc.kmod.kernel.environment import kernel_from_env
+from kvc.kmod.kernel.libkmod import KMOD_MODULE_BUILTIN, LOG_ERR, LOG_INFO, LibkmodLog, LibkmodView
 from kvc.kmod.moddir import ALIAS_BIN, SYMBOLS_BIN, ModuleDirectory
 from kvc.kmod.modprobe import Modprobe, ModuleObject
 from kvc.kmod.module import ModuleFile

@@ -16,18 +16,17 @@ import sys
 from typing import Iterator, Optional, Sequence
 
 from kvc.kmod.errors import KmodError
-from kvc.kmod.kernel import (
+from kvc.kmod.kernel.environment import kernel_from_env
+from kvc.kmod.kernel.libkmod import (
     KMOD_MODULE_BUILTIN,
     LOG_ERR,
     LOG_INFO,
-    REMOVE_FORCE,
-    KernelError,
     LibkmodLog,
     LibkmodView,
-    kernel_from_env,
     modname_normalize,
     path_to_modname,
 )
+from kvc.kmod.kernel.protocol import REMOVE_FORCE, KernelError
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
 from kvc.kmod.tools._cli import run_tool, write_err, write_out

@@ -47,17 +47,19 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from kvc.kmod import compression as _compression
 from kvc.kmod.errors import ModuleFormatError
-from kvc.kmod.kernel import (
+from kvc.kmod.kernel.libkmod import SyscallKernel
+from kvc.kmod.kernel.protocol import (
     MODULE_INIT_COMPRESSED_FILE,
     MODULE_INIT_FLAGS,
     MODULE_INIT_IGNORE_MODVERSIONS,
     MODULE_INIT_IGNORE_VERMAGIC,
     O_TRUNC,
-    Export,
     KernelError,
     LoadedModule,
     ModuleState,
-    SyscallKernel,
+)
+from kvc.kmod.kernel.readers import (
+    Export,
     parse_proc_modules,
     read_module_state,
     read_symvers_exports,

@@ -64,48 +64,8 @@ while [ $# -gt 0 ]; do
 done
 
 [[ $SUITE =~ ^[a-z][a-z0-9-]*$ ]] || usage_error "--suite '$SUITE' is not a Debian suite name"
-# The first enabled `deb` source in the host's apt configuration that serves suite $1 with the
-# main component: one-line entries (`deb [options] URI SUITE COMPONENT...`) and deb822 stanzas.
-apt_source_for() {
-    local files=()
-    [ -f "$APT_ETC/sources.list" ] && files+=("$APT_ETC/sources.list")
-    local file
-    for file in "$APT_ETC"/sources.list.d/*.list "$APT_ETC"/sources.list.d/*.sources; do
-        [ -f "$file" ] && files+=("$file")
-    done
-    [ ${#files[@]} -gt 0 ] || return 0
-    awk -v want="$1" '
-        function serves(suites, components,   n, i, s, m, j, c) {
-            n = split(suites, s, /[ \t]+/); m = split(components, c, /[ \t]+/)
-            for (i = 1; i <= n; i++) if (s[i] == want) for (j = 1; j <= m; j++) if (c[j] == "main") return 1
-            return 0
-        }
-        function stanza_end() {
-            if (types ~ /(^|[ \t])deb([ \t]|$)/ && enabled != "no" && serves(suites, comps) && uris != "") {
-                split(uris, u, /[ \t]+/); print u[1]; found = 1; exit
-            }
-            types = ""; uris = ""; suites = ""; comps = ""; enabled = ""
-        }
-        FNR == 1 { stanza_end() }
-        FILENAME ~ /\.sources$/ {
-            if ($0 ~ /^[ \t]*$/) { stanza_end(); next }
-            if ($0 ~ /^#/) next
-            key = tolower($1); sub(/:$/, "", key); value = $0; sub(/^[^:]*:[ \t]*/, "", value)
-            if (key == "types") types = value; else if (key == "uris") uris = value
-            else if (key == "suites") suites = value; else if (key == "components") comps = value
-            else if (key == "enabled") enabled = tolower(value)
-            next
-        }
-        $1 == "deb" {
-            i = 2
-            if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
-            uri = $i; suite = $(i + 1); rest = ""
-            for (j = i + 2; j <= NF; j++) rest = rest " " $j
-            if (serves(suite, rest)) { print uri; found = 1; exit }
-        }
-        END { if (!found) stanza_end() }
-    ' "${files[@]}"
-}
+# apt_source_for SUITE: the host's own apt source for SUITE (scripts/lib/apt-sources.sh).
+. "$(dirname "${BASH_SOURCE[0]}")/lib/apt-sources.sh"
 
 if [ -z "$MIRROR" ]; then
     MIRROR=$(apt_source_for "$SUITE")

@@ -13,7 +13,7 @@ from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_kernel
 
-SLOW_TIERS = ("oracle", "podman", "vm")
+SLOW_TIERS = ("oracle", "podman", "vm", "onefile")
 NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
 
 

@@ -1,40 +1,13 @@
-"""Files replaced in one step: a temporary file in the same directory, fsynced, renamed over the
-target, then the directory fsynced. Readers see the old file or the new one, never a partial one,
-even across a crash."""
+"""The framework's atomic file writes: :mod:`kvc.kmod.atomic`'s (kvc.kmod cannot import the
+framework, so the one implementation lives there), plus JSON documents."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from typing import Union
 
+from kvc.kmod.atomic import fsync_path, write_file
 
-def fsync_path(path: str) -> None:
-    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: str, data: Union[str, bytes], mode: int = 0o644) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_path(directory)
+__all__ = ["fsync_path", "write_file", "write_json"]
 
 
 def write_json(path: str, data: object) -> None:

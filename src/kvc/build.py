@@ -39,7 +39,9 @@ from kvc.images import (
     remove_if_untagged,
 )
 from kvc.kmod.errors import KmodError
-from kvc.kmod.module import ModuleFile, is_module_filename, name_from_path, normalize_name
+from kvc.kmod.module import ModuleFile, is_module_filename
+from kvc.kmod.names import modname_from_path as name_from_path
+from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.runtime import BuildCommandError, ContainerRuntime, ImageFiles
 
 DIGEST_SCHEME = "kvc-context-digest-1"

@@ -31,7 +31,8 @@ from kvc.config import InstanceConfig
 from kvc.errors import StateError
 from kvc.images import LABEL_DIGEST, match_modules
 from kvc.kmod.errors import KmodError
-from kvc.kmod.module import ModuleFile, normalize_name
+from kvc.kmod.module import ModuleFile
+from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime, ImageFiles
 

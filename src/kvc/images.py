@@ -27,7 +27,9 @@ from typing import Optional, Sequence
 
 from kvc.config import InstanceConfig
 from kvc.errors import CommandError
-from kvc.kmod.module import is_module_filename, name_from_path, normalize_name
+from kvc.kmod.module import is_module_filename
+from kvc.kmod.names import modname_from_path as name_from_path
+from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.runtime import ContainerRuntime, ImageInfo, normalize_ref
 
 LABEL_NAME = "name"  # KVC's label: name=NAME

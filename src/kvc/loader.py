@@ -22,7 +22,8 @@ from kvc.kmod.config import ModprobeConfig, load_config
 from kvc.kmod.kernel.protocol import Kernel, KernelError
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.modprobe import ACTION_BUILTIN, ACTION_INSTALL, load_plan
-from kvc.kmod.module import ModuleFile, normalize_name
+from kvc.kmod.module import ModuleFile
+from kvc.kmod.names import modname_normalize as normalize_name
 
 LOADED_RECORD = "loaded.json"
 

@@ -17,14 +17,7 @@ import pytest
 
 from kvc.kmod.kernel.environment import kernel_from_env
 from kvc.kmod.kernel.fake import FakeKernel
-from kvc.kmod.kernel.libkmod import (
-    KMOD_MODULE_COMING,
-    KMOD_MODULE_LIVE,
-    LibkmodView,
-    SyscallKernel,
-    modname_normalize,
-    path_to_modname,
-)
+from kvc.kmod.kernel.libkmod import KMOD_MODULE_COMING, KMOD_MODULE_LIVE, LibkmodView, SyscallKernel
 from kvc.kmod.kernel.live import LiveKernel, syscall_numbers
 from kvc.kmod.kernel.protocol import (
     MODULE_INIT_COMPRESSED_FILE,
@@ -43,6 +36,7 @@ from kvc.kmod.kernel.readers import (
     read_system_map_exports,
 )
 from kvc.kmod.module import ModuleFile
+from kvc.kmod.names import modname_normalize, path_to_modname
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel
 from support.modbuild import ModuleSpec, build_module

@@ -21,12 +21,12 @@ from kvc.kmod.moddir import (
     ModuleDirectory,
     ModuleEntry,
     normalize_alias,
-    normalize_modname,
     parse_alias_lines,
     parse_dep_line,
     parse_modules_builtin,
 )
 from kvc.kmod.module import ModinfoEntry
+from kvc.kmod.names import modname_normalize
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel
 from support.indexmodel import build_index, concrete
@@ -409,7 +409,7 @@ def test_text_parsers() -> None:
     )
     assert parse_dep_line("no colon") is None
     assert parse_dep_line("x.ko:") == DepLine("x", "x.ko", ())
-    assert normalize_modname("snd-hda.ko") == "snd_hda"
+    assert modname_normalize("snd-hda.ko") == "snd_hda"
     assert parse_alias_lines("# header\nalias a* m1\nalias b m2 extra\nsoftdep x pre: y\nalias broken\n") == [
         ("a*", "m1"),
         ("b", "m2"),

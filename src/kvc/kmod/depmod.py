@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Generic, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar, cast
 
+from kvc.kmod.atomic import write_file
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
+from kvc.kmod.digest import file_sha256
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
+from kvc.kmod.names import modname_normalize
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -269,10 +272,6 @@ class _Module:
         return self.relpath if self.relpath is not None else self.path
 
 
-def module_name(filename: str) -> str:
-    return filename.split(".", 1)[0].replace("-", "_")
-
-
 def _is_module_file(name: str) -> bool:
     return any(len(name) > len(suffix) and name.endswith(suffix) for suffix in MODULE_SUFFIXES)
 
@@ -326,7 +325,7 @@ class _Discovery:
                 self.log(ERROR, f"unsupported file type {path}: 0\n")
 
     def _add(self, path: str, prefix: str, filename: str) -> None:
-        name = module_name(filename)
+        name = modname_normalize(filename)
         relpath = self._relative(path)
         old = self.by_name.get(name)
         if old is not None and self._keeps(old, relpath, prefix, name):
@@ -422,11 +421,7 @@ class ParseCache:
     @staticmethod
     def _store(path: str, payload: object) -> None:
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            temp = f"{path}.{os.getpid()}.tmp"
-            with open(temp, "wb") as handle:
-                marshal.dump((CACHE_FORMAT, payload), handle)  # type: ignore[arg-type]
-            os.replace(temp, path)
+            write_file(path, marshal.dumps((CACHE_FORMAT, payload)), sync_directory=False)  # type: ignore[arg-type]
         except (OSError, ValueError):
             return
 
@@ -632,7 +627,7 @@ class Depmod:
             if not os.path.exists(path):
                 self.log(FATAL, f"could not create module {path}: No such file or directory\n")
                 raise DepmodError
-            name = module_name(os.path.basename(path))
+            name = modname_normalize(os.path.basename(path))
             if name in modules:
                 self.log(FATAL, f"could not add module {path}: File exists\n")
                 raise DepmodError
@@ -672,8 +667,7 @@ class Depmod:
             path = f"{self.dirname}/{name}"
             digest.update(f"{name}\0{stat_key(path)}\0".encode())
             try:
-                with open(path, "rb") as handle:
-                    digest.update(hashlib.sha256(handle.read()).digest())
+                digest.update(file_sha256(path))
             except OSError:
                 digest.update(b"-")
         return digest.digest()

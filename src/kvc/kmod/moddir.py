@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Optional, Protocol, Sequence
 from kvc.kmod.errors import IndexFormatError
 from kvc.kmod.index import HEADER_SIZE, INDEX_MAGIC, INDEX_VERSION_MAJOR, Index, ReaderKind
 from kvc.kmod.module import ModinfoEntry
+from kvc.kmod.names import modname_from_path, modname_normalize
 from kvc.kmod.paths import HostPaths
 
 DEP_BIN = "modules.dep.bin"
@@ -115,16 +116,6 @@ def normalize_alias(alias: str) -> str:
             out.append(char)
         position += 1
     return out.decode("utf-8", "surrogateescape")
-
-
-def normalize_modname(name: str) -> str:
-    """libkmod's modname_normalize: up to the first '.', with '-' as '_'."""
-    return name.split(".", 1)[0].replace("-", "_")
-
-
-def modname_from_path(path: str) -> str:
-    """libkmod's path_to_modname: the basename, normalized."""
-    return normalize_modname(path.rsplit("/", 1)[-1])
 
 
 def parse_dep_line(line: str) -> Optional[DepLine]:
@@ -345,14 +336,14 @@ class ModuleDirectory:
 
     def lookup_module(self, name: str) -> Optional[ModuleEntry]:
         """A module by name (modname-normalized) from modules.dep, or None."""
-        name = normalize_modname(name)
+        name = modname_normalize(name)
         line = self.dep_line(name)
         return self._entry(name, line, STEP_MODULES_DEP) if line is not None else None
 
     def module(self, name: str) -> ModuleEntry:
         """kmod_module_new_from_name: the module whatever the indexes say (path None if it has
         no modules.dep line)."""
-        name = normalize_modname(name)
+        name = modname_normalize(name)
         return self._entry(name, self.dep_line(name), "")
 
     def lookup_symbol_owner(self, symbol: str) -> Optional[str]:
@@ -400,7 +391,7 @@ class ModuleDirectory:
     def lookup_name(self, name: str) -> list[ModuleEntry]:
         """kmod_module_new_from_name_lookup (``modinfo -m``): the modname-normalized name in
         modules.dep, then modules.builtin, then modules.builtin.alias."""
-        key = normalize_modname(name)
+        key = modname_normalize(name)
         for step in (self._step_moddep, self._step_builtin, self._step_builtin_alias):
             found = step(key)
             if found:
@@ -416,7 +407,7 @@ class ModuleDirectory:
         line = self.dep_line(key)
         if line is None:
             return []
-        return [self._entry(normalize_modname(key), line, STEP_MODULES_DEP)]
+        return [self._entry(modname_normalize(key), line, STEP_MODULES_DEP)]
 
     def _step_symbols(self, key: str) -> list[ModuleEntry]:
         index = self.index(SYMBOLS_BIN) if key.startswith("symbol:") else None
@@ -433,7 +424,7 @@ class ModuleDirectory:
     def _step_builtin(self, key: str) -> list[ModuleEntry]:
         if not self.is_builtin(key):
             return []
-        name = normalize_modname(key)
+        name = modname_normalize(key)
         return [self._entry(name, self.dep_line(name), STEP_BUILTIN, builtin=True)]
 
     def _step_builtin_alias(self, key: str) -> list[ModuleEntry]:

@@ -41,9 +41,9 @@ from kvc.kmod.moddir import (
     STEP_SYMBOLS,
     ModuleDirectory,
     ModuleEntry,
-    modname_from_path,
     normalize_alias,
 )
+from kvc.kmod.names import modname_from_path
 
 _MODULE_C = "../libkmod/libkmod-module.c"
 _ALIAS_STEPS = (STEP_CONFIG_ALIAS, STEP_SYMBOLS, STEP_ALIAS, STEP_BUILTIN_ALIAS)

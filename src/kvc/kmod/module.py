@@ -12,19 +12,11 @@ from typing import NamedTuple, Optional, Union
 from kvc.kmod import compression
 from kvc.kmod.elf import ElfFile, Symbol, decode, split_strings
 from kvc.kmod.errors import ModuleFormatError
+from kvc.kmod.names import modname_from_path
 from kvc.kmod.signature import ModuleSignature, read_signature
 
 # A module file bigger than this is not a kernel module; refuse before reading it into memory.
 MAX_MODULE_FILE = 1024 * 1024 * 1024
-
-
-def name_from_path(path: str) -> str:
-    """kmod's module name for a file: the basename up to the first '.', with '-' as '_'."""
-    return normalize_name(os.path.basename(path).split(".", 1)[0])
-
-
-def normalize_name(name: str) -> str:
-    return name.replace("-", "_")
 
 
 def is_module_filename(filename: str) -> bool:
@@ -80,7 +72,7 @@ class ModuleFile:
 
     @property
     def name(self) -> str:
-        return name_from_path(self.path)
+        return modname_from_path(self.path)
 
     @cached_property
     def elf(self) -> ElfFile:

@@ -18,7 +18,8 @@ from typing import BinaryIO, Mapping, Sequence
 from kvc.errors import KernelMissingError, MissingProgramError
 from kvc.kmod.compression import decompress
 from kvc.kmod.errors import KmodError
-from kvc.kmod.moddir import ModuleDirectory, modname_from_path
+from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.names import modname_from_path
 
 # What the guest must load before it can mount its 9p shares.
 BOOT_MODULE_ROOTS = ("virtio_pci", "9pnet_virtio", "9p")

@@ -41,11 +41,11 @@ import re
 import shutil
 import stat
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from kvc.kmod import compression as _compression
+from kvc.kmod.atomic import write_file
 from kvc.kmod.errors import ModuleFormatError
 from kvc.kmod.kernel.libkmod import SyscallKernel
 from kvc.kmod.kernel.protocol import (
@@ -176,23 +176,6 @@ def kconfig_options(path: str) -> dict[str, Any]:
             if on(option):
                 options["decompress"] = kind
     return options
-
-
-def _write_atomic(path: str, text: Union[str, bytes], mode: int = 0o644) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class _Refused(Exception):
@@ -625,12 +608,18 @@ class FakeKernel(SyscallKernel):
             if os.path.isdir(stale):
                 shutil.rmtree(stale)
         os.makedirs(paths.sys_module, exist_ok=True)
-        _write_atomic(paths.host("/proc/sys/kernel/osrelease"), release + "\n")
-        _write_atomic(paths.host("/proc/sys/kernel/modules_disabled"), "0\n")
-        _write_atomic(os.path.join(kernel.state_dir, "config.json"), json.dumps(asdict(config), indent=2) + "\n")
-        _write_atomic(os.path.join(kernel.state_dir, "dmesg"), "")
+        write_file(paths.host("/proc/sys/kernel/osrelease"), release + "\n", sync_directory=False)
+        write_file(paths.host("/proc/sys/kernel/modules_disabled"), "0\n", sync_directory=False)
+        write_file(
+            os.path.join(kernel.state_dir, "config.json"),
+            json.dumps(asdict(config), indent=2) + "\n",
+            sync_directory=False,
+        )
+        write_file(os.path.join(kernel.state_dir, "dmesg"), "", sync_directory=False)
         if config.decompress:
-            _write_atomic(os.path.join(paths.sys_module, "compression"), config.decompress + "\n", 0o444)
+            write_file(
+                os.path.join(paths.sys_module, "compression"), config.decompress + "\n", 0o444, sync_directory=False
+            )
         for name in builtin_modules:
             os.makedirs(os.path.join(paths.sys_module, name, "parameters"), exist_ok=True)
         with kernel._locked():
@@ -668,7 +657,7 @@ class FakeKernel(SyscallKernel):
         """Persist the state, then render /proc and /sys from it."""
         previous = set(state.get("sysfs", []))
         state["sysfs"] = sorted(mod["name"] for mod in state["modules"])
-        _write_atomic(os.path.join(self.state_dir, "state.json"), json.dumps(state, indent=1) + "\n")
+        write_file(os.path.join(self.state_dir, "state.json"), json.dumps(state, indent=1) + "\n", sync_directory=False)
         self._render(state, previous)
 
     def _render(self, state: dict[str, Any], previous: set[str]) -> None:
@@ -686,8 +675,8 @@ class FakeKernel(SyscallKernel):
             status = {"live": "Live", "coming": "Loading", "going": "Unloading"}[mod["state"]]
             flags = _module_flags(mod)
             lines.append(f"{mod['name']} {mod['size']}{unload} {status} {address}{' ' + flags if flags else ''}\n")
-        _write_atomic(os.path.join(self.paths.proc, "modules"), "".join(lines), 0o444)
-        _write_atomic(self.paths.host("/proc/sys/kernel/tainted"), f"{state['taint']}\n")
+        write_file(os.path.join(self.paths.proc, "modules"), "".join(lines), 0o444, sync_directory=False)
+        write_file(self.paths.host("/proc/sys/kernel/tainted"), f"{state['taint']}\n", sync_directory=False)
         for name in previous - set(state["sysfs"]):
             shutil.rmtree(os.path.join(self.paths.sys_module, name), ignore_errors=True)
         for mod in state["modules"]:
@@ -695,15 +684,15 @@ class FakeKernel(SyscallKernel):
 
     def _render_module(self, mod: dict[str, Any]) -> None:
         base = os.path.join(self.paths.sys_module, mod["name"])
-        _write_atomic(os.path.join(base, "initstate"), mod["state"] + "\n", 0o444)
+        write_file(os.path.join(base, "initstate"), mod["state"] + "\n", 0o444, sync_directory=False)
         if self.config.unload:
-            _write_atomic(os.path.join(base, "refcnt"), f"{_refcount(mod)}\n", 0o444)
-        _write_atomic(os.path.join(base, "coresize"), f"{mod['size']}\n", 0o444)
-        _write_atomic(os.path.join(base, "initsize"), "0\n", 0o444)
-        _write_atomic(os.path.join(base, "taint"), _taint_letters(mod["taint"]) + "\n", 0o444)
+            write_file(os.path.join(base, "refcnt"), f"{_refcount(mod)}\n", 0o444, sync_directory=False)
+        write_file(os.path.join(base, "coresize"), f"{mod['size']}\n", 0o444, sync_directory=False)
+        write_file(os.path.join(base, "initsize"), "0\n", 0o444, sync_directory=False)
+        write_file(os.path.join(base, "taint"), _taint_letters(mod["taint"]) + "\n", 0o444, sync_directory=False)
         for key in ("version", "srcversion"):
             if mod.get(key) is not None:
-                _write_atomic(os.path.join(base, key), mod[key] + "\n", 0o444)
+                write_file(os.path.join(base, key), mod[key] + "\n", 0o444, sync_directory=False)
         holders = os.path.join(base, "holders")
         os.makedirs(holders, exist_ok=True)
         for entry in os.listdir(holders):
@@ -718,7 +707,7 @@ class FakeKernel(SyscallKernel):
         if shown:
             for param in shown:
                 path = os.path.join(params_dir, param["name"])
-                _write_atomic(path, _show_param(param), (param["perm"] & 0o777) | stat.S_IRUSR)
+                write_file(path, _show_param(param), (param["perm"] & 0o777) | stat.S_IRUSR, sync_directory=False)
 
     def log(self, *lines: str) -> None:
         """Append lines to the fake kernel log."""

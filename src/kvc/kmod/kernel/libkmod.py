@@ -36,6 +36,7 @@ from kvc.kmod.kernel.protocol import (
     ModuleSource,
 )
 from kvc.kmod.module import ModuleFile, strip_for_force
+from kvc.kmod.names import modname_normalize
 from kvc.kmod.paths import HostPaths
 
 # The longest magic libkmod reads before deciding how to open a file (xz: 6 bytes). A shorter
@@ -151,17 +152,6 @@ class LibkmodLog:
     line: int
     function: str
     message: str
-
-
-def modname_normalize(name: str) -> str:
-    """libkmod's modname_normalize: up to the first '.', with '-' as '_'."""
-    return name.split(".", 1)[0].replace("-", "_")
-
-
-def path_to_modname(path: str) -> Optional[str]:
-    """libkmod's path_to_modname: the normalized basename; None for a path ending in '/'."""
-    base = path.rsplit("/", 1)[-1]
-    return modname_normalize(base) if base else None
 
 
 def _strtol(text: str) -> tuple[Optional[int], str]:

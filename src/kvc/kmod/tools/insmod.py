@@ -17,8 +17,8 @@ import sys
 from typing import Optional, Sequence
 
 from kvc.kmod.kernel.environment import kernel_from_env
-from kvc.kmod.kernel.libkmod import path_to_modname
 from kvc.kmod.kernel.protocol import MODULE_INIT_IGNORE_MODVERSIONS, MODULE_INIT_IGNORE_VERMAGIC, KernelError
+from kvc.kmod.names import path_to_modname
 from kvc.kmod.tools._cli import log_error, run_tool, write_out
 from kvc.kmod.tools.rmmod import getopt_sequence
 

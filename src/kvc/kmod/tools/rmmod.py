@@ -17,17 +17,10 @@ from typing import Iterator, Optional, Sequence
 
 from kvc.kmod.errors import KmodError
 from kvc.kmod.kernel.environment import kernel_from_env
-from kvc.kmod.kernel.libkmod import (
-    KMOD_MODULE_BUILTIN,
-    LOG_ERR,
-    LOG_INFO,
-    LibkmodLog,
-    LibkmodView,
-    modname_normalize,
-    path_to_modname,
-)
+from kvc.kmod.kernel.libkmod import KMOD_MODULE_BUILTIN, LOG_ERR, LOG_INFO, LibkmodLog, LibkmodView
 from kvc.kmod.kernel.protocol import REMOVE_FORCE, KernelError
 from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.names import modname_normalize, path_to_modname
 from kvc.kmod.paths import HostPaths
 from kvc.kmod.tools._cli import run_tool, write_err, write_out
 

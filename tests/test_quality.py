@@ -259,6 +259,23 @@ def test_kmod_library_imports_nothing_from_the_framework() -> None:
         )
     ]
     assert found == []
+    assert {"kernel", "tools"} <= {path.parent.name for path in KMOD_SOURCES}
+    # kvc.kmod's __getattr__ imports its public names by module name, out of the scan's sight: import
+    # every kvc.kmod module and public name, and see that no framework module came with them.
+    code = (
+        "import importlib, pkgutil, sys, kvc, kvc.kmod\n"
+        "before = set(sys.modules)\n"
+        "modules = [info.name for info in pkgutil.walk_packages(kvc.kmod.__path__, 'kvc.kmod.')]\n"
+        "for name in modules:\n"
+        "    importlib.import_module(name)\n"
+        "for name in kvc.kmod.__all__:\n"
+        "    getattr(kvc.kmod, name)\n"
+        "print(len(modules))\n"
+        "print(*sorted(m for m in set(sys.modules) - before if m.split('.')[:2] != ['kvc', 'kmod']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, loaded = proc.stdout.splitlines()
+    assert int(count) == len(KMOD_SOURCES) - 1 and not [m for m in loaded.split() if m.startswith("kvc.")]
 
 
 def test_the_layering_check_finds_what_it_looks_for() -> None:

@@ -86,7 +86,7 @@ def main() -> int:
                     if round_index:
                         times[(command, name)].append(seconds)
         same = True
-        print(f"  {'command':<45} {'build':<15} {'best':>7} {'median':>7}  {'/python':>7}  output")
+        print(f"  {'command':<50} {'build':<15} {'best':>7} {'median':>7}  {'/python':>7}  output")
         for command in commands:
             reference = statistics.median(times[(command, "python (.venv)")])
             for name in builds:
@@ -94,7 +94,7 @@ def main() -> int:
                 identical = outputs[(command, name)] == outputs[(command, "python (.venv)")]
                 same = same and identical
                 print(
-                    f"  {command:<45} {name:<15} {min(runs):6.3f}s {statistics.median(runs):6.3f}s "
+                    f"  {command:<50} {name:<15} {min(runs):6.3f}s {statistics.median(runs):6.3f}s "
                     f"{statistics.median(runs) / reference:7.2f}x  {'identical' if identical else 'DIFFERENT'}"
                 )
         return 0 if same else 1

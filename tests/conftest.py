@@ -1,6 +1,7 @@
 """Shared fixtures, and the test tiers: plain ``pytest`` runs the fast set; ``--all`` (what
 scripts/test.sh and CI pass) or an explicit ``-m`` adds the slow tiers: ``oracle`` (Debian's kernel
-package and kmod side by side), ``podman`` (real image builds) and ``vm`` (real kernels under qemu).
+package and kmod side by side), ``podman`` (real image builds), ``vm`` (real kernels under qemu) and
+``onefile`` (the single-file kvc built in a Debian 11 root and run where there is no Python).
 A test that needs Debian's kernel tree is in the oracle tier whether or not it says so."""
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def as_kvc_error(exc: BaseException) -> Optional[KvcError]:
             return KernelMissingError(
                 f"no kernel to work with: {exc}",
                 hint="with KVC_KERNEL=fake, create the fake kernel under KVC_ROOT first "
-                "(kvc.kmod.fakekernel.FakeKernel.create), or unset KVC_KERNEL",
+                "(kvc.kmod.kernel.fake.FakeKernel.create), or unset KVC_KERNEL",
             )
         return LoadError(f"the kernel refused: {exc}", details="\n".join(exc.log_lines), hint="see 'kvc status'")
     if isinstance(exc, ModuleFormatError):

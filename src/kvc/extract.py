@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from kvc.atomic import fsync_path
 from kvc.config import InstanceConfig
 from kvc.errors import StateError
 from kvc.images import LABEL_DIGEST, match_modules
+from kvc.kmod.digest import file_sha256
 from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.names import modname_normalize as normalize_name
@@ -83,7 +83,7 @@ class Manifest:
         for module in self.modules:
             path = os.path.join(self.directory, module.file)
             try:
-                digest = sha256_file(path)
+                digest = file_sha256(path).hex()
             except OSError as exc:
                 found.append(f"{path}: {exc.strerror or exc}")
                 continue
@@ -100,14 +100,6 @@ class Manifest:
                 details="\n".join(problems),
                 hint="run the load again with --force to extract them from the image again",
             )
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _parse_manifest(directory: str, data: object) -> Optional[Manifest]:
@@ -297,7 +289,7 @@ def extract(
                     f"{image_path} in image {image} is not a readable module: {exc}", hint="rebuild the image"
                 ) from None
             modules.append(
-                ExtractedModule(name, os.path.basename(local), sha256_file(local), vermagic, depends, image_path)
+                ExtractedModule(name, os.path.basename(local), file_sha256(local).hex(), vermagic, depends, image_path)
             )
         if current is not None:
             _carry_over(current, staging)

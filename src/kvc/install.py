@@ -30,6 +30,7 @@ from kvc import systemd
 from kvc.atomic import fsync_path, write_file
 from kvc.config import InstanceConfig, check_name, parse_assignments
 from kvc.errors import ConfigError, StateError
+from kvc.kmod.digest import file_sha256
 from kvc.layout import Layout
 
 MANIFEST_SCHEMA = 1
@@ -59,11 +60,7 @@ def sha256_of(path: str, kind: Kind) -> str:
         return hashlib.sha256(os.readlink(path).encode()).hexdigest()
     if kind is Kind.DIR:
         return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path).hex()
 
 
 def kind_of(path: str) -> Optional[Kind]:

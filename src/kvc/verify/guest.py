@@ -3,7 +3,7 @@
 It runs on the guest kernel with the host's Python and the host's kvc (mounted over 9p), and
 does what ``kvc load`` does on a host, with the real kernel judging: it plans the instance's
 modules and their in-tree dependencies from the guest kernel's own module tree, inserts them
-with :class:`~kvc.kmod.kernel.LiveKernel` (``finit_module``), records per module the kernel's
+with :class:`~kvc.kmod.kernel.live.LiveKernel` (``finit_module``), records per module the kernel's
 answer and the kernel log lines it wrote, runs the smoke test inside the instance image (chroot),
 unloads everything in reverse, and writes ``result.json`` (schema 1) to the work share.
 

@@ -28,21 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from kvc.kmod.depmod import OUTPUTS
 from support.debian_kernel import debian_kernel
 from support.oracle import kmod_tool
-
-OUTPUTS = (
-    "modules.dep",
-    "modules.dep.bin",
-    "modules.alias",
-    "modules.alias.bin",
-    "modules.softdep",
-    "modules.symbols",
-    "modules.symbols.bin",
-    "modules.builtin.bin",
-    "modules.builtin.alias.bin",
-    "modules.devname",
-)
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ import pytest
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_kernel
+from support.onefile import build_onefile
 
 SLOW_TIERS = ("oracle", "podman", "vm", "onefile")
 NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
@@ -52,3 +53,11 @@ def fake(indexed_kernel_tree: DebianKernel, tmp_path: Path) -> FakeKernel:
     return FakeKernel.create(
         HostPaths(str(tmp_path / "root")), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers)
     )
+
+
+@pytest.fixture(scope="session")
+def onefile_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output directory of one scripts/build-onefile.sh run: kvc, kmods-via-containers and kvc-onedir/."""
+    output = tmp_path_factory.mktemp("onefile")
+    build_onefile(output)
+    return output

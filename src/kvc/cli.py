@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the kernel's files: DIR/boot/vmlinuz-KVER and DIR/lib/modules/KVER "
         "(default: this host's, else the distribution's package, cached)",
     )
+    p.add_argument(
+        "--guest-root",
+        metavar="DIR",
+        default="/",
+        help="the guest's root filesystem, shared read-only (default: this host's /); the single-file kvc "
+        "runs from its own directory, so DIR needs no Python and no kvc (the Python kvc needs both at "
+        "the same paths in DIR)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report (schema 1)")
     p.add_argument(
         "--keep-artifacts", action="store_true", help="keep the console log, job and initramfs even when verified"

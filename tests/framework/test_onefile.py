@@ -21,23 +21,18 @@ import pytest
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel
+from support.onefile import CACHE, PRIVATE_MOUNTS, SCRIPT, TOP, minbase_root
 
 pytestmark = [
     pytest.mark.onefile,
     pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap and chroot need root"),
 ]
 
-TOP = Path(__file__).resolve().parents[2]
-SCRIPT = TOP / "scripts" / "build-onefile.sh"
-CACHE = Path(os.environ.get("KVC_BUILD_CACHE", "/var/cache/kvc-build"))
 PYTHON_KVC = Path(sys.prefix) / "bin" / "kvc"
 PYTHON_LEGACY = Path(sys.prefix) / "bin" / "kmods-via-containers"
 GLIBC_FLOOR = (2, 29)  # Debian 11's libpython3.9: what RHEL 9.4 (2.34) and older fleets can run
-RUN_SUITE = "bullseye"  # glibc 2.31, below the 2.35-2.36 a bookworm-built bundle would need
 # Installed in the root with the executable; the paths kvc reads are bound to the same path inside.
 ROOT_BIN = "/usr/local/bin"
-# Mounts made under this prefix vanish with the command, even when it is killed.
-PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private", "--")
 # No image exists: podman's answer when asked about a missing one.
 FAKE_PODMAN = (
     '#!/bin/sh\nif [ "$1" = image ] && [ "$2" = inspect ]; then echo "Error: $3: image not known" >&2; exit 125; fi\n'
@@ -45,49 +40,11 @@ FAKE_PODMAN = (
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output directory of one build-onefile.sh run: kvc, kmods-via-containers and kvc-onedir/."""
-    output = tmp_path_factory.mktemp("onefile")
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), "--onedir", "--output", str(output)], capture_output=True, text=True, timeout=1800
-    )
-    assert proc.returncode == 0, proc.stderr
-    return output
-
-
-def minbase_root() -> Path:
-    """A debootstrap --variant=minbase RUN_SUITE root from the host's mirror, made once into the
-    build cache (in a private mount namespace, so debootstrap's /proc and /sys go with it)."""
-    root = CACHE / "test-roots" / f"{RUN_SUITE}-minbase"
-    if (root / ".kvc-ready").exists():
-        return root
-    mirror = subprocess.run(
-        ["bash", "-c", '. "$1"; apt_mirror_for "$2"', "sh", str(TOP / "scripts/lib/apt-sources.sh"), RUN_SUITE],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert mirror, f"no Debian mirror for {RUN_SUITE} in the host's apt sources"
-    partial = root.with_name(root.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    proc = subprocess.run(
-        [*PRIVATE_MOUNTS, "debootstrap", "--variant=minbase", RUN_SUITE, str(partial), mirror],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    (partial / ".kvc-ready").touch()
-    partial.rename(root)
-    return root
-
-
-@pytest.fixture(scope="session")
-def bare_root(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bare_root(onefile_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the minbase root with the one-file kvc (and its legacy name) in ROOT_BIN."""
     root = tmp_path_factory.mktemp("bare") / "root"
     subprocess.run(["cp", "-a", str(minbase_root()), str(root)], check=True)
-    shutil.copy2(built / "kvc", root / ROOT_BIN.lstrip("/") / "kvc")
+    shutil.copy2(onefile_build / "kvc", root / ROOT_BIN.lstrip("/") / "kvc")
     (root / ROOT_BIN.lstrip("/") / "kmods-via-containers").symlink_to("kvc")
     return root
 
@@ -136,9 +93,11 @@ def elf_files(directory: Path) -> list[Path]:
     return found
 
 
-def test_the_build_is_cached_and_leaves_no_mount(built: Path) -> None:
+def test_the_build_is_cached_and_leaves_no_mount(onefile_build: Path) -> None:
     started = time.monotonic()
-    again = subprocess.run(["bash", str(SCRIPT), "--output", str(built)], capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        ["bash", str(SCRIPT), "--output", str(onefile_build)], capture_output=True, text=True, timeout=300
+    )
     elapsed = time.monotonic() - started
     assert again.returncode == 0, again.stderr
     assert "(cached)" in again.stderr and "built before" in again.stderr, again.stderr
@@ -146,7 +105,7 @@ def test_the_build_is_cached_and_leaves_no_mount(built: Path) -> None:
     with open("/proc/self/mounts", encoding="utf-8") as mounts:
         left = [line for line in mounts if f" {CACHE}/" in line]
     assert not left, left
-    assert os.readlink(built / "kmods-via-containers") == "kvc"
+    assert os.readlink(onefile_build / "kmods-via-containers") == "kvc"
 
 
 def test_usage_errors_exit_2() -> None:
@@ -178,17 +137,17 @@ def test_the_mirror_of_another_suite_is_the_one_the_host_uses_for_its_own(tmp_pa
     assert mirror_for("bullseye") == "http://old.example.org/debian"
 
 
-def test_everything_bundled_needs_at_most_glibc_2_29(built: Path) -> None:
-    bundled = elf_files(built / "kvc-onedir")
+def test_everything_bundled_needs_at_most_glibc_2_29(onefile_build: Path) -> None:
+    bundled = elf_files(onefile_build / "kvc-onedir")
     names = {path.name for path in bundled}
     # The unpacked bundle is what the one file carries: the interpreter and every extension.
     assert "libpython3.9.so.1.0" in names and any(name.startswith("backend_c.") for name in names), sorted(names)
-    needs = {path: glibc_versions(path) for path in [built / "kvc", *bundled]}
+    needs = {path: glibc_versions(path) for path in [onefile_build / "kvc", *bundled]}
     floor, neediest = max((max(versions, default=(0,)), path) for path, versions in needs.items())
     stated = ".".join(map(str, floor))
-    assert floor <= GLIBC_FLOOR, f"{neediest.relative_to(built)} needs GLIBC_{stated}, above 2.29"
+    assert floor <= GLIBC_FLOOR, f"{neediest.relative_to(onefile_build)} needs GLIBC_{stated}, above 2.29"
     # The floor is libpython's: were it lower, GLIBC_FLOOR (and the script's help) would be stale.
-    assert floor == GLIBC_FLOOR, f"the bundle needs GLIBC_{stated} ({neediest.relative_to(built)}), not 2.29"
+    assert floor == GLIBC_FLOOR, f"the bundle needs GLIBC_{stated} ({neediest.relative_to(onefile_build)}), not 2.29"
 
 
 def test_the_root_has_no_python(bare_root: Path) -> None:

@@ -2,3 +2,6 @@
 in a throwaway qemu VM. :mod:`.run` plans, executes and reports; :mod:`.kernelfiles` finds the
 kernel; :mod:`.initramfs`, :mod:`.bootimage` and :mod:`.qemu` make and boot the guest;
 :mod:`.guest` is the agent inside it. Nothing else in kvc imports this package except the CLI."""
+
+# The hidden first argument that makes the single-file kvc (scripts/kvc_onefile_entry.py) the agent.
+FROZEN_AGENT_ARGUMENT = "__kvc_guest"

@@ -1,6 +1,8 @@
-"""kvc's agent inside the verification VM (``python -m kvc.verify.guest JOB``; see kvc.verify).
+"""kvc's agent inside the verification VM (``python -m kvc.verify.guest JOB``, or
+``kvc __kvc_guest JOB`` from the single-file kvc; see kvc.verify).
 
-It runs on the guest kernel with the host's Python and the host's kvc (mounted over 9p), and
+It runs on the guest kernel with the host's Python and the host's kvc (mounted over 9p), or as the
+single-file kvc itself (shared into the guest), and
 does what ``kvc load`` does on a host, with the real kernel judging: it plans the instance's
 modules and their in-tree dependencies from the guest kernel's own module tree, inserts them
 with :class:`~kvc.kmod.kernel.live.LiveKernel` (``finit_module``), records per module the kernel's

@@ -2,8 +2,8 @@
 
 It holds a static busybox, kvc's guest init (``data/vm-init``), the guest kernel's own virtio and
 9p modules (decompressed, in dependency order; Debian builds them as modules) and ``boot.conf``
-naming them and the host's Python. Everything else the guest runs comes from the host's root over
-9p, so the code that runs in the guest is the code installed on the host, not a copy.
+naming them and the command that starts kvc's agent. Everything else the guest runs comes from the
+host over 9p, so the code that runs in the guest is the code installed on the host, not a copy.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def build_initramfs(path: str, busybox: str, modules: Sequence[tuple[str, str]],
             "kvc/host",
             "kvc/work",
             "kvc/image",
+            "kvc/agent",
             "kvc/kernel-modules",
             "kvc/modules",
         )

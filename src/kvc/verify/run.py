@@ -4,8 +4,10 @@ The host side: find the image (it must be built), the target kernel's files
 (:mod:`kvc.verify.kernelfiles`), copy the instance's modules out of the image into a work directory,
 write the initramfs (:mod:`kvc.verify.initramfs`) and the job, and boot the kernel under qemu
 (:mod:`kvc.verify.qemu`: TCG unless a KVM probe works, no network, bounded memory, a hard timeout). The
-guest mounts the host's root read-only over 9p and runs this very installation of kvc
-(:mod:`kvc.verify.guest`), which loads the modules with kvc's loader and the live kernel, runs the
+guest mounts the host's root (or ``--guest-root DIR``) read-only over 9p and runs this very
+installation of kvc (:mod:`kvc.verify.guest`): the host's Python with kvc's modules, or the
+single-file kvc itself, whose directory is shared into the guest so that its root needs neither.
+The agent loads the modules with kvc's loader and the live kernel, runs the
 smoke test in the image, unloads and writes ``result.json``; the host turns it into the report.
 
 Outcomes (:class:`VerifyStatus`) and exit codes (:class:`kvc.errors.ExitCode`): 0 verified; 5 a
@@ -23,6 +25,7 @@ import enum
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -39,6 +42,7 @@ from kvc.images import image_tag
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime, ImageFiles
+from kvc.verify import FROZEN_AGENT_ARGUMENT
 from kvc.verify.bootimage import pvh_kernel
 from kvc.verify.initramfs import boot_modules, build_initramfs, find_busybox
 from kvc.verify.kernelfiles import KernelFiles
@@ -50,6 +54,7 @@ SMOKE_TIMEOUT = 120.0
 GUEST_WORK = "/kvc/work"
 GUEST_MODULES = "/kvc/kernel-modules"
 GUEST_IMAGE = "/kvc/image"
+GUEST_AGENT_DIR = "/kvc/agent"
 TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
@@ -106,6 +111,7 @@ class VerifyOptions:
     memory_mb: int = 1024
     timeout: float = 300.0
     keep_artifacts: bool = False
+    guest_root: str = "/"
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ class VerifyPlan:
                 f"  image {self.image} ({self.image_id[:12]})",
                 f"  kernel {self.kernel.vmlinuz}, modules {self.kernel.moddir} ({self.kernel.source})",
                 f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
-                f"timeout {self.options.timeout:g} s",
+                f"timeout {self.options.timeout:g} s, guest root {self.options.guest_root}",
                 f"  load {' '.join(self.instance.module_names)} with their in-tree dependencies, "
                 f"smoke test: {self.instance.smoke_test or '(none)'}, unload",
             ]
@@ -171,6 +177,19 @@ def _copy_tools(files: ImageFiles, plan: VerifyPlan, destination: str) -> None:
     os.makedirs(destination, exist_ok=True)
     for local in files.copy(list(paths.values()), destination).values():
         os.chmod(local, 0o755)
+
+
+def _agent() -> tuple[dict[str, str], tuple[Share, ...]]:
+    """boot.conf's settings for starting the guest agent, and the share it needs: the host's
+    Python with kvc's modules, or (a frozen kvc) the single-file kvc from its own directory."""
+    if not getattr(sys, "frozen", False):
+        command = [sys.executable, "-m", "kvc.verify.guest"]
+        path = os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__)))
+        return {"KVC_AGENT": shlex.join(command), "KVC_PYTHONPATH": path, "KVC_AGENT_SHARE": "0"}, ()
+    executable = os.path.realpath(sys.executable)
+    command = [f"{GUEST_AGENT_DIR}/{os.path.basename(executable)}", FROZEN_AGENT_ARGUMENT]
+    settings = {"KVC_AGENT": shlex.join(command), "KVC_PYTHONPATH": "", "KVC_AGENT_SHARE": "1"}
+    return settings, (Share("kvcagent", os.path.dirname(executable)),)
 
 
 def _crash_lines(console: str) -> list[str]:
@@ -253,11 +272,8 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     instance, kernel = plan.instance, plan.kernel
     moddir = ModuleDirectory(kernel.moddir)
     boot = boot_modules(moddir)
-    settings = {
-        "KVC_BOOT_MODULES": " ".join(name for name, _ in boot),
-        "KVC_PYTHON": sys.executable,
-        "KVC_PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__))),
-    }
+    agent_settings, agent_shares = _agent()
+    settings = {"KVC_BOOT_MODULES": " ".join(name for name, _ in boot), **agent_settings}
     with runtime.open_image(plan.image) as files:
         os.makedirs(os.path.join(work, "modules"))
         copies = copy_instance_modules(files, instance, kernel.release, plan.image, os.path.join(work, "modules"))
@@ -282,7 +298,12 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             "progress": f"{GUEST_WORK}/progress",
         }
         write_json(os.path.join(work, "job.json"), job)
-        shares = [Share("kvcroot", "/"), Share("kvcwork", work, readonly=False), Share("kvcmods", kernel.moddir)]
+        shares = [
+            Share("kvcroot", plan.options.guest_root),
+            Share("kvcwork", work, readonly=False),
+            Share("kvcmods", kernel.moddir),
+            *agent_shares,
+        ]
         if image_root:
             shares.append(Share("kvcimage", image_root))
         pvh = pvh_kernel(kernel.vmlinuz, layout.cache_dir)
@@ -311,6 +332,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             "kernel_image": machine.kernel,
             "memory_mb": plan.options.memory_mb,
             "timeout": plan.options.timeout,
+            "guest_root": plan.options.guest_root,
             "qemu_exit": run.returncode,
         },
         "modules": [],

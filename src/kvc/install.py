@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Optional
 
 from kvc import systemd
 from kvc.atomic import fsync_path, write_file
-from kvc.config import InstanceConfig, check_name, parse_assignments
+from kvc.config import InstanceConfig, check_name, parse_assignments, read_conf
 from kvc.errors import ConfigError, StateError
 from kvc.kmod.digest import file_sha256
 from kvc.layout import Layout
@@ -238,14 +238,15 @@ def _bundle_entries(bundle: str, target: str) -> list[Write]:
     return writes
 
 
-def _installed_conf(text: str, conf: str, instance: InstanceConfig, bundle: str, target: str) -> str:
+def _installed_conf(
+    text: str, conf: str, values: Mapping[str, str], instance: InstanceConfig, bundle: str, target: str
+) -> str:
     """The conf as installed: a local build context inside the bundle is pointed at the copy."""
     context = instance.build_context
     if not context or "://" in context:
         return text
     relative = os.path.relpath(os.path.realpath(context), os.path.realpath(bundle))
     if relative == ".." or relative.startswith(".." + os.sep):
-        values = parse_assignments(text, conf)
         raise ConfigError(
             f"{conf}: {_CONTEXT_KEY} {values.get(_CONTEXT_KEY, '')!r} points outside the bundle",
             hint="a bundle's relative build context must be inside the bundle",
@@ -266,11 +267,9 @@ def _installed_conf(text: str, conf: str, instance: InstanceConfig, bundle: str,
     return result
 
 
-def _refuse_host_paths(conf: str) -> None:
+def _refuse_host_paths(conf: str, values: Mapping[str, str]) -> None:
     """A bundle builds from what it carries: an absolute build context or build file would send
     any host directory (``/etc``, ``/root``) into a build the bundle's Containerfile controls."""
-    with open(conf, encoding="utf-8") as handle:
-        values = parse_assignments(handle.read(), conf)
     for key in (_CONTEXT_KEY, "KMOD_CONTAINER_BUILD_FILE"):
         if os.path.isabs(values.get(key, "")):
             raise ConfigError(
@@ -327,15 +326,16 @@ def plan_install(
     conf = os.path.join(bundle, confs[0])
     if kind_of(conf) is not Kind.FILE:
         raise ConfigError(f"{conf}: not a regular file", hint="the bundle's conf must be a file, not a link")
-    instance = InstanceConfig.load(bundle, name)
-    _refuse_host_paths(conf)
+    values = read_conf(conf)
+    instance = InstanceConfig.from_values(name, conf, values)
+    _refuse_host_paths(conf, values)
     previous = read_manifest(layout, name)
     target = layout.bundle_dir(name)
     copy = _bundle_entries(bundle, target)
     if os.path.lexists(target):
         _check_owned_tree(target, previous)
     with open(conf, encoding="utf-8") as handle:
-        conf_text = _installed_conf(handle.read(), conf, instance, bundle, target)
+        conf_text = _installed_conf(handle.read(), conf, values, instance, bundle, target)
 
     files: list[Write] = []
 

@@ -335,7 +335,10 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     if args.memory < 256 or args.timeout <= 0:
         raise UsageError("verify needs --memory of at least 256 MiB and a positive --timeout")
     if not os.path.isdir(args.guest_root):
-        raise UsageError(f"--guest-root {args.guest_root} is not a directory")
+        raise UsageError(
+            f"--guest-root {args.guest_root} is not a directory",
+            hint="give the directory of a root file system for the guest, e.g. a debootstrap minbase root",
+        )
     instance = ctx.instance(args.name)
     options = VerifyOptions(
         args.accel, args.memory, args.timeout, args.keep_artifacts, os.path.abspath(args.guest_root)

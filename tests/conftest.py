@@ -1,7 +1,8 @@
 """Shared fixtures, and the test tiers: plain ``pytest`` runs the fast set; ``--all`` (what
 scripts/test.sh and CI pass) or an explicit ``-m`` adds the slow tiers: ``oracle`` (Debian's kernel
-package and kmod side by side), ``podman`` (real image builds), ``vm`` (real kernels under qemu) and
-``onefile`` (the single-file kvc built in a Debian 11 root and run where there is no Python).
+package and kmod side by side), ``podman`` (real image builds), ``vm`` (real kernels under qemu),
+``onefile`` (the single-file kvc built in a Debian 11 root and run where there is no Python) and
+``registry`` (push and pull through a local TLS registry with basic auth).
 A test that needs Debian's kernel tree is in the oracle tier whether or not it says so."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_kernel
 from support.onefile import build_onefile
 
-SLOW_TIERS = ("oracle", "podman", "vm", "onefile")
+SLOW_TIERS = ("oracle", "podman", "vm", "onefile", "registry")
 NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
 
 

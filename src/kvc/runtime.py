@@ -463,7 +463,15 @@ class ContainerRuntime(abc.ABC):
     def tag(self, source: str, target: str) -> None: ...
 
     @abc.abstractmethod
-    def pull(self, ref: str) -> None: ...
+    def pull(self, ref: str, *, options: Sequence[str] = ()) -> str:
+        """Pull ``ref`` (a registry reference, or another transport such as ``oci:DIR:REF``) and
+        return the pulled image's id. ``options``: transport options (``--authfile``, ``--cert-dir``,
+        ``--tls-verify=false``; see kvc.registry.transport_args)."""
+
+    @abc.abstractmethod
+    def push(self, image: str, destination: str, *, options: Sequence[str] = (), digest_file: str = "") -> None:
+        """Push the local ``image`` to ``destination`` (a registry reference, or ``oci:DIR:REF``);
+        the pushed manifest's digest goes into ``digest_file`` when given."""
 
     @abc.abstractmethod
     def run(
@@ -633,8 +641,24 @@ class CliRuntime(ContainerRuntime):
     def tag(self, source: str, target: str) -> None:
         self.call("tag", source, target)
 
-    def pull(self, ref: str) -> None:
-        self.call("pull", ref, hint="check the image reference and that the registry is reachable")
+    def pull(self, ref: str, *, options: Sequence[str] = ()) -> str:
+        result = self.call(
+            "pull", *options, ref, hint="check the image reference and that the registry is reachable"
+        )
+        # podman prints the image id last; docker prints a digest summary, so ask for the id then.
+        last = result.stdout.strip().splitlines()[-1].strip() if result.stdout.strip() else ""
+        if re.fullmatch(r"[0-9a-f]{64}", last):
+            return last
+        info = self.inspect(ref)
+        if info is None:
+            raise CommandError(result.argv, 0, proc.tail(result.stdout), hint="the pulled image cannot be found")
+        return info.id
+
+    def push(self, image: str, destination: str, *, options: Sequence[str] = (), digest_file: str = "") -> None:
+        digest = ["--digestfile", digest_file] if digest_file else []
+        self.call(
+            "push", *options, *digest, image, destination, hint="check the reference and that the registry is reachable"
+        )
 
     # -- containers
     def run_argv(
@@ -750,6 +774,27 @@ class DockerRuntime(CliRuntime):
     def untag(self, image: str, name: str) -> None:
         # docker has no untag; its rmi of one name of several only untags (callers keep another name).
         self.call("rmi", name)
+
+    def pull(self, ref: str, *, options: Sequence[str] = ()) -> str:
+        # docker reads credentials and trust from its daemon's configuration only.
+        return super().pull(ref)
+
+    def push(self, image: str, destination: str, *, options: Sequence[str] = (), digest_file: str = "") -> None:
+        # docker pushes a tag to the registry it names (no other transports): tag, push, untag.
+        if re.match(r"[a-z-]+:(?!\d)", destination):
+            raise CommandError(
+                [self.program, "push", destination], 1, "", hint="docker pushes to registries only: use podman"
+            )
+        self.tag(image, destination)
+        try:
+            self.call("push", destination, hint="check the reference and that the registry is reachable")
+            if digest_file:
+                info = self.call("image", "inspect", "--format", "{{json .RepoDigests}}", destination).stdout
+                digests = [d.split("@", 1)[1] for d in json.loads(info or "[]") if "@" in d]
+                with open(digest_file, "w", encoding="utf-8") as handle:
+                    handle.write(digests[0] if digests else "")
+        finally:
+            self.call("rmi", destination, check=False)
 
     def _pull_args(self, pull: Optional[str]) -> list[str]:
         # docker build knows only "always pull" (--pull); its default is to pull what is missing.

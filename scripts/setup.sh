@@ -8,7 +8,9 @@
 #      Debian 6.1 ABI (linux-headers-amd64), pahole (dwarves: newer headers such as bookworm's 6.12
 #      run it for BTF while building any module), util-linux, ca-certificates, xz-utils, zstd and
 #      systemd (for systemd-analyze), qemu-system-x86 and busybox-static (kvc verify's VM),
-#      debootstrap and binutils (the single-file kvc, built in a Debian 11 root; objdump).
+#      debootstrap and binutils (the single-file kvc, built in a Debian 11 root; objdump),
+#      docker-registry and apache2-utils (the tests start their own registry on a free port of
+#      127.0.0.1, with TLS from a test CA and htpasswd auth).
 #      apt-get update runs first, every time (about a second when nothing changed).
 #   2. A virtualenv .venv in the repository made by Debian's /usr/bin/python3, with kvc
 #      installed editable plus its test tools (pip install -e '.[test]'); reinstalled only
@@ -78,7 +80,8 @@ KERNEL_PACKAGES=(linux-headers-amd64 dwarves)  # the current 6.1 ABI's headers (
 SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
 VM_PACKAGES=(qemu-system-x86 busybox-static)  # kvc verify boots the target kernel under qemu
 DIST_PACKAGES=(debootstrap binutils)  # the single-file kvc: built in a Debian 11 root, its glibc floor read with objdump
-PACKAGES=("${BASE_PACKAGES[@]}" "${ORACLE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}" "${DIST_PACKAGES[@]}")
+REGISTRY_PACKAGES=(docker-registry apache2-utils openssl)  # the tests' local registry: TLS (test CA) and htpasswd -B
+PACKAGES=("${BASE_PACKAGES[@]}" "${ORACLE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}" "${DIST_PACKAGES[@]}" "${REGISTRY_PACKAGES[@]}")
 
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -q -o DPkg::Lock::Timeout=300)

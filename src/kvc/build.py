@@ -162,6 +162,9 @@ class BuildPlan:
     digest: str = ""
     existing_id: str = ""  # the image the tag names now, if any
     command: tuple[str, ...] = field(default=())  # the build command line, for "build"
+    pull_options: tuple[str, ...] = ()  # registry transport options, for "pull"
+    expected_id: str = ""  # for "pull": the image id the registry's manifest names
+    expected_labels: Mapping[str, str] = field(default_factory=dict)  # for "pull": labels it must carry
 
     def describe(self) -> str:
         """The plan for --dry-run: a summary line, then the steps."""
@@ -375,6 +378,9 @@ class FoundModule:
     name: str  # kmod's name (with '_')
     path: str  # in the image
     vermagic: str
+    srcversion: str = ""
+    signer: str = ""  # "" when unsigned
+    sig_key: str = ""  # the signing key id as modinfo prints it (XX:XX:...)
 
 
 def find_modules(runtime: ContainerRuntime, image: str, kernel_release: str, names: Sequence[str]) -> dict[str, str]:
@@ -424,7 +430,10 @@ def verify_image(
             for name in (normalize_name(n) for n in instance.module_names):
                 path = found[name]
                 try:
-                    vermagic = (ModuleFile.open(copies[path]).vermagic or "").strip()
+                    module = ModuleFile.open(copies[path])
+                    vermagic = (module.vermagic or "").strip()
+                    srcversion = module.info_value("srcversion") or ""
+                    signature = module.signature
                 except KmodError as exc:
                     problems.append(f"{name} ({path}): not a readable module: {exc}")
                     continue
@@ -434,7 +443,16 @@ def verify_image(
                         f"{name} ({path}): vermagic {vermagic or '(none)'!r} names kernel "
                         f"{release or '(none)'}, not {kernel_release}"
                     )
-                results.append(FoundModule(name, path, vermagic))
+                results.append(
+                    FoundModule(
+                        name,
+                        path,
+                        vermagic,
+                        srcversion,
+                        signature.signer if signature else "",
+                        ":".join(f"{byte:02X}" for byte in signature.key_id) if signature else "",
+                    )
+                )
     if problems:
         raise BuildError(
             f"image {image} has modules that are not built for kernel {kernel_release}",
@@ -450,6 +468,25 @@ def verify_image(
 def _remove_quietly(runtime: ContainerRuntime, ref: str) -> None:
     with contextlib.suppress(CommandError):
         runtime.remove(ref, missing_ok=True)
+
+
+def _check_pulled(runtime: ContainerRuntime, plan: BuildPlan, image_id: str) -> None:
+    """The pulled image is the one the plan chose (its id) and carries the labels it must (the
+    exact kernel release, the instance's name); BuildError otherwise."""
+    problems = []
+    if plan.expected_id and image_id != plan.expected_id:
+        problems.append(f"its id is {image_id[:12]}, the registry's manifest named {plan.expected_id[:12]}")
+    info = runtime.inspect(image_id)
+    labels = info.labels if info is not None else {}
+    for key, value in plan.expected_labels.items():
+        if labels.get(key) != value:
+            problems.append(f"its {key} label is {labels.get(key, '')!r}, not {value!r}")
+    if problems:
+        raise BuildError(
+            f"{plan.tag}: refused the image pulled from {plan.source}",
+            details="\n".join(problems),
+            hint="push the image built for exactly this kernel ('kvc push'), or pin its digest",
+        )
 
 
 def execute_build(
@@ -471,14 +508,15 @@ def execute_build(
     candidate = candidate_tag(instance, plan.kernel_release)
     if plan.action == ACTION_PULL:
         try:
-            runtime.pull(plan.source)
+            pulled = runtime.pull(plan.source, options=plan.pull_options)
         except CommandError as exc:
             raise BuildError(
                 f"{plan.tag}: pulling {plan.source} failed",
                 details=exc.output_tail,
                 hint=exc.hint or "check the reference (KVC_IMAGE) and that the registry is reachable",
             ) from None
-        runtime.tag(plan.source, candidate)
+        _check_pulled(runtime, plan, pulled)
+        runtime.tag(pulled, candidate)
     else:
         try:
             runtime.build(

@@ -56,13 +56,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     _add_kernel(p, many=True)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument(
+        "--push",
+        nargs="?",
+        const="",
+        metavar="REPOSITORY",
+        help="then push each image (default repository: KVC_REGISTRY); a no-op when the registry has this build",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+    p = sub.add_parser("push", help="push the instance's images to a registry, labelled with what they hold")
+    p.add_argument("name")
+    p.add_argument("repository", nargs="?", metavar="REPOSITORY", help="REGISTRY/PATH (default: KVC_REGISTRY)")
+    _add_kernel(p, many=True)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, push nothing")
+
+    p = sub.add_parser("pull", help="pull the instance's images for the kernels from a registry (checked first)")
+    p.add_argument("name")
+    p.add_argument("repository", nargs="?", metavar="REPOSITORY", help="REGISTRY/PATH (default: KVC_REGISTRY)")
+    _add_kernel(p, many=True)
+    p.add_argument("--force", action="store_true", help="pull again even when the local image is the same")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, pull nothing")
+
+    p = sub.add_parser("inspect", help="what a registry image holds, from its manifest and config (no layers)")
+    p.add_argument("reference", metavar="REF", help="REGISTRY/PATH:TAG or REGISTRY/PATH@DIGEST")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+
+    p = sub.add_parser("export", help="write the instance's images for the kernels into one OCI archive")
+    p.add_argument("name")
+    p.add_argument("--kernel", "-k", action="append", required=True, metavar="KVER", help="kernel release (repeatable)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="the archive to write")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+
+    p = sub.add_parser("import", help="take the images of an archive from 'kvc export' in, digests checked")
+    p.add_argument("archive", metavar="FILE")
 
     p = sub.add_parser("load", help="extract, preflight and load the instance's modules")
     p.add_argument("name")
     _add_kernel(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--force", action="store_true", help="re-extract and reload modules already loaded")
+    p.add_argument(
+        "--modules-dir",
+        metavar="DIR",
+        help="take the modules from DIR/lib/modules/KVER/ instead of the instance's image (an image "
+        "mounted or copied by someone else)",
+    )
+
+    p = sub.add_parser("check", help="run the load preflight on copies of the modules; load nothing")
+    p.add_argument("name")
+    _add_kernel(p)
+    p.add_argument("--modules-dir", metavar="DIR", help="check the modules in DIR/lib/modules/KVER/ instead")
 
     p = sub.add_parser("unload", help="unload the instance's modules in reverse dependency order")
     p.add_argument("name")
@@ -120,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    p.add_argument(
+        "--remote", action="store_true", help="also the KVC_REGISTRY image per kernel (manifest and config only)"
+    )
     _add_kernel(p, many=True)
 
     p = sub.add_parser("install", help="install an instance bundle and the systemd unit")

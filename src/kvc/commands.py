@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import AbstractSet, Any, Callable, Optional
+from typing import AbstractSet, Any, Callable, Mapping, Optional
 
 from kvc import systemd
-from kvc.build import ACTION_UP_TO_DATE, context_digest, execute_build, plan_build
+from kvc.archive import export_images, import_archive
+from kvc.build import ACTION_UP_TO_DATE, BuildPlan, context_digest, execute_build, plan_build
 from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release
-from kvc.errors import StateError, UsageError
-from kvc.extract import Manifest, extract, read_manifest
+from kvc.distribute import (
+    LABEL_VERIFICATION,
+    choose_remote,
+    describe_remote,
+    execute_push,
+    format_remote,
+    plan_obtain,
+    plan_pull,
+    plan_push,
+    registry_options,
+    repository,
+)
+from kvc.errors import KvcError, StateError, UsageError
+from kvc.extract import Manifest, copy_instance_modules, extract, extract_from_directory, read_manifest
 from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
 from kvc.kmod.config import load_config
@@ -25,7 +41,8 @@ from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
 from kvc.lock import instance_lock
-from kvc.runtime import ContainerRuntime, runtime_for
+from kvc.registry import Reference, RegistryClient, RegistryOptions
+from kvc.runtime import ContainerRuntime, DirectoryFiles, ImageFiles, runtime_for
 
 STATUS_SCHEMA = 1
 
@@ -45,6 +62,21 @@ class Context:
     @cached_property
     def kernel(self) -> Kernel:
         return kernel_from_env(self.layout.host)
+
+    @cached_property
+    def registry_options(self) -> RegistryOptions:
+        return registry_options(self.global_config)
+
+    @cached_property
+    def registry(self) -> RegistryClient:
+        return RegistryClient(self.registry_options)
+
+    def image_plan(self, instance: InstanceConfig, kernel: str, *, force: bool = False) -> BuildPlan:
+        """How the instance's image for the kernel is made: from its registry (KVC_REGISTRY) when it
+        has one, else built (or pulled from KVC_IMAGE)."""
+        if instance.registry:
+            return plan_obtain(instance, kernel, self.runtime, self.registry, self.registry_options, force=force)
+        return plan_build(instance, kernel, self.runtime, force=force)
 
     def instance(self, name: str) -> InstanceConfig:
         return InstanceConfig.load(self.layout.conf_dir, name)
@@ -81,10 +113,62 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
+def _push_repository(instance: InstanceConfig, given: Optional[str]) -> Reference:
+    text = given or instance.registry
+    if not text:
+        raise UsageError(
+            f"no repository to push {instance.name} to",
+            hint=f"name one (kvc push {instance.name} REGISTRY/REPOSITORY) or set KVC_REGISTRY in {instance.source}",
+        )
+    return repository(text, "the repository" if given else f"{instance.source}: KVC_REGISTRY")
+
+
 def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
-    plans = [plan_build(instance, kernel, ctx.runtime, force=args.force) for kernel in kernels]
+    push_to = _push_repository(instance, args.push or None) if args.push is not None else None
+    plans = [ctx.image_plan(instance, kernel, force=args.force) for kernel in kernels]
+    if args.dry_run:
+        for plan in plans:
+            say(plan.describe())
+            if push_to is not None:
+                say(f"  then push it to {push_to} (unless the registry has this build)")
+        return 0
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        for plan in plans:
+            say(execute_build(plan, ctx.runtime))
+            if push_to is not None:
+                _push(ctx, instance, plan.kernel_release, push_to)
+    return 0
+
+
+def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference) -> None:
+    plan = plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout)
+    say(execute_push(plan, ctx.runtime, ctx.layout, ctx.registry_options))
+
+
+def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    repo = _push_repository(instance, args.repository)
+    kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
+    if args.dry_run:
+        for kernel in kernels:
+            say(plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout).describe())
+        return 0
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        for kernel in kernels:
+            _push(ctx, instance, kernel, repo)
+    return 0
+
+
+def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    repo = _push_repository(instance, args.repository)
+    kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
+    plans = [
+        plan_pull(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.registry_options, force=args.force)
+        for kernel in kernels
+    ]
     if args.dry_run:
         for plan in plans:
             say(plan.describe())
@@ -95,11 +179,54 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(ctx: Context, args: argparse.Namespace) -> int:
+    ref = Reference.parse(args.reference)
+    if not ref.tag and not ref.digest:
+        raise UsageError(
+            f"{args.reference} names a repository, not an image",
+            hint="add the tag: VERSION-KERNEL, or KERNEL (e.g. :$(uname -r), '+' written '__')",
+        )
+    image = ctx.registry.inspect(ref)
+    if image is None:
+        raise StateError(f"{ref}: the registry has no such image", hint="check the tag ('kvc push' makes them)")
+    report = describe_remote(image)
+    say(json.dumps(report, indent=2) if args.json else format_remote(report))
+    return 0
+
+
+def cmd_export(ctx: Context, args: argparse.Namespace) -> int:
+    instance = ctx.instance(args.name)
+    kernels = [ctx.kernel_release(k) for k in args.kernel]
+    output = os.path.abspath(args.output)
+    if os.path.isdir(output) or not os.path.isdir(os.path.dirname(output)):
+        raise UsageError(f"-o {args.output}: not a file in an existing directory", hint="name the archive to write")
+    if args.dry_run:
+        for kernel in kernels:
+            say(f"export {image_tag(instance, kernel)} (verified again, labelled) into {output}")
+        return 0
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        images = export_images(ctx.runtime, ctx.layout, [(instance, k) for k in kernels], output, say)
+    for image in images:
+        say(image.summary)
+    say(f"wrote {output}")
+    return 0
+
+
+def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
+    import_archive(ctx.runtime, ctx.layout, os.path.abspath(args.archive), ctx.instance, say)
+    return 0
+
+
 def _plan_load(
     ctx: Context, instance: InstanceConfig, kernel: str, manifest: Manifest, unloaded_first: AbstractSet[str]
 ) -> LoadPlan:
     manifest.verify()
-    paths = [manifest.path_of(m.name) for m in manifest.modules]
+    return _plan_paths(ctx, instance, kernel, [manifest.path_of(m.name) for m in manifest.modules], unloaded_first)
+
+
+def _plan_paths(
+    ctx: Context, instance: InstanceConfig, kernel: str, paths: list[str], unloaded_first: AbstractSet[str]
+) -> LoadPlan:
     moddir = ctx.moddir(kernel)
     config = load_config(None, module_dir=moddir.path, paths=ctx.layout.host) if moddir is not None else None
     return plan_load(
@@ -130,11 +257,22 @@ def _dry_load(
     say(_plan_load(ctx, instance, kernel, manifest, unloaded_first).describe())
 
 
-def _load(ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool) -> int:
+def _load(
+    ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool, modules_dir: str = ""
+) -> int:
+    if dry_run and modules_dir:
+        say(
+            f"extract {instance.name} modules from {modules_dir}/lib/modules/{kernel} into "
+            f"{ctx.layout.kernel_state(instance.name, kernel)}, then load them in dependency order"
+        )
+        return 0
     if dry_run:
         _dry_load(ctx, instance, kernel, new_image=False, unloaded_first=frozenset())
         return 0
-    manifest = extract(ctx.layout, instance, kernel, ctx.runtime, image_tag(instance, kernel), force=force)
+    if modules_dir:
+        manifest = extract_from_directory(ctx.layout, instance, kernel, modules_dir, force=force)
+    else:
+        manifest = extract(ctx.layout, instance, kernel, ctx.runtime, image_tag(instance, kernel), force=force)
     plan = _plan_load(ctx, instance, kernel, manifest, frozenset())
     say(plan.describe())
     loaded = execute_load(plan, ctx.kernel, os.path.join(manifest.directory, LOADED_RECORD))
@@ -167,7 +305,41 @@ def _locked_action(ctx: Context, args: argparse.Namespace, action: Callable[...,
 
 
 def cmd_load(ctx: Context, args: argparse.Namespace) -> int:
-    return _locked_action(ctx, args, _load)
+    modules_dir = getattr(args, "modules_dir", None) or ""
+    if modules_dir and not os.path.isdir(modules_dir):
+        raise UsageError(
+            f"--modules-dir {modules_dir} is not a directory",
+            hint="give the root of a file system holding lib/modules/KVER/ (an image's root)",
+        )
+    return _locked_action(
+        ctx, args, functools.partial(_load, modules_dir=os.path.abspath(modules_dir) if modules_dir else "")
+    )
+
+
+def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
+    """Whether the instance's modules would load on the running kernel now: the preflight of
+    ``kvc load`` on copies of the modules; changes nothing (no extraction, no load)."""
+    instance = ctx.instance(args.name)
+    kernel = ctx.running_kernel(instance, args.kernel, "check")
+    modules_dir = args.modules_dir or ""
+    source = os.path.abspath(modules_dir) if modules_dir else image_tag(instance, kernel)
+    if modules_dir and not os.path.isdir(modules_dir):
+        raise UsageError(f"--modules-dir {modules_dir} is not a directory", hint="give an image's root directory")
+    if not modules_dir and not ctx.runtime.image_exists(source):
+        raise StateError(
+            f"image {source} does not exist: {instance.name} is not built for {kernel}",
+            hint=f"run 'kvc build {instance.name}' (or 'kvc pull {instance.name}') first",
+        )
+    opened: contextlib.AbstractContextManager[ImageFiles] = (
+        contextlib.nullcontext(DirectoryFiles(source)) if modules_dir else ctx.runtime.open_image(source)
+    )
+    with tempfile.TemporaryDirectory(prefix="kvc-check-") as scratch:
+        with opened as files:
+            copies = copy_instance_modules(files, instance, kernel, source, scratch)
+        plan = _plan_paths(ctx, instance, kernel, [local for _path, local in copies.values()], frozenset())
+    say(plan.describe())
+    say(f"{instance.name}: the modules from {source} pass the preflight for {kernel}")
+    return 0
 
 
 def cmd_unload(ctx: Context, args: argparse.Namespace) -> int:
@@ -178,7 +350,7 @@ def cmd_reload(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
     kernel = ctx.running_kernel(instance, args.kernel, "reload")
     if args.dry_run:
-        build = plan_build(instance, kernel, ctx.runtime)
+        build = ctx.image_plan(instance, kernel)
         say(build.describe())
         record = _loaded_record(ctx, instance, kernel)
         unload = plan_unload(instance.name, kernel, instance.module_names, ctx.kernel, record_path=record)
@@ -187,7 +359,7 @@ def cmd_reload(ctx: Context, args: argparse.Namespace) -> int:
         _dry_load(ctx, instance, kernel, new_image=new_image, unloaded_first={*unload.names, *unload.in_tree})
         return 0
     with instance_lock(ctx.layout.lock_dir, instance.name):
-        say(execute_build(plan_build(instance, kernel, ctx.runtime), ctx.runtime))
+        say(execute_build(ctx.image_plan(instance, kernel), ctx.runtime))
         _unload(ctx, instance, kernel, dry_run=False, force=False)
         return _load(ctx, instance, kernel, dry_run=False, force=False)
 
@@ -206,7 +378,31 @@ def cmd_wrapper(ctx: Context, args: argparse.Namespace) -> int:
     return ctx.runtime.run(tag, command, privileged=True, host_network=True)
 
 
-def instance_status(ctx: Context, instance: InstanceConfig, kernels: list[str]) -> dict[str, Any]:
+def _registry_status(ctx: Context, instance: InstanceConfig, kernel: str, local_id: Optional[str]) -> dict[str, Any]:
+    """The instance's registry image for the kernel, from the manifest and config only."""
+    repo = repository(instance.registry, f"{instance.source}: KVC_REGISTRY")
+    try:
+        choice = choose_remote(instance, kernel, repo, ctx.registry)
+    except KvcError as exc:
+        return {"reference": str(repo), "error": exc.brief}
+    if choice.image is None:
+        return {"reference": str(choice.ref), "exists": False}
+    report = describe_remote(choice.image)
+    return {
+        "reference": str(choice.ref),
+        "exists": True,
+        "digest": report["digest"],
+        "image_id": report["image_id"],
+        "same_as_local": report["image_id"] == local_id,
+        "usable": not choice.problem,
+        "problem": choice.problem or None,
+        "verification": report["verification"],
+    }
+
+
+def instance_status(
+    ctx: Context, instance: InstanceConfig, kernels: list[str], *, remote: bool = False
+) -> dict[str, Any]:
     loaded = {m.name: m for m in ctx.kernel.loaded_modules()}
     entries = []
     for kernel in kernels:
@@ -238,9 +434,12 @@ def instance_status(ctx: Context, instance: InstanceConfig, kernels: list[str]) 
                 },
                 "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
                 "verification": _verification(ctx, instance.name, kernel, info.id if info else None),
+                "published_verification": _published_verification(info.labels if info else {}),
                 "modules": modules,
             }
         )
+        if remote and instance.registry:
+            entries[-1]["registry"] = _registry_status(ctx, instance, kernel, info.id if info else None)
     return {"name": instance.name, "version": instance.software_version, "kernels": entries}
 
 
@@ -256,6 +455,15 @@ def _verification(ctx: Context, name: str, kernel: str, image_id: Optional[str])
         "image_id": record.get("image_id"),
         "current": image_id is not None and record.get("image_id") == image_id,
     }
+
+
+def _published_verification(labels: Mapping[str, str]) -> Optional[dict[str, Any]]:
+    """The verification a pushed or exported image carries (``kvc.verification``), if any."""
+    try:
+        value = json.loads(labels.get(LABEL_VERIFICATION, "") or "null")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _verification_text(verification: Optional[dict[str, Any]]) -> str:
@@ -281,7 +489,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
                 info.labels.get(LABEL_KERNEL, "") for info in ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")
             }
             kernels += sorted(k for k in built if k and k != running)
-        report.append(instance_status(ctx, instance, kernels))
+        report.append(instance_status(ctx, instance, kernels, remote=args.remote))
     if args.json:
         say(json.dumps({"schema": STATUS_SCHEMA, "running_kernel": running, "instances": report}, indent=2))
         return 0
@@ -295,6 +503,11 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
                 f"{'extracted' if entry['extracted'] else 'not extracted'}, "
                 f"{_verification_text(entry['verification'])}"
             )
+            published = entry["published_verification"]
+            if published and entry["verification"] is None:
+                say(f"    {published['status']} on {published['kernel']} where it was built (the image's label)")
+            if "registry" in entry:
+                say(f"    registry: {_registry_text(entry['registry'])}")
             for module in entry["modules"]:
                 if module["loaded"]:
                     say(f"    {module['name']}: loaded, refcnt {module['refcnt']}, taint {module['taint'] or '-'}")
@@ -303,6 +516,16 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     if not report:
         say("no instances installed")
     return 0
+
+
+def _registry_text(entry: Mapping[str, Any]) -> str:
+    if "error" in entry:
+        return f"{entry['reference']}: {entry['error']}"
+    if not entry["exists"]:
+        return f"{entry['reference']}: no such image"
+    state = "the local image" if entry["same_as_local"] else "differs from the local image"
+    usable = "" if entry["usable"] else f", not usable here: {entry['problem']}"
+    return f"{entry['reference']} ({entry['digest'][:19]}): {state}{usable}"
 
 
 def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
@@ -367,10 +590,16 @@ COMMANDS = {
     "build": cmd_build,
     "load": cmd_load,
     "unload": cmd_unload,
+    "check": cmd_check,
     "reload": cmd_reload,
     "wrapper": cmd_wrapper,
     "status": cmd_status,
     "verify": cmd_verify,
+    "push": cmd_push,
+    "pull": cmd_pull,
+    "inspect": cmd_inspect,
+    "export": cmd_export,
+    "import": cmd_import,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
 }

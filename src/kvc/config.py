@@ -199,10 +199,25 @@ def check_kernel_release(release: str) -> str:
     return check_word(release, "kernel release", "--kernel", _KERNEL_RELEASE)
 
 
+def _flag(values: Mapping[str, str], key: str, default: bool, path: str) -> bool:
+    value = values.get(key, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ConfigError(f"{path}: {key}={value!r} is not a yes/no value", hint="write yes or no")
+
+
 @dataclass(frozen=True)
 class GlobalConfig:
     runtime: str = "podman"
     runtime_args: tuple[str, ...] = ()
+    # Registries: credentials come from an auth file (never from a conf or a command line).
+    registry_auth_file: str = ""  # KVC_REGISTRY_AUTH_FILE; "" = $REGISTRY_AUTH_FILE, then containers' lookup
+    registry_certs_dir: str = ""  # KVC_REGISTRY_CERTS_DIR: a certs.d root; "" = /etc/containers/certs.d
+    registry_tls_verify: bool = True  # KVC_REGISTRY_TLS_VERIFY
 
     @classmethod
     def load(cls, conf_dir: str) -> GlobalConfig:
@@ -218,7 +233,23 @@ class GlobalConfig:
         args = tuple(values.get("KVC_RUNTIME_ARGS", "").split())
         for arg in args:
             check_word(arg.lstrip("-") or "-", "runtime argument", path)
-        return cls(runtime, args)
+        paths = {}
+        for key in ("KVC_REGISTRY_AUTH_FILE", "KVC_REGISTRY_CERTS_DIR"):
+            value = values.get(key, "")
+            if value and not os.path.isabs(check_word(value, key, path)):
+                raise ConfigError(f"{path}: {key} must be an absolute path", hint=f"write {key}=/full/path")
+            paths[key] = value
+        return cls(
+            runtime,
+            args,
+            paths["KVC_REGISTRY_AUTH_FILE"],
+            paths["KVC_REGISTRY_CERTS_DIR"],
+            _flag(values, "KVC_REGISTRY_TLS_VERIFY", True, path),
+        )
+
+
+REGISTRY_FALLBACKS = ("build", "fail")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -237,6 +268,9 @@ class InstanceConfig:
     image: str = ""
     smoke_test: str = ""
     keep_kernels: int = 3
+    registry: str = ""  # KVC_REGISTRY: the repository prebuilt images are pulled from (and pushed to)
+    registry_fallback: str = "build"  # KVC_REGISTRY_FALLBACK: no image in the registry -> build or fail
+    registry_digests: Mapping[str, str] = field(default_factory=dict)  # KVC_REGISTRY_DIGESTS: KVER -> digest
 
     @property
     def image_repository(self) -> str:
@@ -261,8 +295,16 @@ class InstanceConfig:
         image = values.get("KVC_IMAGE", "")
         if image:
             check_word(image, "KVC_IMAGE", path, _IMAGE_REF)
+        registry = values.get("KVC_REGISTRY", "")
+        if registry:
+            check_word(registry, "KVC_REGISTRY", path, _IMAGE_REF)
+        if image and registry:
+            raise ConfigError(
+                f"{path}: KVC_IMAGE and KVC_REGISTRY are both set",
+                hint="KVC_REGISTRY replaces KVC_IMAGE (kvc finds the kernel's image there): keep one",
+            )
         context = values.get("KMOD_CONTAINER_BUILD_CONTEXT", "")
-        if not image:
+        if not image and not registry:
             context = required("KMOD_CONTAINER_BUILD_CONTEXT")
         if context:
             check_word(context, "KMOD_CONTAINER_BUILD_CONTEXT", path)
@@ -300,6 +342,28 @@ class InstanceConfig:
             if not sep or not _NAME.fullmatch(key):
                 raise ConfigError(f"{path}: KVC_BUILD_ARGS item {item!r} is not NAME=value")
             build_args.append((key, value))
+        fallback = values.get("KVC_REGISTRY_FALLBACK", "") or ("build" if context else "fail")
+        if fallback not in REGISTRY_FALLBACKS:
+            raise ConfigError(
+                f"{path}: KVC_REGISTRY_FALLBACK={fallback!r} is not one of {', '.join(REGISTRY_FALLBACKS)}",
+                hint="build: build when the registry has no image for the kernel; fail: stop with an error",
+            )
+        if fallback == "build" and not context:
+            raise ConfigError(
+                f"{path}: KVC_REGISTRY_FALLBACK=build needs KMOD_CONTAINER_BUILD_CONTEXT",
+                hint="set the build context, or KVC_REGISTRY_FALLBACK=fail",
+            )
+        digests = {}
+        for item in values.get("KVC_REGISTRY_DIGESTS", "").split():
+            release, sep, digest = item.partition("=")
+            if not sep or not _KERNEL_RELEASE.fullmatch(release) or not _DIGEST.fullmatch(digest):
+                raise ConfigError(
+                    f"{path}: KVC_REGISTRY_DIGESTS item {item!r} is not KVER=sha256:<64 hex digits>",
+                    hint="pin a kernel's image as KVER=DIGEST, e.g. 6.1.0-57-amd64=sha256:...",
+                )
+            digests[release] = digest
+        if digests and not registry:
+            raise ConfigError(f"{path}: KVC_REGISTRY_DIGESTS is set without KVC_REGISTRY", hint="set KVC_REGISTRY")
         keep = values.get("KVC_KEEP_KERNELS", "3")
         if not keep.isdigit() or int(keep) < 1:
             raise ConfigError(f"{path}: KVC_KEEP_KERNELS={keep!r} must be a whole number >= 1")
@@ -316,4 +380,7 @@ class InstanceConfig:
             image=image,
             smoke_test=values.get("KVC_SMOKE_TEST", ""),
             keep_kernels=int(keep),
+            registry=registry,
+            registry_fallback=fallback,
+            registry_digests=digests,
         )

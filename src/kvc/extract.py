@@ -15,15 +15,17 @@ digest); loaders and ``status`` read :func:`read_manifest` and check files with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 from kvc.atomic import fsync_path
 from kvc.config import InstanceConfig
@@ -34,7 +36,7 @@ from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.layout import Layout
-from kvc.runtime import ContainerRuntime, ImageFiles
+from kvc.runtime import ContainerRuntime, DirectoryFiles, ImageFiles
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -266,17 +268,69 @@ def extract(
         raise StateError(
             f"image {image} does not exist", hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first"
         )
+    return _extract(
+        layout,
+        instance,
+        kernel_release,
+        Source(image, info.id, info.labels.get(LABEL_DIGEST, "")),
+        lambda: runtime.open_image(image),
+        force=force,
+    )
+
+
+def extract_from_directory(
+    layout: Layout, instance: InstanceConfig, kernel_release: str, directory: str, *, force: bool = False
+) -> Manifest:
+    """Extract the instance's modules from ``directory``, a root file system holding
+    ``lib/modules/KVER/`` (an image mounted or copied by someone else: ``podman run --mount
+    type=image``, a Kubernetes image volume, an init container's copy). Its id is the digest of the
+    module files found, so an unchanged directory is not extracted again."""
+    moddir = os.path.join(directory, "lib", "modules", kernel_release)
+    if not os.path.isdir(moddir):
+        raise StateError(
+            f"{directory} has no lib/modules/{kernel_release}",
+            hint="give the root of the modules' file system: DIR/lib/modules/KVER/... (an image's root)",
+        )
+    files = DirectoryFiles(directory)
+    names = [normalize_name(name) for name in instance.module_names]
+    found = match_modules(files.list(f"/lib/modules/{kernel_release}"), kernel_release, instance.module_names)
+    content = hashlib.sha256()
+    for name in names:
+        if name in found:
+            content.update(f"{found[name]}\0".encode() + file_sha256(files.host_path(found[name])) + b"\0")
+    source = Source(f"dir:{os.path.abspath(directory)}", f"dir-{content.hexdigest()}", "")
+    return _extract(layout, instance, kernel_release, source, lambda: contextlib.nullcontext(files), force=force)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where modules are extracted from: an image (name, id, kvc.digest) or a directory."""
+
+    name: str
+    id: str
+    digest: str
+
+
+def _extract(
+    layout: Layout,
+    instance: InstanceConfig,
+    kernel_release: str,
+    source: Source,
+    open_files: Callable[[], ContextManager[ImageFiles]],
+    *,
+    force: bool,
+) -> Manifest:
     target = layout.kernel_state(instance.name, kernel_release)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     _recover(target)
     current = read_manifest(layout, instance.name, kernel_release)
-    if not force and current is not None and is_current(current, instance, info.id):
+    if not force and current is not None and is_current(current, instance, source.id):
         return current
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.new-", dir=parent)
     try:
-        with runtime.open_image(image) as files:
-            copies = copy_instance_modules(files, instance, kernel_release, image, staging)
+        with open_files() as files:
+            copies = copy_instance_modules(files, instance, kernel_release, source.name, staging)
         modules = []
         for name, (image_path, local) in copies.items():
             os.chmod(local, 0o644)
@@ -286,7 +340,7 @@ def extract(
                 vermagic, depends = (module.vermagic or "").strip(), tuple(module.depends)
             except KmodError as exc:
                 raise StateError(
-                    f"{image_path} in image {image} is not a readable module: {exc}", hint="rebuild the image"
+                    f"{image_path} in {source.name} is not a readable module: {exc}", hint="rebuild the image"
                 ) from None
             modules.append(
                 ExtractedModule(name, os.path.basename(local), file_sha256(local).hex(), vermagic, depends, image_path)
@@ -295,9 +349,9 @@ def extract(
             _carry_over(current, staging)
         manifest = {
             "schema": SCHEMA,
-            "image": image,
-            "image_id": info.id,
-            "image_digest": info.labels.get(LABEL_DIGEST, ""),
+            "image": source.name,
+            "image_id": source.id,
+            "image_digest": source.digest,
             "kernel": kernel_release,
             "extracted_at": time.time(),
             "modules": [m.to_json() for m in modules],

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from kvc.config import InstanceConfig
-from kvc.errors import CommandError
+from kvc.errors import CommandError, ConfigError
 from kvc.kmod.module import is_module_filename
 from kvc.kmod.names import modname_from_path as name_from_path
 from kvc.kmod.names import modname_normalize as normalize_name
@@ -102,6 +102,66 @@ def image_tag(instance: InstanceConfig, kernel_release: str) -> str:
 def candidate_tag(instance: InstanceConfig, kernel_release: str) -> str:
     """Where a new build goes until it has been verified."""
     return f"{image_repository(instance)}:{kernel_tag(kernel_release, CANDIDATE_SUFFIX)}"
+
+
+# ---- registry tags -------------------------------------------------------------------------------------------
+
+_TAG_SIMPLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_TAG_SIMPLE_UNSAFE = re.compile(r"__|_\+|\+_")
+_TAG_PLAIN = re.compile(r"[A-Za-z0-9.-]")
+
+
+def encode_tag(text: str) -> str:
+    """``text`` as a tag, reversibly (:func:`decode_tag`). Kernel releases and versions as
+    distributions write them keep their form with ``+`` written ``__`` (``6.1.0-57-amd64`` and
+    ``5.14.0-427.13.1.el9_4.x86_64`` stay, ``6.12.9+bpo-amd64`` gives ``6.12.9__bpo-amd64``):
+    a lone ``_`` stays ``_`` and a run of 2k underscores is k ``+``, so the two cannot be confused
+    as long as no ``_`` touches another ``_`` or a ``+``. Anything else (such a ``_``, ``~``, any
+    other character, a leading ``.`` or ``-``) gets the escaped form: ``_`` first (a simple form
+    never starts with it), then every character but letters, digits, ``.`` and ``-`` as ``_HH``
+    per UTF-8 byte (``1.2~rc1`` gives ``_1.2_7erc1``)."""
+    if _TAG_SIMPLE.fullmatch(text) and not _TAG_SIMPLE_UNSAFE.search(text):
+        return text.replace("+", "__")
+    escaped = "".join(
+        char if _TAG_PLAIN.fullmatch(char) else "".join(f"_{byte:02x}" for byte in char.encode()) for char in text
+    )
+    return "_" + escaped
+
+
+def decode_tag(tag: str) -> str:
+    """The text :func:`encode_tag` made ``tag`` from; ValueError when no text encodes to ``tag``."""
+    if not tag.startswith("_"):
+        text = tag.replace("__", "+")
+    else:
+        out = bytearray()
+        index = 1
+        while index < len(tag):
+            if tag[index] == "_" and re.fullmatch(r"[0-9a-f]{2}", tag[index + 1 : index + 3]):
+                out.append(int(tag[index + 1 : index + 3], 16))
+                index += 3
+            else:
+                out += tag[index].encode()
+                index += 1
+        text = out.decode(errors="replace")
+    if encode_tag(text) != tag:
+        raise ValueError(f"{tag!r} is not a tag kvc encodes a kernel release or version as")
+    return text
+
+
+def registry_tags(instance: InstanceConfig, kernel_release: str) -> tuple[str, str]:
+    """(fixed, moving) registry tags of the instance's image for a kernel: ``VERSION-KERNEL`` and
+    ``KERNEL``, each part :func:`encode_tag`-ed. The moving tag is what a host or a node that knows
+    only ``uname -r`` looks up; the fixed one names one version's build. ConfigError when the fixed
+    tag would exceed the 128 characters a tag may have."""
+    moving = encode_tag(kernel_release)
+    fixed = f"{encode_tag(instance.software_version)}-{moving}"
+    if len(fixed) > _MAX_TAG:
+        raise ConfigError(
+            f"{instance.source}: the registry tag for version {instance.software_version!r} and kernel "
+            f"{kernel_release} would have {len(fixed)} characters (at most {_MAX_TAG})",
+            hint="shorten KMOD_SOFTWARE_VERSION",
+        )
+    return fixed, moving
 
 
 def prebuilt_ref(image: str, kernel_release: str) -> str:

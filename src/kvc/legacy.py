@@ -110,6 +110,8 @@ def native_action(action: str, name: str, kver: str, args: Sequence[str]) -> int
         kernel=[kver] if action == "build" else kver,
         force=False,
         dry_run=False,
+        push=None,
+        modules_dir=None,
         argv=list(args),
     )
     return commands.dispatch(namespace)

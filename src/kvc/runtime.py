@@ -286,13 +286,20 @@ def _not_a_file(image: str, path: str, what: str) -> BuildError:
     )
 
 
-class _MountedImage(ImageFiles):
+class DirectoryFiles(ImageFiles):
+    """An image's files in a directory on the host: an image mounted (``podman image mount``, or
+    by someone else) or copied there. Symlinks are followed as the image would see them."""
+
     via = "mount"
 
     def __init__(self, root: str, image: str = "") -> None:
         self.top = root
         self.root = root
-        self.image = image
+        self.image = image or root
+
+    def host_path(self, path: str) -> str:
+        """Where the image path ``path`` lies on the host (links resolved inside the image)."""
+        return resolve_in_root(self.top, path)
 
     def list(self, directory: str) -> list[str]:
         top = resolve_in_root(self.top, directory)
@@ -382,7 +389,7 @@ class _ContainerImage(ImageFiles):
             if not os.path.isdir(local):
                 return []
             return [
-                posixpath.normpath(posixpath.join(base, path.lstrip("/"))) for path in _MountedImage(local).list("/")
+                posixpath.normpath(posixpath.join(base, path.lstrip("/"))) for path in DirectoryFiles(local).list("/")
             ]
 
     def copy(self, paths: Sequence[str], destination: str) -> dict[str, str]:
@@ -467,6 +474,12 @@ class ContainerRuntime(abc.ABC):
         """Pull ``ref`` (a registry reference, or another transport such as ``oci:DIR:REF``) and
         return the pulled image's id. ``options``: transport options (``--authfile``, ``--cert-dir``,
         ``--tls-verify=false``; see kvc.registry.transport_args)."""
+
+    @abc.abstractmethod
+    def relabel(self, image: str, tag: str, labels: Mapping[str, str], *, timestamp: int) -> None:
+        """Make ``tag`` an image with ``image``'s layers and these labels (also manifest annotations
+        where the runtime writes them), created at ``timestamp`` (seconds since the epoch) where the
+        runtime can fix it, so that relabelling the same image the same way gives the same image."""
 
     @abc.abstractmethod
     def push(self, image: str, destination: str, *, options: Sequence[str] = (), digest_file: str = "") -> None:
@@ -642,9 +655,7 @@ class CliRuntime(ContainerRuntime):
         self.call("tag", source, target)
 
     def pull(self, ref: str, *, options: Sequence[str] = ()) -> str:
-        result = self.call(
-            "pull", *options, ref, hint="check the image reference and that the registry is reachable"
-        )
+        result = self.call("pull", *options, ref, hint="check the image reference and that the registry is reachable")
         # podman prints the image id last; docker prints a digest summary, so ask for the id then.
         last = result.stdout.strip().splitlines()[-1].strip() if result.stdout.strip() else ""
         if re.fullmatch(r"[0-9a-f]{64}", last):
@@ -653,6 +664,24 @@ class CliRuntime(ContainerRuntime):
         if info is None:
             raise CommandError(result.argv, 0, proc.tail(result.stdout), hint="the pulled image cannot be found")
         return info.id
+
+    def _relabel_args(self, labels: Mapping[str, str], timestamp: int) -> list[str]:
+        args = ["--pull=never", "--timestamp", str(timestamp)]
+        for key, value in labels.items():
+            args += ["--label", f"{key}={value}", "--annotation", f"{key}={value}"]
+        return args
+
+    def relabel(self, image: str, tag: str, labels: Mapping[str, str], *, timestamp: int) -> None:
+        with tempfile.TemporaryDirectory(prefix="kvc-relabel-") as context:
+            build_file = os.path.join(context, "Containerfile")
+            with open(build_file, "w", encoding="utf-8") as handle:
+                handle.write(f"FROM {image}\n")
+            argv = [*self._build_command(), "-t", tag, "--file", build_file, *self._relabel_args(labels, timestamp)]
+            try:
+                proc.run([*argv, context], hint="labelling the image failed")
+            except CommandError as exc:
+                exc.hint = hint_for(argv[0], exc.output_tail) or exc.hint
+                raise
 
     def push(self, image: str, destination: str, *, options: Sequence[str] = (), digest_file: str = "") -> None:
         digest = ["--digestfile", digest_file] if digest_file else []
@@ -757,7 +786,7 @@ class PodmanRuntime(CliRuntime):
                 yield files
             return
         try:
-            yield _MountedImage(mountpoint, image)
+            yield DirectoryFiles(mountpoint, image)
         finally:
             self.call("image", "unmount", image, check=False)
 
@@ -774,6 +803,10 @@ class DockerRuntime(CliRuntime):
     def untag(self, image: str, name: str) -> None:
         # docker has no untag; its rmi of one name of several only untags (callers keep another name).
         self.call("rmi", name)
+
+    def _relabel_args(self, labels: Mapping[str, str], timestamp: int) -> list[str]:
+        # docker build can fix neither the creation time nor manifest annotations.
+        return [arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")]
 
     def pull(self, ref: str, *, options: Sequence[str] = ()) -> str:
         # docker reads credentials and trust from its daemon's configuration only.

@@ -49,7 +49,9 @@ def run(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def host(top: Path, label: str, name: str, release: str, symvers: str, registry: LocalRegistry, extra: str) -> dict[str, str]:
+def host(
+    top: Path, label: str, name: str, release: str, symvers: str, registry: LocalRegistry, extra: str
+) -> dict[str, str]:
     root = top / label
     storage = f"--root {top / (label + '-storage')} --runroot {top / (label + '-run')}"
     write_example_conf(root, name, extra)
@@ -69,7 +71,9 @@ def copy_base_image(top: Path, label: str) -> None:
     """The local Debian base image into a host's own storage (a building host needs it)."""
     archive = top / "base.tar"
     if not archive.exists():
-        subprocess.run(["podman", "save", "-o", str(archive), "localhost/debian:bookworm"], check=True, capture_output=True)
+        subprocess.run(
+            ["podman", "save", "-o", str(archive), "localhost/debian:bookworm"], check=True, capture_output=True
+        )
     storage = ["--root", str(top / f"{label}-storage"), "--runroot", str(top / f"{label}-run")]
     subprocess.run(["podman", *storage, "load", "-i", str(archive)], check=True, capture_output=True)
 
@@ -84,7 +88,9 @@ def main() -> int:
     with LocalRegistry() as registry, tempfile.TemporaryDirectory(prefix="kvc-bench-") as scratch:
         top = Path(scratch)
         repo = f"{registry.host}/kvc/{name}"
-        publisher = host(top, "publisher", name, kernel.release, str(kernel.symvers), registry, f"KVC_REGISTRY={repo}\n")
+        publisher = host(
+            top, "publisher", name, kernel.release, str(kernel.symvers), registry, f"KVC_REGISTRY={repo}\n"
+        )
         (top / "publisher" / "etc" / "kvc" / "kmods-via-containers.conf").write_text(
             f"KVC_REGISTRY_AUTH_FILE={registry.auth_file}\nKVC_REGISTRY_CERTS_DIR={registry.certs_dir}\n"
         )
@@ -96,17 +102,26 @@ def main() -> int:
         build_load = run([*KVC, "load", name], builder)
 
         puller = host(
-            top, "puller", name, kernel.release, str(kernel.symvers), registry,
+            top,
+            "puller",
+            name,
+            kernel.release,
+            str(kernel.symvers),
+            registry,
             f"KVC_REGISTRY={repo}\nKVC_REGISTRY_FALLBACK=fail\n",
         )
         pull = run([*KVC, "build", name], puller)
         pull_load = run([*KVC, "load", name], puller)
 
         print(f"simple-kmod for {kernel.release}, fresh storage on each host")
-        print(f"  build host:  build {build:7.1f} s  load {build_load:5.2f} s  total {build + build_load:7.1f} s  "
-              f"storage {storage_bytes(top / 'builder-storage') / 1e6:6.0f} MB")
-        print(f"  pull host:   pull  {pull:7.1f} s  load {pull_load:5.2f} s  total {pull + pull_load:7.1f} s  "
-              f"storage {storage_bytes(top / 'puller-storage') / 1e6:6.0f} MB")
+        print(
+            f"  build host:  build {build:7.1f} s  load {build_load:5.2f} s  total {build + build_load:7.1f} s  "
+            f"storage {storage_bytes(top / 'builder-storage') / 1e6:6.0f} MB"
+        )
+        print(
+            f"  pull host:   pull  {pull:7.1f} s  load {pull_load:5.2f} s  total {pull + pull_load:7.1f} s  "
+            f"storage {storage_bytes(top / 'puller-storage') / 1e6:6.0f} MB"
+        )
         print(f"  build/pull: {(build + build_load) / (pull + pull_load):.1f}x")
         subprocess.run(["podman", "rmi", "-f", f"{name}-1.0.0:{kernel.release}"], capture_output=True)
     return 0

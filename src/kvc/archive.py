@@ -1,11 +1,11 @@
 """Air gap: instance images in one OCI archive (``kvc export``) and back (``kvc import``).
 
 The archive is a tar of an OCI image layout (``oci-layout``, ``index.json``, ``blobs/sha256/*``):
-one manifest per instance and kernel, named ``NAME/VERSION-KERNEL`` (the registry's fixed tag) in
-``org.opencontainers.image.ref.name``, each image labelled with what it holds as a push labels it
-(:func:`kvc.distribute.labelled_image`). Any OCI tool reads it (``skopeo copy
-oci-archive:FILE:NAME/TAG ...``). The tar is written beside the output file and renamed into place,
-so a failed export leaves no partial archive.
+one manifest per instance and kernel, named as the local image, ``NAME-VERSION:KVER`` (OCI tools
+refuse the registry tags' ``__`` in a ref name), in ``org.opencontainers.image.ref.name``, each
+image labelled with what it holds as a push labels it (:func:`kvc.distribute.labelled_image`). Any
+OCI tool reads it (``skopeo copy oci-archive:FILE:NAME-VERSION:KVER ...``). The tar is written
+beside the output file and renamed into place, so a failed export leaves no partial archive.
 
 Import unpacks only the layout's own files (no links, no paths outside it), checks that every blob's
 sha256 is its name and that every manifest's config and layers are present with their sizes,
@@ -31,7 +31,7 @@ from kvc.build import ACTION_PULL, BuildPlan, execute_build
 from kvc.config import InstanceConfig
 from kvc.distribute import labelled_image
 from kvc.errors import StateError
-from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, LABEL_VERSION, image_labels, image_tag, registry_tags
+from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, LABEL_VERSION, image_labels, image_tag
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime
 
@@ -173,7 +173,7 @@ def export_images(
         for instance, kernel_release in items:
             publish_tag, _info, _labels = labelled_image(runtime, layout, instance, kernel_release)
             try:
-                ref_name = f"{instance.name}/{registry_tags(instance, kernel_release)[0]}"
+                ref_name = image_tag(instance, kernel_release)
                 runtime.push(publish_tag, f"oci:{layout_dir}:{ref_name}")
             finally:
                 runtime.remove(publish_tag, missing_ok=True)

@@ -386,7 +386,7 @@ def plan_obtain(
     try:
         choice = choose_remote(instance, kernel_release, repo, client)
     except RegistryError as exc:
-        choice = RemoteChoice(repo, None, f"the registry cannot be reached ({exc.brief})")
+        choice = RemoteChoice(repo, None, exc.brief)
     plan = _registry_plan(instance, kernel_release, choice, existing, options, force)
     if plan is not None:
         return plan

@@ -479,13 +479,15 @@ def test_failure_causes_prefer_the_compiler_over_a_stray_warning() -> None:
 
 def test_pulling_a_prebuilt_image_verifies_it(tmp_path: Path, fake: FakeRuntime) -> None:
     good_image(fake)
-    fake.install(build_rules())
+    pulled_id = "ab" * 32
+    fake.install([(["pull"], f"Writing manifest to image destination\n{pulled_id}\n", 0), *build_rules()])
     config = instance(tmp_path, KVC_IMAGE="registry.example.com/org/demo")
     plan = BuildPlan(config, KVER, TAG, {}, "pull", "no image yet", f"registry.example.com/org/demo:{KVER}")
     assert execute_build(plan, PodmanRuntime()) == f"pulled {TAG} (demo_mod verified for {KVER})"
-    assert fake.calls()[:3] == [
+    assert fake.calls()[:4] == [
         ["pull", f"registry.example.com/org/demo:{KVER}"],
-        ["tag", f"registry.example.com/org/demo:{KVER}", CANDIDATE],
+        ["image", "inspect", pulled_id],
+        ["tag", pulled_id, CANDIDATE],
         ["image", "mount", CANDIDATE],
     ]
     fake.install([fakeprog.Rule(["pull"], "", 125, "Error: reading manifest: manifest unknown\n")])

@@ -15,8 +15,15 @@ from hypothesis import strategies as st
 
 from kvc.archive import _unpack, read_layout
 from kvc.config import GlobalConfig, InstanceConfig, parse_assignments
+from kvc.distribute import plan_obtain, remote_problems
 from kvc.errors import ConfigError, StateError
 from kvc.images import decode_tag, encode_tag, registry_tags
+from kvc.registry import Reference, RegistryClient, RegistryOptions, RemoteImage
+from kvc.runtime import PodmanRuntime
+from support import fakeprog
+from support.fakeruntime import KVER, FakeRuntime, fake
+
+__all__ = ["fake"]
 
 OCI_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 RELEASE_CHARS = st.text(alphabet="0123456789abcdefxyzABC._+~-", min_size=1, max_size=60)
@@ -190,3 +197,48 @@ def test_a_file_that_is_not_a_tar_is_refused(tmp_path: Path) -> None:
     archive.write_bytes(b"\x00" * 10 + b"hello")
     with pytest.raises(StateError, match="not a readable tar"):
         _unpack(str(archive), str(tmp_path / "out"))
+
+
+# ---- what a host does when its registry has nothing (fake podman, a registry that is not there) ---------------
+
+
+def unreachable(tmp_path: Path, fallback: str) -> InstanceConfig:
+    extra = f"KVC_REGISTRY=127.0.0.1:1/kvc/x\nKVC_REGISTRY_FALLBACK={fallback}\n"
+    return instance(extra, tmp_path=tmp_path)
+
+
+def test_an_unreachable_registry_means_build_or_a_clear_refusal(tmp_path: Path, fake: FakeRuntime) -> None:
+    fake.install([fakeprog.Rule(["image", "inspect"], "", 125, "Error: image not known\n")])
+    client = RegistryClient(RegistryOptions(timeout=2))
+    plan = plan_obtain(unreachable(tmp_path, "build"), KVER, PodmanRuntime(), client, RegistryOptions())
+    assert plan.action == "build"
+    assert plan.reason.startswith(f"127.0.0.1:1/kvc/x:1.0__git5-{KVER}: the registry 127.0.0.1:1 cannot be reached (")
+    assert plan.reason.endswith("; building (no image yet)")
+    with pytest.raises(
+        StateError,
+        match=f"no image of x 1.0\\+git5 for kernel {KVER}: 127.0.0.1:1/kvc/x:1.0__git5-{KVER}: the registry",
+    ):
+        plan_obtain(unreachable(tmp_path, "fail"), KVER, PodmanRuntime(), client, RegistryOptions())
+    assert [call[0] for call in fake.calls()] == ["image"] * len(fake.calls())  # nothing but inspections
+
+
+def remote(labels: dict[str, str]) -> RemoteImage:
+    return RemoteImage(Reference.parse("reg.example/x:1"), "sha256:" + "1" * 64, "", "sha256:" + "2" * 64, labels)
+
+
+def test_a_registry_image_must_be_the_instances_for_exactly_this_kernel(tmp_path: Path) -> None:
+    conf = instance("KVC_REGISTRY=reg.example/x\n", context=False, tmp_path=tmp_path)
+    good = {"name": "x", "kvc.kernel": KVER, "kvc.version": "1.0+git5"}
+    assert remote_problems(conf, KVER, remote(good)) == []
+    assert remote_problems(conf, KVER, remote({**good, "kvc.kernel": KVER + "+1"})) == [
+        f"its kvc.kernel label is '{KVER}+1', not '{KVER}'"
+    ]
+    assert remote_problems(conf, KVER, remote({})) == [
+        "it is 'not a kvc image''s image, not x's",
+        f"its kvc.kernel label is '', not '{KVER}'",
+        "its kvc.version label is '', not '1.0+git5'",
+    ]
+    built_here = instance("KVC_REGISTRY=reg.example/x\n", tmp_path=tmp_path)
+    assert remote_problems(built_here, KVER, remote({**good, "kvc.digest": "other"})) == [
+        "it was built from other inputs than this host's build context (kvc.digest differs)"
+    ]

@@ -30,7 +30,8 @@ from typing import Iterator, Optional
 import pytest
 
 REGISTRY = "/usr/bin/docker-registry"
-_REQUEST = re.compile(r'http\.request\.method=(\w+) .*?http\.request\.uri="([^"]+)"')
+# The access log's lines: 127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 200 ...
+_REQUEST = re.compile(r'^\S+ - \S+ \[[^\]]*\] "([A-Z]+) (\S+) HTTP/[0-9.]+"')
 
 
 def _free_port() -> int:
@@ -127,10 +128,7 @@ class LocalRegistry:
         """(method, path) of each request the registry has logged so far, in order."""
         time.sleep(0.2)  # the registry logs a request after answering it
         text = Path(self.log_path).read_text(errors="replace")
-        return [
-            (m.group(1), m.group(2)) for line in text.splitlines() if "response completed" in line
-            for m in [_REQUEST.search(line)] if m
-        ]  # fmt: skip
+        return [(m.group(1), m.group(2)) for m in map(_REQUEST.match, text.splitlines()) if m]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

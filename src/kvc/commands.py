@@ -31,7 +31,14 @@ from kvc.distribute import (
     repository,
 )
 from kvc.errors import KvcError, StateError, UsageError
-from kvc.extract import Manifest, copy_instance_modules, extract, extract_from_directory, read_manifest
+from kvc.extract import (
+    Manifest,
+    copy_instance_modules,
+    directory_files,
+    extract,
+    extract_from_directory,
+    read_manifest,
+)
 from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
 from kvc.kmod.config import load_config
@@ -42,7 +49,7 @@ from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
 from kvc.lock import instance_lock
 from kvc.registry import Reference, RegistryClient, RegistryOptions
-from kvc.runtime import ContainerRuntime, DirectoryFiles, ImageFiles, runtime_for
+from kvc.runtime import ContainerRuntime, ImageFiles, runtime_for
 
 STATUS_SCHEMA = 1
 
@@ -331,7 +338,7 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
             hint=f"run 'kvc build {instance.name}' (or 'kvc pull {instance.name}') first",
         )
     opened: contextlib.AbstractContextManager[ImageFiles] = (
-        contextlib.nullcontext(DirectoryFiles(source)) if modules_dir else ctx.runtime.open_image(source)
+        contextlib.nullcontext(directory_files(source, kernel)) if modules_dir else ctx.runtime.open_image(source)
     )
     with tempfile.TemporaryDirectory(prefix="kvc-check-") as scratch:
         with opened as files:

@@ -239,6 +239,11 @@ def copy_instance_modules(
     found = match_modules(files.list(directory), kernel_release, instance.module_names)
     names = [normalize_name(name) for name in instance.module_names]
     missing = [name for name in instance.module_names if normalize_name(name) not in found]
+    if missing and isinstance(files, DirectoryFiles) and files.image == files.top:
+        raise StateError(
+            f"{files.top} has no module(s) {', '.join(missing)} below {directory}",
+            hint="give the root of a file system that holds the instance's modules for this kernel",
+        )
     if missing:
         raise StateError(
             f"image {image} has no module(s) {', '.join(missing)} below {directory}",
@@ -278,6 +283,16 @@ def extract(
     )
 
 
+def directory_files(directory: str, kernel_release: str) -> DirectoryFiles:
+    """The files of ``directory``, a root file system that must hold ``lib/modules/KVER``."""
+    if not os.path.isdir(os.path.join(directory, "lib", "modules", kernel_release)):
+        raise StateError(
+            f"{directory} has no lib/modules/{kernel_release}",
+            hint="give the root of the modules' file system: DIR/lib/modules/KVER/... (an image's root)",
+        )
+    return DirectoryFiles(directory)
+
+
 def extract_from_directory(
     layout: Layout, instance: InstanceConfig, kernel_release: str, directory: str, *, force: bool = False
 ) -> Manifest:
@@ -285,13 +300,7 @@ def extract_from_directory(
     ``lib/modules/KVER/`` (an image mounted or copied by someone else: ``podman run --mount
     type=image``, a Kubernetes image volume, an init container's copy). Its id is the digest of the
     module files found, so an unchanged directory is not extracted again."""
-    moddir = os.path.join(directory, "lib", "modules", kernel_release)
-    if not os.path.isdir(moddir):
-        raise StateError(
-            f"{directory} has no lib/modules/{kernel_release}",
-            hint="give the root of the modules' file system: DIR/lib/modules/KVER/... (an image's root)",
-        )
-    files = DirectoryFiles(directory)
+    files = directory_files(directory, kernel_release)
     names = [normalize_name(name) for name in instance.module_names]
     found = match_modules(files.list(f"/lib/modules/{kernel_release}"), kernel_release, instance.module_names)
     content = hashlib.sha256()

@@ -260,3 +260,28 @@ def test_instance_conf_parses_the_example() -> None:
     assert instance.build_context == str(EXAMPLE)
     assert instance.module_params == {"simple_procfs_kmod": "number=0"}
     assert instance.wrapper_tools == ("spkut",)
+
+
+@pytest.mark.podman
+def test_modules_from_a_mounted_image_directory_are_checked_and_loaded(host: Host, tmp_path: Path) -> None:
+    built(host)
+    tag = f"simple-kmod-1.0.0:{host.release}"
+    mounted = subprocess.run(["podman", "image", "mount", tag], check=True, capture_output=True, text=True)
+    root = mounted.stdout.strip()
+    try:
+        checked = host.kvc("check", "simple-kmod", "--modules-dir", root)
+        assert checked.returncode == 0, checked.stderr
+        assert f"pass the preflight for {host.release}" in checked.stdout
+        assert host.kernel().loaded_modules() == []
+        assert not (host.root / "var" / "lib" / "kvc" / "simple-kmod" / host.release).exists()
+        loaded = host.kvc("load", "simple-kmod", "--modules-dir", root)
+        assert loaded.returncode == 0, loaded.stderr
+    finally:
+        subprocess.run(["podman", "image", "unmount", tag], capture_output=True)
+    assert {m.name for m in host.kernel().loaded_modules()} == {"simple_kmod", "simple_procfs_kmod"}
+    manifest = json.loads((host.root / "var/lib/kvc/simple-kmod" / host.release / "manifest.json").read_text())
+    assert manifest["image"] == f"dir:{root}" and manifest["image_id"].startswith("dir-")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = host.kvc("check", "simple-kmod", "--modules-dir", str(empty))
+    assert missing.returncode == 6 and f"has no lib/modules/{host.release}" in missing.stderr

@@ -217,6 +217,8 @@ def import_archive(
     """Take every image of ``archive`` in as ``NAME-VERSION:KVER`` (see the module docstring)."""
     if not os.path.isfile(archive):
         raise StateError(f"{archive}: no such file", hint="give the path of a file written by 'kvc export'")
+    if not tarfile.is_tarfile(archive):
+        raise _invalid(archive, "not a tar file")
     os.makedirs(layout.state_dir, exist_ok=True)
     # Beside kvc's state, not in /tmp (often a small tmpfs): images are hundreds of MB. No leading
     # "." in the name: podman names an image pulled from the layout after its path.

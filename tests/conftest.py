@@ -8,6 +8,7 @@ A test that needs Debian's kernel tree is in the oracle tier whether or not it s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -15,6 +16,7 @@ from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_kernel
 from support.onefile import build_onefile
+from support.registry import LocalRegistry
 
 SLOW_TIERS = ("oracle", "podman", "vm", "onefile", "registry")
 NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
@@ -62,3 +64,10 @@ def onefile_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("onefile")
     build_onefile(output)
     return output
+
+
+@pytest.fixture(scope="session")
+def local_registry() -> Iterator[LocalRegistry]:
+    """Debian's docker-registry on 127.0.0.1 with TLS (a test CA) and basic auth, for the session."""
+    with LocalRegistry() as registry:
+        yield registry

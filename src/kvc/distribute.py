@@ -44,6 +44,7 @@ from kvc.images import (
     LABEL_KERNEL,
     LABEL_NAME,
     LABEL_VERSION,
+    built_image,
     image_labels,
     image_tag,
     registry_tags,
@@ -141,13 +142,7 @@ def labelled_image(
 ) -> tuple[str, ImageInfo, dict[str, str]]:
     """(publish tag, the local image, its publish labels): the local image of the instance for
     the kernel, verified again and labelled under a temporary tag (the caller removes it)."""
-    tag = image_tag(instance, kernel_release)
-    info = runtime.inspect(tag)
-    if info is None:
-        raise StateError(
-            f"image {tag} does not exist: {instance.name} is not built for {kernel_release}",
-            hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first",
-        )
+    tag, info = built_image(runtime, instance, kernel_release)
     found = verify_image(runtime, tag, instance, kernel_release)
     labels = publish_labels(
         instance, kernel_release, info, found, verification_of(layout, instance, kernel_release, info.id)
@@ -196,13 +191,7 @@ def plan_push(
 ) -> PushPlan:
     """Push unless both tags already name one registry image with the local image's build-input
     digest and verification (reads two manifests and one config; pulls nothing)."""
-    tag = image_tag(instance, kernel_release)
-    info = runtime.inspect(tag)
-    if info is None:
-        raise StateError(
-            f"image {tag} does not exist: {instance.name} is not built for {kernel_release}",
-            hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first (or 'kvc build --push')",
-        )
+    tag, info = built_image(runtime, instance, kernel_release)
     fixed_tag, moving_tag = registry_tags(instance, kernel_release)
     fixed, moving = repo.with_tag(fixed_tag), repo.with_tag(moving_tag)
 

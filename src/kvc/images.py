@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from kvc.config import InstanceConfig
-from kvc.errors import CommandError, ConfigError
+from kvc.errors import CommandError, ConfigError, StateError
 from kvc.kmod.module import is_module_filename
 from kvc.kmod.names import modname_from_path as name_from_path
 from kvc.kmod.names import modname_normalize as normalize_name
@@ -173,6 +173,18 @@ def prebuilt_ref(image: str, kernel_release: str) -> str:
     if ":" in image.rsplit("/", 1)[-1]:
         return f"{image}-{kernel_tag(kernel_release)}"
     return f"{image}:{kernel_tag(kernel_release)}"
+
+
+def built_image(runtime: ContainerRuntime, instance: InstanceConfig, kernel_release: str) -> tuple[str, ImageInfo]:
+    """(tag, image) of the instance's local image for the kernel; StateError when it is not built."""
+    tag = image_tag(instance, kernel_release)
+    info = runtime.inspect(tag)
+    if info is None:
+        raise StateError(
+            f"image {tag} does not exist: {instance.name} is not built for {kernel_release}",
+            hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' (or 'kvc pull') first",
+        )
+    return tag, info
 
 
 # ---- labels ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel
 from support.onefile import CACHE, PRIVATE_MOUNTS, SCRIPT, TOP, minbase_root
+from support.registry import LocalRegistry
 
 pytestmark = [
     pytest.mark.onefile,
@@ -244,3 +245,24 @@ def test_the_legacy_name_runs_the_legacy_interface(bare_root: Path, share: Path)
     # kvc's own instance: answered in Python; an unknown one: by the bash driver from the package data.
     same_behaviour(bare_root, share, legacy, "bogus", "simple-kmod", "6.1.0-1-amd64")
     same_behaviour(bare_root, share, legacy, "bogus", "nothing", "6.1.0-1-amd64")
+
+
+@pytest.mark.registry
+def test_registry_reads_are_the_same(bare_root: Path, share: Path, local_registry: LocalRegistry) -> None:
+    """The one file bundles ssl: TLS with the registry's CA and basic auth from an auth file."""
+    registry = local_registry
+    ref = f"{registry.host}/kvc/onefile-base:1"
+    subprocess.run(
+        ["podman", "push", "--authfile", registry.auth_file, "--cert-dir", f"{registry.certs_dir}/{registry.host}",
+         "localhost/debian:bookworm", f"docker://{ref}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    shutil.copytree(registry.certs_dir, share / "certs.d")
+    shutil.copy(registry.auth_file, share / "auth.json")
+    for which in ("python", "onefile"):
+        settings = share / which / "etc" / "kvc" / "kmods-via-containers.conf"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(f"KVC_REGISTRY_AUTH_FILE={share}/auth.json\nKVC_REGISTRY_CERTS_DIR={share}/certs.d\n")
+    same_behaviour(bare_root, share, [str(PYTHON_KVC)], "inspect", ref)
+    same_behaviour(bare_root, share, [str(PYTHON_KVC)], "inspect", ref, "--json")
+    same_behaviour(bare_root, share, [str(PYTHON_KVC)], "inspect", f"{registry.host}/kvc/onefile-base:missing")

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,12 +31,11 @@ from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_headers import foreign_headers, newest_foreign_release
 from support.debian_kernel import DebianKernel
-from support.example import write_example_conf
-from support.registry import LocalRegistry, local_registry
+from support.example import unique_prefix, write_example_conf
+from support.registry import LocalRegistry
 
 pytestmark = [pytest.mark.registry, pytest.mark.podman]
 ROOT = Path(__file__).resolve().parents[2]
-__all__ = ["local_registry"]
 
 
 @dataclass
@@ -99,14 +97,9 @@ def storage(tmp_path: Path) -> Iterator[Callable[[str], tuple[str, ...]]]:
 
 @pytest.fixture
 def name() -> Iterator[str]:
-    """A unique instance name; its images (podman's default storage) are removed afterwards."""
-    name = f"kvcreg{uuid.uuid4().hex[:6]}"
-    yield name
-    ids = subprocess.run(
-        ["podman", "images", "-q", "--filter", f"reference=*{name}*"], capture_output=True, text=True
-    ).stdout.split()
-    if ids:
-        subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
+    """A unique instance name; its images are removed afterwards."""
+    with unique_prefix("kvcreg") as prefix:
+        yield prefix
 
 
 def test_build_push_then_pull_and_load_elsewhere_for_two_kernels(

@@ -3,7 +3,11 @@ context pointing at examples/simple-kmod (the conf's own context is relative to 
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "simple-kmod"
 
@@ -19,3 +23,18 @@ def write_example_conf(root: Path, name: str = "simple-kmod", extra: str = "") -
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(conf + extra)
     return path
+
+
+@contextlib.contextmanager
+def unique_prefix(stem: str) -> Iterator[str]:
+    """A fresh instance-name prefix ``STEM<hex>``; the images named after it (in podman's default
+    storage) are removed afterwards."""
+    prefix = f"{stem}{uuid.uuid4().hex[:6]}"
+    try:
+        yield prefix
+    finally:
+        ids = subprocess.run(
+            ["podman", "images", "-q", "--filter", f"reference=*{prefix}*"], capture_output=True, text=True
+        ).stdout.split()
+        if ids:
+            subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)

@@ -5,7 +5,7 @@ from a test CA (made with openssl) and htpasswd basic auth (``htpasswd -B``), as
 password, a containers auth file (0600) and a certs.d directory (``certs_dir/127.0.0.1:PORT/ca.crt``),
 starts the registry and waits for its ``/v2/`` to answer 401. :meth:`LocalRegistry.requests` lists
 the (method, path) of every request it logged, so tests can tell that no layer was fetched. The
-``local_registry`` fixture shares one registry per test session.
+``local_registry`` fixture (tests/conftest.py) shares one registry per test session.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Optional
-
-import pytest
+from typing import Optional
 
 REGISTRY = "/usr/bin/docker-registry"
 # The access log's lines: 127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 200 ...
@@ -147,9 +145,3 @@ class LocalRegistry:
         self, kind: Optional[type[BaseException]], value: Optional[BaseException], trace: Optional[TracebackType]
     ) -> None:
         self.stop()
-
-
-@pytest.fixture(scope="session")
-def local_registry() -> Iterator[LocalRegistry]:
-    with LocalRegistry() as registry:
-        yield registry

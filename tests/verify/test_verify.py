@@ -22,7 +22,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +34,7 @@ from kvc.verify.kernelfiles import find_in_tree, index_module_tree
 from support import fakeprog
 from support.debian_headers import foreign_headers
 from support.debian_kernel import DebianKernel
-from support.example import write_example_conf
+from support.example import unique_prefix, write_example_conf
 from support.modbuild import ModuleSpec, build_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -416,14 +415,15 @@ def vm_env(
     tmp = tmp_path_factory.mktemp("verify")
     release = indexed_kernel_tree.release
     assert (Path("/usr/src") / f"linux-headers-{release}").is_dir(), "headers and kernel ABI differ"
-    prefix = f"kvcvm{uuid.uuid4().hex[:6]}"
     env = {"KVC_ROOT": str(tmp / "root"), "KVC_CACHE_DIR": str(SHARED_CACHE)}
-    yield {"tmp": tmp, "release": release, "env": env, "prefix": prefix, "kernel_dir": str(indexed_kernel_tree.root)}
-    ids = subprocess.run(
-        ["podman", "images", "-q", "--filter", f"reference={prefix}*"], capture_output=True, text=True
-    ).stdout.split()
-    if ids:
-        subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
+    with unique_prefix("kvcvm") as prefix:
+        yield {
+            "tmp": tmp,
+            "release": release,
+            "env": env,
+            "prefix": prefix,
+            "kernel_dir": str(indexed_kernel_tree.root),
+        }
 
 
 def verify_test_module(

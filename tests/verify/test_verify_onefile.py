@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +18,7 @@ import pytest
 
 from kvc.verify.initramfs import find_busybox
 from support.debian_kernel import DebianKernel
-from support.example import write_example_conf
+from support.example import unique_prefix, write_example_conf
 from support.onefile import minbase_root
 
 pytestmark = [
@@ -35,13 +34,8 @@ SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" /
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A unique instance name prefix; its images are removed afterwards."""
-    prefix = f"kvcof{uuid.uuid4().hex[:6]}"
-    yield prefix
-    ids = subprocess.run(
-        ["podman", "images", "-q", "--filter", f"reference={prefix}*"], capture_output=True, text=True
-    ).stdout.split()
-    if ids:
-        subprocess.run(["podman", "rmi", "-f", *sorted(set(ids))], capture_output=True)
+    with unique_prefix("kvcof") as prefix:
+        yield prefix
 
 
 def test_simple_kmod_verified_by_the_single_file_kvc_in_a_guest_without_python(

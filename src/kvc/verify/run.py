@@ -36,9 +36,9 @@ from typing import Any, Callable, Optional
 import kvc
 from kvc.atomic import write_json
 from kvc.config import InstanceConfig
-from kvc.errors import CommandError, ExitCode, StateError
+from kvc.errors import CommandError, ExitCode
 from kvc.extract import copy_instance_modules, replace_dir
-from kvc.images import image_tag
+from kvc.images import built_image
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime, ImageFiles
@@ -144,13 +144,7 @@ def plan_verify(
     find_kernel: Callable[[str], KernelFiles],
 ) -> VerifyPlan:
     """The image first (a missing build is reported before any kernel download), then the kernel."""
-    tag = image_tag(instance, release)
-    info = runtime.inspect(tag)
-    if info is None:
-        raise StateError(
-            f"image {tag} does not exist: {instance.name} is not built for {release}",
-            hint=f"run 'kvc build {instance.name} --kernel {release}' first",
-        )
+    tag, info = built_image(runtime, instance, release)
     return VerifyPlan(instance, find_kernel(release), tag, info.id, options)
 
 

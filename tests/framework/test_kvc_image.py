@@ -1,8 +1,9 @@
 """The kvc image (scripts/build-kvc-image.sh) and its unit (kvc-container@.service), for hosts
-without Python: the unit verifies offline and runs the image with every documented mount; the image
-has kvc and no compiler, and kvc inside it loads an instance whose image is in the HOST's container
-storage (mounted in, as the unit does) into a fake kernel under a KVC_ROOT. That finit_module from
-inside the container reaches a real kernel is tests/verify/test_container_load.py's part."""
+without Python: the unit verifies offline and runs the image with the documented options; the image
+is built once per session, is labelled and tagged, has kvc (``--help``, ``status``) and no compiler,
+and kvc in it loads an instance whose image is in the HOST's container storage (mounted in, as the
+unit does) into a fake kernel under a KVC_ROOT. That finit_module from inside the container reaches
+a real kernel is tests/verify/test_container_load.py's part."""
 
 from __future__ import annotations
 
@@ -19,19 +20,29 @@ from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel
 from support.example import write_example_conf
-from support.kvcimage import UNIT, build_kvc_image, unit_run_options
+from support.kvcimage import SCRIPT, TOP, UNIT, build_kvc_image, run_options, unit_commands
 
 needs_systemd_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
 )
 
+# The run line the unit documents for hosts without Python, options and mounts in this order.
+RUN_OPTIONS = [
+    "--rm", "--privileged", "--network=host",
+    "-v", "/lib/modules:/lib/modules:ro", "-v", "/sys:/sys", "-v", "/etc/kvc:/etc/kvc:ro",
+    "-v", "/var/lib/kvc:/var/lib/kvc", "-v", "/run/kvc:/run/kvc", "-v", "/lib/firmware:/lib/firmware:ro",
+    "-v", "/var/lib/containers/storage:/var/lib/containers/storage",
+    "-v", "/run/containers/storage:/run/containers/storage",
+]  # fmt: skip
 
-@needs_systemd_analyze
-def test_the_unit_verifies_offline(tmp_path: Path) -> None:
+
+def unit_root(tmp_path: Path) -> Path:
+    """A root with the unit installed, the executables its commands name and sysinit.target: enough
+    for an offline ``systemd-analyze verify``."""
     root = tmp_path / "root"
     units = root / "etc" / "systemd" / "system"
     units.mkdir(parents=True)
-    shutil.copyfile(UNIT, units / "kvc-container@.service")
+    shutil.copyfile(UNIT, units / UNIT.name)
     for program in ("podman", "mkdir"):
         path = root / "usr" / "bin" / program
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,58 +51,125 @@ def test_the_unit_verifies_offline(tmp_path: Path) -> None:
     target = root / "usr" / "lib" / "systemd" / "system" / "sysinit.target"
     target.parent.mkdir(parents=True)
     target.write_text("[Unit]\nDescription=System Initialization\n")
+    return root
+
+
+def verify(root: Path) -> tuple[int, str]:
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", f"--root={root}", "kvc-container@simple-kmod.service"],
         capture_output=True,
         text=True,
     )
-    assert (result.returncode, (result.stdout + result.stderr).strip()) == (0, "")
+    return result.returncode, (result.stdout + result.stderr).strip()
 
 
-def test_the_unit_runs_the_image_with_the_documented_mounts() -> None:
+@needs_systemd_analyze
+def test_the_unit_verifies_offline(tmp_path: Path) -> None:
+    assert verify(unit_root(tmp_path)) == (0, "")
+
+
+@needs_systemd_analyze
+def test_verify_sees_a_missing_podman(tmp_path: Path) -> None:
+    root = unit_root(tmp_path)
+    (root / "usr" / "bin" / "podman").unlink()
+    status, said = verify(root)
+    assert status != 0 and "Command /usr/bin/podman is not executable" in said
+
+
+def test_the_unit_loads_at_start_and_unloads_at_stop_with_the_documented_run_line() -> None:
+    commands = unit_commands()
+    assert set(commands) == {"ExecStartPre", "ExecStart", "ExecStop"}
+    assert commands["ExecStartPre"][:2] == ["/usr/bin/mkdir", "-p"]  # no build: modules come built
+    for setting, action in (("ExecStart", "load"), ("ExecStop", "unload")):
+        argv = commands[setting]
+        assert run_options(argv) == RUN_OPTIONS, setting
+        assert argv[-3:] == ["${KVC_CONTAINER_IMAGE}", action, "%i"], setting
     text = UNIT.read_text()
-    options = unit_run_options()
-    assert options[:3] == ["--rm", "--privileged", "--network=host"]
-    mounts = dict(options[i + 1].split(":", 1) for i, arg in enumerate(options) if arg == "-v")
-    for path in ("/lib/modules", "/sys", "/etc/kvc", "/var/lib/kvc", "/run/kvc", "/lib/firmware"):
-        assert mounts[path].split(":")[0] == path, path
-        assert re.search(rf"^#   {re.escape(path)}\b", text, re.MULTILINE), f"{path} is not explained"
-    assert mounts["/var/lib/containers/storage"] == "/var/lib/containers/storage"
-    for action in ("build", "load", "reload", "unload"):
-        assert re.search(
-            rf"^Exec\w+=/usr/bin/podman run \$KVC_CONTAINER_RUN \$\{{KVC_CONTAINER_IMAGE\}} {action} %i$",
-            text,
-            re.MULTILINE,
-        )
+    assert "\nType=oneshot\n" in text and "\nRemainAfterExit=true\n" in text
+    defaults = text.index("Environment=KVC_CONTAINER_IMAGE=localhost/kvc:latest\n")
+    assert text.index("EnvironmentFile=-/etc/kvc/container.env\n") > defaults  # the file overrides
+    sources = [RUN_OPTIONS[i + 1].split(":")[0] for i, option in enumerate(RUN_OPTIONS) if option == "-v"]
+    for source in sources:
+        assert re.search(rf"^#   .*{re.escape(source)}\b", text, re.MULTILINE), f"{source} is not explained"
+    for option in ("--privileged", "--network=host"):
+        assert re.search(rf"^#   {option} ", text, re.MULTILINE), f"{option} is not explained"
+    for source in sources:
+        if source not in ("/lib/modules", "/sys", "/etc/kvc", "/lib/firmware"):
+            assert source in commands["ExecStartPre"], f"{source} may not exist at the first start"
+
+
+def test_the_script_says_how_and_refuses_bad_arguments() -> None:
+    shown = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stderr.startswith("build-kvc-image.sh: build the kvc image")
+    assert "Exit status: 0 built" in shown.stderr
+    for argv in (["--bogus"], ["--tag"]):
+        refused = subprocess.run(["bash", str(SCRIPT), *argv], capture_output=True, text=True)
+        assert refused.returncode == 2, argv
+        assert len(refused.stderr.splitlines()) == 1 and refused.stderr.startswith("build-kvc-image: error: ")
+
+
+@pytest.fixture(scope="module")
+def kvc_image() -> str:
+    return build_kvc_image()
+
+
+def in_image(image: str, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["podman", "run", "--rm", "--entrypoint", "sh", image, "-c", script], capture_output=True, text=True
+    )
+
+
+def inspect(image: str, template: str) -> str:
+    argv = ["podman", "image", "inspect", "--format", template, image]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.podman
+def test_the_image_is_labelled_and_tagged(kvc_image: str) -> None:
+    version = re.search(r'^__version__ = "(.*)"$', (TOP / "src" / "kvc" / "__init__.py").read_text(), re.MULTILINE)
+    assert version and kvc_image == f"localhost/kvc:{version.group(1)}"
+    print(f"{kvc_image}: {int(inspect(kvc_image, '{{.Size}}')) / 1e6:.0f} MB")
+    assert inspect(kvc_image, "{{.Id}}") == inspect("localhost/kvc:latest", "{{.Id}}")
+    labels = {
+        key: inspect(kvc_image, f'{{{{index .Labels "org.opencontainers.image.{key}"}}}}')
+        for key in ("title", "version", "revision")
+    }
+    assert labels["title"] == "kvc" and labels["version"] == version.group(1)
+    # The image is rebuilt only when its sources change, so its commit may be an older one.
+    assert re.fullmatch(r"[0-9a-f]{40}", labels["revision"]), labels
+    ancestor = subprocess.run(["git", "-C", str(TOP), "merge-base", "--is-ancestor", labels["revision"], "HEAD"])
+    assert ancestor.returncode == 0, labels["revision"]
+    assert inspect(kvc_image, "{{.Config.Entrypoint}}") == "[/usr/local/bin/kvc]"
+
+
+@pytest.mark.podman
+def test_the_script_only_checks_when_nothing_changed(kvc_image: str) -> None:
+    again = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == kvc_image and "up to date" in again.stderr
+
+
+@pytest.mark.podman
+def test_kvc_runs_in_the_image_which_has_no_compiler(kvc_image: str) -> None:
+    helped = subprocess.run(["podman", "run", "--rm", kvc_image, "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: kvc"), helped.stderr
+    status = subprocess.run(["podman", "run", "--rm", kvc_image, "status"], capture_output=True, text=True)
+    # No conf in the image's /etc/kvc: an empty status, not an error.
+    assert (status.returncode, status.stdout.strip().lower()) == (0, "no instances installed"), status.stderr
+    probe = in_image(
+        kvc_image,
+        "for p in gcc cc make python3 podman modprobe kmods-via-containers; do command -v $p || echo no $p; done",
+    )
+    assert probe.stdout.split() == [
+        "no", "gcc", "no", "cc", "no", "make", "/usr/bin/python3", "/usr/bin/podman", "/usr/sbin/modprobe",
+        "/usr/local/bin/kmods-via-containers",
+    ], probe.stdout + probe.stderr  # fmt: skip
 
 
 @pytest.mark.podman
 def test_kvc_in_its_image_loads_an_instance_from_the_hosts_storage(
-    tmp_path: Path, indexed_kernel_tree: DebianKernel
+    tmp_path: Path, indexed_kernel_tree: DebianKernel, kvc_image: str
 ) -> None:
-    image = build_kvc_image()
-    size = int(
-        subprocess.run(
-            ["podman", "image", "inspect", "--format", "{{.Size}}", image], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    print(f"{image}: {size / 1e6:.0f} MB")
-    probe = subprocess.run(
-        [
-            "podman",
-            "run",
-            "--rm",
-            "--entrypoint",
-            "sh",
-            image,
-            "-c",
-            "for p in gcc cc make python3; do command -v $p || echo no $p; done; kvc --help",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert probe.stdout.splitlines()[:4] == ["no gcc", "no cc", "no make", "/usr/bin/python3"], probe.stdout
-    assert "usage: kvc" in probe.stdout
     # A host: the example built into podman's default storage, a fake kernel of its release.
     root = tmp_path / "root"
     name = "simple-kmod"
@@ -107,13 +185,13 @@ def test_kvc_in_its_image_loads_an_instance_from_the_hosts_storage(
     (root / "lib" / "modules").mkdir(parents=True, exist_ok=True)
     (root / "lib" / "modules" / indexed_kernel_tree.release).symlink_to(indexed_kernel_tree.moddir)
     FakeKernel.create(HostPaths(str(root)), indexed_kernel_tree.release, symvers=str(indexed_kernel_tree.symvers))
-    storage = ["-v", "/var/lib/containers/storage:/var/lib/containers/storage", "-v", "/run/containers:/run/containers"]
+    # The host's storage as the unit mounts it.
+    options = RUN_OPTIONS[RUN_OPTIONS.index("/lib/firmware:/lib/firmware:ro") + 1 :]
     # The example's conf names its build context on this host: mount the repository where it is.
-    context = ["-v", f"{Path(__file__).resolve().parents[2]}:{Path(__file__).resolve().parents[2]}:ro"]
-    moddir = f"{indexed_kernel_tree.moddir}:{indexed_kernel_tree.moddir}:ro"
-    symvers = f"{indexed_kernel_tree.symvers}:{indexed_kernel_tree.symvers}:ro"  # the fake kernel's exports
-    run = ["podman", "run", "--rm", "--privileged", *storage, *context, "-v", f"{root}:{root}", "-v", moddir,
-           "-v", symvers, "-e", f"KVC_ROOT={root}", "-e", "KVC_KERNEL=fake", image]  # fmt: skip
+    mounts = [f"{TOP}:{TOP}:ro", f"{root}:{root}", f"{indexed_kernel_tree.moddir}:{indexed_kernel_tree.moddir}:ro",
+              f"{indexed_kernel_tree.symvers}:{indexed_kernel_tree.symvers}:ro"]  # fmt: skip
+    run = ["podman", "run", "--rm", "--privileged", *options, *(f"--volume={m}" for m in mounts),
+           "-e", f"KVC_ROOT={root}", "-e", "KVC_KERNEL=fake", kvc_image]  # fmt: skip
     loaded = subprocess.run([*run, "load", name], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
     assert "loaded simple_kmod, simple_procfs_kmod" in loaded.stdout

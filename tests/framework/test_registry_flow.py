@@ -142,14 +142,23 @@ def test_build_push_then_pull_and_load_elsewhere_for_two_kernels(
     assert f"for kernel {k2}" in text and "vermagic" in text
 
     # Host B: its own storage; its conf forbids building, so the images must come from the registry.
-    b = make_host(tmp_path / "b", name, registry, "KVC_REGISTRY_FALLBACK=fail\n", storage("b"))
+    # k1's image is pinned by its digest in B's conf: pulled by that digest.
+    remote = json.loads(a.ok("inspect", f"{repo}:{encode_tag(k1)}", "--json"))
+    pin = f"KVC_REGISTRY_FALLBACK=fail\nKVC_REGISTRY_DIGESTS={k1}={remote['digest']}\n"
+    b = make_host(tmp_path / "b", name, registry, pin, storage("b"))
     fake_kernel(b, k1, indexed_kernel_tree.symvers)
+    assert f"pull {repo}@{remote['digest']} (the registry has it as {repo}@{remote['digest']})" in b.ok(
+        "build", name, "--dry-run"
+    )
     got = b.ok("build", name)
     assert f"pulled {name}-1.0.0:{kernel_tag(k1)}" in got, got
     assert b.ok("load", name).strip().endswith("loaded simple_kmod, simple_procfs_kmod")
-    remote = json.loads(a.ok("inspect", f"{repo}:{encode_tag(k1)}", "--json"))
     local_id = b.podman("image", "inspect", "--format", "{{.Id}}", f"{name}-1.0.0:{kernel_tag(k1)}").strip()
     assert local_id == remote["image_id"]
+    (status,) = json.loads(b.ok("status", name, "--remote", "--json"))["instances"]
+    (entry,) = status["kernels"]
+    assert entry["registry"]["same_as_local"] and entry["registry"]["usable"], entry
+    assert entry["registry"]["digest"] == remote["digest"]
     b.ok("unload", name)
     fake_kernel(b, k2, foreign_headers() / "Module.symvers")
     assert f"pulled {name}-1.0.0:{kernel_tag(k2)}" in b.ok("build", name)

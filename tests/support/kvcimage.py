@@ -3,6 +3,7 @@ tests/verify/test_container_load.py)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -13,15 +14,24 @@ SCRIPT = TOP / "scripts" / "build-kvc-image.sh"
 UNIT = TOP / "src" / "kvc" / "data" / "kvc-container@.service"
 
 
+@functools.cache
 def build_kvc_image() -> str:
-    """The kvc image's name after one scripts/build-kvc-image.sh run (cheap when up to date)."""
+    """The kvc image's name after scripts/build-kvc-image.sh, run once per test session: the tests
+    that use it are meant to see the image of the tree as it is when they start."""
     result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
 
-def unit_run_options() -> list[str]:
-    """The podman run options the unit gives every command (its KVC_CONTAINER_RUN)."""
-    match = re.search(r'^Environment="KVC_CONTAINER_RUN=([^"]*)"$', UNIT.read_text(), re.MULTILINE)
-    assert match, "the unit sets no KVC_CONTAINER_RUN"
-    return shlex.split(match.group(1))
+def unit_commands() -> dict[str, list[str]]:
+    """The unit's Exec lines (continuations joined), by setting: {"ExecStart": argv, ...}."""
+    joined = re.sub(r"\\\n\s*", " ", UNIT.read_text())
+    return {
+        match.group(1): shlex.split(match.group(2)) for match in re.finditer(r"^(Exec\w+)=(.*)$", joined, re.MULTILINE)
+    }
+
+
+def run_options(argv: list[str]) -> list[str]:
+    """The options of a ``podman run ... IMAGE ARGS`` line: what lies between run and the image."""
+    assert argv[:2] == ["/usr/bin/podman", "run"], argv
+    return argv[2 : argv.index("${KVC_CONTAINER_IMAGE}")]

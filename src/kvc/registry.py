@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import glob
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -294,7 +295,9 @@ class RegistryClient:
         except urllib.error.HTTPError as exc:
             body = exc.read(64 << 10) if exc.fp is not None else b""
             return _Response(exc.code, {k.lower(): v for k, v in (exc.headers or {}).items()}, body)
-        except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+        # http.client's own exceptions (a truncated body, a garbled status line, a bad port in a
+        # token realm) are not OSErrors; they are the registry being unreachable all the same.
+        except (urllib.error.URLError, OSError, ssl.SSLError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(reason):
                 why = getattr(reason, "verify_message", reason)
@@ -303,8 +306,12 @@ class RegistryClient:
                     hint=f"put the registry's CA in /etc/containers/certs.d/{ref.registry}/ca.crt (or in "
                     f"KVC_REGISTRY_CERTS_DIR/{ref.registry}/), or set KVC_REGISTRY_TLS_VERIFY=no",
                 ) from None
+            # One line whatever the cause: a garbled status line arrives with its CR LF.
+            why = " ".join(str(reason).split()) or type(exc).__name__
+            host = urllib.parse.urlsplit(url).netloc
+            where = f"the registry {host}" if host == ref.registry else f"{host}, the registry's token service,"
             raise RegistryError(
-                f"{ref}: the registry {ref.registry} cannot be reached ({reason})",
+                f"{ref}: {where} cannot be reached ({why})",
                 hint="check the registry's address, the network, proxy and DNS settings",
             ) from None
 
@@ -437,6 +444,12 @@ class RegistryClient:
         if ref.digest and digest != ref.digest:
             raise RegistryError(
                 f"{ref}: the registry served a manifest whose digest is {digest}", hint="check the registry"
+            )
+        served = response.headers.get("docker-content-digest", "")
+        if served and served != digest:
+            raise RegistryError(
+                f"{ref}: the registry says the manifest's digest is {served}, its bytes hash to {digest}",
+                hint="check the registry (or a proxy in front of it that rewrites manifests)",
             )
         media_type = str(manifest.get("mediaType") or response.headers.get("content-type", "")).split(";")[0]
         if media_type in INDEX_TYPES or "manifests" in manifest:

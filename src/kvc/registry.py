@@ -295,8 +295,8 @@ class RegistryClient:
         except urllib.error.HTTPError as exc:
             body = exc.read(64 << 10) if exc.fp is not None else b""
             return _Response(exc.code, {k.lower(): v for k, v in (exc.headers or {}).items()}, body)
-        # http.client's own exceptions (a truncated body, a garbled status line, a bad port in a
-        # token realm) are not OSErrors; they are the registry being unreachable all the same.
+        # http.client's own exceptions (a garbled status line, a bad port in a token realm) are not
+        # OSErrors; they are the registry being unreachable all the same.
         except (urllib.error.URLError, OSError, ssl.SSLError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(reason):

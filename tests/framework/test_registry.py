@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import json
 import logging
+import platform
 import secrets
 import socket
 import ssl
@@ -26,6 +27,7 @@ import pytest
 
 from kvc.errors import ExitCode, UsageError
 from kvc.registry import (
+    _GOARCH,
     Reference,
     RegistryClient,
     RegistryError,
@@ -78,6 +80,10 @@ def test_credentials_prefer_the_most_specific_entry(tmp_path: Path, monkeypatch:
     assert credentials(options, Reference.parse("reg.example/team/x")) == ("team", "pw-team")
     assert credentials(options, Reference.parse("reg.example/other/x")) == ("host", "pw-host")
     assert credentials(options, Reference.parse("other.example/x")) is None
+    fields = {"auths": {"https://reg.example": {"username": "u", "password": "p:w"}}}
+    path.write_text(json.dumps(fields))
+    assert credentials(options, Reference.parse("reg.example/x")) == ("u", "p:w")
+    path.write_text(json.dumps({"auths": {"reg.example": auth("host"), "reg.example/team": auth("team")}}))
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(path))
     assert credentials(RegistryOptions(), Reference.parse("reg.example/x")) == ("host", "pw-host")
     path.write_text("{not json")
@@ -242,6 +248,19 @@ MANIFEST = json.dumps(
         "layers": [{"digest": "sha256:" + "c" * 64, "size": 1234}],
     }
 ).encode()
+GOARCH = _GOARCH.get(platform.machine(), platform.machine())
+MANIFEST_DIGEST = "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+# This machine's image after another platform's, as multi-arch indexes list them.
+INDEX = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"digest": "sha256:" + "d" * 64, "platform": {"os": "linux", "architecture": "mips64le"}},
+            {"digest": MANIFEST_DIGEST, "platform": {"os": "linux", "architecture": GOARCH}},
+        ],
+    }
+).encode()
 TOKEN = "tok-123"
 WRONG = "sha256:" + "1" * 64  # a digest the manifest that the fake registry serves under it does not have
 
@@ -282,6 +301,10 @@ class TokenRegistry(http.server.BaseHTTPRequestHandler):
             self._send(401, b"{}", {"WWW-Authenticate": challenge})
         elif self.path in ("/v2/kvc/x/manifests/1", "/v2/kvc/moved/manifests/1", f"/v2/kvc/x/manifests/{WRONG}"):
             self._send(200, MANIFEST, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        elif self.path in ("/v2/kvc/x/manifests/multi", f"/v2/kvc/x/manifests/{MANIFEST_DIGEST}"):
+            # By digest with the digest the registry computes, as docker-registry sends it.
+            body = INDEX if self.path.endswith("/multi") else MANIFEST
+            self._send(200, body, {"Docker-Content-Digest": "sha256:" + hashlib.sha256(body).hexdigest()})
         elif self.path == "/v2/kvc/x/manifests/lying":
             self._send(200, MANIFEST, {"Docker-Content-Digest": "sha256:" + "0" * 64})
         elif self.path == "/v2/kvc/x/manifests/garbled":
@@ -381,3 +404,10 @@ def test_a_manifest_that_is_not_what_the_registry_says_or_garbage_is_an_error(
     with pytest.raises(RegistryError, match=r"the registry .* cannot be reached") as garbled:
         client.inspect(Reference.parse(f"{host}/kvc/x:garbled"))
     assert "\n" not in garbled.value.brief and "\r" not in garbled.value.brief
+
+
+def test_an_index_gives_this_machines_image(token_registry: tuple[str, Path]) -> None:
+    host, tmp_path = token_registry
+    image = robot(tmp_path).inspect(Reference.parse(f"{host}/kvc/x:multi"))
+    assert image is not None and image.digest == MANIFEST_DIGEST and image.reference.digest == MANIFEST_DIGEST
+    assert image.labels == {"kvc.kernel": "6.1.0-57-amd64"}

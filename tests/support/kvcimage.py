@@ -23,12 +23,13 @@ def build_kvc_image() -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def unit_commands() -> dict[str, list[str]]:
-    """The unit's Exec lines (continuations joined), by setting: {"ExecStart": argv, ...}."""
+def unit_commands() -> list[tuple[str, list[str]]]:
+    """The unit's Exec lines (continuations joined), in order: [("ExecStart", argv), ...]."""
     joined = re.sub(r"\\\n\s*", " ", UNIT.read_text())
-    return {
-        match.group(1): shlex.split(match.group(2)) for match in re.finditer(r"^(Exec\w+)=(.*)$", joined, re.MULTILINE)
-    }
+    return [
+        (match.group(1), shlex.split(match.group(2)))
+        for match in re.finditer(r"^(Exec\w+)=(.*)$", joined, re.MULTILINE)
+    ]
 
 
 def run_options(argv: list[str]) -> list[str]:

@@ -21,10 +21,7 @@ from kvc.kmod.paths import HostPaths
 from support.debian_kernel import DebianKernel
 from support.example import write_example_conf
 from support.kvcimage import SCRIPT, TOP, UNIT, build_kvc_image, run_options, unit_commands
-
-needs_systemd_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
-)
+from support.offlineunit import needs_systemd_analyze, prepare_root, verify_unit
 
 # The run line the unit documents for hosts without Python, options and mounts in this order.
 RUN_OPTIONS = [
@@ -43,24 +40,11 @@ def unit_root(tmp_path: Path) -> Path:
     units = root / "etc" / "systemd" / "system"
     units.mkdir(parents=True)
     shutil.copyfile(UNIT, units / UNIT.name)
-    for program in ("podman", "mkdir"):
-        path = root / "usr" / "bin" / program
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("#!/bin/sh\n")
-        path.chmod(0o755)
-    target = root / "usr" / "lib" / "systemd" / "system" / "sysinit.target"
-    target.parent.mkdir(parents=True)
-    target.write_text("[Unit]\nDescription=System Initialization\n")
-    return root
+    return prepare_root(root, ("podman", "mkdir"))
 
 
 def verify(root: Path) -> tuple[int, str]:
-    result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", f"--root={root}", "kvc-container@simple-kmod.service"],
-        capture_output=True,
-        text=True,
-    )
-    return result.returncode, (result.stdout + result.stderr).strip()
+    return verify_unit(root, "kvc-container@simple-kmod.service")
 
 
 @needs_systemd_analyze

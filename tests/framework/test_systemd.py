@@ -4,8 +4,6 @@ instance (and verify failing on broken units), atomic installation, and the syst
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,12 +22,9 @@ from kvc.systemd import (
     unit_text,
 )
 from support import fakeprog
+from support.offlineunit import needs_systemd_analyze, prepare_root, verify_unit
 
 INSTANCE = "kmods-via-containers@simple-kmod.service"
-
-needs_systemd_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
-)
 
 
 def unit_root(tmp_path: Path) -> Path:
@@ -37,24 +32,11 @@ def unit_root(tmp_path: Path) -> Path:
     every service depends on (sysinit.target): enough for an offline verify."""
     root = tmp_path / "root"
     install_unit(Layout(HostPaths(str(root))))
-    bash = root / "usr" / "bin" / "bash"
-    bash.parent.mkdir(parents=True)
-    bash.write_text("#!/bin/sh\n")
-    bash.chmod(0o755)
-    target = root / "usr" / "lib" / "systemd" / "system" / "sysinit.target"
-    target.parent.mkdir(parents=True)
-    target.write_text("[Unit]\nDescription=System Initialization\n")
-    return root
+    return prepare_root(root, ("bash",))
 
 
 def verify(root: Path, unit: str = INSTANCE) -> tuple[int, str]:
-    """``systemd-analyze verify`` of ``unit`` inside ``root`` (offline: systemd need not be
-    running); its status and everything it said. systemd reports most unit file mistakes as
-    warnings, with status 0: a clean unit says nothing."""
-    result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", f"--root={root}", unit], capture_output=True, text=True
-    )
-    return result.returncode, (result.stdout + result.stderr).strip()
+    return verify_unit(root, unit)
 
 
 @needs_systemd_analyze

@@ -19,7 +19,6 @@ from kvc.archive import export_images, import_archive
 from kvc.build import ACTION_UP_TO_DATE, BuildPlan, context_digest, execute_build, plan_build
 from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release
 from kvc.distribute import (
-    LABEL_VERIFICATION,
     choose_remote,
     describe_remote,
     execute_push,
@@ -27,11 +26,13 @@ from kvc.distribute import (
     plan_obtain,
     plan_pull,
     plan_push,
+    published_verification,
     registry_options,
     repository,
 )
 from kvc.errors import KvcError, StateError, UsageError
 from kvc.extract import (
+    DIRECTORY_HINT,
     Manifest,
     copy_instance_modules,
     directory_files,
@@ -120,12 +121,14 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-def _push_repository(instance: InstanceConfig, given: Optional[str]) -> Reference:
+def _registry_repository(instance: InstanceConfig, given: Optional[str], action: str) -> Reference:
+    """The repository ``kvc push``/``pull`` (``action``) uses: the one given, else KVC_REGISTRY."""
     text = given or instance.registry
     if not text:
+        direction = "to" if action == "push" else "from"
         raise UsageError(
-            f"no repository to push {instance.name} to",
-            hint=f"name one (kvc push {instance.name} REGISTRY/REPOSITORY) or set KVC_REGISTRY in {instance.source}",
+            f"no repository to {action} {instance.name} {direction}",
+            hint=f"name one (kvc {action} {instance.name} REGISTRY/PATH) or set KVC_REGISTRY in {instance.source}",
         )
     return repository(text, "the repository" if given else f"{instance.source}: KVC_REGISTRY")
 
@@ -133,7 +136,7 @@ def _push_repository(instance: InstanceConfig, given: Optional[str]) -> Referenc
 def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
-    push_to = _push_repository(instance, args.push or None) if args.push is not None else None
+    push_to = _registry_repository(instance, args.push or None, "push") if args.push is not None else None
     plans = [ctx.image_plan(instance, kernel, force=args.force) for kernel in kernels]
     if args.dry_run:
         for plan in plans:
@@ -156,7 +159,7 @@ def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference) 
 
 def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
-    repo = _push_repository(instance, args.repository)
+    repo = _registry_repository(instance, args.repository, "push")
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     if args.dry_run:
         for kernel in kernels:
@@ -170,7 +173,7 @@ def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
-    repo = _push_repository(instance, args.repository)
+    repo = _registry_repository(instance, args.repository, "pull")
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     plans = [
         plan_pull(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.registry_options, force=args.force)
@@ -342,7 +345,8 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="kvc-check-") as scratch:
         with opened as files:
-            copies = copy_instance_modules(files, instance, kernel, source, scratch)
+            what, hint = (source, DIRECTORY_HINT) if modules_dir else (f"image {source}", "")
+            copies = copy_instance_modules(files, instance, kernel, what, scratch, missing_hint=hint)
         plan = _plan_paths(ctx, instance, kernel, [local for _path, local in copies.values()], frozenset())
     say(plan.describe())
     say(f"{instance.name}: the modules from {source} pass the preflight for {kernel}")
@@ -441,7 +445,7 @@ def instance_status(
                 },
                 "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
                 "verification": _verification(ctx, instance.name, kernel, info.id if info else None),
-                "published_verification": _published_verification(info.labels if info else {}),
+                "published_verification": published_verification(info.labels if info else {}),
                 "modules": modules,
             }
         )
@@ -462,15 +466,6 @@ def _verification(ctx: Context, name: str, kernel: str, image_id: Optional[str])
         "image_id": record.get("image_id"),
         "current": image_id is not None and record.get("image_id") == image_id,
     }
-
-
-def _published_verification(labels: Mapping[str, str]) -> Optional[dict[str, Any]]:
-    """The verification a pushed or exported image carries (``kvc.verification``), if any."""
-    try:
-        value = json.loads(labels.get(LABEL_VERIFICATION, "") or "null")
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _verification_text(verification: Optional[dict[str, Any]]) -> str:

@@ -98,6 +98,11 @@ def module_info(found: Sequence[FoundModule]) -> list[dict[str, str]]:
     ]
 
 
+def label_json(value: Any) -> str:
+    """A label's JSON value, compact and in one order (equal values give equal labels)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def publish_labels(
     instance: InstanceConfig,
     kernel_release: str,
@@ -109,7 +114,7 @@ def publish_labels(
     modules, digest) and what only the built modules and their verification tell."""
     labels = dict(info.labels)
     labels.update(image_labels(instance, kernel_release, info.labels.get(LABEL_DIGEST, "")))
-    labels[LABEL_MODULE_INFO] = json.dumps(module_info(found), sort_keys=True, separators=(",", ":"))
+    labels[LABEL_MODULE_INFO] = label_json(module_info(found))
     labels[LABEL_TOOL_VERSION] = kvc.__version__
     keys = sorted({module.sig_key for module in found if module.sig_key})
     if keys:
@@ -117,7 +122,7 @@ def publish_labels(
     else:
         labels.pop(LABEL_SIGNER_KEY, None)
     if verification is not None:
-        labels[LABEL_VERIFICATION] = json.dumps(dict(verification), sort_keys=True, separators=(",", ":"))
+        labels[LABEL_VERIFICATION] = label_json(verification)
     else:
         labels.pop(LABEL_VERIFICATION, None)
     labels[LABEL_OCI_TITLE] = instance.name
@@ -137,11 +142,9 @@ def verification_of(
     return {"status": record["status"], "at": record.get("at"), "kernel": kernel_release}
 
 
-def labelled_image(
-    runtime: ContainerRuntime, layout: Layout, instance: InstanceConfig, kernel_release: str
-) -> tuple[str, ImageInfo, dict[str, str]]:
-    """(publish tag, the local image, its publish labels): the local image of the instance for
-    the kernel, verified again and labelled under a temporary tag (the caller removes it)."""
+def labelled_image(runtime: ContainerRuntime, layout: Layout, instance: InstanceConfig, kernel_release: str) -> str:
+    """The temporary tag (the caller removes it) of the local image of the instance for the kernel,
+    verified again and labelled with what it holds."""
     tag, info = built_image(runtime, instance, kernel_release)
     found = verify_image(runtime, tag, instance, kernel_release)
     labels = publish_labels(
@@ -149,7 +152,7 @@ def labelled_image(
     )
     publish_tag = tag + PUBLISH_SUFFIX
     runtime.relabel(tag, publish_tag, labels, timestamp=int(info.created_epoch))
-    return publish_tag, info, labels
+    return publish_tag
 
 
 # ---- push ---------------------------------------------------------------------------------------------------
@@ -178,9 +181,6 @@ class PushPlan:
         )
 
 
-_COMPARED = (LABEL_DIGEST, LABEL_VERIFICATION)
-
-
 def plan_push(
     instance: InstanceConfig,
     kernel_release: str,
@@ -201,15 +201,10 @@ def plan_push(
     remote = client.inspect(fixed)
     if remote is None:
         return plan(ACTION_PUSH, f"the registry has no {fixed_tag}")
-    verification = verification_of(layout, instance, kernel_release, info.id)
-    wanted = {
-        LABEL_DIGEST: info.labels.get(LABEL_DIGEST, ""),
-        LABEL_VERIFICATION: json.dumps(verification, sort_keys=True, separators=(",", ":")) if verification else "",
-    }
-    have = {key: remote.labels.get(key, "") for key in _COMPARED}
-    if have[LABEL_DIGEST] != wanted[LABEL_DIGEST]:
+    if remote.labels.get(LABEL_DIGEST, "") != info.labels.get(LABEL_DIGEST, ""):
         return plan(ACTION_PUSH, "the registry's image was built from other inputs")
-    if have[LABEL_VERIFICATION] != wanted[LABEL_VERIFICATION]:
+    verification = verification_of(layout, instance, kernel_release, info.id)
+    if remote.labels.get(LABEL_VERIFICATION, "") != (label_json(verification) if verification else ""):
         return plan(ACTION_PUSH, "the verification changed")
     if client.exists(moving) != remote.digest:
         return plan(ACTION_PUSH, f"{moving_tag} names another image")
@@ -219,19 +214,19 @@ def plan_push(
 def execute_push(plan: PushPlan, runtime: ContainerRuntime, layout: Layout, options: RegistryOptions) -> str:
     if plan.action == ACTION_PUSHED:
         return f"{plan.fixed} is up to date"
-    publish_tag, _info, _labels = labelled_image(runtime, layout, plan.instance, plan.kernel_release)
+    publish_tag = labelled_image(runtime, layout, plan.instance, plan.kernel_release)
     args = transport_args(options, plan.fixed.registry)
     try:
         with tempfile.TemporaryDirectory(prefix="kvc-push-") as scratch:
             digest_file = os.path.join(scratch, "digest")
-            digests = []
-            for ref in (plan.fixed, plan.moving):
-                runtime.push(publish_tag, f"docker://{ref}", options=args, digest_file=digest_file)
-                with open(digest_file, encoding="utf-8") as handle:
-                    digests.append(handle.read().strip())
+            runtime.push(publish_tag, f"docker://{plan.fixed}", options=args, digest_file=digest_file)
+            with open(digest_file, encoding="utf-8") as handle:
+                digest = handle.read().strip()
+            # The same image again: every blob is there already, only the tag is written.
+            runtime.push(publish_tag, f"docker://{plan.moving}", options=args)
     finally:
         runtime.remove(publish_tag, missing_ok=True)
-    return f"pushed {plan.local_tag} to {plan.fixed} and :{plan.moving.tag} ({digests[0]})"
+    return f"pushed {plan.local_tag} to {plan.fixed} and :{plan.moving.tag} ({digest})"
 
 
 # ---- pull ---------------------------------------------------------------------------------------------------
@@ -408,6 +403,12 @@ def _json_label(labels: Mapping[str, str], key: str) -> Any:
         return None
 
 
+def published_verification(labels: Mapping[str, str]) -> Optional[dict[str, Any]]:
+    """The verification a pushed or exported image carries (its ``kvc.verification`` label), if any."""
+    value = _json_label(labels, LABEL_VERIFICATION)
+    return value if isinstance(value, dict) else None
+
+
 def describe_remote(image: RemoteImage) -> dict[str, Any]:
     """What a registry image says it holds (``kvc inspect --json``, schema 1)."""
     labels = image.labels
@@ -427,7 +428,7 @@ def describe_remote(image: RemoteImage) -> dict[str, Any]:
         "kvc_version": labels.get(LABEL_TOOL_VERSION),
         "signer_key_id": labels.get(LABEL_SIGNER_KEY),
         "modules": _json_label(labels, LABEL_MODULE_INFO),
-        "verification": _json_label(labels, LABEL_VERIFICATION),
+        "verification": published_verification(labels),
         "labels": dict(labels),
     }
 

@@ -230,24 +230,30 @@ def _recover(target: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+DIRECTORY_HINT = "give the root of a file system that holds the instance's modules for this kernel"
+
+
 def copy_instance_modules(
-    files: ImageFiles, instance: InstanceConfig, kernel_release: str, image: str, destination: str
+    files: ImageFiles,
+    instance: InstanceConfig,
+    kernel_release: str,
+    what: str,
+    destination: str,
+    *,
+    missing_hint: str = "",
 ) -> dict[str, tuple[str, str]]:
-    """Copy the instance's modules for ``kernel_release`` out of an open image into the existing
-    directory ``destination``: {module name: (image path, local path)} in KMOD_NAMES order."""
+    """Copy the instance's modules for ``kernel_release`` out of open image files (``what`` names
+    them: "image NAME", or a directory) into the existing directory ``destination``: {module name:
+    (image path, local path)} in KMOD_NAMES order. Missing modules: StateError with
+    ``missing_hint`` (default: rebuild the image)."""
     directory = f"/lib/modules/{kernel_release}"
     found = match_modules(files.list(directory), kernel_release, instance.module_names)
     names = [normalize_name(name) for name in instance.module_names]
     missing = [name for name in instance.module_names if normalize_name(name) not in found]
-    if missing and isinstance(files, DirectoryFiles) and files.image == files.top:
-        raise StateError(
-            f"{files.top} has no module(s) {', '.join(missing)} below {directory}",
-            hint="give the root of a file system that holds the instance's modules for this kernel",
-        )
     if missing:
         raise StateError(
-            f"image {image} has no module(s) {', '.join(missing)} below {directory}",
-            hint=f"rebuild it: 'kvc build {instance.name} --kernel {kernel_release} --force'",
+            f"{what} has no module(s) {', '.join(missing)} below {directory}",
+            hint=missing_hint or f"rebuild it: 'kvc build {instance.name} --kernel {kernel_release} --force'",
         )
     copies = files.copy([found[name] for name in names], destination)
     return {name: (found[name], copies[found[name]]) for name in names}
@@ -277,7 +283,7 @@ def extract(
         layout,
         instance,
         kernel_release,
-        Source(image, info.id, info.labels.get(LABEL_DIGEST, "")),
+        Source(image, info.id, info.labels.get(LABEL_DIGEST, ""), f"image {image}"),
         lambda: runtime.open_image(image),
         force=force,
     )
@@ -307,7 +313,8 @@ def extract_from_directory(
     for name in names:
         if name in found:
             content.update(f"{found[name]}\0".encode() + file_sha256(files.host_path(found[name])) + b"\0")
-    source = Source(f"dir:{os.path.abspath(directory)}", f"dir-{content.hexdigest()}", "")
+    top = os.path.abspath(directory)
+    source = Source(f"dir:{top}", f"dir-{content.hexdigest()}", "", top, DIRECTORY_HINT)
     return _extract(layout, instance, kernel_release, source, lambda: contextlib.nullcontext(files), force=force)
 
 
@@ -318,6 +325,8 @@ class Source:
     name: str
     id: str
     digest: str
+    what: str  # for messages: "image NAME", or the directory
+    missing_hint: str = ""  # what to do when modules are missing ("": rebuild the image)
 
 
 def _extract(
@@ -339,7 +348,9 @@ def _extract(
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.new-", dir=parent)
     try:
         with open_files() as files:
-            copies = copy_instance_modules(files, instance, kernel_release, source.name, staging)
+            copies = copy_instance_modules(
+                files, instance, kernel_release, source.what, staging, missing_hint=source.missing_hint
+            )
         modules = []
         for name, (image_path, local) in copies.items():
             os.chmod(local, 0o644)
@@ -349,7 +360,7 @@ def _extract(
                 vermagic, depends = (module.vermagic or "").strip(), tuple(module.depends)
             except KmodError as exc:
                 raise StateError(
-                    f"{image_path} in {source.name} is not a readable module: {exc}", hint="rebuild the image"
+                    f"{image_path} in {source.what} is not a readable module: {exc}", hint="rebuild the image"
                 ) from None
             modules.append(
                 ExtractedModule(name, os.path.basename(local), file_sha256(local).hex(), vermagic, depends, image_path)

@@ -280,12 +280,19 @@ class RegistryClient:
         self.options = options
         self._tokens: dict[tuple[str, str], str] = {}
         self._basic: dict[str, str] = {}
+        self._contexts: dict[str, ssl.SSLContext] = {}
 
     # -- HTTP
+    def _context(self, registry: str) -> ssl.SSLContext:
+        """The TLS context for ``registry``, its CA files read once per client."""
+        if registry not in self._contexts:
+            self._contexts[registry] = ssl_context(self.options, registry)
+        return self._contexts[registry]
+
     def _open(self, ref: Reference, method: str, url: str, headers: Mapping[str, str]) -> _Response:
         request = urllib.request.Request(url, method=method, headers=dict(headers))
         opener = urllib.request.build_opener(
-            urllib.request.HTTPSHandler(context=ssl_context(self.options, ref.registry)), _NoRedirectAuth()
+            urllib.request.HTTPSHandler(context=self._context(ref.registry)), _NoRedirectAuth()
         )
         log.info("%s %s", method, url)
         try:

@@ -324,6 +324,13 @@ CASES: list[tuple[str, Setup, tuple[str, ...], ExitCode, str]] = [
     ("inspect a bad tag", _nothing, ("inspect", "reg.example/x:-1"), E.USAGE, "is not a valid tag"),
     ("push nowhere", _conf(CONF), ("push", "demo", "--kernel", RELEASE), E.USAGE, "no repository to push demo to"),
     ("push to a tag", _conf(CONF), ("push", "demo", "reg.example/x:1"), E.STATE, "names an image, not a repository"),
+    (
+        "pull from nowhere",
+        _conf(CONF),
+        ("pull", "demo", "--kernel", RELEASE),
+        E.USAGE,
+        "no repository to pull demo from",
+    ),
     ("pull from a bad reference", _conf(CONF), ("pull", "demo", "x/y"), E.USAGE, "does not start with a registry"),
     ("import a missing archive", _nothing, ("import", "{tmp}/nosuch.tar"), E.STATE, "no such file"),
     ("import a non-archive", _conf(CONF), ("import", "{tmp}/bundle/Containerfile"), E.STATE, "not a kvc archive"),

@@ -270,7 +270,9 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     settings = {"KVC_BOOT_MODULES": " ".join(name for name, _ in boot), **agent_settings}
     with runtime.open_image(plan.image) as files:
         os.makedirs(os.path.join(work, "modules"))
-        copies = copy_instance_modules(files, instance, kernel.release, plan.image, os.path.join(work, "modules"))
+        copies = copy_instance_modules(
+            files, instance, kernel.release, f"image {plan.image}", os.path.join(work, "modules")
+        )
         module_files = [os.path.basename(local) for _, local in copies.values()]
         image_root = files.root
         if image_root is None and instance.wrapper_tools:

@@ -249,6 +249,7 @@ def _plan_paths(
         reload_loaded=False,
         modprobe_config=config,
         unloaded_first=unloaded_first,
+        intree_modules=instance.intree_modules,
     )
 
 

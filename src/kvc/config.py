@@ -4,7 +4,9 @@ nothing else — a file is never executed, and command substitution is refused."
 
 from __future__ import annotations
 
+import enum
 import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -20,6 +22,8 @@ _KERNEL_RELEASE = re.compile(r"[0-9][A-Za-z0-9._+~-]*")
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,54}")
 # A wrapper command becomes a file in /usr/local/bin: a plain command name, never a path.
 _COMMAND_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+# A qemu -device value: a driver name and properties; no paths (a device must not read host files).
+_QEMU_DEVICE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*(,[A-Za-z][A-Za-z0-9_.-]*=[A-Za-z0-9_.:-]+)*")
 _UNSET_HINT = "set it on an earlier line, or write a literal '$' as '\\$' or inside single quotes"
 
 CONF_DIR = "/etc/kvc"
@@ -192,6 +196,11 @@ def check_name(name: str, source: str = "instance name") -> str:
             f"{source}: instance name {name!r} is not allowed",
             hint="use letters, digits and . _ - and start with a letter or digit",
         )
+    if name in RESERVED_NAMES:
+        raise ConfigError(
+            f"{source}: instance name {name!r} is reserved (kvc keeps its own /var/lib/kvc/{name})",
+            hint="choose another name",
+        )
     return name
 
 
@@ -208,6 +217,44 @@ def _flag(values: Mapping[str, str], key: str, default: bool, path: str) -> bool
     if value in ("0", "no", "false", "off"):
         return False
     raise ConfigError(f"{path}: {key}={value!r} is not a yes/no value", hint="write yes or no")
+
+
+def _firmware_paths(value: str, path: str) -> tuple[str, ...]:
+    """KVC_FIRMWARE: paths relative to the image's /lib/firmware, installed at the same place
+    below the host's firmware directory; never absolute, never leaving it."""
+    found = []
+    for item in value.split():
+        check_word(item, "KVC_FIRMWARE item", path)
+        normal = posixpath.normpath(item)
+        if item.startswith("/") or normal == "." or normal.split("/")[0] == "..":
+            raise ConfigError(
+                f"{path}: KVC_FIRMWARE item {item!r} is not a path inside the image's /lib/firmware",
+                hint="name firmware files or directories relative to /lib/firmware, e.g. vendor/device.bin",
+            )
+        found.append(normal)
+    return tuple(found)
+
+
+def _image_files(values: Mapping[str, str], key: str, suffix: str, path: str) -> tuple[str, ...]:
+    """Absolute image paths of files installed under their names (which end in ``suffix``, the
+    only files their readers take) into one host directory: no two with the same name."""
+    found: dict[str, str] = {}
+    for item in values.get(key, "").split():
+        check_word(item, f"{key} item", path)
+        normal = posixpath.normpath(item)
+        name = posixpath.basename(normal)
+        if not item.startswith("/") or not name.endswith(suffix) or len(name) <= len(suffix) or name.startswith("."):
+            raise ConfigError(
+                f"{path}: {key} item {item!r} is not an absolute image path of a *{suffix} file",
+                hint=f"name files in the image by their full path, e.g. /etc/example/NAME{suffix}",
+            )
+        if name in found:
+            raise ConfigError(
+                f"{path}: {key} names two files called {name} ({found[name]} and {item})",
+                hint="they would be installed at the same place: rename one in the image",
+            )
+        found[name] = normal
+    return tuple(found.values())
 
 
 @dataclass(frozen=True)
@@ -249,6 +296,17 @@ class GlobalConfig:
 
 
 REGISTRY_FALLBACKS = ("build", "fail")
+
+
+class Delivery(str, enum.Enum):
+    """KVC_DELIVERY: how the instance's modules reach the kernel."""
+
+    DIRECT = "direct"  # kvc inserts them from /var/lib/kvc/NAME/KVER (the default)
+    TREE = "tree"  # installed into /lib/modules/KVER/updates/kvc/NAME and indexed: modprobe and udev find them
+
+
+# Instance names kvc uses for directories of its own below /var/lib/kvc.
+RESERVED_NAMES = ("modules", "firmware")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -271,6 +329,13 @@ class InstanceConfig:
     registry: str = ""  # KVC_REGISTRY: the repository prebuilt images are pulled from (and pushed to)
     registry_fallback: str = "build"  # KVC_REGISTRY_FALLBACK: no image in the registry -> build or fail
     registry_digests: Mapping[str, str] = field(default_factory=dict)  # KVC_REGISTRY_DIGESTS: KVER -> digest
+    delivery: Delivery = Delivery.DIRECT  # KVC_DELIVERY
+    firmware: tuple[str, ...] = ()  # KVC_FIRMWARE: files or directories below the image's /lib/firmware
+    modprobe_conf: tuple[str, ...] = ()  # KVC_MODPROBE_CONF: image files for /etc/modprobe.d
+    modules_load: bool = False  # KVC_MODULES_LOAD: /etc/modules-load.d/kvc-NAME.conf (tree delivery)
+    udev_rules: tuple[str, ...] = ()  # KVC_UDEV_RULES: image files for /etc/udev/rules.d
+    intree_modules: tuple[str, ...] = ()  # KVC_INTREE_MODULES: in-tree modules loaded first, as modprobe would
+    verify_devices: tuple[str, ...] = ()  # KVC_VERIFY_DEVICES: extra qemu -device values for kvc verify
 
     @property
     def image_repository(self) -> str:
@@ -364,6 +429,35 @@ class InstanceConfig:
             digests[release] = digest
         if digests and not registry:
             raise ConfigError(f"{path}: KVC_REGISTRY_DIGESTS is set without KVC_REGISTRY", hint="set KVC_REGISTRY")
+        intree = tuple(values.get("KVC_INTREE_MODULES", "").split())
+        for module in intree:
+            if not _MODULE_NAME.fullmatch(module):
+                raise ConfigError(
+                    f"{path}: KVC_INTREE_MODULES item {module!r} is not a kernel module name",
+                    hint="list in-tree module names as modinfo shows them: letters, digits, '_' and '-'",
+                )
+        devices = tuple(values.get("KVC_VERIFY_DEVICES", "").split())
+        for device in devices:
+            if not _QEMU_DEVICE.fullmatch(device):
+                raise ConfigError(
+                    f"{path}: KVC_VERIFY_DEVICES item {device!r} is not a qemu device",
+                    hint="write qemu -device values as DRIVER[,PROPERTY=VALUE...] "
+                    "(letters, digits and _ . - :, no paths), e.g. edu",
+                )
+        delivery = values.get("KVC_DELIVERY", "") or Delivery.DIRECT.value
+        if delivery not in {d.value for d in Delivery}:
+            raise ConfigError(
+                f"{path}: KVC_DELIVERY={delivery!r} is not one of {', '.join(d.value for d in Delivery)}",
+                hint="direct: kvc inserts the modules itself; tree: into /lib/modules/KVER, found by modprobe and udev",
+            )
+        firmware = _firmware_paths(values.get("KVC_FIRMWARE", ""), path)
+        modprobe_conf = _image_files(values, "KVC_MODPROBE_CONF", ".conf", path)
+        if f"kvc-{name}.conf" in {posixpath.basename(p) for p in modprobe_conf}:
+            raise ConfigError(
+                f"{path}: KVC_MODPROBE_CONF names kvc-{name}.conf, the file kvc writes itself",
+                hint="rename the file in the image",
+            )
+        udev_rules = _image_files(values, "KVC_UDEV_RULES", ".rules", path)
         keep = values.get("KVC_KEEP_KERNELS", "3")
         if not keep.isdigit() or int(keep) < 1:
             raise ConfigError(f"{path}: KVC_KEEP_KERNELS={keep!r} must be a whole number >= 1")
@@ -383,4 +477,11 @@ class InstanceConfig:
             registry=registry,
             registry_fallback=fallback,
             registry_digests=digests,
+            delivery=Delivery(delivery),
+            firmware=firmware,
+            modprobe_conf=modprobe_conf,
+            modules_load=_flag(values, "KVC_MODULES_LOAD", False, path),
+            udev_rules=udev_rules,
+            intree_modules=intree,
+            verify_devices=devices,
         )

@@ -5,12 +5,17 @@ symbol it imports must come from the kernel, from another module of the instance
 in-tree module of ``/lib/modules/KVER`` (found through kmod's indexes). The plan loads in-tree
 dependencies first, each resolved as modprobe would (:func:`kvc.kmod.modprobe.load_plan`: its
 dependencies deepest first, softdeps, ``options`` from modprobe.d and the kernel command line),
-then the instance's modules in dependency order. If the kernel refuses module k, everything this
-run loaded is unloaded again; a softdep the kernel refuses is skipped, as modprobe skips it.
+then the instance's modules in dependency order. In-tree modules the instance names
+(``KVC_INTREE_MODULES``) come first, resolved the same way. An instance module's softdeps (its
+modprobe.d ``softdep`` line, else its own ``MODULE_SOFTDEP``) are loaded around it as modprobe
+loads them: ``pre:`` modules just before it, ``post:`` modules just after. If the kernel refuses
+module k, everything this run loaded is unloaded again; a softdep the kernel refuses is skipped,
+as modprobe skips it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import dataclass, field
@@ -18,10 +23,10 @@ from typing import AbstractSet, Mapping, Optional, Sequence
 
 from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
-from kvc.kmod.config import ModprobeConfig, load_config
+from kvc.kmod.config import ModprobeConfig, Softdep, load_config, parse_softdep
 from kvc.kmod.kernel.protocol import Kernel, KernelError
 from kvc.kmod.moddir import ModuleDirectory
-from kvc.kmod.modprobe import ACTION_BUILTIN, ACTION_INSTALL, load_plan
+from kvc.kmod.modprobe import ACTION_BUILTIN, ACTION_INSTALL, PlannedModule, load_plan
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.names import modname_normalize as normalize_name
 
@@ -91,6 +96,9 @@ class _Candidate:
     path: str
     module: ModuleFile
     imports: list[str] = field(default_factory=list)
+    # Instance modules to load before this one because of a softdep; ignored where that would
+    # contradict a real dependency (modprobe, too, loads a dependency before its user).
+    soft_before: list[str] = field(default_factory=list)
 
 
 def _vermagic_release(module: ModuleFile) -> str:
@@ -110,13 +118,15 @@ def plan_load(
     preflight: bool = True,
     modprobe_config: Optional[ModprobeConfig] = None,
     unloaded_first: AbstractSet[str] = frozenset(),
+    intree_modules: Sequence[str] = (),
 ) -> LoadPlan:
     """Preflight and plan. ``module_paths`` are the instance's extracted module files in
     KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string. Without
     ``preflight`` what it finds wrong is left for the kernel to refuse (verification wants the
     real kernel's verdict). ``modprobe_config`` is the host's modprobe configuration for the
     in-tree modules (None: only the module directory's own modules.softdep). ``unloaded_first``
-    names loaded modules an unload runs before this plan (a reload's dry run)."""
+    names loaded modules an unload runs before this plan (a reload's dry run). ``intree_modules``
+    (KVC_INTREE_MODULES) are loaded first, each with what ``modprobe NAME`` would load."""
     candidates: dict[str, _Candidate] = {}
     problems: list[str] = []
     for path in module_paths:
@@ -167,36 +177,87 @@ def plan_load(
             details="\n".join(problems),
             hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')",
         )
+    if moddir is not None and modprobe_config is None:
+        modprobe_config = load_config([], module_dir=moddir.path)
+    softdeps = {name: _softdep(cand.module, modprobe_config) for name, cand in candidates.items()}
+    for name, softdep in softdeps.items():
+        for other in map(normalize_name, softdep.pre):
+            if other in candidates and other != name:
+                candidates[name].soft_before.append(other)
+        for other in map(normalize_name, softdep.post):
+            if other in candidates and other != name:
+                candidates[other].soft_before.append(name)
     steps: list[LoadStep] = []
     seen: set[str] = set()
-    if in_tree and moddir is not None and modprobe_config is None:
-        modprobe_config = load_config([], module_dir=moddir.path)
+
+    def add(planned: Sequence[LoadStep]) -> None:
+        for step in planned:
+            if step.name not in seen and step.name not in loaded:
+                seen.add(step.name)
+                steps.append(step)
+
+    for name in intree_modules:
+        add(_in_tree_steps(moddir, modprobe_config, name, "KVC_INTREE_MODULES names it"))
     for owner in in_tree:
-        for step in _in_tree_steps(moddir, modprobe_config, owner):
-            if step.name in seen or step.name in loaded:
-                continue
-            seen.add(step.name)
-            steps.append(step)
+        add(_in_tree_steps(moddir, modprobe_config, owner))
     skipped = []
     for name in _dependency_order(candidates):
         if name in loaded and not reload_loaded:
             skipped.append(name)
             continue
-        steps.append(LoadStep(name, candidates[name].path, params.get(name, ""), Origin.INSTANCE))
+        around = softdeps[name]
+        for other in around.pre:
+            add(_softdep_steps(moddir, modprobe_config, other, candidates))
+        add([LoadStep(name, candidates[name].path, params.get(name, ""), Origin.INSTANCE)])
+        for other in around.post:
+            add(_softdep_steps(moddir, modprobe_config, other, candidates))
     return LoadPlan(instance, kernel_release, tuple(steps), tuple(skipped))
 
 
-def _in_tree_steps(moddir: Optional[ModuleDirectory], config: Optional[ModprobeConfig], name: str) -> list[LoadStep]:
+def _softdep(module: ModuleFile, config: Optional[ModprobeConfig]) -> Softdep:
+    """The softdep modprobe would use for an instance module: a configuration line naming it
+    first (libkmod takes the first match), else the module's own first ``softdep=`` entry, which
+    depmod would have put in modules.softdep."""
+    configured = config.softdep(module.name) if config is not None else None
+    if configured is not None:
+        return configured
+    own = module.softdeps
+    return parse_softdep(module.name, own[0]) if own else Softdep(module.name)
+
+
+def _softdep_steps(
+    moddir: Optional[ModuleDirectory], config: Optional[ModprobeConfig], name: str, candidates: Mapping[str, object]
+) -> list[LoadStep]:
+    """The in-tree load steps of one softdep (none of them required). A softdep on another of the
+    instance's modules only orders them; one nobody has is skipped, as modprobe skips it."""
+    if normalize_name(name) in candidates or moddir is None or config is None:
+        return []
+    try:
+        planned = load_plan(moddir, config, name)
+    except LookupError:
+        return []
+    return [dataclasses.replace(step, required=False) for step in _as_steps(planned)]
+
+
+def _in_tree_steps(
+    moddir: Optional[ModuleDirectory], config: Optional[ModprobeConfig], name: str, why: str = ""
+) -> list[LoadStep]:
     """What ``modprobe NAME`` would insert, as load steps (modprobe's order and options)."""
+    because = f" ({why})" if why else ""
     if moddir is None or config is None:
-        raise LoadError(f"in-tree module {name} is needed but the host has no module directory")
+        raise LoadError(f"in-tree module {name} is needed{because} but the host has no module directory")
     try:
         planned = load_plan(moddir, config, name)
     except LookupError:
         raise LoadError(
-            f"in-tree module {name} is needed but not found in {moddir.path}",
-            hint="install the kernel's modules package or run depmod",
+            f"in-tree module {name} is needed{because} but not found in {moddir.path}",
+            hint="install the kernel's modules package or run depmod"
+            + (", or correct KVC_INTREE_MODULES" if why else ""),
         ) from None
+    return _as_steps(planned)
+
+
+def _as_steps(planned: Sequence[PlannedModule]) -> list[LoadStep]:
     steps = []
     for item in planned:
         if item.action == ACTION_BUILTIN:
@@ -216,8 +277,27 @@ class _Visit(enum.Enum):
     DONE = enum.auto()
 
 
+def _needs(needs: Mapping[str, list[str]], start: str, target: str) -> bool:
+    """Whether ``start`` (transitively) has to come after ``target``."""
+    pending, seen = [start], set()
+    while pending:
+        name = pending.pop()
+        if name == target:
+            return True
+        if name not in seen:
+            seen.add(name)
+            pending += needs[name]
+    return False
+
+
 def _dependency_order(candidates: Mapping[str, _Candidate]) -> list[str]:
-    """Providers before users; otherwise the instance's own order (KMOD_NAMES)."""
+    """Providers before users, then softdep order where it contradicts no dependency; otherwise
+    the instance's own order (KMOD_NAMES)."""
+    needs = {name: list(cand.imports) for name, cand in candidates.items()}
+    for name, cand in candidates.items():
+        for dep in cand.soft_before:
+            if dep not in needs[name] and not _needs(needs, dep, name):
+                needs[name].append(dep)
     order: list[str] = []
     state: dict[str, _Visit] = {}
 
@@ -228,7 +308,7 @@ def _dependency_order(candidates: Mapping[str, _Candidate]) -> list[str]:
             cycle = " -> ".join([*trail[trail.index(name) :], name])
             raise LoadError(f"dependency cycle between the instance's modules: {cycle}")
         state[name] = _Visit.ACTIVE
-        for dep in candidates[name].imports:
+        for dep in needs[name]:
             visit(dep, [*trail, name])
         state[name] = _Visit.DONE
         order.append(name)

@@ -30,6 +30,9 @@ from kvc.config import InstanceConfig
 from kvc.errors import BuildError, CommandError
 from kvc.images import (
     LABEL_DIGEST,
+    LABEL_KERNEL,
+    LABEL_NAME,
+    LABEL_VERSION,
     candidate_tag,
     image_labels,
     image_tag,
@@ -42,7 +45,7 @@ from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile, is_module_filename
 from kvc.kmod.names import modname_from_path as name_from_path
 from kvc.kmod.names import modname_normalize as normalize_name
-from kvc.runtime import BuildCommandError, ContainerRuntime, ImageFiles
+from kvc.runtime import BuildCommandError, ContainerRuntime, ImageFiles, ImageInfo
 
 DIGEST_SCHEME = "kvc-context-digest-1"
 EXCLUDED_DIRS = (".git",)
@@ -143,6 +146,21 @@ def context_digest(instance: InstanceConfig, kernel_release: str) -> str:
         with open(build_file, "rb") as handle:
             digest.update(handle.read())
     return digest.hexdigest()
+
+
+def image_is_current(instance: InstanceConfig, kernel_release: str, info: ImageInfo) -> bool:
+    """Whether a local image is one ``kvc build`` keeps (``kvc status``' up to date, and the
+    reboot gate's): a prebuilt image (``KVC_IMAGE``) as it is; one built here, or pulled for an
+    instance with a build context, when its build digest is this configuration's; one pulled for
+    an instance without a build context (``KVC_REGISTRY`` only) when its labels name this
+    instance, version and kernel (the pull checked them; its digest is the build host's)."""
+    labels = info.labels
+    if instance.image:
+        return True
+    if not instance.build_context:
+        named = (labels.get(LABEL_NAME), labels.get(LABEL_VERSION), labels.get(LABEL_KERNEL))
+        return named == (instance.name, instance.software_version, kernel_release)
+    return labels.get(LABEL_DIGEST) == context_digest(instance, kernel_release)
 
 
 # ---- planning ---------------------------------------------------------------------------------------------

@@ -336,6 +336,7 @@ class InstanceConfig:
     udev_rules: tuple[str, ...] = ()  # KVC_UDEV_RULES: image files for /etc/udev/rules.d
     intree_modules: tuple[str, ...] = ()  # KVC_INTREE_MODULES: in-tree modules loaded first, as modprobe would
     verify_devices: tuple[str, ...] = ()  # KVC_VERIFY_DEVICES: extra qemu -device values for kvc verify
+    verify_required: bool = False  # KVC_VERIFY_REQUIRED: the reboot gate also wants a passed verification
 
     @property
     def image_repository(self) -> str:
@@ -484,4 +485,5 @@ class InstanceConfig:
             udev_rules=udev_rules,
             intree_modules=intree,
             verify_devices=devices,
+            verify_required=_flag(values, "KVC_VERIFY_REQUIRED", False, path),
         )

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
-from kvc import systemd
+from kvc import hooks, systemd
 from kvc.atomic import fsync_path, write_file
 from kvc.config import InstanceConfig, check_name, parse_assignments, read_conf
 from kvc.errors import ConfigError, StateError
@@ -178,6 +178,7 @@ class InstallPlan:
     unit_current: bool
     systemctl: tuple[systemd.SystemctlCall, ...]
     systemctl_skip: str
+    kernel_hooks: tuple[hooks.HookPlan, ...] = ()  # shared by every instance, like the unit
 
     def describe(self) -> str:
         lines = [f"install {self.name} from {self.bundle}:"]
@@ -189,6 +190,7 @@ class InstallPlan:
         lines.append(
             f"  {self.unit_path}: up to date" if self.unit_current else f"  write the systemd unit {self.unit_path}"
         )
+        lines += [f"  {hook.describe()}" for hook in self.kernel_hooks]
         lines += [_systemctl_line(call, self.systemctl_skip) for call in self.systemctl]
         return "\n".join(lines)
 
@@ -383,6 +385,7 @@ def plan_install(
         unit_current=systemd.unit_is_current(layout),
         systemctl=systemd.enable_calls(name),
         systemctl_skip=skip,
+        kernel_hooks=hooks.plan_hooks(layout),
     )
 
 
@@ -529,6 +532,10 @@ def execute_install(plan: InstallPlan, layout: Layout, say: Callable[[str], None
                 undo.cleanups.append(functools.partial(os.unlink, backup))
         if not plan.unit_current:
             _replace_file(plan.unit_path, systemd.unit_text().encode(), systemd.UNIT_MODE, undo)
+        for hook in hooks.plan_hooks(layout):
+            if hook.state is not hooks.HookState.CURRENT:
+                _make_dirs(os.path.dirname(hook.path), undo)
+                _replace_file(hook.path, hook.hook.text.encode(), hooks.HOOK_MODE, undo)
         write_file(plan.manifest_path, _manifest_bytes(plan.manifest))
     except BaseException:
         undo.rollback()

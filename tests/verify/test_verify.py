@@ -27,8 +27,10 @@ from typing import Any, Iterator
 
 import pytest
 
+from kvc.kmod import depmod
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.verify.bootimage import has_pvh_note, pvh_kernel
+from kvc.verify.guesttree import write_tree_layer
 from kvc.verify.initramfs import BOOT_MODULE_ROOTS, CpioEntry, boot_modules, find_busybox, write_cpio
 from kvc.verify.kernelfiles import find_in_tree, index_module_tree
 from support import fakeprog
@@ -36,9 +38,11 @@ from support.debian_headers import foreign_headers
 from support.debian_kernel import DebianKernel
 from support.example import unique_prefix, write_example_conf
 from support.modbuild import ModuleSpec, build_module
+from support.oracle import run_kmod
 
 ROOT = Path(__file__).resolve().parents[2]
 KMODS = ROOT / "tests" / "kmods"
+EDU_EXAMPLE = ROOT / "examples" / "edu-kmod"
 SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
 BASE_IMAGE = "localhost/debian:bookworm"
 
@@ -303,7 +307,7 @@ def test_qemu_gets_no_network_bounded_memory_and_read_only_host(fake_host: dict[
     assert "panic=-1" in append and "oops=panic" in append
     kept = fake_host["root"] / "var" / "lib" / "kvc" / "hello" / "verify" / RELEASE
     job = json.loads((kept / "job.json").read_text())
-    assert job["modules"] == ["/kvc/work/modules/kvc_hello.ko"] and job["moddir"] == "/kvc/kernel-modules"
+    assert job["modules"] == ["/kvc/work/modules/kvc_hello.ko"] and job["moddir"] == f"/lib/modules/{RELEASE}"
     assert (kept / "modules" / "kvc_hello.ko").exists() and (kept / "initramfs.cpio").exists()
     assert fakeprog.calls(fake_host["log"], "podman")[-1][:2] == ["image", "unmount"]
 
@@ -352,6 +356,135 @@ def fake_qemu(path: Path, console: str, code: int = 0, log: Path | None = None) 
         f"open(serial, 'w').write({console!r})\nsys.exit({code})\n"
     )
     path.chmod(0o755)
+
+
+def test_the_guest_tree_layer_has_the_indexes_kmods_depmod_writes(
+    tmp_path: Path, indexed_kernel_tree: DebianKernel
+) -> None:
+    """The layer above the kernel's tree in the guest (tree delivery): the instance's module at
+    updates/kvc/NAME/ and indexes made by kvc's depmod over symbolic links to the kernel's tree,
+    the same bytes kmod's depmod writes for the kernel's tree with that module in it."""
+    release = indexed_kernel_tree.release
+    module = tmp_path / "kvc_demo.ko"
+    spec = ModuleSpec(
+        "kvc_demo",
+        f"{release} SMP preempt mod_unload modversions ",
+        imports=[("_printk", 1), ("udp_tunnel_sock_release", 2)],
+        modinfo=[("license", "GPL"), ("alias", "pci:v00001234d000011E8sv*sd*bc*sc*i*"), ("softdep", "pre: crc7")],
+    )
+    module.write_bytes(build_module(spec))
+    layer = tmp_path / "layer"
+    cache = tmp_path / "cache"
+    for _ in range(2):  # the second run from depmod's parse cache
+        relative = write_tree_layer(
+            release, str(indexed_kernel_tree.moddir), "demo", [str(module)], str(layer), str(cache)
+        )
+    assert relative == ["updates/kvc/demo/kvc_demo.ko"]
+    assert (layer / relative[0]).read_bytes() == module.read_bytes()
+    assert sorted(path.name for path in layer.iterdir()) == sorted(["updates", *depmod.OUTPUTS])
+    assert not (cache / "verify-tree" / "demo" / release).exists()  # the scratch tree goes
+    copy = tmp_path / "kmod" / "lib" / "modules" / release
+    shutil.copytree(indexed_kernel_tree.moddir, copy, copy_function=os.link)
+    for name in depmod.OUTPUTS:
+        (copy / name).unlink()
+    (copy / "updates" / "kvc" / "demo").mkdir(parents=True)
+    shutil.copyfile(module, copy / relative[0])
+    theirs = run_kmod("depmod", ["-C", "/dev/null", "-b", str(tmp_path / "kmod"), release])
+    assert theirs.returncode == 0, theirs.stderr
+    for name in depmod.OUTPUTS:
+        assert (layer / name).read_bytes() == (copy / name).read_bytes(), name
+    assert "updates/kvc/demo/kvc_demo.ko: kernel/net/ipv4/udp_tunnel.ko\n" in (layer / "modules.dep").read_text()
+
+
+def fake_qemu_guest(path: Path, console: str, progress: list[dict[str, Any]]) -> None:
+    """A qemu whose "guest" writes the agent's progress to the work share and ``console`` to the
+    serial log, then exits as a panicked guest does (0, no result)."""
+    path.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        "work = next(a.split('path=')[1].split(',')[0] for a in sys.argv if 'mount_tag=kvcwork' in a)\n"
+        f"steps = ''.join(json.dumps(step) + '\\n' for step in {progress!r})\n"
+        "open(work + '/progress', 'w').write(steps + '{\"step\": \"cut')\n"
+        "serial = sys.argv[sys.argv.index('-serial') + 1][len('file:'):]\n"
+        f"open(serial, 'w').write({console!r})\n"
+    )
+    path.chmod(0o755)
+
+
+def test_the_report_tells_the_agents_steps_then_the_oops(fake_host: dict[str, Any]) -> None:
+    """A guest that dies leaves no result: the report takes the agent's steps from its progress file
+    (with the kernel lines of each; a step cut short by the crash is left out), then the oops."""
+    steps = [
+        {"step": "agent started", "log": []},
+        {"step": "inserting kvc_a (instance)", "log": []},
+        {"step": "inserted kvc_a in 0.02 s", "log": ["kvc_a: loaded"]},
+        {"step": "inserting kvc_b (instance)", "log": []},
+        {"step": "refused kvc_b: EINVAL (Invalid argument)", "log": ["kvc_b: no table, refusing"]},
+        {"step": "rollback started: removing kvc_a", "log": []},
+        {"step": "removing kvc_a", "log": []},
+    ]
+    console = (
+        "kvc-guest: agent starting\n[ 9.4] kernel BUG at kvc-a.c:18!\n"
+        "[ 9.5] Kernel panic - not syncing: Fatal exception\n"
+    )
+    fake_qemu_guest(fake_host["bin"] / "qemu-system-x86_64", console, steps)
+    args = ["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]), "--accel", "tcg"]
+    result = kvc(args, fake_host["env"])
+    assert result.returncode == 9, result.stderr
+    lines = result.stdout.splitlines()
+    story = lines.index("  what kvc's agent did, step by step:")
+    assert lines[story - 1] == "  the guest crashed during: removing kvc_a"
+    assert lines[story + 1 : story + 13] == [
+        "    agent started",
+        "    inserting kvc_a (instance)",
+        "    inserted kvc_a in 0.02 s",
+        "      kernel: kvc_a: loaded",
+        "    inserting kvc_b (instance)",
+        "    refused kvc_b: EINVAL (Invalid argument)",
+        "      kernel: kvc_b: no table, refusing",
+        "    rollback started: removing kvc_a",
+        "    removing kvc_a",
+        "  then the console:",
+        "    [ 9.4] kernel BUG at kvc-a.c:18!",
+        "    [ 9.5] Kernel panic - not syncing: Fatal exception",
+    ]
+    assert lines[story + 13].startswith("FAILED: the guest kernel crashed (VM ")
+    report = json.loads(kvc([*args, "--json"], fake_host["env"]).stdout)
+    assert report["steps"] == steps and report["crash"]["during"] == "removing kvc_a"
+
+
+def test_devices_the_modprobe_helper_and_the_tree_layer_reach_the_guest(fake_host: dict[str, Any]) -> None:
+    conf = fake_host["root"] / "etc" / "kvc" / "hello.conf"
+    conf.write_text(
+        conf.read_text() + 'KVC_DELIVERY=tree\nKVC_VERIFY_DEVICES="edu virtio-rng-pci,id=rng0"\n'
+        'KVC_MODULE_PARAMS_kvc_hello="greeting=1"\nKVC_INTREE_MODULES=crc7\n'
+    )
+    fakeprog.install(fake_host["bin"], "qemu-system-x86_64", fake_host["log"], default_code=1)
+    args = ["verify", "hello", "--kernel", RELEASE, "--kernel-dir", str(fake_host["kernel"]), "--accel", "tcg"]
+    dry = kvc([*args, "--dry-run"], fake_host["env"])
+    assert dry.returncode == 0, dry.stderr
+    assert ", -device edu, -device virtio-rng-pci,id=rng0" in dry.stdout
+    assert "load in-tree crc7, then kvc-hello from the module tree (updates/kvc/hello)" in dry.stdout
+    kvc(args, fake_host["env"])
+    (argv,) = fakeprog.calls(fake_host["log"], "qemu-system-x86_64")
+    assert [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"] == ["edu", "virtio-rng-pci,id=rng0"]
+    kept = fake_host["root"] / "var" / "lib" / "kvc" / "hello" / "verify" / RELEASE
+    job = json.loads((kept / "job.json").read_text())
+    assert job["delivery"] == "tree" and job["intree_modules"] == ["crc7"]
+    assert job["modules"] == [f"/lib/modules/{RELEASE}/updates/kvc/hello/kvc_hello.ko"]
+    assert (kept / "tree" / "updates" / "kvc" / "hello" / "kvc_hello.ko").is_file()
+    assert "updates/kvc/hello/kvc_hello.ko:\n" in (kept / "tree" / "modules.dep").read_text()
+    busybox = find_busybox()
+    unpacked = fake_host["tmp"] / "unpacked"
+    unpacked.mkdir()
+    initramfs = (kept / "initramfs.cpio").read_bytes()
+    subprocess.run([busybox, "cpio", "-i", "-d"], input=initramfs, cwd=unpacked, check=True, capture_output=True)
+    helper = unpacked / "kvc" / "modprobe"
+    assert stat.S_IMODE(helper.stat().st_mode) == 0o755
+    text = helper.read_text()
+    assert text.startswith("#!/kvc/busybox sh\n")
+    assert f'{sys.executable} -m kvc kmod modprobe -C /kvc/modprobe.d "$@" </dev/null 2>&1)' in text
+    assert ">>/kvc/requests" in text
+    assert (unpacked / "kvc" / "modprobe.d" / "kvc-hello.conf").read_text() == "options kvc_hello greeting=1\n"
 
 
 def test_a_failing_guest_agent_is_not_a_kernel_crash(fake_host: dict[str, Any]) -> None:
@@ -427,15 +560,21 @@ def vm_env(
 
 
 def verify_test_module(
-    vm_env: dict[str, Any], source: str, *extra: str, headers: Path | None = None, build_with_kvc: bool = True
+    vm_env: dict[str, Any],
+    source: str,
+    *extra: str,
+    headers: Path | None = None,
+    build_with_kvc: bool = True,
+    conf: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Build tests/kmods/SOURCE.c against ``headers`` (default: the target kernel's), put it in a
-    FROM-scratch image of its own instance -- built by kvc, or (for a module kvc build would refuse)
-    tagged directly, as a prebuilt image from elsewhere would be -- and verify that on the real kernel
-    from the test cache's tree."""
+    """Build tests/kmods/SOURCE.c (SOURCE: one or more names, space-separated, the instance's
+    KMOD_NAMES) against ``headers`` (default: the target kernel's), put them in a FROM-scratch
+    image of its own instance (``conf``: more keys) -- built by kvc, or (for a module kvc build
+    would refuse) tagged directly, as a prebuilt image from elsewhere would be -- and verify that
+    on the real kernel from the test cache's tree."""
     release = vm_env["release"]
     headers = headers or Path("/usr/src") / f"linux-headers-{release}"
-    name = f"{vm_env['prefix']}-{source}"
+    name = f"{vm_env['prefix']}-{source.split()[0]}"
     work = vm_env["tmp"] / name
     shutil.copytree(KMODS, work / "src")
     built = subprocess.run(
@@ -448,12 +587,18 @@ def verify_test_module(
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     context = work / "context"
     context.mkdir()
-    shutil.copyfile(work / "src" / f"{source}.ko", context / f"{source}.ko")
+    for module in source.split():
+        shutil.copyfile(work / "src" / f"{module}.ko", context / f"{module}.ko")
     (context / "Containerfile").write_text("FROM scratch\nARG KVER\nCOPY *.ko /lib/modules/${KVER}/extra/\n")
     write_conf(
         Path(vm_env["env"]["KVC_ROOT"]),
         name,
-        {"KMOD_CONTAINER_BUILD_CONTEXT": str(context), "KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": source},
+        {
+            "KMOD_CONTAINER_BUILD_CONTEXT": str(context),
+            "KMOD_SOFTWARE_VERSION": "1.0",
+            "KMOD_NAMES": source,
+            **(conf or {}),
+        },
     )
     if build_with_kvc:
         result = kvc(["build", name, "--kernel", release], vm_env["env"])
@@ -562,7 +707,8 @@ def test_without_image_mounts_the_smoke_test_gets_the_images_tools(vm_env: dict[
     smoke test runs on the guest's own root with them on PATH (podman stands in for docker here)."""
     root = vm_env["tmp"] / "docker-root"
     name = f"{vm_env['prefix']}-docker"
-    write_example_conf(root, name)
+    # /run and /tmp of the guest's root are writable (tmpfs) for the smoke test.
+    write_example_conf(root, name, 'KVC_SMOKE_TEST="touch /run/kvc-smoke /tmp/kvc-smoke && $KVC_SMOKE_TEST"\n')
     (root / "etc" / "kvc" / "kmods-via-containers.conf").write_text("KVC_CONTAINER_RUNTIME=docker\n")
     bin_dir = vm_env["tmp"] / "docker-bin"
     bin_dir.mkdir()
@@ -587,7 +733,8 @@ def test_in_tree_dependencies_come_from_the_guest_kernels_tree(vm_env: dict[str,
     assert sorted(loaded[:2]) == [("crc_itu_t", "in-tree", True), ("udp_tunnel", "in-tree", True)]
     assert loaded[2] == ("kvc_uses_intree", "instance", True)
     in_tree = {m["name"]: m for m in report["modules"][:2]}
-    assert in_tree["udp_tunnel"]["path"].startswith("/kvc/kernel-modules/kernel/net/ipv4/udp_tunnel.ko")
+    # The guest's own /lib/modules/KVER: the target kernel's tree.
+    assert in_tree["udp_tunnel"]["path"].startswith(f"/lib/modules/{vm_env['release']}/kernel/net/ipv4/udp_tunnel.ko")
     assert in_tree["udp_tunnel"]["refcnt"] == 1 and in_tree["crc_itu_t"]["refcnt"] == 1  # held by ours
     # The kernel names the module the function came from.
     assert any(
@@ -632,8 +779,92 @@ def test_a_module_that_crashes_the_kernel_is_a_crash_with_the_console_kept(vm_en
     code, report = verify_test_module(vm_env, "kvc-bug-on-init", "--timeout", "120")
     assert code == 9, json.dumps(report, indent=2)
     assert report["status"] == "crashed" and report["vm"]["qemu_exit"] == 0
-    assert report["crash"]["during"] == "insert kvc_bug_on_init"
+    assert report["crash"]["during"] == "inserting kvc_bug_on_init (instance)"
     assert any("kernel BUG at" in line for line in report["crash"]["lines"]), report["crash"]["lines"]
     console = Path(report["console_log"]).read_text()
     assert "Kernel panic" in console
     assert report["timings"]["vm_seconds"] < 120
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_the_kernels_request_module_is_served_by_kvcs_modprobe(vm_env: dict[str, Any]) -> None:
+    """kvc-requests-intree's init calls request_module("ip_tables") and fails unless ip_tables is
+    then loaded: the kernel runs /proc/sys/kernel/modprobe, kvc's modprobe on the guest's
+    /lib/modules/KVER. The in-tree module the instance names loads first and its softdep after it."""
+    code, report = verify_test_module(vm_env, "kvc-requests-intree", conf={"KVC_INTREE_MODULES": "crc-itu-t"})
+    assert code == 0, json.dumps(report, indent=2)
+    loaded = [(m["name"], m["origin"], m["required"], m["loaded"]) for m in report["modules"]]
+    assert loaded == [
+        ("crc_itu_t", "in-tree", True, True),
+        ("kvc_requests_intree", "instance", True, True),
+        ("xt_tcpudp", "in-tree", False, True),  # MODULE_SOFTDEP("post: xt_tcpudp"); x_tables came with ip_tables
+    ], loaded
+    ours = report["modules"][1]
+    assert [(call["module"], call["exit_code"]) for call in ours["requests"]] == [("ip_tables", 0)]
+    assert "kvc_requests_intree: request_module(ip_tables) returned 0, ip_tables is loaded" in ours["log"]
+    assert "x_tables is loaded already" in [step["step"] for step in report["steps"]]
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_a_refusal_and_a_rollback_that_crashes_are_told_before_the_oops(vm_env: dict[str, Any]) -> None:
+    """The xtables-addons story: one module loads, the kernel refuses the next (its reason logged
+    without a trailing newline), the rollback removes the first and its exit crashes the kernel."""
+    code, report = verify_test_module(vm_env, "kvc-exit-bug kvc-refuse-no-newline", "--timeout", "120")
+    assert code == 9, json.dumps(report, indent=2)
+    assert report["status"] == "crashed" and report["crash"]["during"] == "removing kvc_exit_bug"
+    steps = [step["step"] for step in report["steps"]]
+    assert steps[0] == "agent started" and steps[2].startswith("inserted kvc_exit_bug in ")
+    assert steps[1:2] + steps[3:] == [
+        "inserting kvc_exit_bug (instance)",
+        "inserting kvc_refuse_no_newline (instance)",
+        "refused kvc_refuse_no_newline: EINVAL (Invalid argument)",
+        "rollback started: removing kvc_exit_bug",
+        "removing kvc_exit_bug",
+    ]
+    # The line the kernel held back for a continuation is there too.
+    assert report["steps"][4]["log"] == ["kvc_refuse_no_newline: no table for this family, refusing"]
+    assert any("kernel BUG at" in line for line in report["crash"]["lines"]), report["crash"]["lines"]
+    console = Path(report["console_log"]).read_text()
+    told = [console.index(f"kvc-agent: {text}") for text in steps[1:]]
+    assert told == sorted(told) and told[-1] < console.index("kernel BUG at")
+
+
+def write_edu_conf(root: Path, name: str, extra: str = "") -> None:
+    conf = (EDU_EXAMPLE / "edu-kmod.conf").read_text()
+    conf = conf.replace("KMOD_CONTAINER_BUILD_CONTEXT=.", f"KMOD_CONTAINER_BUILD_CONTEXT={EDU_EXAMPLE}")
+    (root / "etc" / "kvc").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf + extra)
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_the_edu_driver_is_loaded_by_its_devices_alias_and_computes_on_the_card(vm_env: dict[str, Any]) -> None:
+    """examples/edu-kmod, delivered into the tree, with QEMU's edu device in the VM: coldplug runs
+    kvc's modprobe for every device's modalias, the edu card's loads kvc_edu from
+    updates/kvc/NAME, it binds, and the smoke test reads 10! computed by the card. The image's own
+    kmod (Debian's) sees the guest's tree, and /run and /tmp are writable."""
+    root = Path(vm_env["env"]["KVC_ROOT"])
+    name = f"{vm_env['prefix']}-edu"
+    write_edu_conf(
+        root,
+        name,
+        'KVC_SMOKE_TEST="touch /run/kvc-smoke /tmp/kvc-smoke && modinfo -F alias kvc_edu && $KVC_SMOKE_TEST"\n',
+    )
+    built = kvc(["build", name, "--kernel", vm_env["release"]], vm_env["env"])
+    assert built.returncode == 0, built.stderr
+    code, report = verify_json(vm_env, name, "--kernel-dir", vm_env["kernel_dir"])
+    assert code == 0, json.dumps(report, indent=2)
+    assert report["delivery"] == "tree" and report["vm"]["devices"] == ["edu"]
+    (edu,) = [m for m in report["coldplug"]["matches"] if m["alias"].startswith("pci:v00001234d000011E8")]
+    assert edu["modules"] == ["kvc_edu"] and edu["inserted"] == ["kvc_edu"]
+    (module,) = report["modules"]
+    assert module["name"] == "kvc_edu" and module["loaded"] and module["by"] == f"by alias {edu['alias']}"
+    assert module["path"] == f"/lib/modules/{vm_env['release']}/updates/kvc/{name}/kvc-edu.ko"
+    assert any(line.endswith("edu card version 1.0 bound") for line in module["log"]), module["log"]
+    smoke = report["smoke"]
+    assert smoke["exit_code"] == 0 and smoke["in_image"], smoke
+    assert "pci:v00001234d000011E8sv*sd*bc*sc*i*" in smoke["stdout"]
+    assert ": 10! = 3628800" in smoke["stdout"]
+    assert [(u["name"], u["removed"]) for u in report["unload"]] == [("kvc_edu", True)]

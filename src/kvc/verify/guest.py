@@ -2,20 +2,34 @@
 ``kvc __kvc_guest JOB`` from the single-file kvc; see kvc.verify).
 
 It runs on the guest kernel with the host's Python and the host's kvc (mounted over 9p), or as the
-single-file kvc itself (shared into the guest), and
-does what ``kvc load`` does on a host, with the real kernel judging: it plans the instance's
-modules and their in-tree dependencies from the guest kernel's own module tree, inserts them
-with :class:`~kvc.kmod.kernel.live.LiveKernel` (``finit_module``), records per module the kernel's
-answer and the kernel log lines it wrote, runs the smoke test inside the instance image (chroot),
-unloads everything in reverse, and writes ``result.json`` (schema 1) to the work share.
+single-file kvc itself (shared into the guest), and does what a host does, with the real kernel
+judging. The guest's ``/lib/modules/KVER`` is the target kernel's tree (an overlay kvc's guest init
+sets up) and the kernel's ``request_module()`` runs kvc's modprobe on it.
 
-Before each step it appends the step to ``progress`` so that the host can tell what the guest
-was doing if the kernel dies.
+An instance delivered directly (``KVC_DELIVERY=direct``): the agent plans what ``kvc load`` plans
+(the in-tree modules the instance names, the in-tree dependencies, the instance's modules with
+their softdeps) from that tree and inserts the steps with
+:class:`~kvc.kmod.kernel.live.LiveKernel` (``finit_module``); when the kernel refuses one, it
+rolls back what it loaded. An instance delivered into the tree (its modules in
+``updates/kvc/NAME/`` of that tree, indexed): after the in-tree modules it names, the agent
+loads modules as udev does at coldplug -- kvc's modprobe for every device's modalias -- then
+loads by name those of the instance's modules no device asked for, as a host's unit would.
+
+For every insert and removal it records the kernel's answer and the kernel log lines it wrote
+(``/dev/kmsg``), and the modules the kernel asked kvc's modprobe for meanwhile; then it runs the
+smoke test inside the instance image (chroot), unloads what it loaded in reverse and writes
+``result.json`` (schema 1) to the work share.
+
+Every step is told as it happens (:class:`Story`): appended to ``progress`` on the work share,
+so that the host can tell what the guest was doing if the kernel dies, and written to the
+kernel log, so that the console shows it in place among the kernel's own lines, before an oops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import json
 import os
 import sys
@@ -25,18 +39,28 @@ from typing import Any, Optional, Sequence
 from kvc import proc
 from kvc.atomic import write_json
 from kvc.errors import CommandTimeout, KvcError
+from kvc.kmod.config import ModprobeConfig, load_config
+from kvc.kmod.kernel.libkmod import LibkmodView
 from kvc.kmod.kernel.live import LiveKernel
-from kvc.kmod.kernel.protocol import KernelError
+from kvc.kmod.kernel.protocol import KernelError, ModuleSource
 from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.modprobe import Modprobe
+from kvc.kmod.names import modname_from_path
 from kvc.kmod.paths import HostPaths
-from kvc.loader import LoadStep, plan_load
+from kvc.loader import LoadStep, Origin, plan_load
 
 RESULT_SCHEMA = 1
 SMOKE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STORY_PREFIX = "kvc-agent: "
+# The console shows kernel log lines below this level: notices (5, the agent's) and more urgent.
+CONSOLE_LOGLEVEL = "6"
+_KERN_NOTICE = 5
+_KERNEL_FACILITY = 0
 
 
 class KernelLog:
-    """New lines of the kernel log (``/dev/kmsg``) since the last read."""
+    """New lines of the kernel log (``/dev/kmsg``) since the last read: the kernel's own, not the
+    lines user space wrote (the agent's story, kvc's modprobe)."""
 
     def __init__(self, path: str = "/dev/kmsg") -> None:
         try:
@@ -58,9 +82,155 @@ class KernelLog:
                 break
             if not record:
                 break
-            _, _, text = record.decode("utf-8", "replace").partition(";")
+            prefix, _, text = record.decode("utf-8", "replace").partition(";")
+            priority = prefix.split(",", 1)[0]
+            if priority.isdigit() and int(priority) >> 3 != _KERNEL_FACILITY:
+                continue
             lines.append(text.split("\n", 1)[0])
         return lines
+
+
+class Story:
+    """Every step as it happens, twice: a JSON line appended (and fsynced) to the work share's
+    ``progress``, which the host reads when the guest dies, and a notice in the kernel log, which
+    the console prints in its place among the kernel's lines. The kernel log line also ends a
+    kernel line left open without its newline (a printk without "\\n" stays in the kernel's
+    continuation buffer, unreadable, until the next record), so reading the log after writing it
+    gets that line too."""
+
+    def __init__(self, path: str, kmsg: str = "/dev/kmsg") -> None:
+        self.path = path
+        self.steps: list[dict[str, Any]] = []
+        try:
+            self.kmsg: Optional[int] = os.open(kmsg, os.O_WRONLY)
+        except OSError:
+            self.kmsg = None
+
+    def step(self, text: str, log: Optional[KernelLog] = None) -> list[str]:
+        """Tell ``text``; with ``log``, the kernel lines written since the last read go with it
+        (and are returned)."""
+        if self.kmsg is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.kmsg, f"<{_KERN_NOTICE}>{STORY_PREFIX}{text}\n".encode("utf-8", "replace"))
+        lines = log.new_lines() if log is not None else []
+        entry: dict[str, Any] = {"step": text, "log": lines}
+        self.steps.append(entry)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return lines
+
+
+class Requests:
+    """The modules the kernel asked for (``request_module()``), from the log kvc's modprobe helper
+    appends to: per call a line with its exit status then its arguments (``-q -- NAME``), then
+    its output, each line after ``| ``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        calls: list[dict[str, Any]] = []
+        for line in complete.decode("utf-8", "replace").splitlines():
+            if line.startswith("| "):
+                if calls:
+                    calls[-1]["output"].append(line[2:])
+                continue
+            status, _, arguments = line.partition(" ")
+            words = arguments.split()
+            calls.append(
+                {
+                    "module": words[-1] if words else "",
+                    "arguments": arguments,
+                    "exit_code": int(status) if status.lstrip("-").isdigit() else None,
+                    "output": [],
+                }
+            )
+        return calls
+
+
+def _error_fields(exc: KernelError) -> dict[str, Any]:
+    return {"errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": exc.strerror}
+
+
+class StoryKernel(LiveKernel):
+    """The live kernel; every insert and removal -- the agent's own and those kvc's modprobe makes
+    in the agent -- is told and recorded with the kernel's answer, its log lines and the modules
+    the kernel requested meanwhile."""
+
+    def __init__(self, story: Story, log: KernelLog, requests: Requests, instance_paths: Sequence[str]) -> None:
+        super().__init__(HostPaths("/"))
+        self.story = story
+        self.log = log
+        self.requests = requests
+        self.instance_paths = set(instance_paths)
+        self.inserted: list[dict[str, Any]] = []
+        self.removed: list[dict[str, Any]] = []
+        self.reason = ""  # why the inserts happen now, for people ("by alias ...")
+        self.step: Optional[LoadStep] = None  # the loader's step being inserted, if any
+
+    def insert(self, module: ModuleSource, params: str = "", flags: int = 0) -> None:
+        path = module if isinstance(module, str) else getattr(module, "path", "<memory>")
+        name = modname_from_path(path)
+        origin = self.step.origin if self.step else Origin.INSTANCE if path in self.instance_paths else Origin.IN_TREE
+        entry: dict[str, Any] = {
+            "name": name,
+            "origin": origin.value,
+            "path": path,
+            "params": params,
+            "required": self.step.required if self.step else origin is Origin.INSTANCE,
+            "loaded": False,
+        }
+        if self.reason:
+            entry["by"] = self.reason
+        how = f", {self.reason}" if self.reason else ""
+        self.story.step(f"inserting {name}{' ' + params if params else ''} ({origin.value}{how})")
+        started = time.monotonic()
+        failure: Optional[KernelError] = None
+        try:
+            super().insert(module, params, flags)
+        except KernelError as exc:
+            failure = exc
+            entry.update(_error_fields(exc))
+        else:
+            entry["loaded"] = True
+        entry["seconds"] = round(time.monotonic() - started, 3)
+        if failure is None:
+            outcome = f"inserted {name} in {entry['seconds']:.2f} s"
+        else:
+            outcome = f"refused {name}: {entry['errno']} ({entry['error']})"
+        entry["log"] = self.story.step(outcome, self.log)
+        entry["requests"] = self.requests.new()
+        self.inserted.append(entry)
+        if failure is not None:
+            raise failure
+
+    def remove(self, name: str, flags: int = 0) -> None:
+        self.story.step(f"removing {name}")
+        entry: dict[str, Any] = {"name": name, "removed": False}
+        failure: Optional[KernelError] = None
+        try:
+            super().remove(name, flags)
+        except KernelError as exc:
+            failure = exc
+            entry.update(_error_fields(exc))
+        else:
+            entry["removed"] = True
+        outcome = f"removed {name}" if failure is None else f"could not remove {name}: {entry['errno']}"
+        entry["log"] = self.story.step(outcome, self.log)
+        self.removed.append(entry)
+        if failure is not None:
+            raise failure
 
 
 def _uptime() -> float:
@@ -79,62 +249,86 @@ def _tainted() -> int:
         return 0
 
 
-class Progress:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def step(self, text: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+def _console_shows_notices() -> None:
+    """The guest boots "quiet" (errors only on the console); from here on notices show too."""
+    try:
+        with open("/proc/sys/kernel/printk", "w", encoding="ascii") as handle:
+            handle.write(CONSOLE_LOGLEVEL)
+    except OSError:
+        pass
 
 
-def _error_fields(exc: KernelError) -> dict[str, Any]:
-    return {"errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": exc.strerror}
-
-
-def _insert_all(
-    steps: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog, progress: Progress
-) -> tuple[list[dict[str, Any]], list[LoadStep]]:
-    results: list[dict[str, Any]] = []
-    loaded: list[LoadStep] = []
+def _insert_steps(steps: Sequence[LoadStep], kernel: StoryKernel) -> bool:
+    """Insert the loader's steps in order; False when the kernel refused a required one (a
+    refused softdep is skipped, as modprobe skips it)."""
     for step in steps:
-        progress.step(f"insert {step.name}")
-        entry: dict[str, Any] = {
-            "name": step.name,
-            "origin": step.origin,
-            "path": step.path,
-            "params": step.params,
-            "required": step.required,
-            "loaded": False,
-        }
-        started = time.monotonic()
+        if kernel.module_state(step.name) is not None:
+            # Loaded since the plan was made (the kernel requested it meanwhile): modprobe, too,
+            # skips a module that is in the kernel already.
+            kernel.story.step(f"{step.name} is loaded already")
+            continue
+        kernel.step = step
         try:
             kernel.insert(step.path, step.params, 0)
-        except KernelError as exc:
-            entry.update(_error_fields(exc))
-        else:
-            entry["loaded"] = True
-            loaded.append(step)
-        entry["seconds"] = round(time.monotonic() - started, 3)
-        entry["log"] = log.new_lines()
-        results.append(entry)
-        if not entry["loaded"] and step.required:
-            break
-    for entry in results:
-        state = kernel.module_state(entry["name"]) if entry["loaded"] else None
-        entry["refcnt"] = state.refcnt if state else None
-        entry["taint"] = state.taint if state else None
-    return results, loaded
+        except KernelError:
+            if step.required:
+                return False
+        finally:
+            kernel.step = None
+    return True
 
 
-def _smoke(
-    command: str, image_root: str, tools: str, timeout: float, log: KernelLog, progress: Progress
-) -> dict[str, Any]:
+def _modaliases() -> list[tuple[str, str]]:
+    """(device, modalias) of every device on every bus, as udev sees them at coldplug."""
+    found = []
+    for path in sorted(glob.glob("/sys/bus/*/devices/*/modalias")):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                alias = handle.read().strip()
+        except OSError:
+            continue
+        if alias:
+            found.append((os.path.dirname(path), alias))
+    return found
+
+
+def _coldplug(engine: Modprobe, kernel: StoryKernel, instance_modules: Sequence[str]) -> dict[str, Any]:
+    """modprobe by every device's modalias (udev's coldplug, blacklist applied). Returns the
+    number of devices, what each alias reached, by which alias each instance module was loaded,
+    and the entries of the modules loaded for other devices (which stay loaded, as on a host)."""
+    kernel.story.step("coldplug: kvc's modprobe for every device's modalias")
+    matches = []
+    loaded_by: dict[str, str] = {}
+    others: list[dict[str, Any]] = []
+    devices = _modaliases()
+    for device, alias in devices:
+        mods = engine.lookup(alias) or []
+        if not mods:
+            continue
+        names = [mod.name for mod in mods]
+        before = len(kernel.inserted)
+        kernel.reason = f"by alias {alias}"
+        try:
+            for mod in mods:
+                engine.probe_insert(mod, blacklist=True)
+        finally:
+            kernel.reason = ""
+        entries = kernel.inserted[before:]
+        ours = [name for name in names if name in instance_modules]
+        for name in ours:
+            if any(entry["name"] == name and entry["loaded"] for entry in entries):
+                loaded_by.setdefault(name, alias)
+        if not ours:
+            others += entries
+        inserted = [entry["name"] for entry in entries if entry["loaded"]]
+        matches.append({"device": device, "alias": alias, "modules": names, "inserted": inserted})
+    return {"devices": len(devices), "matches": matches, "loaded_by": loaded_by, "others": others}
+
+
+def _smoke(command: str, image_root: str, tools: str, timeout: float, log: KernelLog, story: Story) -> dict[str, Any]:
     """Run the smoke test in the image (chroot), or on the guest's root with the image's tools
     first on PATH when the image could not be mounted."""
-    progress.step("smoke test")
+    story.step("smoke test")
     argv = ["chroot", image_root, "/bin/sh", "-c", command] if image_root else ["/bin/sh", "-c", command]
     path = f"{tools}:{SMOKE_PATH}" if tools else SMOKE_PATH
     started = time.monotonic()
@@ -149,26 +343,95 @@ def _smoke(
     except KvcError as exc:
         result.update(exit_code=127, stdout="", stderr=exc.brief, timed_out=False)
     result["seconds"] = round(time.monotonic() - started, 3)
-    result["log"] = log.new_lines()
+    outcome = "timed out" if result["timed_out"] else f"exit {result['exit_code']}"
+    result["log"] = story.step(f"smoke test: {outcome}", log)
     return result
 
 
-def _unload_all(
-    loaded: Sequence[LoadStep], kernel: LiveKernel, log: KernelLog, progress: Progress
-) -> list[dict[str, Any]]:
-    results = []
-    for step in reversed(loaded):
-        progress.step(f"remove {step.name}")
-        entry: dict[str, Any] = {"name": step.name, "removed": False}
+def _unload(names: Sequence[str], kernel: StoryKernel) -> list[dict[str, Any]]:
+    first = len(kernel.removed)
+    for name in reversed(names):
+        with contextlib.suppress(KernelError):
+            kernel.remove(name, 0)
+    return kernel.removed[first:]
+
+
+def _state(entries: list[dict[str, Any]], kernel: LiveKernel) -> None:
+    for entry in entries:
+        state = kernel.module_state(entry["name"]) if entry["loaded"] else None
+        entry["refcnt"] = state.refcnt if state else None
+        entry["taint"] = state.taint if state else None
+
+
+def _load_direct(job: dict[str, Any], kernel: StoryKernel, moddir: ModuleDirectory, config: ModprobeConfig) -> bool:
+    plan = plan_load(
+        job["instance"],
+        job["kernel"],
+        job["modules"],
+        job["params"],
+        kernel,
+        moddir,
+        preflight=False,
+        modprobe_config=config,
+        intree_modules=job.get("intree_modules", []),
+    )
+    return _insert_steps(plan.steps, kernel)
+
+
+def _load_from_tree(
+    job: dict[str, Any], kernel: StoryKernel, moddir: ModuleDirectory, config: ModprobeConfig, result: dict[str, Any]
+) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether every instance module is loaded, and the entries of modules loaded for other devices."""
+    plan = plan_load(
+        job["instance"],
+        job["kernel"],
+        [],
+        {},
+        kernel,
+        moddir,
+        preflight=False,
+        modprobe_config=config,
+        intree_modules=job.get("intree_modules", []),
+    )
+    if not _insert_steps(plan.steps, kernel):
+        return False, []
+    engine = Modprobe(moddir, config, view=LibkmodView(HostPaths("/")), kernel=kernel)
+    names = [modname_from_path(path) for path in job["modules"]]
+    coldplug = _coldplug(engine, kernel, names)
+    result["coldplug"] = {"devices": coldplug["devices"], "matches": coldplug["matches"]}
+    for name in names:
+        if name in coldplug["loaded_by"]:
+            kernel.story.step(f"{name} was loaded by alias {coldplug['loaded_by'][name]}")
+            continue
+        mods = engine.lookup(name) or []
+        if mods and engine.in_kernel(mods[0]):
+            continue  # loaded as a dependency of another of the instance's modules
+        kernel.story.step(f"{name} was not loaded by any device's alias: modprobe {name}")
+        kernel.reason = f"by name (modprobe {name})"
         try:
-            kernel.remove(step.name, 0)
-        except KernelError as exc:
-            entry.update(_error_fields(exc))
-        else:
-            entry["removed"] = True
-        entry["log"] = log.new_lines()
-        results.append(entry)
-    return results
+            for mod in mods:
+                engine.probe_insert(mod)
+        finally:
+            kernel.reason = ""
+    loaded = {entry["name"] for entry in kernel.inserted if entry["loaded"]}
+    for name in names:
+        if name not in loaded and not any(entry["name"] == name for entry in kernel.inserted):
+            kernel.inserted.append(
+                {
+                    "name": name,
+                    "origin": Origin.INSTANCE.value,
+                    "path": "",
+                    "params": "",
+                    "required": True,
+                    "loaded": False,
+                    "errno": "ENOENT",
+                    "error": f"modprobe found no {name} in {moddir.path}",
+                    "seconds": 0.0,
+                    "log": [],
+                    "requests": [],
+                }
+            )
+    return all(name in loaded for name in names), coldplug["others"]
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -177,44 +440,51 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "schema": RESULT_SCHEMA,
         "boot_seconds": round(_uptime(), 3),
         "kernel_release": os.uname().release,
+        "delivery": job.get("delivery", "direct"),
         "plan_error": None,
         "modules": [],
         "smoke": None,
         "unload": [],
+        "rollback": False,
     }
-    progress = Progress(job["progress"])
-    progress.step("agent started")
+    _console_shows_notices()
+    story = Story(job["progress"])
+    story.step("agent started")
     log = KernelLog()
-    kernel = LiveKernel(HostPaths("/"))
+    kernel = StoryKernel(story, log, Requests(job["requests"]), job["modules"])
+    moddir = ModuleDirectory(job["moddir"])
+    config = load_config([job["modprobe_config"]], module_dir=moddir.path, paths=HostPaths("/"))
+    others: list[dict[str, Any]] = []
     try:
-        plan = plan_load(
-            job["instance"],
-            job["kernel"],
-            job["modules"],
-            job["params"],
-            kernel,
-            ModuleDirectory(job["moddir"]),
-            preflight=False,
-        )
+        if result["delivery"] == "tree":
+            complete, others = _load_from_tree(job, kernel, moddir, config, result)
+        else:
+            complete = _load_direct(job, kernel, moddir, config)
     except KvcError as exc:
         result["plan_error"] = exc.brief + (f": {exc.details}" if exc.details else "")
-        plan = None
-    if plan is not None:
-        modules, loaded = _insert_all(plan.steps, kernel, log, progress)
-        result["modules"] = modules
-        if len(loaded) == len(plan.steps) and job.get("smoke_test"):
-            result["smoke"] = _smoke(
-                job["smoke_test"],
-                job.get("image_root", ""),
-                job.get("tools", ""),
-                float(job["smoke_timeout"]),
-                log,
-                progress,
-            )
-        result["tainted"] = _tainted()
-        result["unload"] = _unload_all(loaded, kernel, log, progress)
+        complete = False
+    ours = [entry for entry in kernel.inserted if not any(entry is other for other in others)]
+    result["modules"] = ours
+    if "coldplug" in result:
+        result["coldplug"]["modules"] = others
+    _state(kernel.inserted, kernel)
+    if complete and job.get("smoke_test"):
+        result["smoke"] = _smoke(
+            job["smoke_test"],
+            job.get("image_root", ""),
+            job.get("tools", ""),
+            float(job["smoke_timeout"]),
+            log,
+            story,
+        )
+    result["tainted"] = _tainted()
+    loaded = [entry["name"] for entry in ours if entry["loaded"]]
+    if not complete and loaded:
+        result["rollback"] = True
+        story.step(f"rollback started: removing {', '.join(reversed(loaded))}")
+    result["unload"] = _unload(loaded, kernel)
     result["agent_seconds"] = round(time.monotonic() - started, 3)
-    progress.step("done")
+    story.step("done")
     return result
 
 

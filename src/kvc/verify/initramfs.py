@@ -1,9 +1,11 @@
 """The verification VM's initramfs: a cpio ("newc") archive the guest kernel unpacks as its root.
 
-It holds a static busybox, kvc's guest init (``data/vm-init``), the guest kernel's own virtio and
-9p modules (decompressed, in dependency order; Debian builds them as modules) and ``boot.conf``
-naming them and the command that starts kvc's agent. Everything else the guest runs comes from the
-host over 9p, so the code that runs in the guest is the code installed on the host, not a copy.
+It holds a static busybox, kvc's guest init (``data/vm-init``), the guest kernel's own virtio, 9p
+and overlay modules (decompressed, in dependency order; Debian builds them as modules),
+``boot.conf`` naming them and the command that starts kvc's agent, and the files the caller adds
+(the modprobe the kernel's ``request_module()`` runs, modprobe configuration). Everything else
+the guest runs comes from the host over 9p, so the code that runs in the guest is the code
+installed on the host, not a copy.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from kvc.kmod.errors import KmodError
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.names import modname_from_path
 
-# What the guest must load before it can mount its 9p shares.
-BOOT_MODULE_ROOTS = ("virtio_pci", "9pnet_virtio", "9p")
+# What the guest must load before it can mount its 9p shares and its module tree (an overlay).
+BOOT_MODULE_ROOTS = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 BUSYBOX_CANDIDATES = ("/usr/lib/kvc/busybox", "/bin/busybox", "/usr/bin/busybox", "/sbin/busybox")
 
 _NEWC_MAGIC = b"070701"
@@ -118,8 +120,15 @@ def guest_init_script() -> bytes:
     return resources.files("kvc").joinpath("data/vm-init").read_bytes()
 
 
-def build_initramfs(path: str, busybox: str, modules: Sequence[tuple[str, str]], settings: Mapping[str, str]) -> None:
-    """Write the initramfs to ``path`` (a temporary file renamed into place)."""
+def build_initramfs(
+    path: str,
+    busybox: str,
+    modules: Sequence[tuple[str, str]],
+    settings: Mapping[str, str],
+    files: Sequence[CpioEntry] = (),
+) -> None:
+    """Write the initramfs to ``path`` (a temporary file renamed into place); ``files`` go in
+    after kvc's own (their directories must be among kvc's)."""
     with open(busybox, "rb") as handle:
         busybox_data = handle.read()
     conf = "".join(f"{key}={shlex.quote(value)}\n" for key, value in settings.items())
@@ -131,6 +140,7 @@ def build_initramfs(path: str, busybox: str, modules: Sequence[tuple[str, str]],
             "proc",
             "sys",
             "run",
+            "tmp",
             "kvc",
             "kvc/host",
             "kvc/work",
@@ -138,6 +148,8 @@ def build_initramfs(path: str, busybox: str, modules: Sequence[tuple[str, str]],
             "kvc/agent",
             "kvc/kernel-modules",
             "kvc/modules",
+            "kvc/modprobe.d",
+            "kvc/rw",
         )
     ]
     entries += [
@@ -149,6 +161,7 @@ def build_initramfs(path: str, busybox: str, modules: Sequence[tuple[str, str]],
     entries += [
         CpioEntry(f"kvc/modules/{name}", stat.S_IFREG | 0o644, _module_image(source)) for name, source in modules
     ]
+    entries += files
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as out:

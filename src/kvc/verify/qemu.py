@@ -1,7 +1,7 @@
 """The qemu adapter: the one place kvc starts a virtual machine.
 
 A :class:`GuestMachine` is a frozen description (kernel, initramfs, command line, 9p shares,
-memory, accelerator); :func:`run_guest` boots it with no network, the serial console written to a
+extra devices, memory, accelerator); :func:`run_guest` boots it with no network, the serial console written to a
 file, no reboot (a guest panic ends qemu) and a hard timeout after which qemu is killed.
 :func:`choose_accel` uses KVM only when a quick probe boot under KVM works, else TCG.
 """
@@ -47,6 +47,7 @@ class GuestMachine:
     memory_mb: int = 1024
     accel: str = "tcg"
     program: str = QEMU
+    devices: tuple[str, ...] = ()  # extra -device values (KVC_VERIFY_DEVICES)
 
     def argv(self) -> list[str]:
         argv = [self.program, "-accel", self.accel]
@@ -78,6 +79,8 @@ class GuestMachine:
             if share.readonly:
                 options.append("readonly=on")
             argv += ["-virtfs", ",".join(options)]
+        for device in self.devices:
+            argv += ["-device", device]
         return argv
 
 
@@ -133,6 +136,7 @@ def kvm_works(machine: GuestMachine, cache_file: str) -> bool:
         append=f"{machine.append} {PROBE_ARGUMENT}",
         console_log=probe_log,
         shares=(),
+        devices=(),
         memory_mb=min(machine.memory_mb, 512),
         accel="kvm",
     )

@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import kvc
 from kvc.atomic import write_json
-from kvc.config import InstanceConfig
+from kvc.config import Delivery, InstanceConfig
 from kvc.errors import CommandError, ExitCode
 from kvc.extract import copy_instance_modules, replace_dir
 from kvc.images import built_image
@@ -44,17 +45,23 @@ from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime, ImageFiles
 from kvc.verify import FROZEN_AGENT_ARGUMENT
 from kvc.verify.bootimage import pvh_kernel
-from kvc.verify.initramfs import boot_modules, build_initramfs, find_busybox
+from kvc.verify.guesttree import write_tree_layer
+from kvc.verify.initramfs import CpioEntry, boot_modules, build_initramfs, find_busybox
 from kvc.verify.kernelfiles import KernelFiles
 from kvc.verify.qemu import GuestMachine, Share, choose_accel, run_guest
 
 REPORT_SCHEMA = 1
-GUEST_APPEND = "console=ttyS0 panic=-1 oops=panic quiet"
+STORY_LINES = 40  # the agent's last steps a crash report shows
+# devkmsg=on: the agent's story lines in the kernel log are never rate-limited away.
+GUEST_APPEND = "console=ttyS0 panic=-1 oops=panic quiet printk.devkmsg=on"
 SMOKE_TIMEOUT = 120.0
 GUEST_WORK = "/kvc/work"
-GUEST_MODULES = "/kvc/kernel-modules"
 GUEST_IMAGE = "/kvc/image"
 GUEST_AGENT_DIR = "/kvc/agent"
+GUEST_TREE_LAYER = "/kvc/work/tree"
+GUEST_MODPROBE = "kvc/modprobe"  # in the initramfs; /proc/sys/kernel/modprobe names it
+GUEST_MODPROBE_D = "kvc/modprobe.d"
+GUEST_REQUESTS = "/kvc/requests"
 TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
@@ -129,11 +136,22 @@ class VerifyPlan:
                 f"  image {self.image} ({self.image_id[:12]})",
                 f"  kernel {self.kernel.vmlinuz}, modules {self.kernel.moddir} ({self.kernel.source})",
                 f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
-                f"timeout {self.options.timeout:g} s, guest root {self.options.guest_root}",
-                f"  load {' '.join(self.instance.module_names)} with their in-tree dependencies, "
-                f"smoke test: {self.instance.smoke_test or '(none)'}, unload",
+                f"timeout {self.options.timeout:g} s, guest root {self.options.guest_root}"
+                + "".join(f", -device {device}" for device in self.instance.verify_devices),
+                f"  {self._load_line()}, smoke test: {self.instance.smoke_test or '(none)'}, unload",
             ]
         )
+
+    def _load_line(self) -> str:
+        intree = self.instance.intree_modules
+        first = f"in-tree {' '.join(intree)}, then " if intree else ""
+        names = " ".join(self.instance.module_names)
+        if self.instance.delivery is Delivery.TREE:
+            return (
+                f"load {first}{names} from the module tree (updates/kvc/{self.instance.name}): "
+                "modprobe by each device's modalias, then by name"
+            )
+        return f"load {first}{names} with their in-tree dependencies and softdeps"
 
 
 def plan_verify(
@@ -173,17 +191,73 @@ def _copy_tools(files: ImageFiles, plan: VerifyPlan, destination: str) -> None:
         os.chmod(local, 0o755)
 
 
-def _agent() -> tuple[dict[str, str], tuple[Share, ...]]:
-    """boot.conf's settings for starting the guest agent, and the share it needs: the host's
-    Python with kvc's modules, or (a frozen kvc) the single-file kvc from its own directory."""
+def _agent() -> tuple[dict[str, str], tuple[Share, ...], list[str]]:
+    """boot.conf's settings for starting the guest agent, the share it needs -- the host's
+    Python with kvc's modules, or (a frozen kvc) the single-file kvc from its own directory --
+    and the command that runs kvc's modprobe the same way."""
     if not getattr(sys, "frozen", False):
         command = [sys.executable, "-m", "kvc.verify.guest"]
         path = os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__)))
-        return {"KVC_AGENT": shlex.join(command), "KVC_PYTHONPATH": path, "KVC_AGENT_SHARE": "0"}, ()
+        settings = {"KVC_AGENT": shlex.join(command), "KVC_PYTHONPATH": path, "KVC_AGENT_SHARE": "0"}
+        return settings, (), [sys.executable, "-m", "kvc", "kmod", "modprobe"]
     executable = os.path.realpath(sys.executable)
-    command = [f"{GUEST_AGENT_DIR}/{os.path.basename(executable)}", FROZEN_AGENT_ARGUMENT]
-    settings = {"KVC_AGENT": shlex.join(command), "KVC_PYTHONPATH": "", "KVC_AGENT_SHARE": "1"}
-    return settings, (Share("kvcagent", os.path.dirname(executable)),)
+    guest_executable = f"{GUEST_AGENT_DIR}/{os.path.basename(executable)}"
+    settings = {
+        "KVC_AGENT": shlex.join([guest_executable, FROZEN_AGENT_ARGUMENT]),
+        "KVC_PYTHONPATH": "",
+        "KVC_AGENT_SHARE": "1",
+    }
+    return settings, (Share("kvcagent", os.path.dirname(executable)),), [guest_executable, "kmod", "modprobe"]
+
+
+def _modprobe_helper(modprobe: list[str], python_path: str) -> bytes:
+    """The program the guest kernel runs for ``request_module()`` (``modprobe -q -- NAME``): kvc's
+    modprobe on the guest's module tree, with the guest's modprobe configuration; every call is
+    logged with its exit status and output (for the report) and told in the kernel log (for the
+    console)."""
+    environment = [
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME=/",
+        "LANG=C.UTF-8",
+        "TMPDIR=/run",
+        f"PYTHONPATH={python_path}",
+        "PYTHONDONTWRITEBYTECODE=1",
+    ]
+    command = shlex.join(["/kvc/busybox", "env", "-i", *environment, *modprobe, "-C", f"/{GUEST_MODPROBE_D}"])
+    # The kernel starts it without standard input or output: modprobe's output goes to the log.
+    return (
+        "#!/kvc/busybox sh\n"
+        "# kvc verify: the guest kernel's request_module() runs this (/proc/sys/kernel/modprobe).\n"
+        f'output=$({command} "$@" </dev/null 2>&1)\n'
+        "status=$?\n"
+        "{\n"
+        '    /kvc/busybox echo "$status $*"\n'
+        '    [ -z "$output" ] || /kvc/busybox echo "$output" | /kvc/busybox sed "s/^/| /"\n'
+        f"}} >>{GUEST_REQUESTS}\n"
+        '/kvc/busybox echo "<5>kvc-modprobe: modprobe $* exited with status $status" >/dev/kmsg\n'
+        "exit $status\n"
+    ).encode()
+
+
+def _modprobe_options(instance: InstanceConfig) -> bytes:
+    """The guest's modprobe configuration for an instance in the tree: its modules' parameters
+    as ``options`` lines, as a host's tree delivery writes them."""
+    return "".join(f"options {module} {params}\n" for module, params in sorted(instance.module_params.items())).encode()
+
+
+def _read_steps(path: str) -> list[dict[str, Any]]:
+    """The agent's story so far (its progress file: one JSON object per line; a line cut short
+    by a dying guest is left out)."""
+    steps = []
+    for line in _read_text(path).splitlines():
+        try:
+            step = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(step, dict) and isinstance(step.get("step"), str):
+            log = step.get("log")
+            steps.append({"step": step["step"], "log": [str(text) for text in log] if isinstance(log, list) else []})
+    return steps
 
 
 def _crash_lines(console: str) -> list[str]:
@@ -266,26 +340,56 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     instance, kernel = plan.instance, plan.kernel
     moddir = ModuleDirectory(kernel.moddir)
     boot = boot_modules(moddir)
-    agent_settings, agent_shares = _agent()
-    settings = {"KVC_BOOT_MODULES": " ".join(name for name, _ in boot), **agent_settings}
+    agent_settings, agent_shares, modprobe = _agent()
+    tree = instance.delivery is Delivery.TREE
+    guest_moddir = f"/lib/modules/{kernel.release}"
+    settings = {
+        "KVC_BOOT_MODULES": " ".join(name for name, _ in boot),
+        "KVC_TREE_LAYER": "1" if tree else "0",
+        **agent_settings,
+    }
+    extra_files = [
+        CpioEntry(GUEST_MODPROBE, stat.S_IFREG | 0o755, _modprobe_helper(modprobe, settings["KVC_PYTHONPATH"]))
+    ]
     with runtime.open_image(plan.image) as files:
         os.makedirs(os.path.join(work, "modules"))
         copies = copy_instance_modules(
             files, instance, kernel.release, f"image {plan.image}", os.path.join(work, "modules")
         )
-        module_files = [os.path.basename(local) for _, local in copies.values()]
+        local_modules = [local for _, local in copies.values()]
+        if tree:
+            in_tree = write_tree_layer(
+                kernel.release,
+                kernel.moddir,
+                instance.name,
+                local_modules,
+                os.path.join(work, "tree"),
+                layout.cache_dir,
+            )
+            guest_modules = [f"{guest_moddir}/{relative}" for relative in in_tree]
+            extra_files.append(
+                CpioEntry(
+                    f"{GUEST_MODPROBE_D}/kvc-{instance.name}.conf", stat.S_IFREG | 0o644, _modprobe_options(instance)
+                )
+            )
+        else:
+            guest_modules = [f"{GUEST_WORK}/modules/{os.path.basename(local)}" for local in local_modules]
         image_root = files.root
         if image_root is None and instance.wrapper_tools:
             _copy_tools(files, plan, os.path.join(work, "bin"))
         settings["KVC_IMAGE_SHARE"] = "1" if image_root else "0"
         initrd = os.path.join(work, "initramfs.cpio")
-        build_initramfs(initrd, find_busybox(), boot, settings)
+        build_initramfs(initrd, find_busybox(), boot, settings, extra_files)
         job = {
             "instance": instance.name,
             "kernel": kernel.release,
-            "moddir": GUEST_MODULES,
-            "modules": [f"{GUEST_WORK}/modules/{name}" for name in module_files],
+            "delivery": instance.delivery.value,
+            "moddir": guest_moddir,
+            "modules": guest_modules,
             "params": dict(instance.module_params),
+            "intree_modules": list(instance.intree_modules),
+            "modprobe_config": f"/{GUEST_MODPROBE_D}",
+            "requests": GUEST_REQUESTS,
             "smoke_test": instance.smoke_test,
             "smoke_timeout": SMOKE_TIMEOUT,
             "image_root": GUEST_IMAGE if image_root else "",
@@ -310,6 +414,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             os.path.join(work, "console.log"),
             tuple(shares),
             plan.options.memory_mb,
+            devices=instance.verify_devices,
         )
         accel = choose_accel(plan.options.accel, machine, os.path.join(layout.cache_dir, "accel-probe.json"))
         machine = dataclasses.replace(machine, accel=accel)
@@ -329,11 +434,16 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             "memory_mb": plan.options.memory_mb,
             "timeout": plan.options.timeout,
             "guest_root": plan.options.guest_root,
+            "devices": list(instance.verify_devices),
             "qemu_exit": run.returncode,
         },
+        "delivery": instance.delivery.value,
         "modules": [],
+        "coldplug": None,
         "smoke": None,
         "unload": [],
+        "rollback": False,
+        "steps": _read_steps(os.path.join(work, "progress")),
         "crash": None,
         "artifacts": None,
         "console_log": None,
@@ -348,8 +458,10 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         status = _status_of(result)
         data.update(
             modules=result.get("modules", []),
+            coldplug=result.get("coldplug"),
             smoke=result.get("smoke"),
             unload=result.get("unload", []),
+            rollback=bool(result.get("rollback")),
             plan_error=result.get("plan_error"),
             tainted=result.get("tainted"),
         )
@@ -360,8 +472,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             raise CommandError(
                 machine.argv(), run.returncode, run.output, hint="qemu could not start the guest; see its message above"
             )
-        progress = _read_text(os.path.join(work, "progress")).split("\n")
-        during = next((line for line in reversed(progress) if line.strip()), "boot")
+        during = data["steps"][-1]["step"] if data["steps"] else "boot"
         failure = GUEST_FAILURE.search(console)
         if run.timed_out:
             status = VerifyStatus.TIMED_OUT
@@ -397,21 +508,37 @@ def format_report(report: VerifyReport) -> str:
     ]
     if data.get("plan_error"):
         lines.append(f"  plan: {data['plan_error']}")
+    coldplug = data.get("coldplug")
+    if coldplug is not None:
+        lines.append(
+            f"  coldplug: kvc's modprobe by the modalias of each of {coldplug['devices']} devices, as udev "
+            f"({len(coldplug['matches'])} matched a module); it loaded:"
+        )
+        for match in coldplug["matches"]:
+            if match["inserted"]:
+                lines.append(
+                    f"    {os.path.basename(match['device'])} {match['alias']}: {', '.join(match['inserted'])}"
+                )
     if data["modules"]:
         lines.append("  load:")
     for module in data["modules"]:
         params = f" {module['params']}" if module.get("params") else ""
+        how = f", {module['by']}" if module.get("by") else ""
         if module["loaded"]:
             lines.append(
-                f"    {module['name']}{params} ({module['origin']}): loaded in {module['seconds']:.2f} s, "
+                f"    {module['name']}{params} ({module['origin']}{how}): loaded in {module['seconds']:.2f} s, "
                 f"refcnt {module['refcnt']}, taint {module['taint'] or '-'}"
             )
         else:
+            verdict = "REFUSED by the kernel" if module.get("path") else "NOT LOADED"
             lines.append(
-                f"    {module['name']}{params} ({module['origin']}): REFUSED by the kernel: "
-                f"{module['errno']} ({module['error']})"
+                f"    {module['name']}{params} ({module['origin']}{how}): "
+                f"{verdict}: {module['errno']} ({module['error']})"
             )
         lines += _log_lines(module.get("log"))
+        for call in module.get("requests", []):
+            lines.append(f"      the kernel requested {call['module']}: kvc's modprobe exited {call['exit_code']}")
+            lines += [f"        | {text}" for text in call.get("output", [])]
     smoke = data.get("smoke")
     if smoke is not None:
         outcome = "timed out" if smoke.get("timed_out") else f"exit {smoke['exit_code']}"
@@ -421,7 +548,7 @@ def format_report(report: VerifyReport) -> str:
         lines += [f"    | {line}" for line in (smoke.get("stdout", "") + smoke.get("stderr", "")).splitlines()]
         lines += _log_lines(smoke.get("log"), "    ")
     if data["unload"]:
-        lines.append("  unload:")
+        lines.append("  unload (rollback: the kernel refused a module):" if data.get("rollback") else "  unload:")
     for entry in data["unload"]:
         state = "removed" if entry["removed"] else f"NOT REMOVED: {entry['errno']} ({entry['error']})"
         lines.append(f"    {entry['name']}: {state}")
@@ -430,6 +557,12 @@ def format_report(report: VerifyReport) -> str:
     if crash is not None:
         what = {VerifyStatus.TIMED_OUT: "timed out", VerifyStatus.GUEST_FAILED: "failed"}.get(report.status, "crashed")
         lines.append(f"  the guest {what} during: {crash['during']}")
+        if data.get("steps"):
+            lines.append("  what kvc's agent did, step by step:")
+            for step in data["steps"][-STORY_LINES:]:
+                lines.append(f"    {step['step']}")
+                lines += _log_lines(step["log"])
+            lines.append("  then the console:")
         lines += [f"    {line}" for line in crash["lines"]]
     timings = data["timings"]
     boot = timings.get("boot_seconds")

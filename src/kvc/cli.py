@@ -4,10 +4,11 @@ Every expected failure ends here as one ``kvc: error: ...`` line (with details i
 and a ``kvc: hint: ...`` line), never a traceback. Exit codes (:class:`kvc.errors.ExitCode`):
 0 success; 1 failure; 2 usage; 3 configuration; 4 container runtime, build or another external
 program (systemctl, qemu); 5 modules refused (preflight or kernel); 6 state (not built, not
-installed, locked, in use, not the running kernel, a file kvc did not write); 7 kernel files or
-the fake kernel not found; 8 smoke test failed; 9 verification guest crashed or timed out;
-10 a host file cannot be written or read (permissions, no space, read-only file system);
-130 interrupted. ``kvc kmod`` tools exit as kmod's do.
+installed, locked, in use, not the running kernel, a file kvc did not write, an enabled instance
+not ready for the next kernel); 7 kernel files, the fake kernel or the next boot's kernel not
+found; 8 smoke test failed; 9 verification guest crashed or timed out; 10 a host file cannot be
+written or read (permissions, no space, read-only file system); 130 interrupted. ``kvc kmod``
+tools exit as kmod's do.
 """
 
 from __future__ import annotations
@@ -102,11 +103,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the modules from DIR/lib/modules/KVER/ instead of the instance's image (an image "
         "mounted or copied by someone else)",
     )
+    p.add_argument(
+        "--delivery",
+        choices=("direct", "tree"),
+        help="direct: kvc inserts the modules; tree: deliver them into /lib/modules/KVER and load them by name "
+        "from there, as modprobe does (default: KVC_DELIVERY, else direct)",
+    )
+    p.add_argument(
+        "--kernel-dir",
+        metavar="DIR",
+        help="with --dry-run, where the host has no module tree for the kernel: in-tree modules from "
+        "DIR/lib/modules/KVER (default: the kernel 'kvc verify' cached)",
+    )
 
-    p = sub.add_parser("check", help="run the load preflight on copies of the modules; load nothing")
+    p = sub.add_parser(
+        "deliver", help="install the instance's modules and shipped files into a kernel's module tree (or remove them)"
+    )
     p.add_argument("name")
-    _add_kernel(p)
+    _add_kernel(p, many=True)
+    p.add_argument("--remove", action="store_true", help="remove the delivery: the tree and its indexes as before")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+
+    p = sub.add_parser(
+        "check",
+        help="run the load preflight on copies of the modules, load nothing; or, with --next-boot, the reboot gate",
+    )
+    p.add_argument("name", nargs="?")
+    p.add_argument(
+        "--kernel",
+        "-k",
+        metavar="KVER",
+        help="kernel release (default: the running one; with --next-boot, the one the host boots next)",
+    )
     p.add_argument("--modules-dir", metavar="DIR", help="check the modules in DIR/lib/modules/KVER/ instead")
+    p.add_argument(
+        "--next-boot",
+        action="store_true",
+        help="the reboot gate: is every enabled instance built (and verified, if it asks) for the next kernel; "
+        "exit 6 if not",
+    )
+    p.add_argument("--json", action="store_true", help="with --next-boot: machine-readable output (schema 1)")
+
+    p = sub.add_parser(
+        "kernel-added",
+        help="prepare every enabled instance for a new kernel: build or pull, verify if asked, deliver in tree "
+        "mode; then the reboot gate (kvc's kernel-install plugin and Debian hook run it)",
+    )
+    p.add_argument(
+        "kernel_release", nargs="?", metavar="KVER", help="the new kernel (default: the one the host boots next)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
 
     p = sub.add_parser("unload", help="unload the instance's modules in reverse dependency order")
     p.add_argument("name")

@@ -16,8 +16,8 @@ from typing import AbstractSet, Any, Callable, Mapping, Optional
 
 from kvc import systemd
 from kvc.archive import export_images, import_archive
-from kvc.build import ACTION_UP_TO_DATE, BuildPlan, context_digest, execute_build, plan_build
-from kvc.config import GlobalConfig, InstanceConfig, check_kernel_release
+from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current, plan_build
+from kvc.config import Delivery, GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.distribute import (
     choose_remote,
     describe_remote,
@@ -40,17 +40,31 @@ from kvc.extract import (
     extract_from_directory,
     read_manifest,
 )
-from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, image_tag
+from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
+from kvc.kernelupdate import execute_kernel_added, gate, kernel_added_error, plan_kernel_added
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel.environment import kernel_from_env
 from kvc.kmod.kernel.protocol import Kernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
+from kvc.loadplan import dry_load
 from kvc.lock import instance_lock
+from kvc.nextboot import NextKernel, find_next_kernel, named_kernel
 from kvc.registry import Reference, RegistryClient, RegistryOptions
 from kvc.runtime import ContainerRuntime, ImageFiles, runtime_for
+from kvc.tree import (
+    delivery_status,
+    execute_deliver,
+    execute_remove,
+    plan_deliver,
+    plan_deliver_extracted,
+    plan_remove,
+    plan_remove_all,
+    read_records,
+    tree_load_plan,
+)
 
 STATUS_SCHEMA = 1
 
@@ -254,37 +268,74 @@ def _plan_paths(
 
 
 def _dry_load(
-    ctx: Context, instance: InstanceConfig, kernel: str, *, new_image: bool, unloaded_first: AbstractSet[str]
+    ctx: Context,
+    instance: InstanceConfig,
+    kernel: str,
+    *,
+    new_image: bool,
+    unloaded_first: AbstractSet[str],
+    delivery: Optional[Delivery] = None,
+    modules_dir: str = "",
+    kernel_dir: str = "",
 ) -> None:
-    """Print what a load would do; the extraction when there is nothing (current) extracted yet."""
-    manifest = read_manifest(ctx.layout, instance.name, kernel)
-    if manifest is None or new_image:
-        source = "the image the build makes" if new_image else "the image"
+    """Print what a load would do: the whole plan from the modules as they are now (an image a
+    build is about to replace can only be named)."""
+    if new_image:
         say(
-            f"extract {instance.name} modules from {image_tag(instance, kernel)} ({source}) into "
+            f"extract {instance.name} modules from {image_tag(instance, kernel)} (the image the build makes) into "
             f"{ctx.layout.kernel_state(instance.name, kernel)}, then load them in dependency order"
         )
         return
-    say(_plan_load(ctx, instance, kernel, manifest, unloaded_first).describe())
+    dry_load(
+        ctx.layout,
+        lambda: ctx.runtime,
+        ctx.kernel,
+        instance,
+        kernel,
+        say,
+        delivery=delivery or instance.delivery,
+        unloaded_first=unloaded_first,
+        modules_dir=modules_dir,
+        kernel_dir=kernel_dir,
+    )
 
 
 def _load(
-    ctx: Context, instance: InstanceConfig, kernel: str, *, dry_run: bool, force: bool, modules_dir: str = ""
+    ctx: Context,
+    instance: InstanceConfig,
+    kernel: str,
+    *,
+    dry_run: bool,
+    force: bool,
+    modules_dir: str = "",
+    delivery: Optional[Delivery] = None,
+    kernel_dir: str = "",
 ) -> int:
-    if dry_run and modules_dir:
-        say(
-            f"extract {instance.name} modules from {modules_dir}/lib/modules/{kernel} into "
-            f"{ctx.layout.kernel_state(instance.name, kernel)}, then load them in dependency order"
-        )
-        return 0
+    mode = delivery or instance.delivery
     if dry_run:
-        _dry_load(ctx, instance, kernel, new_image=False, unloaded_first=frozenset())
+        _dry_load(
+            ctx,
+            instance,
+            kernel,
+            new_image=False,
+            unloaded_first=frozenset(),
+            delivery=mode,
+            modules_dir=modules_dir,
+            kernel_dir=kernel_dir,
+        )
         return 0
     if modules_dir:
         manifest = extract_from_directory(ctx.layout, instance, kernel, modules_dir, force=force)
     else:
         manifest = extract(ctx.layout, instance, kernel, ctx.runtime, image_tag(instance, kernel), force=force)
-    plan = _plan_load(ctx, instance, kernel, manifest, frozenset())
+    delivered = plan_deliver_extracted(instance, kernel, ctx.layout, manifest, delivery=mode)
+    if not delivered.empty:
+        say(delivered.describe())
+        execute_deliver(delivered, ctx.layout, ctx.runtime, say)
+    if mode is Delivery.TREE:
+        plan = tree_load_plan(ctx.layout, instance, kernel, ctx.kernel)
+    else:
+        plan = _plan_load(ctx, instance, kernel, manifest, frozenset())
     say(plan.describe())
     loaded = execute_load(plan, ctx.kernel, os.path.join(manifest.directory, LOADED_RECORD))
     say(f"loaded {', '.join(loaded) or 'nothing new'}")
@@ -322,14 +373,96 @@ def cmd_load(ctx: Context, args: argparse.Namespace) -> int:
             f"--modules-dir {modules_dir} is not a directory",
             hint="give the root of a file system holding lib/modules/KVER/ (an image's root)",
         )
+    kernel_dir = getattr(args, "kernel_dir", None) or ""
+    if kernel_dir and not args.dry_run:
+        raise UsageError(
+            "--kernel-dir goes with --dry-run (a load takes in-tree modules from the host's tree)",
+            hint="add --dry-run to plan with DIR's module tree",
+        )
+    delivery = getattr(args, "delivery", None)
     return _locked_action(
-        ctx, args, functools.partial(_load, modules_dir=os.path.abspath(modules_dir) if modules_dir else "")
+        ctx,
+        args,
+        functools.partial(
+            _load,
+            modules_dir=os.path.abspath(modules_dir) if modules_dir else "",
+            delivery=Delivery(delivery) if delivery else None,
+            kernel_dir=os.path.abspath(kernel_dir) if kernel_dir else "",
+        ),
     )
+
+
+def cmd_deliver(ctx: Context, args: argparse.Namespace) -> int:
+    """Deliver the instance into the module tree of each kernel (or remove the delivery)."""
+    kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
+    if args.remove:
+        name = check_name(args.name)
+        removals = [plan_remove(ctx.layout, name, kernel) for kernel in kernels]
+        for removal in removals:
+            say(removal.describe())
+        if args.dry_run:
+            return 0
+        with instance_lock(ctx.layout.lock_dir, name):
+            for removal in removals:
+                execute_remove(removal, ctx.layout, say)
+        return 0
+    instance = ctx.instance(args.name)
+    plans = [plan_deliver(instance, kernel, ctx.layout, ctx.runtime) for kernel in kernels]
+    for plan in plans:
+        say(plan.describe())
+    if args.dry_run:
+        return 0
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        for plan in plans:
+            execute_deliver(plan, ctx.layout, ctx.runtime, say)
+    return 0
+
+
+def _next_kernel(ctx: Context, requested: Optional[str]) -> NextKernel:
+    """The kernel named (``--kernel``, or by the hook that runs kvc), else the one the host boots next."""
+    return named_kernel(requested) if requested else find_next_kernel(ctx.layout)
+
+
+def _check_next_boot(ctx: Context, args: argparse.Namespace) -> int:
+    """The reboot gate: every enabled instance ready for the next kernel, else exit 6."""
+    if args.name or args.modules_dir:
+        raise UsageError(
+            "--next-boot checks every enabled instance: it takes no NAME and no --modules-dir",
+            hint="run 'kvc check --next-boot' (or 'kvc check NAME' for one instance on the running kernel)",
+        )
+    report = gate(ctx, _next_kernel(ctx, args.kernel))
+    say(json.dumps(report.to_json(), indent=2) if args.json else "\n".join(report.lines()))
+    refusal = report.error()
+    if refusal is not None:
+        raise refusal
+    return 0
+
+
+def cmd_kernel_added(ctx: Context, args: argparse.Namespace) -> int:
+    """Prepare every enabled instance for a new kernel (the hooks' command), then the gate's verdict."""
+    plan = plan_kernel_added(ctx, _next_kernel(ctx, args.kernel_release))
+    say(plan.describe())
+    if args.dry_run:
+        return 0
+    failures = execute_kernel_added(ctx, plan, say)
+    report = gate(ctx, plan.kernel)
+    say("\n".join(report.lines()))
+    error = kernel_added_error(plan.kernel.release, failures, report)
+    if error is not None:
+        raise error
+    return 0
 
 
 def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
     """Whether the instance's modules would load on the running kernel now: the preflight of
-    ``kvc load`` on copies of the modules; changes nothing (no extraction, no load)."""
+    ``kvc load`` on copies of the modules; changes nothing (no extraction, no load). With
+    ``--next-boot``, the reboot gate."""
+    if args.next_boot:
+        return _check_next_boot(ctx, args)
+    if not args.name:
+        raise UsageError("check needs NAME or --next-boot", hint="see 'kvc check --help'")
+    if args.json:
+        raise UsageError("--json goes with --next-boot", hint="run 'kvc check --next-boot --json'")
     instance = ctx.instance(args.name)
     kernel = ctx.running_kernel(instance, args.kernel, "check")
     modules_dir = args.modules_dir or ""
@@ -440,13 +573,12 @@ def instance_status(
                     "tag": tag,
                     "exists": info is not None,
                     "id": info.id if info else None,
-                    "up_to_date": bool(
-                        info and (instance.image or info.labels.get(LABEL_DIGEST) == context_digest(instance, kernel))
-                    ),
+                    "up_to_date": info is not None and image_is_current(instance, kernel, info),
                 },
                 "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
                 "verification": _verification(ctx, instance.name, kernel, info.id if info else None),
                 "published_verification": published_verification(info.labels if info else {}),
+                "delivery": delivery_status(ctx.layout, instance.name, kernel),
                 "modules": modules,
             }
         )
@@ -492,6 +624,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
                 info.labels.get(LABEL_KERNEL, "") for info in ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")
             }
             kernels += sorted(k for k in built if k and k != running)
+            kernels += sorted({r.kernel_release for r in read_records(ctx.layout, instance.name)} - set(kernels))
         report.append(instance_status(ctx, instance, kernels, remote=args.remote))
     if args.json:
         say(json.dumps({"schema": STATUS_SCHEMA, "running_kernel": running, "instances": report}, indent=2))
@@ -509,6 +642,8 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
             published = entry["published_verification"]
             if published and entry["verification"] is None:
                 say(f"    {published['status']} on {published['kernel']} where it was built (the image's label)")
+            if entry["delivery"]:
+                say(f"    delivery: {_delivery_text(entry['delivery'])}")
             if "registry" in entry:
                 say(f"    registry: {_registry_text(entry['registry'])}")
             for module in entry["modules"]:
@@ -519,6 +654,18 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     if not report:
         say("no instances installed")
     return 0
+
+
+def _delivery_text(entry: Mapping[str, Any]) -> str:
+    if "error" in entry:
+        return str(entry["error"])
+    where = f"into {entry['path']}" if entry["path"] else "firmware and udev rules only"
+    overlay = entry["overlay"]
+    if overlay:
+        state = "mounted" if overlay["mounted"] else "not mounted"
+        where += f" through kvc's overlay ({overlay['upper']}, {state}, by {overlay['by']})"
+    firmware = f", firmware_class.path={entry['firmware_path']}" if entry["firmware_path"] else ""
+    return f"{entry['mode']}, {entry['files']} files {where}{firmware}"
 
 
 def _registry_text(entry: Mapping[str, Any]) -> str:
@@ -544,12 +691,17 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
     plan = plan_uninstall(ctx.layout, args.name)
+    deliveries = plan_remove_all(ctx.layout, plan.name)
     say(plan.describe())
+    for delivery in deliveries:
+        say(delivery.describe())
     if args.dry_run:
         return 0
     # Before the lock: stopping the unit runs its ExecStop, an unload that takes the lock itself.
     systemd.Systemctl(ctx.layout).run(plan.systemctl)
     with instance_lock(ctx.layout.lock_dir, plan.name):
+        for delivery in deliveries:
+            execute_remove(delivery, ctx.layout, say)
         execute_uninstall(plan, say)
     return 0
 
@@ -603,6 +755,8 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "export": cmd_export,
     "import": cmd_import,
+    "kernel-added": cmd_kernel_added,
+    "deliver": cmd_deliver,
     "install": cmd_install,
     "uninstall": cmd_uninstall,
 }

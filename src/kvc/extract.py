@@ -1,8 +1,10 @@
 """The instance's modules, extracted from its image into ``/var/lib/kvc/NAME/KVER`` for loading.
 
-Extraction is atomic: the module files are copied out of the image into a temporary directory
-beside the target, described by ``manifest.json`` (schema 1: the image, its id and ``kvc.digest``
-label, the kernel, and per module its name, file, sha256, vermagic and depends), fsynced, and the
+Extraction is atomic: the module files (and the files the conf says ship with them: firmware,
+modprobe.d files, udev rules, below ``shipped/``) are copied out of the image into a temporary
+directory beside the target, described by ``manifest.json`` (schema 1: the image, its id and
+``kvc.digest`` label, the kernel, per module its name, file, sha256, vermagic and depends, and per
+shipped file its kind, image path, file, place and sha256), fsynced, and the
 directory then replaces the old one in one step (``renameat2(RENAME_EXCHANGE)``; where that is not
 available: rename the old one away, rename the new one in, remove the old one). Other files in the
 old directory that are not part of its extraction (the loader's ``loaded.json``) are carried over.
@@ -16,20 +18,22 @@ digest); loaders and ``status`` read :func:`read_manifest` and check files with
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import glob
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Mapping, Optional
 
 from kvc.atomic import fsync_path
 from kvc.config import InstanceConfig
-from kvc.errors import StateError
+from kvc.errors import BuildError, CommandError, StateError
 from kvc.images import LABEL_DIGEST, match_modules
 from kvc.kmod.digest import file_sha256
 from kvc.kmod.errors import KmodError
@@ -40,6 +44,43 @@ from kvc.runtime import ContainerRuntime, DirectoryFiles, ImageFiles
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
+SHIPPED_DIR = "shipped"
+FIRMWARE_DIR = "/lib/firmware"
+
+
+class ShippedKind(str, enum.Enum):
+    """Files that ship with the modules; the value names their directory in the extraction."""
+
+    FIRMWARE = "firmware"  # KVC_FIRMWARE: place is the path below the firmware directory
+    MODPROBE = "modprobe.d"  # KVC_MODPROBE_CONF: place is the file name in /etc/modprobe.d
+    UDEV = "udev"  # KVC_UDEV_RULES: place is the file name in /etc/udev/rules.d
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    kind: ShippedKind
+    image_path: str
+    file: str  # relative to the extraction directory: shipped/KIND/PLACE
+    place: str  # where it goes, relative to the kind's host directory
+    sha256: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind.value,
+            "image_path": self.image_path,
+            "file": self.file,
+            "place": self.place,
+            "sha256": self.sha256,
+        }
+
+
+def shipped_declaration(instance: InstanceConfig) -> dict[str, list[str]]:
+    """What the conf asks to ship (kept in the manifest: a changed conf means a new extraction)."""
+    return {
+        ShippedKind.FIRMWARE.value: list(instance.firmware),
+        ShippedKind.MODPROBE.value: list(instance.modprobe_conf),
+        ShippedKind.UDEV.value: list(instance.udev_rules),
+    }
 
 
 @dataclass(frozen=True)
@@ -71,6 +112,8 @@ class Manifest:
     kernel: str
     modules: tuple[ExtractedModule, ...]
     extracted_at: float = 0.0
+    shipped: tuple[ShippedFile, ...] = ()
+    declared: Mapping[str, list[str]] = field(default_factory=dict)
 
     def path_of(self, name: str) -> str:
         wanted = normalize_name(name)
@@ -82,15 +125,15 @@ class Manifest:
     def problems(self) -> list[str]:
         """Files that are missing or no longer match their recorded sha256."""
         found = []
-        for module in self.modules:
-            path = os.path.join(self.directory, module.file)
+        for file, sha256 in [*((m.file, m.sha256) for m in self.modules), *((s.file, s.sha256) for s in self.shipped)]:
+            path = os.path.join(self.directory, file)
             try:
                 digest = file_sha256(path).hex()
             except OSError as exc:
                 found.append(f"{path}: {exc.strerror or exc}")
                 continue
-            if digest != module.sha256:
-                found.append(f"{path}: sha256 {digest} differs from the extracted {module.sha256}")
+            if digest != sha256:
+                found.append(f"{path}: sha256 {digest} differs from the extracted {sha256}")
         return found
 
     def verify(self) -> None:
@@ -119,9 +162,14 @@ def _parse_manifest(directory: str, data: object) -> Optional[Manifest]:
             )
             for m in data["modules"]
         )
-        for module in modules:
-            if os.path.isabs(module.file) or ".." in module.file.split("/"):
-                return None
+        shipped = tuple(
+            ShippedFile(ShippedKind(f["kind"]), str(f["image_path"]), str(f["file"]), str(f["place"]), str(f["sha256"]))
+            for f in data.get("shipped", [])
+        )
+        relative = [m.file for m in modules] + [p for f in shipped for p in (f.file, f.place)]
+        if any(os.path.isabs(path) or ".." in path.split("/") for path in relative):
+            return None
+        declared = {str(k): [str(v) for v in values] for k, values in dict(data.get("shipped_declared", {})).items()}
         return Manifest(
             directory,
             str(data["image"]),
@@ -130,6 +178,8 @@ def _parse_manifest(directory: str, data: object) -> Optional[Manifest]:
             str(data["kernel"]),
             modules,
             float(data.get("extracted_at", 0.0)),
+            shipped,
+            declared,
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
@@ -165,7 +215,15 @@ def is_current(manifest: Optional[Manifest], instance: InstanceConfig, image_id:
         return False
     if [m.name for m in manifest.modules] != [normalize_name(n) for n in instance.module_names]:
         return False
+    if not _same_declaration(manifest, instance):
+        return False
     return not manifest.problems()
+
+
+def _same_declaration(manifest: Manifest, instance: InstanceConfig) -> bool:
+    """Whether the extraction shipped what the conf asks for (nothing, in manifests from before)."""
+    wanted = {kind: paths for kind, paths in shipped_declaration(instance).items() if paths}
+    return {kind: paths for kind, paths in manifest.declared.items() if paths} == wanted
 
 
 # ---- the directory swap ---------------------------------------------------------------------------------
@@ -259,6 +317,53 @@ def copy_instance_modules(
     return {name: (found[name], copies[found[name]]) for name in names}
 
 
+def _shipped_sources(files: ImageFiles, instance: InstanceConfig) -> list[tuple[ShippedKind, str, str]]:
+    """(kind, image path, place) of every file the conf ships; a KVC_FIRMWARE directory gives the
+    regular files below it."""
+    sources = []
+    for item in instance.firmware:
+        path = posixpath.join(FIRMWARE_DIR, item)
+        try:
+            below = files.list(path)
+        except CommandError:  # find in a container refuses a file as the start: copied as a file
+            below = []
+        for found in below or [path]:
+            sources.append((ShippedKind.FIRMWARE, found, posixpath.relpath(found, FIRMWARE_DIR)))
+    for kind, paths in ((ShippedKind.MODPROBE, instance.modprobe_conf), (ShippedKind.UDEV, instance.udev_rules)):
+        sources += [(kind, path, posixpath.basename(path)) for path in paths]
+    return sources
+
+
+_SHIPPED_KEYS = {
+    ShippedKind.FIRMWARE: "KVC_FIRMWARE",
+    ShippedKind.MODPROBE: "KVC_MODPROBE_CONF",
+    ShippedKind.UDEV: "KVC_UDEV_RULES",
+}
+
+
+def copy_shipped_files(
+    files: ImageFiles, instance: InstanceConfig, what: str, destination: str
+) -> tuple[ShippedFile, ...]:
+    """Copy the files the conf ships with the modules out of open image files (``what`` names
+    them) into ``destination/shipped/KIND/PLACE``; a file the image lacks is a StateError."""
+    shipped = []
+    for kind, image_path, place in _shipped_sources(files, instance):
+        relative = posixpath.join(SHIPPED_DIR, kind.value, place)
+        directory = os.path.dirname(os.path.join(destination, relative))
+        os.makedirs(directory, exist_ok=True)
+        try:
+            local = files.copy([image_path], directory)[image_path]
+        except (BuildError, CommandError):
+            raise StateError(
+                f"{what} has no file {image_path} ({_SHIPPED_KEYS[kind]} in {instance.source})",
+                hint=f"correct {_SHIPPED_KEYS[kind]}, or rebuild the image with the file in it",
+            ) from None
+        os.chmod(local, 0o644)
+        fsync_path(local)
+        shipped.append(ShippedFile(kind, image_path, relative, place, file_sha256(local).hex()))
+    return tuple(shipped)
+
+
 # ---- extraction ---------------------------------------------------------------------------------------------
 
 
@@ -313,6 +418,9 @@ def extract_from_directory(
     for name in names:
         if name in found:
             content.update(f"{found[name]}\0".encode() + file_sha256(files.host_path(found[name])) + b"\0")
+    for _kind, image_path, _place in _shipped_sources(files, instance):
+        with contextlib.suppress(OSError):  # a missing file is the extraction's error to report
+            content.update(f"{image_path}\0".encode() + file_sha256(files.host_path(image_path)) + b"\0")
     top = os.path.abspath(directory)
     source = Source(f"dir:{top}", f"dir-{content.hexdigest()}", "", top, DIRECTORY_HINT)
     return _extract(layout, instance, kernel_release, source, lambda: contextlib.nullcontext(files), force=force)
@@ -351,6 +459,7 @@ def _extract(
             copies = copy_instance_modules(
                 files, instance, kernel_release, source.what, staging, missing_hint=source.missing_hint
             )
+            shipped = copy_shipped_files(files, instance, source.what, staging)
         modules = []
         for name, (image_path, local) in copies.items():
             os.chmod(local, 0o644)
@@ -375,6 +484,8 @@ def _extract(
             "kernel": kernel_release,
             "extracted_at": time.time(),
             "modules": [m.to_json() for m in modules],
+            "shipped": [f.to_json() for f in shipped],
+            "shipped_declared": shipped_declaration(instance),
         }
         manifest_path = os.path.join(staging, MANIFEST)
         with open(manifest_path, "w", encoding="utf-8") as handle:

@@ -73,6 +73,7 @@ class UnitAction(enum.Enum):
     ENABLE = ("enable",)
     # Stopping runs the unit's ExecStop, which unloads the instance's modules.
     DISABLE_NOW = ("disable", "--now")
+    ENABLE_NOW = ("enable", "--now")
 
 
 @dataclass(frozen=True)

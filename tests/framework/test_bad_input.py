@@ -166,6 +166,13 @@ def _foreign_wrapper(world: World) -> None:
     target.chmod(0o755)
 
 
+def _foreign_kernel_hook(world: World) -> None:
+    target = world.root / "etc" / "kernel" / "postinst.d" / "zz-kvc"
+    target.parent.mkdir(parents=True)
+    target.write_text("#!/bin/sh\necho someone else's hook\n")
+    target.chmod(0o755)
+
+
 def _global(text: str) -> Setup:
     def setup(world: World) -> None:
         world.conf(CONF)
@@ -180,6 +187,33 @@ def _binary_conf(world: World) -> None:
 
 def _conf_is_a_directory(world: World) -> None:
     (world.root / "etc" / "kvc" / "demo.conf").mkdir(parents=True)
+
+
+def _delivery_record(text: str) -> Setup:
+    """The instance and a delivery record for the running kernel that kvc did not write."""
+
+    def setup(world: World) -> None:
+        world.conf(CONF)
+        record = world.root / "var" / "lib" / "kvc" / "demo" / "tree" / f"{RELEASE}.json"
+        record.parent.mkdir(parents=True)
+        record.write_text(text)
+
+    return setup
+
+
+ALTERED_RECORD = json.dumps(
+    {
+        "schema": 1,
+        "name": "demo",
+        "kernel": RELEASE,
+        "delivery": "tree",
+        "image_id": "",
+        "files": [{"path": "/etc/passwd", "kind": "module", "sha256": ["0" * 64]}],
+        "dirs": [],
+        "overlay": None,
+        "firmware_path": None,
+    }
+)
 
 
 E = ExitCode
@@ -351,6 +385,103 @@ CASES: list[tuple[str, Setup, tuple[str, ...], ExitCode, str]] = [
     ("reload another kernel", _conf(CONF), ("reload", "demo", "-k", OTHER, "--dry-run"), E.STATE, "running kernel"),
     ("status without the fake kernel", _no_fake_kernel, ("status",), E.KERNEL_MISSING, "no fake kernel under"),
     ("load without the fake kernel", _no_fake_kernel, ("load", "demo"), E.KERNEL_MISSING, "no fake kernel under"),
+    # kernel updates
+    ("check without a name", _nothing, ("check",), E.USAGE, "check needs NAME or --next-boot"),
+    ("check a name at next boot", _conf(CONF), ("check", "demo", "--next-boot"), E.USAGE, "it takes no NAME"),
+    ("check --json of one instance", _conf(CONF), ("check", "demo", "--json"), E.USAGE, "--json goes with --next-boot"),
+    ("next-boot kernel with a path", _nothing, ("check", "--next-boot", "-k", "../etc"), E.CONFIG, "kernel release"),
+    ("kernel-added a path", _nothing, ("kernel-added", "../../etc/passwd"), E.CONFIG, "kernel release"),
+    ("next kernel unknown", _nothing, ("check", "--next-boot"), E.KERNEL_MISSING, "cannot tell which kernel"),
+    ("kernel-added unknown kernel", _nothing, ("kernel-added",), E.KERNEL_MISSING, "cannot tell which kernel"),
+    (
+        "kernel hook over someone's file",
+        _foreign_kernel_hook,
+        ("install", "{bundle}"),
+        E.STATE,
+        "was not written by kvc; not replacing it with kvc's kernel hook",
+    ),
+    # tree delivery and shipped files
+    (
+        "delivery not a mode",
+        _conf(CONF + "KVC_DELIVERY=sideways\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "KVC_DELIVERY='sideways' is not one of direct, tree",
+    ),
+    (
+        "firmware outside the firmware directory",
+        _conf(CONF + "KVC_FIRMWARE=../../etc/shadow\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "is not a path inside the image's /lib/firmware",
+    ),
+    (
+        "absolute firmware path",
+        _conf(CONF + "KVC_FIRMWARE=/etc/shadow\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "is not a path inside the image's /lib/firmware",
+    ),
+    (
+        "relative modprobe.d file",
+        _conf(CONF + "KVC_MODPROBE_CONF=options.conf\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "is not an absolute image path of a *.conf file",
+    ),
+    (
+        "udev rule without .rules",
+        _conf(CONF + "KVC_UDEV_RULES=/etc/udev/demo.conf\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "is not an absolute image path of a *.rules file",
+    ),
+    (
+        "two udev rules of one name",
+        _conf(CONF + 'KVC_UDEV_RULES="/a/99-demo.rules /b/99-demo.rules"\n'),
+        ("load", "demo"),
+        E.CONFIG,
+        "names two files called 99-demo.rules",
+    ),
+    (
+        "modprobe.d file named as kvc's own",
+        _conf(CONF + "KVC_MODPROBE_CONF=/etc/kvc-demo.conf\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "names kvc-demo.conf, the file kvc writes itself",
+    ),
+    ("modules-load not yes or no", _conf(CONF + "KVC_MODULES_LOAD=maybe\n"), ("load", "demo"), E.CONFIG, "yes/no"),
+    ("unknown delivery flag", _conf(CONF), ("load", "demo", "--delivery", "sideways"), E.USAGE, "invalid choice"),
+    (
+        "kernel-dir without a dry run",
+        _conf(CONF),
+        ("load", "demo", "--kernel-dir", "{tmp}"),
+        E.USAGE,
+        "--kernel-dir goes with --dry-run",
+    ),
+    ("deliver a path", _nothing, ("deliver", "../etc"), E.CONFIG, "instance name"),
+    ("instance named as kvc's directory", _nothing, ("load", "modules"), E.CONFIG, "is reserved"),
+    (
+        "remove a delivery that is not there",
+        _conf(CONF),
+        ("deliver", "demo", "--remove"),
+        E.STATE,
+        f"demo has no delivery for kernel {RELEASE}",
+    ),
+    (
+        "a delivery record listing a host file",
+        _delivery_record(ALTERED_RECORD),
+        ("deliver", "demo", "--remove"),
+        E.STATE,
+        "the delivery record lists /etc/passwd, outside the places kvc delivers to",
+    ),
+    (
+        "a garbled delivery record",
+        _delivery_record("{not json"),
+        ("deliver", "demo", "--remove"),
+        E.STATE,
+        "the delivery record is unreadable",
+    ),
 ]
 
 

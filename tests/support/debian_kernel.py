@@ -89,7 +89,17 @@ def debian_kernel() -> DebianKernel:
 @cache
 def indexed_debian_kernel() -> DebianKernel:
     """The same tree with kmod's own depmod output (modules.dep, *.bin, ...) written into it."""
-    kernel = debian_kernel()
+    return _indexed(debian_kernel())
+
+
+@cache
+def indexed_kernel_package(release: str) -> DebianKernel:
+    """Debian's ``linux-image-RELEASE`` (another release than the current one), unpacked and
+    indexed the same way."""
+    return _indexed(DebianKernel(release, unpacked_packages(cache_dir() / release, [f"linux-image-{release}"])))
+
+
+def _indexed(kernel: DebianKernel) -> DebianKernel:
     base = kernel.root.parent
     done = base / ".indexed"
     with open(base / ".lock", "w") as lock:

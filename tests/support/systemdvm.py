@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kvc import hooks
 from kvc.kmod.compression import decompress
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
@@ -56,7 +57,8 @@ GUEST_REPORT = "/kvc-test"
 MARKER = "kvc-boot-test:"
 
 # The test's script runs after this preamble: ``check NAME CMD...`` runs CMD, logs its output
-# to checks.log and says "ok: NAME" or "FAILED: NAME" on the console.
+# to checks.log and says "ok: NAME" or "FAILED: NAME" on the console; ``run NAME CMD...`` keeps
+# CMD's stdout, stderr and exit status in NAME.out, NAME.err and NAME.status for the test to judge.
 SCRIPT_PREAMBLE = f"""set -u
 report={GUEST_REPORT}
 say() {{ echo "{MARKER} $*"; }}
@@ -65,6 +67,14 @@ check() {{
     name=$1; shift
     echo "== $name: $*" >>"$report/checks.log"
     if "$@" >>"$report/checks.log" 2>&1; then say "ok: $name"; else say "FAILED: $name"; failed=1; fi
+}}
+run() {{
+    name=$1; shift
+    "$@" >"$report/$name.out" 2>"$report/$name.err"
+    status=$?
+    echo "$status" >"$report/$name.status"
+    read -r uptime _ </proc/uptime
+    say "$name: exit $status at $uptime s"
 }}
 read -r uptime _ </proc/uptime
 say "started at $uptime s"
@@ -155,6 +165,34 @@ def enable_instance(files: GuestFiles, name: str) -> str:
     return unit
 
 
+def install_kernel_hooks(files: GuestFiles) -> None:
+    """kvc's kernel hooks where ``kvc install`` writes them (its kernel-install plugin in
+    /etc/kernel/install.d, the Debian hook in /etc/kernel/postinst.d), from kvc's package data."""
+    layout = files.layout()
+    for hook in hooks.HOOKS:
+        path = Path(hook.path(layout))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(hook.text)
+        path.chmod(hooks.HOOK_MODE)
+
+
+def mask_kernel_install_plugin(files: GuestFiles, plugin: str) -> None:
+    """A /dev/null link in /etc/kernel/install.d: kernel-install skips the packaged plugin."""
+    files.link(f"/etc/kernel/install.d/{plugin}", "/dev/null")
+
+
+def boot_loader_entries(files: GuestFiles, release: str, token: str = "kvc-test") -> None:
+    """A Boot Loader Specification /boot as on Fedora or an OSTree host: kernel-install's entry
+    token and its directory, and an entry for ``release`` (the kernel the guest boots). kernel-install
+    then uses the ``bls`` layout and writes an entry for every kernel it adds."""
+    files.write("/etc/kernel/entry-token", f"{token}\n")
+    files.path(f"/boot/{token}/{release}").mkdir(parents=True)
+    files.write(
+        f"/boot/loader/entries/{token}-{release}.conf",
+        f"title Debian GNU/Linux\nversion {release}\nlinux /{token}/{release}/linux\n",
+    )
+
+
 def add_test_units(files: GuestFiles, script: str, after: Sequence[str] = (), timeout: float = 240) -> None:
     """The test's target (the guest's ``default.target``), its oneshot unit running ``script``
     (after :data:`SCRIPT_PREAMBLE`) once ``after`` units are done, and fail-fast rescue and
@@ -205,6 +243,15 @@ class SystemdBoot:
         path = self.report / name
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def status(self, name: str) -> int:
+        """The exit status the guest script's ``run NAME ...`` kept (-1: it did not run)."""
+        text = self.read(f"{name}.status").strip()
+        return int(text) if text else -1
+
+    def output(self, name: str) -> str:
+        """What ``run NAME ...`` printed, stdout then stderr."""
+        return self.read(f"{name}.out") + self.read(f"{name}.err")
+
     def context(self) -> str:
         """What to show when an assertion fails: the checks' log and the end of the console."""
         return f"--- checks.log ---\n{self.read('checks.log')[-6000:]}\n--- console ---\n{self.console[-6000:]}"
@@ -240,12 +287,14 @@ def boot(
     files: GuestFiles,
     work: Path,
     *,
+    host_dirs: Sequence[Path] = (),
     timeout: float = 300,
     memory_mb: int = 2048,
 ) -> SystemdBoot:
     """Boot ``kernels[0]`` with systemd on this host's root plus ``files``; every kernel's module
     tree is at /lib/modules/RELEASE in the guest (the others' vmlinuz inside it, as a kernel
-    package installed there but not booted). Returns when the guest powers off, or at ``timeout``."""
+    package installed there but not booted); ``host_dirs`` are shared read-only at their paths
+    (the host's /tmp is not the guest's). Returns when the guest powers off, or at ``timeout``."""
     kernel = kernels[0]
     report = work / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -258,6 +307,7 @@ def boot(
             "BOOT_MODULES": " ".join(name for name, _ in modules),
             "KERNELS": " ".join(k.release for k in kernels),
             "REMOVE": " ".join(FRESH),
+            "HOST_DIRS": " ".join(str(directory) for directory in host_dirs),
         },
     )
     shares = (
@@ -265,6 +315,7 @@ def boot(
         *(Share(f"kernel{index}", str(k.root)) for index, k in enumerate(kernels)),
         Share("setup", str(files.root)),
         Share("out", str(report), readonly=False),
+        *(Share(f"hostdir{index}", str(directory)) for index, directory in enumerate(host_dirs)),
     )
     console = work / "console.log"
     vmlinuz = str(kernel.vmlinuz)

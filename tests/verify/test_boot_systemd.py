@@ -13,10 +13,23 @@ by ``systemctl enable`` (its ``default.target.wants`` link), and kvc is on the u
 - direct mode: the enabled unit loads both modules at boot, before the test's unit (ordered
   after it) runs; the test unit sees them in /proc/modules with their parameter, the unit
   active, and kvc's load lines in its journal.
+- a kernel update: the guest has a Boot Loader Specification /boot (an entry for the kernel it
+  runs) and kvc's kernel hooks as ``kvc install`` writes them; the "new kernel" is a real one,
+  Debian's newest 6.12 package (bookworm offers it as linux-image-6.12-amd64), unpacked at
+  /lib/modules/KVER with its vmlinuz there, as Fedora's and bootc's packages leave a kernel
+  before kernel-install runs, and indexed (Debian's 50-depmod.install, which would index it again
+  over 9p for 25 s, is masked). Its image was built on this host and pushed to the local TLS
+  registry, then removed from this host's storage; the registry (its config, certificates and
+  storage shared from this host) runs in the guest, which has no network. Before: ``kvc check
+  --next-boot`` names the running kernel (the newest entry) and passes; asked about the new kernel
+  it fails (exit 6, no image). ``kernel-install add KVER /lib/modules/KVER/vmlinuz`` runs kvc's
+  plugin, whose ``kvc kernel-added KVER`` pulls the image from the registry; kernel-install writes
+  the new entry; then ``kvc check --next-boot`` names the new kernel and passes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,8 +40,10 @@ from typing import Iterator
 import pytest
 
 from support import systemdvm
-from support.debian_kernel import DebianKernel
+from support.debian_headers import newest_foreign_release
+from support.debian_kernel import DebianKernel, indexed_kernel_package
 from support.example import unique_prefix, write_example_conf
+from support.registry import LocalRegistry
 
 pytestmark = [pytest.mark.vm, pytest.mark.podman]
 
@@ -36,6 +51,7 @@ MODULES = ("simple_kmod", "simple_procfs_kmod")
 
 
 def kvc(args: list[str], root: Path) -> subprocess.CompletedProcess[str]:
+    """This checkout's kvc on this host, with ``root`` as KVC_ROOT."""
     return subprocess.run(
         [sys.executable, "-m", "kvc", *args],
         capture_output=True,
@@ -112,3 +128,81 @@ def test_the_enabled_unit_loads_the_modules_at_boot(
     journal = booted.read("unit.journal")
     assert f"KVC: build {instance} for {indexed_kernel_tree.release}" in journal, context
     assert f"KVC: load {instance} for {indexed_kernel_tree.release}" in journal, context
+
+
+def image_tags(name: str, kernel_tag: str) -> list[str]:
+    """Every local name of the instance's images for a kernel (kvc's tag, the labelled push's)."""
+    listed = subprocess.run(
+        ["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", f"reference=*{name}*"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return [ref for ref in listed if ref.rsplit(":", 1)[-1].endswith(kernel_tag)]
+
+
+@pytest.mark.registry
+def test_kernel_install_of_a_new_kernel_runs_kvcs_plugin_which_pulls_its_image(
+    tmp_path: Path, instance: str, indexed_kernel_tree: DebianKernel, local_registry: LocalRegistry
+) -> None:
+    new = indexed_kernel_package(f"{newest_foreign_release()}-amd64")
+    registry = f"KVC_REGISTRY_AUTH_FILE={local_registry.auth_file}\nKVC_REGISTRY_CERTS_DIR={local_registry.certs_dir}\n"
+    repository = f"KVC_REGISTRY={local_registry.host}/kvcboot/{instance}\n"
+    # The build host: the new kernel's image built, pushed, and removed from this storage.
+    build_root = tmp_path / "build-host"
+    write_example_conf(build_root, instance, "\n" + repository)
+    (build_root / "etc" / "kvc" / "kmods-via-containers.conf").write_text(registry)
+    built = kvc(["build", instance, "--kernel", new.release, "--push"], build_root)
+    assert built.returncode == 0, built.stdout + built.stderr
+    kernel_tag = new.release.replace("+", "_")
+    tags = image_tags(instance, kernel_tag)
+    assert tags, built.stdout
+    subprocess.run(["podman", "rmi", *tags], check=True, capture_output=True)
+    assert not image_tags(instance, kernel_tag)
+
+    files, unit = guest_with_instance(tmp_path, instance, "\n" + repository + "KVC_REGISTRY_FALLBACK=fail\n")
+    files.write("/etc/kvc/kmods-via-containers.conf", registry)
+    systemdvm.install_kernel_hooks(files)
+    systemdvm.mask_kernel_install_plugin(files, "50-depmod.install")
+    systemdvm.boot_loader_entries(files, indexed_kernel_tree.release)
+    answers = (
+        f"[ \"$(curl -s -o /dev/null -w '%{{http_code}}' --cacert {local_registry.ca_file} "
+        f'https://{local_registry.host}/v2/)" = 401 ]'
+    )
+    script = (
+        f"new={new.release}\n"
+        f"systemd-run --quiet --unit=kvc-boot-registry /usr/bin/docker-registry serve {local_registry.dir}/config.yml\n"
+        f"check 'the registry answers' sh -c 'for i in $(seq 120); do {answers} && exit 0; sleep 0.5; done; exit 1'\n"
+        "run gate-before kvc check --next-boot --json\n"
+        'run gate-new-kernel-before kvc check --next-boot --kernel "$new" --json\n'
+        'run kernel-install kernel-install --verbose add "$new" "/lib/modules/$new/vmlinuz"\n'
+        "run gate-after kvc check --next-boot --json\n"
+        'ls /boot/loader/entries >"$report/entries"\n'
+        'journalctl -b -u kvc-boot-registry -o cat --no-pager >"$report/registry.log" 2>&1\n' + unit_report(unit)
+    )
+    systemdvm.add_test_units(files, script, after=[unit])
+    booted = systemdvm.boot([indexed_kernel_tree, new], files, tmp_path, host_dirs=[Path(local_registry.dir)])
+    print(f"the guest ran {booted.seconds:.1f} s; {booted.markers()}")
+    context = booted.context() + "".join(
+        f"\n--- {name} ---\n{booted.output(name)[-3000:]}"
+        for name in ("gate-before", "gate-new-kernel-before", "kernel-install", "gate-after")
+    )
+    assert not booted.timed_out, context
+    assert booted.read("failed").strip() == "0", context
+    before = json.loads(booted.read("gate-before.out"))
+    assert booted.status("gate-before") == 0 and before["ready"], context
+    assert before["next_kernel"]["release"] == indexed_kernel_tree.release, context
+    assert before["next_kernel"]["source"] == "boot-entries", context
+    new_before = json.loads(booted.read("gate-new-kernel-before.out"))
+    assert booted.status("gate-new-kernel-before") == 6 and not new_before["ready"], context
+    assert [item["name"] for item in new_before["instances"]] == [instance], context
+    installed = booted.output("kernel-install")
+    assert booted.status("kernel-install") == 0, context
+    assert f"/etc/kernel/install.d/90-kvc.install add {new.release}" in installed, context
+    assert "pull" in installed and f"{local_registry.host}/kvcboot/{instance}" in installed, context
+    after = json.loads(booted.read("gate-after.out"))
+    assert booted.status("gate-after") == 0 and after["ready"], context
+    assert (after["next_kernel"]["release"], after["next_kernel"]["source"]) == (new.release, "boot-entries"), context
+    (entry,) = after["instances"]
+    assert entry["name"] == instance and entry["ready"] and entry["image"]["tag"].endswith(kernel_tag), context
+    assert f"kvc-test-{new.release}.conf" in booted.read("entries").split(), context

@@ -316,6 +316,49 @@ def test_shipped_files_appear_with_the_delivery_and_go_with_uninstall(
     assert not (host.root / "var" / "lib" / "kvc" / host.name).exists()
 
 
+@pytest.mark.podman
+@needs_root_tools
+def test_a_direct_delivery_installs_firmware_and_udev_rules_only(
+    tmp_path: Path, built: Built, indexed_kernel_tree: DebianKernel
+) -> None:
+    host = make_host(tmp_path, built, indexed_kernel_tree, extra="KVC_DELIVERY=direct\n")
+    before = host_files(host)
+    loaded = host.ok("load", host.name)
+    assert f"deliver {host.name} (direct) into the host:" in loaded.stdout
+    extracted = host.root / "var" / "lib" / "kvc" / host.name / built.release
+    assert f"insmod {extracted}/simple-kmod.ko  (instance)" in loaded.stdout
+    assert host.loaded() == ["simple_kmod", "simple_procfs_kmod"]
+    for path, data in shipped_paths(host).items():
+        direct = "firmware" in path.parts or "udev" in path.parts
+        assert (path.read_bytes() == data) if direct else not path.exists(), path
+    assert not (host.moddir / "updates").exists()
+    host.ok("unload", host.name)
+    host.ok("deliver", host.name, "--remove")
+    assert host_files(host) == before
+
+
+@pytest.mark.podman
+@needs_root_tools
+def test_deliver_extracts_the_kernels_image_first(
+    tmp_path: Path, built: Built, indexed_kernel_tree: DebianKernel
+) -> None:
+    host = make_host(tmp_path, built, indexed_kernel_tree)
+    before = tree_digest(host.root)
+    image = f"{host.name}-1.0.0:{built.release}"
+    extraction = host.root / "var" / "lib" / "kvc" / host.name / built.release
+    dry = host.ok("deliver", host.name, "--kernel", built.release, "--dry-run")
+    assert f"  extract the modules from image {image} (id " in dry.stdout
+    assert f") into {extraction}\n" in dry.stdout
+    assert tree_digest(host.root) == before
+    done = host.ok("deliver", host.name, "--kernel", built.release)
+    assert done.stdout.startswith(dry.stdout)
+    assert (extraction / "manifest.json").is_file() and host.loaded() == []
+    assert (host.delivered / "simple-procfs-kmod.ko").read_bytes() == (
+        extraction / "simple-procfs-kmod.ko"
+    ).read_bytes()
+    assert "up to date (8 files" in host.ok("deliver", host.name).stdout
+
+
 def assert_one_clear_error(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
     said = result.stdout + result.stderr
     assert "Traceback" not in said and result.returncode == code, said

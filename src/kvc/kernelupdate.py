@@ -16,6 +16,7 @@ instance's failure does not stop the others; each is reported, and then the gate
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol
@@ -45,6 +46,10 @@ class Host(Protocol):
     def instance(self, name: str) -> InstanceConfig: ...
 
     def image_plan(self, instance: InstanceConfig, kernel: str, *, force: bool = False) -> BuildPlan: ...
+
+
+def _when(verification: Mapping[str, Any]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(float(verification["at"] or 0)))
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,7 @@ class Readiness:
         assert self.image is not None
         verified = ""
         if self.verification is not None and self.verification["current"]:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(self.verification["at"] or 0)))
-            verified = f", verified {when}" if self.verification["status"] == VERIFIED else ""
+            verified = f", verified {_when(self.verification)}" if self.verification["status"] == VERIFIED else ""
         return [f"  {self.name}: ready (image {self.image['tag']} {str(self.image['id'])[:12]} up to date{verified})"]
 
 
@@ -213,6 +217,7 @@ class Preparation:
     verify: bool = False
     verified_before: str = ""  # when verify is off because this image already passed: when
     deliver: bool = False
+    deliver_at_boot: bool = False  # tree mode, but the host has no module tree for the kernel yet
     error: Optional[KvcError] = None
 
     def describe(self, kernel: str) -> str:
@@ -221,7 +226,10 @@ class Preparation:
             return f"{self.name}: cannot prepare it for {kernel}: {brief}"
         lines = [f"{self.name}:", *("  " + line for line in self.build.describe().splitlines())]
         if self.verify:
-            lines.append(f"  then verify it on {kernel} in a VM (as 'kvc verify {self.name} --kernel {kernel}')")
+            lines.append(
+                f"  then verify it on {kernel} in a VM (as 'kvc verify {self.name} --kernel {kernel}'), unless "
+                "the image the build leaves passed there before"
+            )
         elif self.verified_before:
             lines.append(f"  its verification on {kernel} passed {self.verified_before} for this image: not repeated")
         if self.deliver:
@@ -229,7 +237,15 @@ class Preparation:
                 f"  then deliver it into /lib/modules/{kernel}/updates/kvc/{self.name} "
                 f"(as 'kvc deliver {self.name} --kernel {kernel}')"
             )
+        elif self.deliver_at_boot:
+            lines.append(f"  {self.deliver_note(kernel)}")
         return "\n".join(lines)
+
+    def deliver_note(self, kernel: str) -> str:
+        return (
+            f"no /lib/modules/{kernel} on this host yet (a staged ostree deployment's tree shows at its boot): "
+            "the unit's 'kvc load' delivers into the module tree at boot"
+        )
 
 
 @dataclass(frozen=True)
@@ -247,20 +263,36 @@ class KernelAddedPlan:
         return "\n".join(lines)
 
 
+def _passed_before(host: Host, instance: InstanceConfig, kernel: str, image_id: str = "") -> str:
+    """When the instance's image for the kernel (``image_id``, else the local one now) passed
+    ``kvc verify`` on it, or "" when it has not."""
+    if not image_id:
+        info = host.runtime.inspect(image_tag(instance, kernel))
+        image_id = info.id if info is not None else ""
+    done = verification_of(host.layout, instance.name, kernel, image_id or None)
+    return _when(done) if done is not None and done["current"] and done["status"] == VERIFIED else ""
+
+
 def _prepare(host: Host, enabled: EnabledInstance, kernel: str) -> Preparation:
     try:
         instance = host.instance(enabled.name)
         build = host.image_plan(instance, kernel)
     except KvcError as exc:
         return Preparation(enabled.name, error=exc)
-    verify, verified_before = instance.verify_required, ""
-    if verify and build.action == ACTION_UP_TO_DATE:
-        done = verification_of(host.layout, instance.name, kernel, build.existing_id or None)
-        if done is not None and done["current"] and done["status"] == VERIFIED:
-            verify = False
-            verified_before = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(done["at"] or 0)))
+    verified_before = ""
+    if instance.verify_required and build.action == ACTION_UP_TO_DATE and build.existing_id:
+        verified_before = _passed_before(host, instance, kernel, build.existing_id)
+    verify = instance.verify_required and not verified_before
+    tree = instance.delivery is Delivery.TREE
+    has_tree = os.path.isdir(host.layout.host.module_dir(kernel))
     return Preparation(
-        enabled.name, instance, build, verify, verified_before, deliver=instance.delivery is Delivery.TREE
+        enabled.name,
+        instance,
+        build,
+        verify,
+        verified_before,
+        deliver=tree and has_tree,
+        deliver_at_boot=tree and not has_tree,
     )
 
 
@@ -299,12 +331,13 @@ def _verify(host: Host, instance: InstanceConfig, kernel: str, say: Callable[[st
 
 
 def _deliver(host: Host, instance: InstanceConfig, kernel: str, say: Callable[[str], None]) -> None:
-    # INTEGRATION POINT for helper C's tree delivery (src/kvc/tree.py): plan_deliver(...), then
-    # execute_deliver(...) for (instance, kernel), exactly as 'kvc deliver NAME --kernel KVER' does.
-    raise StateError(
-        f"delivery of {instance.name} into the module tree of {kernel} is not wired into kernel-added yet",
-        hint=f"run 'kvc deliver {instance.name} --kernel {kernel}'",
-    )
+    """``kvc deliver NAME --kernel KVER``: planned once the image is there (the build may have
+    just made it)."""
+    from kvc.tree import execute_deliver, plan_deliver
+
+    plan = plan_deliver(instance, kernel, host.layout, host.runtime)
+    say(plan.describe())
+    execute_deliver(plan, host.layout, host.runtime, say)
 
 
 def execute_kernel_added(host: Host, plan: KernelAddedPlan, say: Callable[[str], None]) -> list[tuple[str, KvcError]]:
@@ -317,12 +350,17 @@ def execute_kernel_added(host: Host, plan: KernelAddedPlan, say: Callable[[str],
                 raise step.error or KvcError(f"{step.name} could not be planned")
             with instance_lock(host.layout.lock_dir, step.name):
                 say(f"{step.name}: {execute_build(step.build, host.runtime)}")
-                if step.verify:
+                verified_before = step.verified_before or (
+                    _passed_before(host, step.instance, kernel) if step.verify else ""
+                )
+                if verified_before:
+                    say(f"{step.name}: verified on {kernel} {verified_before} (this image); not repeated")
+                elif step.verify:
                     _verify(host, step.instance, kernel, say)
-                elif step.verified_before:
-                    say(f"{step.name}: verified on {kernel} {step.verified_before} (this image); not repeated")
                 if step.deliver:
                     _deliver(host, step.instance, kernel, say)
+                elif step.deliver_at_boot:
+                    say(f"{step.name}: {step.deliver_note(kernel)}")
         except KvcError as exc:
             failures.append((step.name, exc))
             for line in _failure_lines(step.name, exc):

@@ -240,13 +240,13 @@ def deployment_kernel(layout: Layout, stateroot: Any, checksum: Any, serial: Any
             "", f"the deployment's stateroot, checksum or serial is missing ({stateroot!r}, {checksum!r}, {serial!r})"
         )
     deployment = os.path.join(OSTREE_DEPLOY, parts[0], "deploy", f"{parts[1]}.{parts[2]}")
-    kernels = sorted(glob.glob(os.path.join(layout.host.host(deployment), "usr/lib/modules/*/vmlinuz")))
-    releases = [_release(os.path.basename(os.path.dirname(path))) for path in kernels]
-    if len(kernels) == 1 and releases[0]:
-        return Finding(releases[0], f"{deployment}/usr/lib/modules/{releases[0]}/vmlinuz")
-    if not kernels:
+    pattern = os.path.join(glob.escape(layout.host.host(deployment)), "usr/lib/modules/*/vmlinuz")
+    names = [os.path.basename(os.path.dirname(path)) for path in sorted(glob.glob(pattern))]
+    if len(names) == 1 and _release(names[0]):
+        return Finding(names[0], f"{deployment}/usr/lib/modules/{names[0]}/vmlinuz")
+    if not names:
         return Finding("", f"no {deployment}/usr/lib/modules/*/vmlinuz")
-    return Finding("", f"{deployment} holds {len(kernels)} kernels ({', '.join(releases)}); ostree boots one")
+    return Finding("", f"{deployment} has vmlinuz in {', '.join(names)}; ostree boots one kernel release")
 
 
 # ---- 2. bootc --------------------------------------------------------------------------------------------

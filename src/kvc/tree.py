@@ -54,7 +54,15 @@ from kvc import systemd
 from kvc.atomic import fsync_path, write_file, write_json
 from kvc.config import Delivery, InstanceConfig, check_kernel_release
 from kvc.errors import KvcError, LoadError, StateError
-from kvc.extract import Manifest, ShippedFile, ShippedKind, copy_instance_modules, copy_shipped_files, extract
+from kvc.extract import (
+    FIRMWARE_DIR,
+    Manifest,
+    ShippedFile,
+    ShippedKind,
+    copy_instance_modules,
+    copy_shipped_files,
+    extract,
+)
 from kvc.extract import is_current as extraction_is_current
 from kvc.extract import read_manifest as read_extraction
 from kvc.images import image_tag
@@ -69,12 +77,11 @@ from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.layout import Layout
 from kvc.loader import LoadPlan, LoadStep, Origin, plan_load
 from kvc.lock import instance_lock
-from kvc.overlay import MountManager, MountProgram, Overlay, overlay_for, read_only
+from kvc.overlay import OVERLAY_DIR, MountManager, MountProgram, Overlay, in_container, overlay_for, read_only
 from kvc.runtime import ContainerRuntime, ImageFiles
 
 RECORD_SCHEMA = 1
 TREE_DIR = "updates/kvc"  # below /lib/modules/KVER
-FIRMWARE_DIR = "/lib/firmware"
 FIRMWARE_UPDATES = "/lib/firmware/updates"
 KVC_FIRMWARE_DIR = "/var/lib/kvc/firmware"
 FIRMWARE_PARAMETER = "/sys/module/firmware_class/parameters/path"
@@ -216,7 +223,7 @@ def _parse_record(path: str, data: object, layout: Layout) -> Record:
     if record_path(layout, name, kernel) != path:
         raise _unreadable(path, f"it describes {name} for {kernel}")
     strays = [p for p in [*(f.path for f in files), *dirs] if not _in_kvc_places(layout, name, kernel, p)]
-    if overlay is not None and overlay.base != os.path.join(layout.host.host("/var/lib/kvc/modules"), kernel):
+    if overlay is not None and overlay.base != os.path.join(layout.host.host(OVERLAY_DIR), kernel):
         strays.append(overlay.base)
     if strays:
         raise StateError(
@@ -236,7 +243,7 @@ def _in_kvc_places(layout: Layout, name: str, kernel: str, path: str) -> bool:
         layout.host.module_dir(kernel),
         layout.host.host(FIRMWARE_DIR),
         layout.host.host(KVC_FIRMWARE_DIR),
-        layout.host.host("/var/lib/kvc/modules"),
+        layout.host.host(OVERLAY_DIR),
         *(layout.host.host(d) for d in (MODPROBE_DIR, MODULES_LOAD_DIR, UDEV_DIR, "/etc/udev")),
     ]
     return any(_below(path, place) for place in places)
@@ -353,20 +360,29 @@ class Extraction:
     digests: tuple[str, ...]  # of the files the plan read from the image: the extraction must give them
 
 
+class Leaving(enum.Enum):
+    """What happens to a recorded file when a delivery no longer has it."""
+
+    REMOVE = "remove"
+    KEEP_CHANGED = "keep"  # changed since kvc wrote it: no longer kvc's
+    GONE = "gone"  # someone removed it already
+    SHARED = "shared"  # another kernel's delivery of the instance still has it
+
+
 @dataclass(frozen=True)
 class Removal:
     """One recorded file a delivery or removal takes away (or keeps, saying why)."""
 
     entry: RecordedFile
-    fate: str  # "remove", "keep" (changed since kvc wrote it), "gone", "shared" (another kernel's delivery lists it)
+    fate: Leaving
 
     def describe(self) -> str:
         path = self.entry.path
         return {
-            "remove": f"remove {path} ({self.entry.kind.value})",
-            "keep": f"keep {path} (changed since kvc wrote it)",
-            "gone": f"skip {path} (already gone)",
-            "shared": f"keep {path} (another kernel's delivery of the instance has it)",
+            Leaving.REMOVE: f"remove {path} ({self.entry.kind.value})",
+            Leaving.KEEP_CHANGED: f"keep {path} (changed since kvc wrote it)",
+            Leaving.GONE: f"skip {path} (already gone)",
+            Leaving.SHARED: f"keep {path} (another kernel's delivery of the instance has it)",
         }[self.fate]
 
 
@@ -506,8 +522,7 @@ def plan_deliver(
             f"image {tag} does not exist: {instance.name} is not built for {kernel_release}",
             hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' (or 'kvc pull') first",
         )
-    if extraction_is_current(manifest, instance, info.id):
-        assert manifest is not None
+    if manifest is not None and extraction_is_current(manifest, instance, info.id):
         return plan_deliver_extracted(instance, kernel_release, layout, manifest, delivery=delivery)
     target = layout.kernel_state(instance.name, kernel_release)
     with tempfile.TemporaryDirectory(prefix="kvc-deliver-") as scratch:
@@ -744,15 +759,15 @@ def _in_target(path: str, target: str) -> Optional[str]:
     return None
 
 
-def _removal_fate(view: _View, entry: RecordedFile, siblings: Sequence[Record]) -> str:
+def _removal_fate(view: _View, entry: RecordedFile, siblings: Sequence[Record]) -> Leaving:
     if entry.kind is not FileKind.MODULE and any(r.get(entry.path) for r in siblings):
-        return "shared"
+        return Leaving.SHARED
     kind = view.kind(entry.path)
     if kind is None:
-        return "gone"
+        return Leaving.GONE
     if kind is Kind.FILE and view.sha256(entry.path) in entry.digests:
-        return "remove"
-    return "keep"
+        return Leaving.REMOVE
+    return Leaving.KEEP_CHANGED
 
 
 def _tree_overlay(layout: Layout, kernel_release: str, previous: Optional[Record]) -> tuple[Optional[Overlay], bool]:
@@ -771,8 +786,6 @@ def _tree_overlay(layout: Layout, kernel_release: str, previous: Optional[Record
         )
     if not read_only(moddir):
         return None, False
-    from kvc.overlay import in_container
-
     if layout.host.root in ("", "/") and in_container():
         raise StateError(
             f"{moddir} is read-only in this container: kvc cannot deliver into the host's tree from here",
@@ -863,7 +876,7 @@ def execute_deliver(
             _install_file(placement)
         removed = 0
         for removal in plan.obsolete:
-            if removal.fate == "remove" and _still_owned(removal.entry):
+            if removal.fate is Leaving.REMOVE and _still_owned(removal.entry):
                 os.unlink(removal.entry.path)
                 removed += 1
         if plan.depmod:
@@ -1115,7 +1128,7 @@ def _plan_remove(layout: Layout, record: Record) -> RemovePlan:
     if teardown and overlay is not None:
         dirs = tuple(d for d in dirs if not _below(d, overlay.target))
     moddir = layout.host.module_dir(record.kernel_release)
-    removes_modules = any(r.entry.kind is FileKind.MODULE and r.fate == "remove" for r in removals)
+    removes_modules = any(r.entry.kind is FileKind.MODULE and r.fate is Leaving.REMOVE for r in removals)
     depmod_needed = not teardown and record.delivery is Delivery.TREE and removes_modules and os.path.isdir(moddir)
     restore = None
     if record.firmware_path is not None and not any(r.firmware_path for r in others):
@@ -1163,10 +1176,10 @@ def execute_remove(plan: RemovePlan, layout: Layout, say: Callable[[str], None])
             entry = removal.entry
             if plan.overlay_teardown and entry.kind is FileKind.MODULE:
                 continue  # they go with kvc's upper tree
-            if removal.fate == "remove" and _still_owned(entry):
+            if removal.fate is Leaving.REMOVE and _still_owned(entry):
                 os.unlink(entry.path)
                 say(f"removed {entry.path}")
-            elif removal.fate == "keep":
+            elif removal.fate is Leaving.KEEP_CHANGED:
                 say(f"kept {entry.path}: changed since kvc wrote it")
         if plan.overlay_teardown and overlay is not None:
             _teardown(overlay, layout, say)

@@ -1,7 +1,7 @@
 """The kernel hooks ``kvc install`` writes: a kernel-install plugin and a Debian postinst.d hook.
 
 Both run ``kvc kernel-added KVER`` when a kernel is installed (``data/90-kvc.install``,
-``data/zz-kvc``). Like the unit template they serve every instance, so they are written when
+``data/kvc``). Like the unit template they serve every instance, so they are written when
 missing or when they are an older kvc's (they carry :data:`HOOK_MARKER`), never over a file that
 is not kvc's, and ``kvc uninstall`` leaves them: without an enabled instance they prepare nothing.
 """
@@ -34,10 +34,11 @@ class Hook:
 
 
 # /etc/kernel/install.d, not /usr/lib/kernel/install.d: /usr is the packages' (and read-only on
-# OSTree and bootc hosts). run-parts runs only names without dots, hence zz-kvc.
+# OSTree and bootc hosts). run-parts runs only names without dots; zz- names are the boot
+# loaders' (Debian kernel handbook 8.2), so the hook is plain "kvc", as DKMS's is "dkms".
 HOOKS = (
     Hook("90-kvc.install", "/etc/kernel/install.d/90-kvc.install"),
-    Hook("zz-kvc", "/etc/kernel/postinst.d/zz-kvc"),
+    Hook("kvc", "/etc/kernel/postinst.d/kvc"),
 )
 
 

@@ -167,7 +167,7 @@ def _foreign_wrapper(world: World) -> None:
 
 
 def _foreign_kernel_hook(world: World) -> None:
-    target = world.root / "etc" / "kernel" / "postinst.d" / "zz-kvc"
+    target = world.root / "etc" / "kernel" / "postinst.d" / "kvc"
     target.parent.mkdir(parents=True)
     target.write_text("#!/bin/sh\necho someone else's hook\n")
     target.chmod(0o755)

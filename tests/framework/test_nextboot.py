@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
 DATA = Path(hooks.__file__).resolve().parent / "data"
 PLUGIN = DATA / "90-kvc.install"
-DEBIAN_HOOK = DATA / "zz-kvc"
+DEBIAN_HOOK = DATA / "kvc"
 CHECKSUM_A = "a" * 64
 CHECKSUM_B = "b" * 64
 CHECKSUM_C = "c" * 64
@@ -732,9 +732,9 @@ def test_debian_hook_through_run_parts_as_the_kernel_postinst_runs_it(host: Host
     fake_kvc(host, code=6)
     hooks_dir = host.tmp / "postinst.d"
     hooks_dir.mkdir()
-    shutil.copy2(DEBIAN_HOOK, hooks_dir / "zz-kvc")
+    shutil.copy2(DEBIAN_HOOK, hooks_dir / "kvc")
     listed = subprocess.run(["run-parts", "--test", str(hooks_dir)], capture_output=True, text=True)
-    assert listed.stdout.split() == [str(hooks_dir / "zz-kvc")]  # a name run-parts accepts
+    assert listed.stdout.split() == [str(hooks_dir / "kvc")]  # a name run-parts accepts
     env = hook_env(fakeprog.path_with(host.bin), DEB_MAINT_PARAMS="'configure' ''")
     done = subprocess.run(
         [
@@ -822,7 +822,7 @@ def test_install_writes_the_hooks_and_uninstall_leaves_them(host: Host) -> None:
     (bundle / "demo.conf").write_text("KMOD_CONTAINER_BUILD_CONTEXT=.\nKMOD_SOFTWARE_VERSION=1\nKMOD_NAMES=demo_mod\n")
     (bundle / "Containerfile").write_text("FROM scratch\n")
     plugin = host.root / "etc" / "kernel" / "install.d" / "90-kvc.install"
-    debian = host.root / "etc" / "kernel" / "postinst.d" / "zz-kvc"
+    debian = host.root / "etc" / "kernel" / "postinst.d" / "kvc"
     dry = host.kvc("install", str(bundle), "--dry-run")
     assert f"  write the kernel hook {plugin}" in dry.stdout.splitlines() and not plugin.exists()
     assert host.kvc("install", str(bundle)).returncode == 0

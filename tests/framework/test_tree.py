@@ -264,6 +264,15 @@ def test_tree_delivery_through_kvcs_overlay_on_a_read_only_tree(
         assert_indexes_are_kmods(host, tmp_path, upper=base / "upper")
         host.ok("unload", host.name)
         assert_both_modprobes_load_it(host, tmp_path)
+        # As after a reboot without systemd: the next load mounts kvc's tree again, nothing else.
+        host.namespace.run(["umount", str(host.moddir)])
+        assert "not mounted, by kvc" in host.ok("status", host.name).stdout
+        again = host.ok("load", host.name)
+        assert f"mount -t overlay overlay -o lowerdir={host.moddir}," in again.stdout
+        assert "depmod" not in again.stdout
+        assert f"delivered {host.name} for {built.release}: 0 files written, 0 removed\n" in again.stdout
+        assert host.loaded() == ["simple_kmod", "simple_procfs_kmod"]
+        host.ok("unload", host.name)
         status = host.ok("status", host.name)
         assert "through kvc's overlay" in status.stdout and "mounted, by kvc" in status.stdout
         removed = host.ok("deliver", host.name, "--remove")

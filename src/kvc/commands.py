@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -692,9 +693,7 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
     plan = plan_uninstall(ctx.layout, args.name)
     deliveries = plan_remove_all(ctx.layout, plan.name)
-    say(plan.describe())
-    for delivery in deliveries:
-        say(delivery.describe())
+    say(plan.describe([textwrap.indent(delivery.describe(), "  ") for delivery in deliveries]))
     if args.dry_run:
         return 0
     # Before the lock: stopping the unit runs its ExecStop, an unload that takes the lock itself.

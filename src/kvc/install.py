@@ -24,7 +24,7 @@ import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from kvc import hooks, systemd
 from kvc.atomic import fsync_path, write_file
@@ -572,9 +572,12 @@ class UninstallPlan:
     removals: tuple[Removal, ...]  # files and symlinks first, then directories deepest first
     state_dir: str
 
-    def describe(self) -> str:
+    def describe(self, before_files: Sequence[str] = ()) -> str:
+        """The plan in execution order; ``before_files`` are the plans of steps that run between
+        the systemctl calls and the file removals (the instance's module-tree deliveries)."""
         lines = [f"uninstall {self.name}:"]
         lines += [_systemctl_line(call, self.systemctl_skip) for call in self.systemctl]
+        lines += before_files
         lines += [f"  {removal.describe()}" for removal in self.removals]
         lines.append(f"  remove {self.state_dir} (extracted modules, verification records, the install manifest)")
         return "\n".join(lines)

@@ -317,7 +317,9 @@ def test_shipped_files_appear_with_the_delivery_and_go_with_uninstall(
     host.ok("load", host.name)
     for path, data in shipped_paths(host).items():
         assert path.read_bytes() == data, path
+    planned = host.ok("uninstall", host.name, "--dry-run")
     uninstalled = host.ok("uninstall", host.name)
+    assert uninstalled.stdout.startswith(planned.stdout)  # the plan printed is the one executed, in its order
     assert f"removed the delivery of {host.name} for {built.release}" in uninstalled.stdout
     for path in shipped_paths(host):
         assert not path.exists(), path

@@ -288,13 +288,17 @@ def boot(
     work: Path,
     *,
     host_dirs: Sequence[Path] = (),
-    timeout: float = 300,
+    readonly_modules: bool = False,
+    timeout: float = 420,
     memory_mb: int = 2048,
 ) -> SystemdBoot:
     """Boot ``kernels[0]`` with systemd on this host's root plus ``files``; every kernel's module
     tree is at /lib/modules/RELEASE in the guest (the others' vmlinuz inside it, as a kernel
     package installed there but not booted); ``host_dirs`` are shared read-only at their paths
-    (the host's /tmp is not the guest's). Returns when the guest powers off, or at ``timeout``."""
+    (the host's /tmp is not the guest's). ``readonly_modules``: /lib/modules is the one kernel's
+    tree, read-only, as on OSTree and bootc hosts, and /var/lib/kvc a file system of its own.
+    Returns when the guest powers off, or at ``timeout``."""
+    assert not readonly_modules or len(kernels) == 1, "a read-only /lib/modules holds one kernel's tree"
     kernel = kernels[0]
     report = work / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -308,6 +312,7 @@ def boot(
             "KERNELS": " ".join(k.release for k in kernels),
             "REMOVE": " ".join(FRESH),
             "HOST_DIRS": " ".join(str(directory) for directory in host_dirs),
+            "READONLY_MODULES": "1" if readonly_modules else "0",
         },
     )
     shares = (

@@ -13,6 +13,13 @@ by ``systemctl enable`` (its ``default.target.wants`` link), and kvc is on the u
 - direct mode: the enabled unit loads both modules at boot, before the test's unit (ordered
   after it) runs; the test unit sees them in /proc/modules with their parameter, the unit
   active, and kvc's load lines in its journal.
+- tree mode (``KVC_DELIVERY=tree``): the same at boot, the unit's load delivering the modules into
+  /lib/modules/KVER/updates/kvc/NAME and indexing the tree with kvc's depmod; then Debian's own
+  modprobe, on that tree, removes both modules and loads them again by name, simple-procfs-kmod
+  with the option kvc wrote to /etc/modprobe.d/kvc-NAME.conf. Twice: on a writable tree (the
+  package's tree under a tmpfs overlay), and on a read-only /lib/modules as OSTree and bootc hosts
+  have, where kvc's load writes, enables and starts its overlay mount unit (upper layer in
+  /var/lib/kvc/modules/KVER) and delivers through it.
 - a kernel update: the guest has a Boot Loader Specification /boot (an entry for the kernel it
   runs) and kvc's kernel hooks as ``kvc install`` writes them; the "new kernel" is a real one,
   Debian's newest 6.12 package (bookworm offers it as linux-image-6.12-amd64), unpacked at
@@ -128,6 +135,73 @@ def test_the_enabled_unit_loads_the_modules_at_boot(
     journal = booted.read("unit.journal")
     assert f"KVC: build {instance} for {indexed_kernel_tree.release}" in journal, context
     assert f"KVC: load {instance} for {indexed_kernel_tree.release}" in journal, context
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["writable-tree", "read-only-tree"])
+def test_tree_mode_delivers_at_boot_and_modprobe_finds_the_modules(
+    tmp_path: Path, instance: str, indexed_kernel_tree: DebianKernel, readonly: bool
+) -> None:
+    files, unit = guest_with_instance(tmp_path, instance, "\nKVC_DELIVERY=tree\n")
+    release = indexed_kernel_tree.release
+    overlay = (
+        f"mount=$(systemd-escape --path --suffix=mount /usr/lib/modules/{release})\n"
+        'check "the tree\'s overlay mount is active" systemctl is-active "$mount"\n'
+        'check "the tree\'s overlay mount is enabled" systemctl is-enabled "$mount"\n'
+        f"run findmnt findmnt -n -o FSTYPE,OPTIONS /usr/lib/modules/{release}\n"
+        f"run upper find /var/lib/kvc/modules/{release}/upper -type f -name '*.ko'\n"
+        if readonly
+        else ""
+    )
+    script = (
+        'cat /proc/modules >"$report/modules"\n'
+        + "".join(f"check '{module} loaded' grep -q '^{module} ' /proc/modules\n" for module in MODULES)
+        + f"check 'unit active' systemctl is-active {unit}\n"
+        + f"run delivered find /lib/modules/{release}/updates -type f\n"
+        + f"run indexed grep -F updates/kvc/ /lib/modules/{release}/modules.dep\n"
+        + f"run options cat /etc/modprobe.d/kvc-{instance}.conf\n"
+        + "run remove /sbin/modprobe -r simple-procfs-kmod simple-kmod\n"
+        + 'cat /proc/modules >"$report/modules.after-remove"\n'
+        + "run modprobe /sbin/modprobe -v simple-procfs-kmod\n"
+        + "run modprobe-second /sbin/modprobe -v simple-kmod\n"
+        + 'cat /proc/modules >"$report/modules.after-modprobe"\n'
+        + "run procfs cat /proc/simple-procfs-kmod\n"
+        + overlay
+        + unit_report(unit)
+    )
+    systemdvm.add_test_units(files, script, after=[unit])
+    booted = systemdvm.boot([indexed_kernel_tree], files, tmp_path, readonly_modules=readonly)
+    print(f"the guest ran {booted.seconds:.1f} s; {booted.markers()}")
+    context = (
+        booted.context()
+        + "".join(f"\n--- {name} ---\n{booted.output(name)}" for name in ("delivered", "indexed", "remove", "modprobe"))
+        + f"\n--- unit journal ---\n{booted.read('unit.journal')[-5000:]}"
+    )
+    assert not booted.timed_out, context
+    assert booted.read("failed").strip() == "0", context
+    state = show(booted.read("unit.show"))
+    assert (state["ActiveState"], state["Result"]) == ("active", "success"), context
+    started = int(show(booted.read("test.show"))["ExecMainStartTimestampMonotonic"])
+    assert 0 < int(state["ActiveEnterTimestampMonotonic"]) < started, context
+    place = f"/lib/modules/{release}/updates/kvc/{instance}"
+    assert sorted(booted.read("delivered.out").split()) == [
+        f"{place}/simple-kmod.ko",
+        f"{place}/simple-procfs-kmod.ko",
+    ], context
+    assert f"updates/kvc/{instance}/simple-kmod.ko:" in booted.read("indexed.out"), context
+    assert "options simple_procfs_kmod number=0" in booted.read("options.out").replace("-", "_"), context
+    assert booted.status("remove") == 0, context
+    assert not {"simple_kmod", "simple_procfs_kmod"} & {
+        line.split()[0] for line in booted.read("modules.after-remove").splitlines()
+    }, context
+    assert booted.status("modprobe") == 0 and booted.status("modprobe-second") == 0, context
+    assert f"insmod {place}/simple-procfs-kmod.ko number=0" in booted.output("modprobe"), context
+    reloaded = {line.split()[0] for line in booted.read("modules.after-modprobe").splitlines()}
+    assert {"simple_kmod", "simple_procfs_kmod"} <= reloaded, context
+    assert booted.read("procfs.out").strip() == "simple-procfs-kmod number = 0", context
+    if readonly:
+        kind, options = booted.read("findmnt.out").split()
+        assert kind == "overlay" and f"upperdir=/var/lib/kvc/modules/{release}/upper" in options, context
+        assert len(booted.read("upper.out").split()) == 2, context
 
 
 def image_tags(name: str, kernel_tag: str) -> list[str]:

@@ -43,7 +43,7 @@ from kvc.extract import (
 )
 from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
-from kvc.kernelupdate import execute_kernel_added, gate, kernel_added_error, plan_kernel_added
+from kvc.kernelupdate import execute_kernel_added, gate, kernel_added_error, plan_kernel_added, verification_of
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel.environment import kernel_from_env
 from kvc.kmod.kernel.protocol import Kernel
@@ -577,7 +577,7 @@ def instance_status(
                     "up_to_date": info is not None and image_is_current(instance, kernel, info),
                 },
                 "extracted": manifest is not None and manifest.image_id == (info.id if info else manifest.image_id),
-                "verification": _verification(ctx, instance.name, kernel, info.id if info else None),
+                "verification": verification_of(ctx.layout, instance.name, kernel, info.id if info else None),
                 "published_verification": published_verification(info.labels if info else {}),
                 "delivery": delivery_status(ctx.layout, instance.name, kernel),
                 "modules": modules,
@@ -586,20 +586,6 @@ def instance_status(
         if remote and instance.registry:
             entries[-1]["registry"] = _registry_status(ctx, instance, kernel, info.id if info else None)
     return {"name": instance.name, "version": instance.software_version, "kernels": entries}
-
-
-def _verification(ctx: Context, name: str, kernel: str, image_id: Optional[str]) -> Optional[dict[str, Any]]:
-    from kvc.verify.run import read_verify_record
-
-    record = read_verify_record(ctx.layout, name, kernel)
-    if record is None:
-        return None
-    return {
-        "status": record["status"],
-        "at": record.get("at"),
-        "image_id": record.get("image_id"),
-        "current": image_id is not None and record.get("image_id") == image_id,
-    }
 
 
 def _verification_text(verification: Optional[dict[str, Any]]) -> str:

@@ -273,7 +273,8 @@ def test_kernel_install_of_a_new_kernel_runs_kvcs_plugin_which_pulls_its_image(
     installed = booted.output("kernel-install")
     assert booted.status("kernel-install") == 0, context
     assert f"/etc/kernel/install.d/90-kvc.install add {new.release}" in installed, context
-    assert "pull" in installed and f"{local_registry.host}/kvcboot/{instance}" in installed, context
+    assert f"pull {local_registry.host}/kvcboot/{instance}:" in installed, context
+    assert f"{instance}: pulled {instance}-1.0.0:{kernel_tag} " in installed, context
     after = json.loads(booted.read("gate-after.out"))
     assert booted.status("gate-after") == 0 and after["ready"], context
     assert (after["next_kernel"]["release"], after["next_kernel"]["source"]) == (new.release, "boot-entries"), context

@@ -1,5 +1,6 @@
 """What scripts/demo.sh prints: the main job (simple-kmod built with podman for Debian's current
-kernel and verified on that real kernel in a VM), then kvc.kmod at work on the kernel's real module
+kernel and verified on that real kernel in a VM; edu-kmod, a PCI driver delivered into the module
+tree, verified in a VM with the device it drives), then kvc.kmod at work on the kernel's real module
 tree."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
 from support.debian_kernel import indexed_debian_kernel
-from support.example import write_example_conf
+from support.example import EDU_EXAMPLE, write_example_conf
 
 KVC = str(Path(sys.executable).parent / "kvc")
 KERNEL_DIR = str(indexed_debian_kernel().moddir)
@@ -72,9 +73,32 @@ def main_job() -> int:
                 else f"verification FAILED (exit status {code})"
             )
         )
-        return code
+        if code != 0:
+            return code
+        return edu_job(release, env)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def edu_job(release: str, env: dict[str, str]) -> int:
+    """A PCI driver delivered into the module tree and loaded by its device's alias, as udev loads
+    drivers: examples/edu-kmod, verified in a VM that has QEMU's edu card."""
+    write_example_conf(Path(env["KVC_ROOT"]), "edu-kmod", example=EDU_EXAMPLE)
+    print(f"\n== edu-kmod: a PCI driver delivered into {release}'s module tree, autoloaded by its card ==")
+    code, build_seconds, _ = timed_kvc(["build", "edu-kmod", "--kernel", release], env)
+    if code != 0:
+        return code
+    code, verify_seconds, _ = timed_kvc(["verify", "edu-kmod", "--kernel", release], env)
+    print(
+        f"\nbuild {build_seconds:.1f} s + verify {verify_seconds:.1f} s: "
+        + (
+            "kvc's modprobe loaded kvc_edu from the delivered tree by the card's modalias, the driver bound, "
+            "and the card computed 10!"
+            if code == 0
+            else f"verification FAILED (exit status {code})"
+        )
+    )
+    return code
 
 
 def main() -> int:

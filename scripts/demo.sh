@@ -3,7 +3,9 @@
 # everything up (scripts/setup.sh --containers: packages, podman, the local base image; idempotent),
 # build the simple-kmod example with podman for Debian's current 6.1 kernel ABI, and verify it on
 # that real kernel in a VM (`kvc verify`: the kernel package fetched into /var/cache/kvc, booted
-# under qemu; the modules loaded by kvc, the smoke test run, everything unloaded). Then kvc's kmod
+# under qemu; the modules loaded by kvc, the smoke test run, everything unloaded); the same for the
+# edu-kmod example, a PCI driver delivered into the module tree and loaded in the VM by the modalias
+# of QEMU's edu card, whose smoke test reads a factorial the card computed. Then kvc's kmod
 # tools on that kernel's real module tree: `kvc kmod modinfo` over every module against kmod's,
 # a signed module, its dependency chain, and those modules loaded into a fake kernel.
 #

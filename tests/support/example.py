@@ -1,5 +1,6 @@
-"""The simple-kmod example installed as an instance under a KVC_ROOT: its conf, with the build
-context pointing at examples/simple-kmod (the conf's own context is relative to the bundle)."""
+"""An example (examples/simple-kmod unless told) installed as an instance under a KVC_ROOT: its
+conf, with the build context pointing at the example's directory (the conf's own context is
+relative to the bundle)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "simple-kmod"
+EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
+EXAMPLE = EXAMPLES / "simple-kmod"
+EDU_EXAMPLE = EXAMPLES / "edu-kmod"
 
 
-def write_example_conf(root: Path, name: str = "simple-kmod", extra: str = "") -> Path:
+def write_example_conf(root: Path, name: str = "simple-kmod", extra: str = "", example: Path = EXAMPLE) -> Path:
     """``root/etc/kvc/NAME.conf`` for the example, with ``extra`` lines appended (later keys win)."""
     conf = (
-        (EXAMPLE / "simple-kmod.conf")
+        (example / f"{example.name}.conf")
         .read_text()
-        .replace("KMOD_CONTAINER_BUILD_CONTEXT=.", f"KMOD_CONTAINER_BUILD_CONTEXT={EXAMPLE}")
+        .replace("KMOD_CONTAINER_BUILD_CONTEXT=.", f"KMOD_CONTAINER_BUILD_CONTEXT={example}")
     )
     path = root / "etc" / "kvc" / f"{name}.conf"
     path.parent.mkdir(parents=True, exist_ok=True)

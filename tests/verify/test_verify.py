@@ -36,13 +36,12 @@ from kvc.verify.kernelfiles import find_in_tree, index_module_tree
 from support import fakeprog
 from support.debian_headers import foreign_headers
 from support.debian_kernel import DebianKernel
-from support.example import unique_prefix, write_example_conf
+from support.example import EDU_EXAMPLE, unique_prefix, write_example_conf
 from support.modbuild import ModuleSpec, build_module
 from support.oracle import run_kmod
 
 ROOT = Path(__file__).resolve().parents[2]
 KMODS = ROOT / "tests" / "kmods"
-EDU_EXAMPLE = ROOT / "examples" / "edu-kmod"
 SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
 BASE_IMAGE = "localhost/debian:bookworm"
 
@@ -831,13 +830,6 @@ def test_a_refusal_and_a_rollback_that_crashes_are_told_before_the_oops(vm_env: 
     assert told == sorted(told) and told[-1] < console.index("kernel BUG at")
 
 
-def write_edu_conf(root: Path, name: str, extra: str = "") -> None:
-    conf = (EDU_EXAMPLE / "edu-kmod.conf").read_text()
-    conf = conf.replace("KMOD_CONTAINER_BUILD_CONTEXT=.", f"KMOD_CONTAINER_BUILD_CONTEXT={EDU_EXAMPLE}")
-    (root / "etc" / "kvc").mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "kvc" / f"{name}.conf").write_text(conf + extra)
-
-
 @pytest.mark.vm
 @pytest.mark.podman
 def test_the_edu_driver_is_loaded_by_its_devices_alias_and_computes_on_the_card(vm_env: dict[str, Any]) -> None:
@@ -847,10 +839,11 @@ def test_the_edu_driver_is_loaded_by_its_devices_alias_and_computes_on_the_card(
     kmod (Debian's) sees the guest's tree, and /run and /tmp are writable."""
     root = Path(vm_env["env"]["KVC_ROOT"])
     name = f"{vm_env['prefix']}-edu"
-    write_edu_conf(
+    write_example_conf(
         root,
         name,
         'KVC_SMOKE_TEST="touch /run/kvc-smoke /tmp/kvc-smoke && modinfo -F alias kvc_edu && $KVC_SMOKE_TEST"\n',
+        EDU_EXAMPLE,
     )
     built = kvc(["build", name, "--kernel", vm_env["release"]], vm_env["env"])
     assert built.returncode == 0, built.stderr

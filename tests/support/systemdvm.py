@@ -46,6 +46,10 @@ from support.debian_kernel import DebianKernel, cache_dir
 INIT = Path(__file__).with_name("systemd-init")
 # The virtio and 9p modules the initramfs needs for the host's root, and overlay for the root itself.
 ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+# This checkout: the guest runs its kvc (the .venv the unit's PATH links to).
+CHECKOUT = Path(__file__).resolve().parents[2]
+# The guest's own, empty (tmpfs): a checkout below them is shared at its path.
+GUEST_TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
 # No "quiet": systemd's status lines on the console say how far a boot got.
 APPEND = "console=ttyS0 panic=-1 oops=panic loglevel=4"
 # Removed from the guest's root before the test's files are copied in.
@@ -295,11 +299,14 @@ def boot(
     """Boot ``kernels[0]`` with systemd on this host's root plus ``files``; every kernel's module
     tree is at /lib/modules/RELEASE in the guest (the others' vmlinuz inside it, as a kernel
     package installed there but not booted); ``host_dirs`` are shared read-only at their paths
-    (the host's /tmp is not the guest's). ``readonly_modules``: /lib/modules is the one kernel's
-    tree, read-only, as on OSTree and bootc hosts, and /var/lib/kvc a file system of its own.
+    (the host's /tmp is not the guest's), and so is this checkout when it is below /tmp.
+    ``readonly_modules``: /lib/modules is the one kernel's tree, read-only, as on OSTree and bootc
+    hosts, and /var/lib/kvc a file system of its own.
     Returns when the guest powers off, or at ``timeout``."""
     assert not readonly_modules or len(kernels) == 1, "a read-only /lib/modules holds one kernel's tree"
     kernel = kernels[0]
+    if any(tmp in CHECKOUT.parents for tmp in GUEST_TMP_DIRS):
+        host_dirs = [*host_dirs, CHECKOUT]
     report = work / "report"
     report.mkdir(parents=True, exist_ok=True)
     initrd = work / "initramfs.cpio"

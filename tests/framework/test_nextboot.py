@@ -310,7 +310,7 @@ def bootc_status(
     *,
     rollback_queued: bool = False,
 ) -> str:
-    image = {"image": "quay.io/example/os:stable", "transport": "registry"} if booted else None
+    image = {"image": "registry.example/os:stable", "transport": "registry"} if booted else None
     return json.dumps(
         {
             "apiVersion": "org.containers.bootc/v1",
@@ -336,15 +336,15 @@ def fake(host: Host, program: str, stdout: str, code: int = 0, stderr: str = "")
 def test_bootc_staged_deployment_boots_next_its_kernel_from_its_tree(host: Host) -> None:
     deployment(host, "default", CHECKSUM_A, 0, "6.9.4-200.fc40.x86_64")
     deployment(host, "default", CHECKSUM_B, 0, "6.10.3-200.fc40.x86_64")
-    booted = bootc_entry("quay.io/example/os:stable", "40.20261101.0", CHECKSUM_A, 0)
-    staged = bootc_entry("quay.io/example/os:stable", "40.20261201.0", CHECKSUM_B, 0)
+    booted = bootc_entry("registry.example/os:stable", "40.20261101.0", CHECKSUM_A, 0)
+    staged = bootc_entry("registry.example/os:stable", "40.20261201.0", CHECKSUM_B, 0)
     fake(host, "bootc", bootc_status(booted, staged))
     fake(host, "rpm-ostree", "{}")
     boot_images(host, "1.0.0-1-old")
     found = find_next_kernel(host.layout)
     assert (found.release, found.source) == ("6.10.3-200.fc40.x86_64", Source.BOOTC)
     assert found.why == (
-        "the staged deployment of quay.io/example/os:stable boots "
+        "the staged deployment of registry.example/os:stable boots "
         f"/ostree/deploy/default/deploy/{CHECKSUM_B}.0/usr/lib/modules/6.10.3-200.fc40.x86_64/vmlinuz"
     )
     assert host.calls("bootc") == [["status", "--json"]]
@@ -354,15 +354,15 @@ def test_bootc_staged_deployment_boots_next_its_kernel_from_its_tree(host: Host)
 def test_bootc_without_staged_is_the_booted_and_a_queued_rollback_wins(host: Host) -> None:
     deployment(host, "default", CHECKSUM_A, 0, "6.9.4-200.fc40.x86_64")
     deployment(host, "default", CHECKSUM_C, 1, "6.8.5-301.fc40.x86_64")
-    booted = bootc_entry("quay.io/example/os:stable", "40.20261101.0", CHECKSUM_A, 0)
-    rollback = bootc_entry("quay.io/example/os:stable", "40.20261001.0", CHECKSUM_C, 1)
+    booted = bootc_entry("registry.example/os:stable", "40.20261101.0", CHECKSUM_A, 0)
+    rollback = bootc_entry("registry.example/os:stable", "40.20261001.0", CHECKSUM_C, 1)
     fake(host, "bootc", bootc_status(booted, None, rollback))
     found = find_next_kernel(host.layout)
     assert found.release == "6.9.4-200.fc40.x86_64" and found.why.startswith("the booted deployment (nothing staged)")
     fake(host, "bootc", bootc_status(booted, None, rollback, rollback_queued=True))
     found = find_next_kernel(host.layout)
     assert found.release == "6.8.5-301.fc40.x86_64"
-    assert found.why.startswith("the rollback deployment (queued for the next boot) of quay.io/example/os:stable")
+    assert found.why.startswith("the rollback deployment (queued for the next boot) of registry.example/os:stable")
 
 
 def test_bootc_that_cannot_answer_is_skipped_with_its_reason(host: Host) -> None:
@@ -373,11 +373,11 @@ def test_bootc_that_cannot_answer_is_skipped_with_its_reason(host: Host) -> None
     )
     fake(host, "bootc", bootc_status(None))  # what bootc prints on a host it did not deploy
     assert find_next_kernel(host.layout).skipped[0].why == "not a bootc host (bootc status has no booted deployment)"
-    staged = bootc_entry("quay.io/example/os:stable", "40.1", CHECKSUM_B, 0)
-    fake(host, "bootc", bootc_status(bootc_entry("quay.io/example/os:stable", "40.0", CHECKSUM_A, 0), staged))
+    staged = bootc_entry("registry.example/os:stable", "40.1", CHECKSUM_B, 0)
+    fake(host, "bootc", bootc_status(bootc_entry("registry.example/os:stable", "40.0", CHECKSUM_A, 0), staged))
     found = find_next_kernel(host.layout)
     assert found.skipped[0].why == (
-        "the staged deployment of quay.io/example/os:stable: "
+        "the staged deployment of registry.example/os:stable: "
         f"no /ostree/deploy/default/deploy/{CHECKSUM_B}.0/usr/lib/modules/*/vmlinuz"
     )
     assert found.source is Source.BOOT_IMAGES
@@ -395,7 +395,7 @@ def rpm_ostree_deployment(checksum: str, serial: int, *, booted: bool, staged: b
         "version": "40.20261201.3.0",
         "timestamp": 1764576000,
         "origin": "fedora:fedora/x86_64/coreos/stable",
-        "container-image-reference": "ostree-remote-image:fedora:docker://quay.io/fedora/fedora-coreos:stable",
+        "container-image-reference": "ostree-remote-image:fedora:docker://registry.example/fedora/fedora-coreos:stable",
         "booted": booted,
         "staged": staged,
         "pinned": False,

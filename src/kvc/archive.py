@@ -17,9 +17,11 @@ verification (modules under ``/lib/modules/KVER`` with vermagic KVER) runs befor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -205,6 +207,20 @@ def _unpack(archive: str, destination: str) -> None:
         raise _invalid(archive, f"not a readable tar ({exc})") from None
 
 
+@contextlib.contextmanager
+def _import_scratch(state_dir: str) -> Iterator[str]:
+    """A fresh directory for the unpacked layout, removed afterwards. Beside kvc's state, not in
+    /tmp (often a small tmpfs): images are hundreds of MB. Its name is only lowercase letters,
+    digits and "-" (no leading "."; not tempfile's random "_"): podman names an image pulled from the
+    layout after its path, which must then be a valid image name."""
+    path = os.path.join(state_dir, f"kvc-import-{secrets.token_hex(8)}")
+    os.mkdir(path, 0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def import_archive(
     runtime: ContainerRuntime,
     layout: Layout,
@@ -218,9 +234,7 @@ def import_archive(
     if not tarfile.is_tarfile(archive):
         raise _invalid(archive, "not a tar file")
     os.makedirs(layout.state_dir, exist_ok=True)
-    # Beside kvc's state, not in /tmp (often a small tmpfs): images are hundreds of MB. No leading
-    # "." in the name: podman names an image pulled from the layout after its path.
-    with tempfile.TemporaryDirectory(prefix="kvc-import-", dir=layout.state_dir) as scratch:
+    with _import_scratch(layout.state_dir) as scratch:
         layout_dir = os.path.join(scratch, "layout")
         _unpack(archive, layout_dir)
         images = read_layout(layout_dir, archive)

@@ -7,7 +7,8 @@
 #      (the reference the kmod tools are compared with), the kernel headers of the current
 #      Debian 6.1 ABI (linux-headers-amd64), pahole (dwarves: newer headers such as bookworm's 6.12
 #      run it for BTF while building any module), util-linux, ca-certificates, xz-utils, zstd and
-#      systemd (for systemd-analyze), qemu-system-x86 and busybox-static (kvc verify's VM),
+#      systemd (for systemd-analyze), qemu-system-x86 and busybox-static (kvc verify's VM), ovmf
+#      (kvc verify --secure-boot's UEFI firmware),
 #      debootstrap and binutils (the single-file kvc, built in a Debian 11 root; objdump),
 #      docker-registry and apache2-utils (the tests start their own registry on a free port of
 #      127.0.0.1, with TLS from a test CA and htpasswd auth).
@@ -78,7 +79,8 @@ ORACLE_PACKAGES=(libssl3 openssl)
 KERNEL_PACKAGES=(linux-headers-amd64 dwarves)  # the current 6.1 ABI's headers (Module.symvers, kbuild);
 # pahole (dwarves): newer headers (bookworm's 6.12) run it while building any module (BTF flags)
 SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
-VM_PACKAGES=(qemu-system-x86 busybox-static)  # kvc verify boots the target kernel under qemu
+# kvc verify boots the target kernel under qemu; ovmf is the UEFI firmware --secure-boot boots through
+VM_PACKAGES=(qemu-system-x86 busybox-static ovmf)
 DIST_PACKAGES=(debootstrap binutils)  # the single-file kvc: built in a Debian 11 root, its glibc floor read with objdump
 REGISTRY_PACKAGES=(docker-registry apache2-utils openssl)  # the tests' local registry: TLS (test CA) and htpasswd -B
 PACKAGES=("${BASE_PACKAGES[@]}" "${ORACLE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}" "${DIST_PACKAGES[@]}" "${REGISTRY_PACKAGES[@]}")

@@ -205,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="hard limit for the whole guest run (default 300)",
     )
+    p.add_argument(
+        "--secure-boot",
+        action="store_true",
+        help="boot the bzImage through OVMF with Secure Boot on and the signing certificate enrolled as a MOK "
+        "(MokListRT): the kernel enforces module signatures; the report gives its verdict per module",
+    )
+    p.add_argument(
+        "--sb-cert",
+        metavar="CERT",
+        help="with --secure-boot: the certificate (PEM or DER) to enroll (required)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, boot nothing")
 
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")

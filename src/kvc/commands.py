@@ -694,6 +694,7 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     from kvc.verify.kernelfiles import default_sources, find_kernel
     from kvc.verify.run import VerifyOptions, execute_verify, format_report, plan_verify
+    from kvc.verify.secureboot import certificate_path
 
     if args.memory < 256 or args.timeout <= 0:
         raise UsageError("verify needs --memory of at least 256 MiB and a positive --timeout")
@@ -702,9 +703,18 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
             f"--guest-root {args.guest_root} is not a directory",
             hint="give the directory of a root file system for the guest, e.g. a debootstrap minbase root",
         )
+    if args.sb_cert and not args.secure_boot:
+        raise UsageError(
+            "--sb-cert goes with --secure-boot", hint=f"kvc verify {args.name} --secure-boot --sb-cert CERT"
+        )
     instance = ctx.instance(args.name)
     options = VerifyOptions(
-        args.accel, args.memory, args.timeout, args.keep_artifacts, os.path.abspath(args.guest_root)
+        args.accel,
+        args.memory,
+        args.timeout,
+        args.keep_artifacts,
+        os.path.abspath(args.guest_root),
+        certificate_path(args.sb_cert, None, instance.name) if args.secure_boot else "",
     )
     plan = plan_verify(
         instance,

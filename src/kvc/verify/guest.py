@@ -18,7 +18,8 @@ loads by name those of the instance's modules no device asked for, as a host's u
 For every insert and removal it records the kernel's answer and the kernel log lines it wrote
 (``/dev/kmsg``), and the modules the kernel asked kvc's modprobe for meanwhile; then it runs the
 smoke test inside the instance image (chroot), unloads what it loaded in reverse and writes
-``result.json`` (schema 1) to the work share.
+``result.json`` (schema 1) to the work share. Under ``kvc verify --secure-boot`` it first records
+Secure Boot, lockdown, ``sig_enforce`` and which trusted keyrings hold the enrolled key.
 
 Every step is told as it happens (:class:`Story`): appended to ``progress`` on the work share,
 so that the host can tell what the guest was doing if the kernel dies, and written to the
@@ -348,6 +349,109 @@ def _smoke(command: str, image_root: str, tools: str, timeout: float, log: Kerne
     return result
 
 
+_KEYCTL_SYSCALL = 250  # x86_64
+_KEYCTL_READ = 11
+TRUST_KEYRINGS = (".builtin_trusted_keys", ".secondary_trusted_keys", ".machine", ".platform")
+_SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+_BOOT_KEY_LINES = ("X.509", "Secure boot", "secureboot", "locked down", "Lockdown")
+
+
+def _read_file(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _proc_keys() -> dict[int, tuple[str, str]]:
+    """serial -> (type, description and summary) of every key /proc/keys shows."""
+    keys = {}
+    for line in (_read_file("/proc/keys") or b"").decode("utf-8", "replace").splitlines():
+        # serial flags usage expiry perm uid gid type description
+        fields = line.split(None, 8)
+        if len(fields) == 9:
+            with contextlib.suppress(ValueError):
+                keys[int(fields[0], 16)] = (fields[7], fields[8].strip())
+    return keys
+
+
+def _keyring_members(serial: int) -> list[int]:
+    """The serials of the keys a keyring links (keyctl read)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(4096)
+    size = libc.syscall(_KEYCTL_SYSCALL, _KEYCTL_READ, ctypes.c_int32(serial), buffer, ctypes.c_size_t(4096))
+    if size < 0:
+        return []
+    count = min(size, 4096) // 4
+    return [int.from_bytes(buffer.raw[index * 4 : index * 4 + 4], "little", signed=True) for index in range(count)]
+
+
+def _boot_key_lines() -> list[str]:
+    """The kernel's lines about certificates, Secure Boot and lockdown since boot."""
+    lines = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return []
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    continue
+                break
+            if not record:
+                break
+            text = record.decode("utf-8", "replace").partition(";")[2].split("\n", 1)[0]
+            if any(word in text for word in _BOOT_KEY_LINES):
+                lines.append(text)
+    finally:
+        os.close(fd)
+    return lines
+
+
+def secure_boot_state(key_id: str) -> dict[str, Any]:
+    """Secure Boot, lockdown and signature enforcement as the guest kernel has them, and the
+    trusted keyrings that hold the key ``key_id`` (the enrolled certificate's)."""
+    variable = _read_file(_SECURE_BOOT_VAR)
+    lines = _boot_key_lines()
+    if variable is not None and len(variable) > 4:
+        secure_boot: Optional[bool] = bool(variable[4])
+    else:
+        # efivarfs is a module in many kernels; the kernel's own line says it too.
+        said = [line for line in lines if line.startswith("secureboot: Secure boot")]
+        secure_boot = said[-1].endswith("enabled") if said else None
+    lockdown = (_read_file("/sys/kernel/security/lockdown") or b"").decode().strip()
+    selected = next((word[1:-1] for word in lockdown.split() if word.startswith("[")), None)
+    sig_enforce = (_read_file("/sys/module/module/parameters/sig_enforce") or b"").decode().strip()
+    keys = _proc_keys()
+    keyrings = {}
+    holding = []
+    for serial, (type_name, description) in keys.items():
+        name = description.split(":", 1)[0]
+        if type_name == "keyring" and name in TRUST_KEYRINGS:
+            members = [keys.get(member, ("", f"key {member:08x}"))[1] for member in _keyring_members(serial)]
+            keyrings[name] = members
+            if any(key_id and key_id in member for member in members):
+                holding.append(name)
+    return {
+        "efi": os.path.isdir("/sys/firmware/efi"),
+        "secure_boot": secure_boot,
+        "lockdown": selected,
+        "sig_enforce": {"Y": True, "N": False}.get(sig_enforce),
+        "key_id": key_id,
+        "keyrings": sorted(holding, key=TRUST_KEYRINGS.index),
+        "trusted_keys": keyrings,
+        "kernel_lines": lines,
+    }
+
+
 def _unload(names: Sequence[str], kernel: StoryKernel) -> list[dict[str, Any]]:
     first = len(kernel.removed)
     for name in reversed(names):
@@ -450,6 +554,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     _console_shows_notices()
     story = Story(job["progress"])
     story.step("agent started")
+    if "secure_boot" in job:
+        state = result["secure_boot"] = secure_boot_state(job["secure_boot"]["key_id"])
+        story.step(
+            f"Secure Boot {state['secure_boot']}, lockdown {state['lockdown']}, sig_enforce {state['sig_enforce']}, "
+            f"the enrolled key in {', '.join(state['keyrings']) or 'no trusted keyring'}"
+        )
     log = KernelLog()
     kernel = StoryKernel(story, log, Requests(job["requests"]), job["modules"])
     moddir = ModuleDirectory(job["moddir"])

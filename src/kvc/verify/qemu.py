@@ -1,8 +1,9 @@
 """The qemu adapter: the one place kvc starts a virtual machine.
 
 A :class:`GuestMachine` is a frozen description (kernel, initramfs, command line, 9p shares,
-extra devices, memory, accelerator); :func:`run_guest` boots it with no network, the serial console written to a
-file, no reboot (a guest panic ends qemu) and a hard timeout after which qemu is killed.
+extra devices, memory, accelerator, and for a UEFI boot the firmware and its variable store);
+:func:`run_guest` boots it with no network, the serial console written to a file, no reboot (a
+guest panic ends qemu) and a hard timeout after which qemu is killed.
 :func:`choose_accel` uses KVM only when a quick probe boot under KVM works, else TCG.
 """
 
@@ -48,9 +49,23 @@ class GuestMachine:
     accel: str = "tcg"
     program: str = QEMU
     devices: tuple[str, ...] = ()  # extra -device values (KVC_VERIFY_DEVICES)
+    # UEFI firmware (kvc verify --secure-boot): OVMF's code and this boot's copy of a variable store.
+    firmware_code: str = ""
+    firmware_vars: str = ""
+    secure_boot: bool = False  # SMM and a secure flash: OVMF's Secure Boot build needs both
 
     def argv(self) -> list[str]:
         argv = [self.program, "-accel", self.accel]
+        if self.firmware_code:
+            argv += ["-machine", "q35,smm=on" if self.secure_boot else "q35"]
+            if self.secure_boot:
+                argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+            argv += [
+                "-drive",
+                f"if=pflash,format=raw,unit=0,readonly=on,file={self.firmware_code}",
+                "-drive",
+                f"if=pflash,format=raw,unit=1,file={self.firmware_vars}",
+            ]
         if self.accel == "kvm":
             argv += ["-cpu", "host"]
         argv += [

@@ -9,6 +9,9 @@ installation of kvc (:mod:`kvc.verify.guest`): the host's Python with kvc's modu
 single-file kvc itself, whose directory is shared into the guest so that its root needs neither.
 The agent loads the modules with kvc's loader and the live kernel, runs the
 smoke test in the image, unloads and writes ``result.json``; the host turns it into the report.
+With ``--secure-boot`` the bzImage boots through OVMF with Secure Boot on and a certificate
+enrolled (:mod:`kvc.verify.secureboot`), and the report gives the kernel's verdict on each
+module's signature (:class:`SignatureVerdict`).
 
 Outcomes (:class:`VerifyStatus`) and exit codes (:class:`kvc.errors.ExitCode`): 0 verified; 5 a
 module refused by the kernel (or not unloadable); 6 the image is not built; 7 the kernel's files
@@ -49,6 +52,7 @@ from kvc.verify.guesttree import write_tree_layer
 from kvc.verify.initramfs import CpioEntry, boot_modules, build_initramfs, find_busybox
 from kvc.verify.kernelfiles import KernelFiles
 from kvc.verify.qemu import GuestMachine, Share, choose_accel, run_guest
+from kvc.verify.secureboot import Certificate, boot_copy, enrolled_vars, find_firmware, read_certificate
 
 REPORT_SCHEMA = 1
 STORY_LINES = 40  # the agent's last steps a crash report shows
@@ -119,6 +123,7 @@ class VerifyOptions:
     timeout: float = 300.0
     keep_artifacts: bool = False
     guest_root: str = "/"
+    secure_boot_cert: str = ""  # --secure-boot: the certificate to enroll as a MOK (empty: a normal boot)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ class VerifyPlan:
     image: str
     image_id: str
     options: VerifyOptions
+    certificate: Optional[Certificate] = None  # --secure-boot
 
     def describe(self) -> str:
         return "\n".join(
@@ -135,12 +141,21 @@ class VerifyPlan:
                 f"verify {self.instance.name} {self.instance.software_version} for {self.kernel.release}:",
                 f"  image {self.image} ({self.image_id[:12]})",
                 f"  kernel {self.kernel.vmlinuz}, modules {self.kernel.moddir} ({self.kernel.source})",
+                *self._secure_boot_lines(),
                 f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
                 f"timeout {self.options.timeout:g} s, guest root {self.options.guest_root}"
                 + "".join(f", -device {device}" for device in self.instance.verify_devices),
                 f"  {self._load_line()}, smoke test: {self.instance.smoke_test or '(none)'}, unload",
             ]
         )
+
+    def _secure_boot_lines(self) -> list[str]:
+        if self.certificate is None:
+            return []
+        return [
+            f"  Secure Boot: the bzImage through OVMF ({find_firmware()[0]}), certificate {self.certificate.path} "
+            f"('{self.certificate.description}') enrolled in MokListRT"
+        ]
 
     def _load_line(self) -> str:
         intree = self.instance.intree_modules
@@ -162,8 +177,12 @@ def plan_verify(
     find_kernel: Callable[[str], KernelFiles],
 ) -> VerifyPlan:
     """The image first (a missing build is reported before any kernel download), then the kernel."""
+    certificate = None
+    if options.secure_boot_cert:
+        certificate = read_certificate(options.secure_boot_cert)
+        find_firmware()
     tag, info = built_image(runtime, instance, release)
-    return VerifyPlan(instance, find_kernel(release), tag, info.id, options)
+    return VerifyPlan(instance, find_kernel(release), tag, info.id, options, certificate)
 
 
 @dataclass(frozen=True)
@@ -276,6 +295,39 @@ def _read_text(path: str) -> str:
         return ""
 
 
+class SignatureVerdict(enum.Enum):
+    """The guest kernel's verdict on a module's signature (``--secure-boot``), from its answer
+    and its log lines (kernel/module/signing.c)."""
+
+    ACCEPTED = "accepted"  # loaded without the unsigned-module taint (E)
+    LOADED_UNSIGNED = "loaded-unsigned"  # loaded, tainted E: the kernel did not enforce
+    UNSIGNED_REJECTED = "unsigned-rejected"
+    UNAVAILABLE_KEY_REJECTED = "unavailable-key-rejected"
+    BAD_SIGNATURE_REJECTED = "signature-rejected"  # EKEYREJECTED without a line: the signature does not match
+    LOCKDOWN_REFUSED = "lockdown-refused"
+    NOT_LOADED = "not-loaded"  # refused for another reason
+
+
+_UNSIGNED_LINE = "Loading of unsigned module is rejected"
+_UNAVAILABLE_KEY_LINE = "Loading of module with unavailable key is rejected"
+
+
+def signature_verdict(module: dict[str, Any]) -> str:
+    if module.get("loaded"):
+        tainted = "E" in (module.get("taint") or "")
+        return SignatureVerdict.LOADED_UNSIGNED.value if tainted else SignatureVerdict.ACCEPTED.value
+    log = "\n".join(module.get("log") or [])
+    if module.get("errno") == "EKEYREJECTED":
+        if _UNSIGNED_LINE in log:
+            return SignatureVerdict.UNSIGNED_REJECTED.value
+        if _UNAVAILABLE_KEY_LINE in log:
+            return SignatureVerdict.UNAVAILABLE_KEY_REJECTED.value
+        return SignatureVerdict.BAD_SIGNATURE_REJECTED.value
+    if module.get("errno") == "EPERM" and "Lockdown:" in log:
+        return SignatureVerdict.LOCKDOWN_REFUSED.value
+    return SignatureVerdict.NOT_LOADED.value
+
+
 def _status_of(result: dict[str, Any]) -> VerifyStatus:
     modules = result.get("modules", [])
     if result.get("plan_error") or not all(m.get("loaded") or not m.get("required", True) for m in modules):
@@ -346,6 +398,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     settings = {
         "KVC_BOOT_MODULES": " ".join(name for name, _ in boot),
         "KVC_TREE_LAYER": "1" if tree else "0",
+        "KVC_SECURE_BOOT": "1" if plan.certificate else "0",
         **agent_settings,
     }
     extra_files = [
@@ -397,6 +450,8 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             "result": f"{GUEST_WORK}/result.json",
             "progress": f"{GUEST_WORK}/progress",
         }
+        if plan.certificate is not None:
+            job["secure_boot"] = {"key_id": plan.certificate.key_id}
         write_json(os.path.join(work, "job.json"), job)
         shares = [
             Share("kvcroot", plan.options.guest_root),
@@ -406,7 +461,8 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         ]
         if image_root:
             shares.append(Share("kvcimage", image_root))
-        pvh = pvh_kernel(kernel.vmlinuz, layout.cache_dir)
+        # PVH has no EFI: a Secure Boot guest boots the bzImage through the firmware.
+        pvh = None if plan.certificate else pvh_kernel(kernel.vmlinuz, layout.cache_dir)
         machine = GuestMachine(
             pvh or kernel.vmlinuz,
             initrd,
@@ -418,6 +474,16 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         )
         accel = choose_accel(plan.options.accel, machine, os.path.join(layout.cache_dir, "accel-probe.json"))
         machine = dataclasses.replace(machine, accel=accel)
+        if plan.certificate is not None:
+            machine = dataclasses.replace(
+                machine,
+                firmware_code=find_firmware()[0],
+                # A fresh copy every boot: the firmware writes to its variable store.
+                firmware_vars=boot_copy(
+                    enrolled_vars(plan.certificate, layout.cache_dir), os.path.join(work, "ovmf-vars.fd")
+                ),
+                secure_boot=True,
+            )
         run = run_guest(machine, plan.options.timeout)
     console = _read_text(machine.console_log)
     data: dict[str, Any] = {
@@ -430,6 +496,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         "vm": {
             "accel": accel,
             "boot": "pvh" if pvh else "bzimage",
+            "firmware": machine.firmware_code or None,
             "kernel_image": machine.kernel,
             "memory_mb": plan.options.memory_mb,
             "timeout": plan.options.timeout,
@@ -438,6 +505,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             "qemu_exit": run.returncode,
         },
         "delivery": instance.delivery.value,
+        "secure_boot": None,
         "modules": [],
         "coldplug": None,
         "smoke": None,
@@ -465,6 +533,14 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             plan_error=result.get("plan_error"),
             tainted=result.get("tainted"),
         )
+        if plan.certificate is not None:
+            data["secure_boot"] = {
+                **(result.get("secure_boot") or {}),
+                "certificate": plan.certificate.path,
+                "key": plan.certificate.description,
+            }
+            for module in data["modules"]:
+                module["signature"] = signature_verdict(module)
         timings["boot_seconds"] = result.get("boot_seconds")
         timings["guest_seconds"] = result.get("agent_seconds")
     else:
@@ -496,16 +572,34 @@ def _log_lines(lines: Any, indent: str = "      ") -> list[str]:
     return [f"{indent}kernel: {line}" for line in lines or []]
 
 
+def _on_off(value: Any) -> str:
+    return "unknown" if value is None else "on" if value else "off"
+
+
+def _secure_boot_report(secure: dict[str, Any]) -> list[str]:
+    keyrings = ", ".join(secure.get("keyrings") or []) or "NO trusted keyring"
+    return [
+        f"  Secure Boot {_on_off(secure.get('secure_boot'))}, lockdown {secure.get('lockdown') or 'unknown'}, "
+        f"sig_enforce {_on_off(secure.get('sig_enforce'))}",
+        f"  enrolled (MokListRT) {secure['certificate']}: key '{secure['key']}' in {keyrings}",
+        *_log_lines(secure.get("kernel_lines"), "    "),
+    ]
+
+
 def format_report(report: VerifyReport) -> str:
     data = report.data
     vm = data["vm"]
     lines = [
         f"verify {data['instance']} {data['version']} on kernel {data['kernel']} "
-        f"(qemu {vm['accel']}, {'PVH boot' if vm['boot'] == 'pvh' else 'bzImage boot'}, "
+        f"(qemu {vm['accel']}, {'PVH boot' if vm['boot'] == 'pvh' else 'bzImage boot'}"
+        f"{' through OVMF' if vm.get('firmware') else ''}, "
         f"{vm['memory_mb']} MiB, no network)",
         f"  kernel files: {data['kernel_files']['source']}",
         f"  image: {data['image']['tag']} ({data['image']['id'][:12]})",
     ]
+    secure = data.get("secure_boot")
+    if secure is not None:
+        lines += _secure_boot_report(secure)
     if data.get("plan_error"):
         lines.append(f"  plan: {data['plan_error']}")
     coldplug = data.get("coldplug")
@@ -535,6 +629,8 @@ def format_report(report: VerifyReport) -> str:
                 f"    {module['name']}{params} ({module['origin']}{how}): "
                 f"{verdict}: {module['errno']} ({module['error']})"
             )
+        if module.get("signature"):
+            lines.append(f"      signature: {module['signature']}")
         lines += _log_lines(module.get("log"))
         for call in module.get("requests", []):
             lines.append(f"      the kernel requested {call['module']}: kvc's modprobe exited {call['exit_code']}")

@@ -94,3 +94,23 @@ def _zstd(data: bytes, path: str) -> bytes:
     if not total:
         raise EOFError("truncated zstd stream")
     return b"".join(chunks)
+
+
+def compress(kind: str, data: bytes, path: str) -> bytes:
+    """``data`` compressed as ``kind`` ("xz", "zstd", "gzip"), with the kernel's Makefile.modinst
+    settings where Python allows (xz with CRC32 checks, zstd level 19 by default)."""
+    if kind == "xz":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    if kind == "gzip":
+        import gzip
+
+        return gzip.compress(data, mtime=0)
+    if kind == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise ModuleFormatError(
+                path, "zstd compression needs the Python package 'zstandard', which is not installed"
+            ) from None
+        return zstandard.ZstdCompressor(level=19).compress(data)
+    raise ValueError(f"unknown compression {kind!r}")

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-TOOLS = ("lsmod", "modinfo", "insmod", "rmmod", "depmod", "modprobe")
+TOOLS = ("lsmod", "modinfo", "insmod", "rmmod", "depmod", "modprobe", "sign-file")
 
 
 def _stdio_present() -> None:
@@ -25,7 +25,7 @@ def run(tool: str, argv: Sequence[str]) -> int:
     if tool not in TOOLS:
         sys.stderr.write(f"kvc kmod: unknown tool '{tool}'; choose one of: {', '.join(TOOLS)}\n")
         return 2
-    module = importlib.import_module(f"kvc.kmod.tools.{tool}")
+    module = importlib.import_module(f"kvc.kmod.tools.{tool.replace('-', '')}")
     entry: Callable[[Sequence[str]], int] = module.main
     return entry(list(argv))
 

@@ -77,6 +77,7 @@ BASE_PACKAGES=(python3 python3-venv python3-dev gcc make kmod util-linux ca-cert
 # the one kvc's signature reader and its tests follow (they name it).
 ORACLE_PACKAGES=(libssl3 openssl)
 KERNEL_PACKAGES=(linux-headers-amd64 dwarves)  # the current 6.1 ABI's headers (Module.symvers, kbuild);
+# their linux-kbuild-6.1 ships scripts/sign-file, the oracle of kvc's module signing tests
 # pahole (dwarves): newer headers (bookworm's 6.12) run it while building any module (BTF flags)
 SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
 # kvc verify boots the target kernel under qemu; ovmf is the UEFI firmware --secure-boot boots through

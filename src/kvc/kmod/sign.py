@@ -249,6 +249,11 @@ def signature_block(module_bytes: bytes, signer: Signer, hash_name: str, *, key_
     message = pkcs7(
         signer.sign(module_bytes, check_hash(hash_name)), certificate, hash_name, key_id_from_skid=key_id_from_skid
     )
+    return pkcs7_trailer(message)
+
+
+def pkcs7_trailer(message: bytes) -> bytes:
+    """A DER PKCS#7 made elsewhere (sign-file -s) followed by ``struct module_signature`` and the magic."""
     return message + _SIG_STRUCT.pack(0, 0, ID_PKCS7, 0, 0, len(message)) + SIG_MAGIC
 
 

@@ -4,11 +4,11 @@
 the private key file KEY (PEM or DER) and its certificate X509 (PEM or DER) to MODULE, or writes
 the signed module to DEST. ``-k`` names the signer by the certificate's subject key identifier
 instead of its issuer and serial number; ``-p`` also writes the detached PKCS#7 to
-``MODULE.p7s``; ``-d`` writes only that file and leaves MODULE alone. The files written are
+``MODULE.p7s``; ``-d`` writes only that file and leaves MODULE alone.
+``sign-file -s RAW HASH X509 MODULE [DEST]`` appends RAW, a DER PKCS#7 made elsewhere (such as a
+``-d`` file), and like sign-file then reads neither HASH nor X509. The files written are
 byte-identical to sign-file's. Exit status 0, 1 for a failure, 2 for a usage error, as
-sign-file's. sign-file's ``-s`` (a raw signature made elsewhere) is not offered: kvc's framework
-takes external signers instead. A compressed module is signed on its uncompressed bytes and
-compressed again.
+sign-file's. A compressed module is signed on its uncompressed bytes and compressed again.
 """
 
 from __future__ import annotations
@@ -21,20 +21,28 @@ from typing import Optional, Sequence
 from kvc.kmod import compression
 from kvc.kmod.atomic import write_file
 from kvc.kmod.errors import KmodError
-from kvc.kmod.sign import KeyFileSigner, signature_block
+from kvc.kmod.sign import KeyFileSigner, pkcs7_trailer, signature_block
 from kvc.kmod.tools._cli import run_tool, write_err
 
 PROG = "sign-file"
-USAGE = "Usage: kvc kmod sign-file [-dp] [-k] <hash algo> <key> <x509> <module> [<dest>]\n"
+USAGE = (
+    "Usage: kvc kmod sign-file [-dp] [-k] <hash algo> <key> <x509> <module> [<dest>]\n"
+    "       kvc kmod sign-file -s <raw sig> <hash algo> <x509> <module> [<dest>]\n"
+)
+_TRAILER_SIZE = 12 + 28  # struct module_signature and the magic
 
 
 def _body(argv: list[str]) -> int:
     try:
-        options, args = getopt.gnu_getopt(argv, "dpk")
+        options, args = getopt.gnu_getopt(argv, "dpks:")
     except getopt.GetoptError as exc:
         write_err(f"{PROG}: invalid option -- '{exc.opt}'\n{USAGE}")
         return 2
     flags = {flag for flag, _ in options}
+    raw_signature = dict(options).get("-s")
+    if raw_signature is not None and args:
+        # sign-file -s takes no key: keep the argument positions of the other form.
+        args = [args[0], "", *args[1:]]
     if len(args) not in (4, 5):
         write_err(USAGE)
         return 2
@@ -43,14 +51,17 @@ def _body(argv: list[str]) -> int:
     save_detached = detached_only or "-p" in flags
     dest = args[4] if len(args) == 5 else module_path
     try:
-        signer = KeyFileSigner(key_path, cert_path)
         source = Path(module_path)
-        data = source.read_bytes()
-        kind, plain = compression.decompress(data, module_path)
-        block = signature_block(bytes(plain), signer, hash_name, key_id_from_skid="-k" in flags)
+        if raw_signature is not None:
+            message = Path(raw_signature).read_bytes()
+            kind, plain = compression.decompress(source.read_bytes(), module_path)
+            block = pkcs7_trailer(message)
+        else:
+            signer = KeyFileSigner(key_path, cert_path)
+            kind, plain = compression.decompress(source.read_bytes(), module_path)
+            block = signature_block(bytes(plain), signer, hash_name, key_id_from_skid="-k" in flags)
         if save_detached:
-            # The PKCS#7 alone: the block without struct module_signature and the magic.
-            write_file(f"{module_path}.p7s", block[: -(12 + 28)], 0o644)
+            write_file(f"{module_path}.p7s", block[:-_TRAILER_SIZE], 0o644)
         if detached_only:
             return 0
         signed = bytes(plain) + block

@@ -218,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, boot nothing")
 
+    p = sub.add_parser("keys", help="module-signing keys: generate one, or show the host's trust")
+    keys = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    k = keys.add_parser("generate", help="a MOK-style RSA key and certificate (DER for mokutil --import)")
+    k.add_argument("--out", default=".", help="directory for kvc-signing.key/.pem/.der (default: here)")
+    k.add_argument("--cn", default="kvc module signing key", help="the certificate's common name")
+    k.add_argument("--bits", type=int, default=2048, help="RSA key size: 2048, 3072 or 4096")
+    k.add_argument("--days", type=int, default=3650, help="certificate lifetime in days")
+    k = keys.add_parser("status", help="Secure Boot, lockdown, sig_enforce and the trusted keyrings' keys")
+    k.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")

@@ -44,6 +44,7 @@ from kvc.extract import (
 from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
 from kvc.kernelupdate import execute_kernel_added, gate, kernel_added_error, plan_kernel_added, verification_of
+from kvc.keys import ENROLL_STEPS, generate, host_trust
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel.environment import kernel_from_env
 from kvc.kmod.kernel.protocol import Kernel
@@ -265,6 +266,7 @@ def _plan_paths(
         modprobe_config=config,
         unloaded_first=unloaded_first,
         intree_modules=instance.intree_modules,
+        trust=host_trust(ctx.layout.host) if kernel == ctx.layout.host.kernel_release() else None,
     )
 
 
@@ -736,9 +738,37 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_keys(ctx: Context, args: argparse.Namespace) -> int:
+    if args.keys_command == "generate":
+        made = generate(os.path.abspath(args.out), args.cn, args.bits, args.days)
+        say(f"wrote {made.key_path} (0600), {made.pem_path}, {made.der_path}")
+        say(f"key id {made.key_id} (the kernel will print: Loaded X.509 cert '{made.description}')")
+        say(f"enroll it: {ENROLL_STEPS}")
+        return 0
+    trust = host_trust(ctx.layout.host)
+    if args.json:
+        say(json.dumps(trust.to_json(), indent=2))
+        return 0
+    say(f"Secure Boot: {_state(trust.secure_boot)} (setup mode {_state(trust.setup_mode)})")
+    if trust.mok_validation_disabled:
+        say("shim validation disabled (MokSBStateRT)")
+    say(f"lockdown: {trust.lockdown or 'unknown'}, sig_enforce: {_state(trust.sig_enforce)}")
+    say(f"modules must be signed by a trusted key: {'yes' if trust.enforcing else 'no'}")
+    for ring, keys in trust.keyrings.items():
+        say(f"{ring}:")
+        for key in keys:
+            say(f"  {key.description}")
+    return 0
+
+
+def _state(value: Optional[bool]) -> str:
+    return "unknown" if value is None else ("on" if value else "off")
+
+
 COMMANDS = {
     "build": cmd_build,
     "load": cmd_load,
+    "keys": cmd_keys,
     "unload": cmd_unload,
     "check": cmd_check,
     "reload": cmd_reload,

@@ -18,17 +18,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import AbstractSet, Mapping, Optional, Sequence
 
 from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
+from kvc.keys import HostTrust, check_signatures, trust_error, unsigned_warnings
 from kvc.kmod.config import ModprobeConfig, Softdep, load_config, parse_softdep
 from kvc.kmod.kernel.protocol import Kernel, KernelError
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.modprobe import ACTION_BUILTIN, ACTION_INSTALL, PlannedModule, load_plan
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.names import modname_normalize as normalize_name
+from kvc.kmod.signature import signature_problem
+
+_log = logging.getLogger("kvc")
 
 LOADED_RECORD = "loaded.json"
 
@@ -119,6 +124,7 @@ def plan_load(
     modprobe_config: Optional[ModprobeConfig] = None,
     unloaded_first: AbstractSet[str] = frozenset(),
     intree_modules: Sequence[str] = (),
+    trust: Optional[HostTrust] = None,
 ) -> LoadPlan:
     """Preflight and plan. ``module_paths`` are the instance's extracted module files in
     KMOD_NAMES order; ``params`` maps a module name (with '_') to its parameter string. Without
@@ -126,7 +132,9 @@ def plan_load(
     real kernel's verdict). ``modprobe_config`` is the host's modprobe configuration for the
     in-tree modules (None: only the module directory's own modules.softdep). ``unloaded_first``
     names loaded modules an unload runs before this plan (a reload's dry run). ``intree_modules``
-    (KVC_INTREE_MODULES) are loaded first, each with what ``modprobe NAME`` would load."""
+    (KVC_INTREE_MODULES) are loaded first, each with what ``modprobe NAME`` would load. With
+    ``trust`` (the host's keyrings and enforcement) a module the kernel will refuse for its
+    signature is refused here, with how to enroll a key."""
     candidates: dict[str, _Candidate] = {}
     problems: list[str] = []
     for path in module_paths:
@@ -177,6 +185,18 @@ def plan_load(
             details="\n".join(problems),
             hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')",
         )
+    if trust is not None and preflight:
+        # A signature kvc.kmod cannot read is left for the kernel to judge.
+        signatures = {
+            name: cand.module.signature
+            for name, cand in candidates.items()
+            if cand.module.signature is not None or signature_problem(cand.module.image) is None
+        }
+        refused = check_signatures(signatures, trust)
+        if refused:
+            raise trust_error(refused)
+        for warning in unsigned_warnings(signatures, trust):
+            _log.warning("%s", warning)
     if moddir is not None and modprobe_config is None:
         modprobe_config = load_config([], module_dir=moddir.path)
     softdeps = {name: _softdep(cand.module, modprobe_config) for name, cand in candidates.items()}

@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--bits", type=int, default=2048, help="RSA key size: 2048, 3072 or 4096")
     k.add_argument("--days", type=int, default=3650, help="certificate lifetime in days")
     k = keys.add_parser("status", help="Secure Boot, lockdown, sig_enforce and the trusted keyrings' keys")
+    k.add_argument("name", nargs="?", help="also judge this instance's extracted modules' signatures")
     k.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")

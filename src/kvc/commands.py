@@ -44,11 +44,12 @@ from kvc.extract import (
 from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
 from kvc.kernelupdate import execute_kernel_added, gate, kernel_added_error, plan_kernel_added, verification_of
-from kvc.keys import ENROLL_STEPS, generate, host_trust
+from kvc.keys import ENROLL_STEPS, HostTrust, generate, host_trust, module_verdicts
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel.environment import kernel_from_env
 from kvc.kmod.kernel.protocol import Kernel
 from kvc.kmod.moddir import ModuleDirectory
+from kvc.kmod.module import ModuleFile
 from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
 from kvc.loadplan import dry_load
@@ -746,8 +747,9 @@ def cmd_keys(ctx: Context, args: argparse.Namespace) -> int:
         say(f"enroll it: {ENROLL_STEPS}")
         return 0
     trust = host_trust(ctx.layout.host)
+    verdicts = _signer_verdicts(ctx, args.name, trust) if args.name else None
     if args.json:
-        say(json.dumps(trust.to_json(), indent=2))
+        say(json.dumps({**trust.to_json(), **({"modules": verdicts} if verdicts is not None else {})}, indent=2))
         return 0
     say(f"Secure Boot: {_state(trust.secure_boot)} (setup mode {_state(trust.setup_mode)})")
     if trust.mok_validation_disabled:
@@ -758,7 +760,28 @@ def cmd_keys(ctx: Context, args: argparse.Namespace) -> int:
         say(f"{ring}:")
         for key in keys:
             say(f"  {key.description}")
+    for verdict in verdicts or []:
+        if verdict["problem"]:
+            say(f"refused: {verdict['problem']}")
+        elif verdict["signer"] is None:
+            say(f"{verdict['module']}: unsigned (accepted: the kernel does not enforce signatures)")
+        else:
+            where = ", ".join(verdict["keyrings"]) or "no trusted keyring (the kernel does not enforce)"
+            say(f"{verdict['module']}: signed by {verdict['signer']} (key {verdict['sig_key']}), trusted by {where}")
     return 0
+
+
+def _signer_verdicts(ctx: Context, name: str, trust: HostTrust) -> list[dict[str, Any]]:
+    """The running kernel's verdict on each module of the instance's current extraction."""
+    instance = ctx.instance(name)
+    kernel = ctx.kernel.release()
+    manifest = read_manifest(ctx.layout, instance.name, kernel)
+    if manifest is None:
+        raise StateError(
+            f"{instance.name} has no extraction for {kernel}", hint=f"load it first: 'kvc load {instance.name}'"
+        )
+    signatures = {m.name: ModuleFile.open(manifest.path_of(m.name)).signature for m in manifest.modules}
+    return module_verdicts(signatures, trust)
 
 
 def _state(value: Optional[bool]) -> str:

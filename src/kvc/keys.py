@@ -296,6 +296,25 @@ def signature_problem(module_name: str, signature: Optional[ModuleSignature], tr
     )
 
 
+def module_verdicts(modules: Mapping[str, Optional[ModuleSignature]], trust: HostTrust) -> list[dict[str, Any]]:
+    """Per module: its signer and key id, the trusted keyrings holding that key, and whether the
+    running kernel will take it."""
+    verdicts = []
+    for name, signature in modules.items():
+        problem = signature_problem(name, signature, trust)
+        verdicts.append(
+            {
+                "module": name,
+                "signer": signature.signer if signature is not None else None,
+                "sig_key": signature.key_id.hex() if signature is not None else None,
+                "keyrings": trust.keyrings_holding(signature.key_id.hex(), signature.signer) if signature else [],
+                "accepted": problem is None,
+                "problem": problem,
+            }
+        )
+    return verdicts
+
+
 def _enforcement(trust: HostTrust) -> str:
     reasons = []
     if trust.sig_enforce:

@@ -288,3 +288,61 @@ def test_unsigned_on_non_enforcing_kernel_warns(
     steps = plan(tmp_path / "root", kernel, demo_module(tmp_path, None))
     assert [step.name for step in steps.steps] == ["demo_mod"]
     assert "demo_mod: unsigned; the kernel will load it and taint itself 'E' (unsigned module)" in caplog.text
+
+
+# -- the command line: kvc load refuses, kvc keys status NAME judges --------------------------------
+
+
+def cli_host(tmp_path: Path, key: Optional[GeneratedKey], trusted: GeneratedKey) -> tuple[Path, Path, dict[str, str]]:
+    """A fake enforcing host trusting ``trusted``, demo.conf, and demo_mod (signed by ``key``) in
+    a modules directory for --modules-dir."""
+    root = tmp_path / "root"
+    fake_host(root, True, trusted)
+    (root / "etc/kvc").mkdir(parents=True)
+    (root / "etc/kvc/demo.conf").write_text(
+        'KMOD_CONTAINER_BUILD_CONTEXT=/nonexistent\nKMOD_SOFTWARE_VERSION=1\nKMOD_NAMES="demo_mod"\n'
+    )
+    modules = tmp_path / "modules"
+    target = modules / "lib/modules" / RELEASE / "extra"
+    target.mkdir(parents=True)
+    demo_module(target, key)
+    env = {**os.environ, "KVC_ROOT": str(root), "KVC_KERNEL": "fake"}
+    return root, modules, env
+
+
+def run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvc", *argv], capture_output=True, text=True, env=env, check=False)
+
+
+def test_kvc_load_refuses_an_untrusted_signature(
+    tmp_path: Path, keypair: GeneratedKey, other_key: GeneratedKey
+) -> None:
+    root, modules, env = cli_host(tmp_path, other_key, keypair)
+    result = run(env, "load", "demo", "--modules-dir", str(modules))
+    assert result.returncode == ExitCode.REFUSED, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == "kvc: error: the kernel will refuse these modules' signatures"
+    assert lines[1].startswith("  demo_mod: signed by someone else (key ")
+    assert lines[-1].startswith("kvc: hint: ") and "mokutil --import kvc-signing.der" in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (root / "sys/module/demo_mod").exists()
+    status = json.loads(run(env, "keys", "status", "demo", "--json").stdout)
+    assert status["modules"][0]["accepted"] is False
+    assert status["modules"][0]["signer"] == "someone else"
+
+
+def test_kvc_load_takes_a_trusted_signature(tmp_path: Path, keypair: GeneratedKey) -> None:
+    root, modules, env = cli_host(tmp_path, keypair, keypair)
+    result = run(env, "load", "demo", "--modules-dir", str(modules))
+    assert result.returncode == 0, result.stderr
+    assert (root / "sys/module/demo_mod").is_dir()
+    text = run(env, "keys", "status", "demo").stdout
+    assert "demo_mod: signed by kvc preflight test (key " in text
+    assert "trusted by .machine" in text
+
+
+def test_keys_status_name_without_extraction(tmp_path: Path, keypair: GeneratedKey) -> None:
+    _root, _modules, env = cli_host(tmp_path, keypair, keypair)
+    result = run(env, "keys", "status", "demo")
+    assert result.returncode == ExitCode.STATE
+    assert result.stderr.startswith(f"kvc: error: demo has no extraction for {RELEASE}")

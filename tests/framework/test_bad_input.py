@@ -482,6 +482,24 @@ CASES: list[tuple[str, Setup, tuple[str, ...], ExitCode, str]] = [
         E.STATE,
         "the delivery record is unreadable",
     ),
+    # keys
+    (
+        "keys: a weak RSA size",
+        _nothing,
+        ("keys", "generate", "--out", "{tmp}", "--bits", "1024"),
+        E.CONFIG,
+        "not a supported RSA size",
+    ),
+    (
+        "keys: no such directory",
+        _nothing,
+        ("keys", "generate", "--out", "{tmp}/nosuch"),
+        E.HOST_FILES,
+        "not a directory",
+    ),
+    ("keys: an empty name", _nothing, ("keys", "generate", "--out", "{tmp}", "--cn", ""), E.CONFIG, "--cn is empty"),
+    ("keys: status of an unknown instance", _nothing, ("keys", "status", "nosuch"), E.CONFIG, "nosuch"),
+    ("keys: status before a load", _conf(CONF), ("keys", "status", "demo"), E.STATE, "demo has no extraction for"),
 ]
 
 

@@ -1,7 +1,10 @@
 """Module-signing keys and the host's trust in them.
 
-``generate`` makes a MOK-style RSA key and self-signed certificate (the extensions of the
-kernel's ``certs/default_x509.genkey`` plus code-signing usages as Fedora/RHEL write them);
+``generate`` makes a MOK-style RSA key and self-signed certificate: the extensions of the
+kernel's ``certs/default_x509.genkey`` plus extendedKeyUsage codeSigning, which SUSE's kernel patches
+look for on module keys. Red Hat's module-signing usage (1.3.6.1.4.1.2312.16.1.2) is left out:
+SUSE's EKU parser (x509_process_extension) refuses, as a malformed certificate, any usage OID not
+8 bytes long, and that one is 10; mainline ignores extendedKeyUsage.
 ``host_trust`` reads what decides whether the running kernel accepts a module signature:
 lockdown, ``sig_enforce``, Secure Boot (efivars) and the keys in the trusted keyrings.
 
@@ -31,7 +34,6 @@ TRUST_KEYRINGS = (".builtin_trusted_keys", ".secondary_trusted_keys", ".machine"
 EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 SHIM_LOCK = "605dab50-e046-4300-abb6-3dd810dd8b23"
 FAKE_MEMBERS = "/proc/kvc-keyring-members"
-MODULE_SIGNING_OID = "1.3.6.1.4.1.2312.16.1.2"  # Red Hat's "module signing only" usage
 ENROLL_STEPS = (
     "mokutil --import kvc-signing.der (choose a one-time password), reboot, "
     "then in MokManager: Enroll MOK, Continue, Yes, the password, Reboot"
@@ -84,7 +86,7 @@ def generate(out_dir: str, common_name: str, bits: int = 2048, days: int = 3650)
 
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -114,7 +116,7 @@ def generate(out_dir: str, common_name: str, bits: int = 2048, days: int = 3650)
             critical=False,
         )
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING, ObjectIdentifier(MODULE_SIGNING_OID)]),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]),
             critical=False,
         )
         .add_extension(skid, critical=False)

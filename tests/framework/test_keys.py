@@ -56,7 +56,8 @@ def test_generate_writes_a_mok_certificate_openssl_reads(tmp_path: Path) -> None
     extensions = text[text.index("X509v3 extensions:") :]
     assert "X509v3 Basic Constraints: critical\n                CA:FALSE" in extensions
     assert "X509v3 Key Usage: \n                Digital Signature\n" in extensions
-    assert "Code Signing, 1.3.6.1.4.1.2312.16.1.2" in extensions
+    # codeSigning only: an EKU OID that is not 8 bytes makes SUSE kernels refuse the certificate.
+    assert "X509v3 Extended Key Usage: \n                Code Signing\n" in extensions
     skid = extensions.split("X509v3 Subject Key Identifier: \n")[1].split()[0]
     assert extensions.split("X509v3 Authority Key Identifier: \n")[1].split()[0].endswith(skid)
     assert "Public-Key: (3072 bit)" in text and "Subject: CN = Host One kvc" in text

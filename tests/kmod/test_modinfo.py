@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import lzma
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import zstandard
 
 from support.debian_kernel import DebianKernel
 from support.elfbuild import ElfSpec, build, modinfo_section, this_module_section
-from support.oracle import run_kmod, run_kvc
+from support.oracle import kmod_tool, run_kmod, run_kvc
 
 pytestmark = pytest.mark.oracle
 
@@ -139,6 +142,25 @@ def test_bad_invocations_and_missing_files(tmp_path: Path) -> None:
     assert ours.returncode == theirs.returncode == 1
     assert ours.stderr.startswith(theirs.stderr.rstrip(b"\n"))
     assert ours.stderr.count(b"\n") == 1
+
+
+def test_a_relative_path_is_printed_as_libkmod_makes_it_absolute(kernel_tree: DebianKernel, tmp_path: Path) -> None:
+    module = next(p for p in kernel_tree.modules() if p.name == "dummy.ko")
+    (tmp_path / "dummy.ko").write_bytes(module.read_bytes())
+    for arg in ("dummy.ko", "./dummy.ko", f"../{tmp_path.name}/dummy.ko"):
+        for flags in ([], ["-n"]):
+            runs = [
+                subprocess.run(
+                    [*command, *flags, arg], capture_output=True, cwd=tmp_path, env={**os.environ, "PWD": str(tmp_path)}
+                )
+                for command in ([kmod_tool("modinfo")], [sys.executable, "-m", "kvc", "kmod", "modinfo"])
+            ]
+            assert runs[0].returncode == 0 and str(tmp_path).encode() in runs[0].stdout, runs[0]  # made absolute
+            assert (runs[1].returncode, runs[1].stdout, runs[1].stderr) == (
+                runs[0].returncode,
+                runs[0].stdout,
+                runs[0].stderr,
+            ), arg
 
 
 def test_help_matches() -> None:

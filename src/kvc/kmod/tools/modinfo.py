@@ -181,12 +181,28 @@ def _module_file_record(printer: Printer, module: ModuleFile) -> bool:
     return True
 
 
+def _absolute(path: str) -> str:
+    """The path as libkmod keeps a module opened by path (path_make_absolute_cwd): the working
+    directory (``$PWD`` when it names it, as get_current_dir_name(3) does), "/" and the path as
+    given, not normalized."""
+    if path.startswith("/"):
+        return path
+    cwd = os.getcwd()
+    pwd = os.environ.get("PWD", "")
+    try:
+        if pwd.startswith("/") and os.path.samestat(os.stat(pwd), os.stat(".")):
+            cwd = pwd
+    except OSError:
+        pass
+    return f"{cwd.rstrip('/')}/{path}"
+
+
 def _path_record(printer: Printer, path: str) -> bool:
     try:
-        module = ModuleFile.open(path)
+        module = ModuleFile.open(_absolute(path))
     except ModuleFormatError as exc:
         if printer.field in (None, "filename"):
-            printer.record(os.path.basename(path), path, ())
+            printer.record(os.path.basename(path), _absolute(path), ())
         printer.flush()
         log_error(PROG, f"could not get modinfo from '{path}': {os.strerror(exc.errno)} ({exc.problem})")
         return False

@@ -308,6 +308,54 @@ class Delivery(str, enum.Enum):
 # Instance names kvc uses for directories of its own below /var/lib/kvc.
 RESERVED_NAMES = ("modules", "firmware")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+SIGN_HASHES = ("sha256", "sha384", "sha512")
+# The signer's own options may start with '-': kvc runs the command itself (no other program's argv).
+_SIGNER_ARGUMENT = re.compile(r"[A-Za-z0-9_./=+:@%,~#-]+")
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    """KVC_SIGN_*: who signs the instance's modules on the host. Exactly one of ``key_path`` (a
+    private key file) and ``command`` (an external signer's argv) is set."""
+
+    certificate_path: str  # KVC_SIGN_CERT: PEM or DER
+    key_path: str = ""  # KVC_SIGN_KEY
+    command: tuple[str, ...] = ()  # KVC_SIGN_COMMAND
+    hash_name: str = "sha256"  # KVC_SIGN_HASH
+
+
+def _signing(values: Mapping[str, str], path: str) -> Optional[SigningConfig]:
+    key = values.get("KVC_SIGN_KEY", "")
+    command = tuple(values.get("KVC_SIGN_COMMAND", "").split())
+    cert = values.get("KVC_SIGN_CERT", "")
+    hash_name = values.get("KVC_SIGN_HASH", "") or "sha256"
+    if not key and not command:
+        if cert:
+            raise ConfigError(
+                f"{path}: KVC_SIGN_CERT is set without a signer", hint="set KVC_SIGN_KEY or KVC_SIGN_COMMAND"
+            )
+        return None
+    if key and command:
+        raise ConfigError(f"{path}: KVC_SIGN_KEY and KVC_SIGN_COMMAND are both set", hint="keep one signer")
+    if key.startswith("pkcs11:"):
+        raise ConfigError(
+            f"{path}: KVC_SIGN_KEY={key!r}: PKCS#11 keys are not supported",
+            hint="give a key file, or a KVC_SIGN_COMMAND that signs with the token",
+        )
+    if not cert:
+        raise ConfigError(f"{path}: KVC_SIGN_CERT is not set", hint="name the signer's certificate (PEM or DER)")
+    if hash_name not in SIGN_HASHES:
+        raise ConfigError(f"{path}: KVC_SIGN_HASH={hash_name!r} is not one of {', '.join(SIGN_HASHES)}")
+    for what, value in (("KVC_SIGN_KEY", key), ("KVC_SIGN_CERT", cert)):
+        if value:
+            check_word(value, what, path)
+            if not os.path.isabs(value):
+                raise ConfigError(f"{path}: {what}={value!r} is not an absolute path", hint="give the full path")
+    if command:
+        check_word(command[0], "KVC_SIGN_COMMAND program", path)
+    for word in command[1:]:
+        check_word(word, "KVC_SIGN_COMMAND argument", path, _SIGNER_ARGUMENT)
+    return SigningConfig(certificate_path=cert, key_path=key, command=command, hash_name=hash_name)
 
 
 @dataclass(frozen=True)
@@ -337,6 +385,7 @@ class InstanceConfig:
     intree_modules: tuple[str, ...] = ()  # KVC_INTREE_MODULES: in-tree modules loaded first, as modprobe would
     verify_devices: tuple[str, ...] = ()  # KVC_VERIFY_DEVICES: extra qemu -device values for kvc verify
     verify_required: bool = False  # KVC_VERIFY_REQUIRED: the reboot gate also wants a passed verification
+    signing: Optional[SigningConfig] = None  # KVC_SIGN_*: the host-side module signer (None = unsigned)
 
     @property
     def image_repository(self) -> str:
@@ -486,4 +535,5 @@ class InstanceConfig:
             intree_modules=intree,
             verify_devices=devices,
             verify_required=_flag(values, "KVC_VERIFY_REQUIRED", False, path),
+            signing=_signing(values, path),
         )

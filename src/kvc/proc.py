@@ -129,3 +129,23 @@ def run(
         log_failure(args, completed.returncode)
         raise CommandError(args, completed.returncode, tail(completed.stdout + completed.stderr), hint=hint)
     return completed
+
+
+def run_bytes(argv: Sequence[str], data: bytes, *, timeout: Optional[float] = None, hint: str = "") -> bytes:
+    """Run ``argv`` with ``data`` on its stdin and return its stdout as bytes (an external signer:
+    binary in, binary out). Only the argv is logged, never ``data`` or the output; on failure the
+    error carries the tail of stderr alone."""
+    args = [str(arg) for arg in argv]
+    log.info("+ %s", shlex.join(args))
+    try:
+        done = subprocess.run(args, input=data, capture_output=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        log.error("command not found: %s", shlex.join(args))
+        raise CommandError(args, 127, "", hint=hint or f"install {args[0]} or put it on PATH") from None
+    except subprocess.TimeoutExpired:
+        log.error("command timed out after %ss: %s", timeout, shlex.join(args))
+        raise CommandTimeout(args, -1, "", hint=hint or "it did not finish in time") from None
+    if done.returncode != 0:
+        log_failure(args, done.returncode)
+        raise CommandError(args, done.returncode, tail(done.stderr.decode("utf-8", "replace")), hint=hint)
+    return done.stdout

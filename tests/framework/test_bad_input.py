@@ -500,6 +500,28 @@ CASES: list[tuple[str, Setup, tuple[str, ...], ExitCode, str]] = [
     ("keys: an empty name", _nothing, ("keys", "generate", "--out", "{tmp}", "--cn", ""), E.CONFIG, "--cn is empty"),
     ("keys: status of an unknown instance", _nothing, ("keys", "status", "nosuch"), E.CONFIG, "nosuch"),
     ("keys: status before a load", _conf(CONF), ("keys", "status", "demo"), E.STATE, "demo has no extraction for"),
+    # the instance's signer
+    (
+        "signer: key without a certificate",
+        _conf(CONF + "KVC_SIGN_KEY=/etc/kvc/demo.key\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "KVC_SIGN_CERT is not set",
+    ),
+    (
+        "signer: a PKCS#11 key",
+        _conf(CONF + "KVC_SIGN_KEY=pkcs11:token=kvc\nKVC_SIGN_CERT=/etc/kvc/demo.pem\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "PKCS#11 keys are not supported",
+    ),
+    (
+        "signer: a key file and a command",
+        _conf(CONF + "KVC_SIGN_KEY=/k.key\nKVC_SIGN_COMMAND=/usr/bin/sign\nKVC_SIGN_CERT=/k.pem\n"),
+        ("load", "demo"),
+        E.CONFIG,
+        "KVC_SIGN_KEY and KVC_SIGN_COMMAND are both set",
+    ),
 ]
 
 

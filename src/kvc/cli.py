@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sb-cert",
         metavar="CERT",
-        help="with --secure-boot: the certificate (PEM or DER) to enroll (required)",
+        help="with --secure-boot: the certificate (PEM or DER) to enroll (default: the instance's KVC_SIGN_CERT)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, boot nothing")
 

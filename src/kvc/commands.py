@@ -717,7 +717,9 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
         args.timeout,
         args.keep_artifacts,
         os.path.abspath(args.guest_root),
-        certificate_path(args.sb_cert, None, instance.name) if args.secure_boot else "",
+        certificate_path(args.sb_cert, instance.signing.certificate_path if instance.signing else None, instance.name)
+        if args.secure_boot
+        else "",
     )
     plan = plan_verify(
         instance,

@@ -190,6 +190,12 @@ def test_secure_boot_needs_a_certificate_and_sb_cert_needs_secure_boot(tmp_path:
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
     bad = kvc(["verify", "sb", "--secure-boot", "--sb-cert", str(tmp_path / "garbage.pem"), "--dry-run"], env)
     assert bad.returncode != 0 and "is not an X.509 certificate" in bad.stderr and "Traceback" not in bad.stderr
+    # Without --sb-cert, the instance's own certificate (KVC_SIGN_CERT) is the one enrolled.
+    with (conf / "sb.conf").open("a") as handle:
+        handle.write(f'KVC_SIGN_CERT="{tmp_path / "garbage.pem"}"\nKVC_SIGN_COMMAND="signer"\n')
+    configured = kvc(["verify", "sb", "--secure-boot", "--dry-run"], env)
+    assert configured.returncode != 0 and "is not an X.509 certificate" in configured.stderr, configured.stderr
+    assert str(tmp_path / "garbage.pem") in configured.stderr
 
 
 # ---- in a real VM -----------------------------------------------------------------------------------

@@ -192,11 +192,11 @@ def boot_copy(template: str, destination: str) -> str:
 
 
 def certificate_path(option: Optional[str], configured: Optional[str], instance: str) -> str:
-    """``--sb-cert``, else ``configured`` (the instance's certificate, once its conf names one)."""
+    """``--sb-cert``, else ``configured`` (the instance's KVC_SIGN_CERT)."""
     path = option or configured
     if not path:
         raise ConfigError(
             f"--secure-boot needs the certificate to enroll for instance {instance}",
-            hint="give it with --sb-cert CERT (PEM or DER)",
+            hint="give it with --sb-cert CERT (PEM or DER), or set KVC_SIGN_CERT in the instance's conf",
         )
     return os.path.abspath(path)

@@ -19,7 +19,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,23 +36,13 @@ from kvc.verify.secureboot import (
 )
 from support.debian_kernel import DebianKernel
 from support.example import unique_prefix
+from support.kvccli import kvc
 
 ROOT = Path(__file__).resolve().parents[2]
 KMODS = ROOT / "tests" / "kmods"
 SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
 MODULE_SIGNATURE_MAGIC = b"~Module signature appended~\n"
 PKEY_ID_PKCS7 = 2
-
-
-def kvc(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kvc", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=timeout,
-        check=False,
-    )
 
 
 def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:

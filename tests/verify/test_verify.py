@@ -37,6 +37,7 @@ from support import fakeprog
 from support.debian_headers import foreign_headers
 from support.debian_kernel import DebianKernel
 from support.example import EDU_EXAMPLE, unique_prefix, write_example_conf
+from support.kvccli import kvc
 from support.modbuild import ModuleSpec, build_module
 from support.oracle import run_kmod
 
@@ -44,17 +45,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KMODS = ROOT / "tests" / "kmods"
 SHARED_CACHE = Path(os.environ.get("KVC_TEST_CACHE") or Path.home() / ".cache" / "kvc-test") / "kvc"
 BASE_IMAGE = "localhost/debian:bookworm"
-
-
-def kvc(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kvc", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=timeout,
-        check=False,
-    )
 
 
 def write_conf(root: Path, name: str, values: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from typing import Any, List, NamedTuple, Optional, Protocol, Tuple, Union
 
 from kvc.kmod import compression
 from kvc.kmod.atomic import write_file
+from kvc.kmod.der import oid_text
 from kvc.kmod.errors import KmodError
 from kvc.kmod.signature import ID_PKCS7, SIG_MAGIC, encode_oid
 
@@ -156,21 +157,9 @@ def read_certificate(der_bytes: bytes) -> Certificate:
     return Certificate(
         issuer=issuer.encoded,
         serial=serial.encoded,
-        key_algorithm=_dotted(key_algorithm.content),
+        key_algorithm=oid_text(key_algorithm.content),
         subject_key_id=skid,
     )
-
-
-def _dotted(content: bytes) -> str:
-    arcs: List[int] = []
-    value = 0
-    for byte in content:
-        value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
-            arcs.append(value)
-            value = 0
-    first = min(arcs[0] // 40, 2)
-    return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first, *arcs[1:]])
 
 
 def certificate_from_pem_or_der(data: bytes) -> bytes:

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
 
+    p = sub.add_parser("sign", help="sign the instance's built modules on this host, into a new image")
+    p.add_argument("name")
+    _add_kernel(p, many=True)
+    p.add_argument("--dry-run", action="store_true", help="print the plan, sign nothing")
+
     p = sub.add_parser("push", help="push the instance's images to a registry, labelled with what they hold")
     p.add_argument("name")
     p.add_argument("repository", nargs="?", metavar="REPOSITORY", help="REGISTRY/PATH (default: KVC_REGISTRY)")

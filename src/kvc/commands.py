@@ -57,6 +57,7 @@ from kvc.lock import instance_lock
 from kvc.nextboot import NextKernel, find_next_kernel, named_kernel
 from kvc.registry import Reference, RegistryClient, RegistryOptions
 from kvc.runtime import ContainerRuntime, ImageFiles, runtime_for
+from kvc.signing import execute_sign, plan_sign
 from kvc.tree import (
     delivery_status,
     execute_deliver,
@@ -158,14 +159,34 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
     if args.dry_run:
         for plan in plans:
             say(plan.describe())
+            if instance.signing is not None:
+                say("  then sign its modules on this host (kvc sign), unless this signer signed the image already")
             if push_to is not None:
                 say(f"  then push it to {push_to} (unless the registry has this build)")
         return 0
     with instance_lock(ctx.layout.lock_dir, instance.name):
         for plan in plans:
             say(execute_build(plan, ctx.runtime))
+            if instance.signing is not None:
+                say(execute_sign(plan_sign(instance, plan.kernel_release, ctx.runtime), ctx.runtime))
             if push_to is not None:
                 _push(ctx, instance, plan.kernel_release, push_to)
+    return 0
+
+
+def cmd_sign(ctx: Context, args: argparse.Namespace) -> int:
+    """Sign the instance's built images on this host, into new images (the key never enters one)."""
+    instance = ctx.instance(args.name)
+    kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
+    plans = [plan_sign(instance, kernel, ctx.runtime) for kernel in kernels]
+    for plan in plans:
+        say(plan.describe())
+    if args.dry_run:
+        return 0
+    with instance_lock(ctx.layout.lock_dir, instance.name):
+        for plan in plans:
+            if not plan.up_to_date:
+                say(execute_sign(plan, ctx.runtime))
     return 0
 
 
@@ -801,6 +822,7 @@ COMMANDS = {
     "status": cmd_status,
     "verify": cmd_verify,
     "push": cmd_push,
+    "sign": cmd_sign,
     "pull": cmd_pull,
     "inspect": cmd_inspect,
     "export": cmd_export,

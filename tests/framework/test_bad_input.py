@@ -522,6 +522,7 @@ CASES: list[tuple[str, Setup, tuple[str, ...], ExitCode, str]] = [
         E.CONFIG,
         "KVC_SIGN_KEY and KVC_SIGN_COMMAND are both set",
     ),
+    ("sign: an instance without a signer", _conf(CONF), ("sign", "demo"), E.USAGE, "demo has no signer"),
 ]
 
 

@@ -4,6 +4,7 @@ must give the very signature the key file gives (RSA PKCS#1 v1.5 is deterministi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from kvc.config import InstanceConfig, SigningConfig
 from kvc.errors import CommandError, ConfigError, ExitCode
 from kvc.kmod.sign import KeyFileSigner, sign_module
 from kvc.signing import CommandSigner, check_key_file, signer_for
+from support.debian_kernel import DebianKernel
+from support.example import unique_prefix, write_example_conf
+from support.oracle import kmod_tool
 
 SIGNER_SCRIPT = Path(__file__).resolve().parent.parent / "support" / "ext_signer.py"
 MODULE_BYTES = b"\x7fELF" + bytes(range(256)) * 16
@@ -109,3 +113,82 @@ def test_bad_conf_keys(extra: dict[str, str], needle: str) -> None:
         InstanceConfig.from_values("demo", "/etc/kvc/demo.conf", {**BASE, **extra})
     assert needle in caught.value.brief
     assert os.path.basename("/etc/kvc/demo.conf") in caught.value.brief
+
+
+# ---- signing a built image, and where the key must never be -------------------------------------------------
+
+
+def _secret_forms(key: Path) -> dict[str, bytes]:
+    """The private key as it could leak: its PEM body lines, its DER, and its private exponent."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = key.read_bytes()
+    private = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(private, rsa.RSAPrivateKey)
+    der = private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    exponent = private.private_numbers().d
+    body = [line for line in pem.splitlines() if line and not line.startswith(b"-----")]
+    return {
+        "pem line": body[len(body) // 2],
+        "der": der[64:128],
+        "private exponent": exponent.to_bytes((exponent.bit_length() + 7) // 8, "big")[:48],
+    }
+
+
+@pytest.mark.podman
+@pytest.mark.parametrize("signer_kind", ["key-file", "command"])
+def test_a_signed_image_holds_signed_modules_and_never_the_key(
+    key_pair: tuple[Path, Path], tmp_path: Path, indexed_kernel_tree: DebianKernel, signer_kind: str
+) -> None:
+    key, cert = key_pair
+    release = indexed_kernel_tree.release
+    root, scratch = tmp_path / "root", tmp_path / "tmpdir"
+    scratch.mkdir()
+    signer = (
+        f'KVC_SIGN_KEY="{key}"\n'
+        if signer_kind == "key-file"
+        else f'KVC_SIGN_COMMAND="{sys.executable} {SIGNER_SCRIPT} {key}"\n'
+    )
+    env = {**os.environ, "KVC_ROOT": str(root), "TMPDIR": str(scratch)}
+    with unique_prefix("kvcsign") as name:
+        write_example_conf(root, name, f'KVC_SIGN_CERT="{cert}"\n{signer}')
+        run = subprocess.run(
+            [sys.executable, "-m", "kvc", "-v", "build", name, "--kernel", release], capture_output=True, env=env
+        )
+        assert run.returncode == 0, run.stderr.decode()
+        tag = f"{name}-1.0.0:{release}"
+        assert f"signed {tag}: simple_kmod, simple_procfs_kmod signed by ".encode() in run.stdout
+        again = subprocess.run(
+            [sys.executable, "-m", "kvc", "sign", name, "--kernel", release], capture_output=True, env=env
+        )
+        assert again.returncode == 0 and b"is signed by" in again.stdout and b"already" in again.stdout, again
+
+        saved = tmp_path / "image.tar"
+        subprocess.run(["podman", "save", "--format", "docker-archive", "-o", str(saved), tag], check=True)
+        inspected = subprocess.run(["podman", "image", "inspect", tag], capture_output=True, check=True).stdout
+        labels = json.loads(inspected)[0]["Labels"]
+        haystacks = {
+            "image layers": saved.read_bytes(),
+            "image config": inspected,
+            "kvc -v output": run.stdout + run.stderr,
+        }
+        for what, needle in _secret_forms(key).items():
+            for where, haystack in haystacks.items():
+                assert needle not in haystack, f"the key's {what} is in the {where}"
+        assert list(scratch.iterdir()) == []  # no temporary file left behind
+
+        container = subprocess.run(["podman", "create", tag, "true"], capture_output=True, text=True, check=True)
+        try:
+            module = tmp_path / "simple-kmod.ko"
+            inside = f"/lib/modules/{release}/extra/simple-kmod.ko"
+            subprocess.run(["podman", "cp", f"{container.stdout.strip()}:{inside}", str(module)], check=True)
+        finally:
+            subprocess.run(["podman", "rm", container.stdout.strip()], capture_output=True)
+        ours = subprocess.run([sys.executable, "-m", "kvc", "kmod", "modinfo", str(module)], capture_output=True)
+        theirs = subprocess.run([kmod_tool("modinfo"), str(module)], capture_output=True)
+        assert ours.stdout == theirs.stdout and b"signer:         kvc signing test" in ours.stdout
+        sig_key = next(line for line in ours.stdout.decode().splitlines() if line.startswith("sig_key:"))
+        assert labels["kvc.signer-key-id"] == sig_key.split()[1]

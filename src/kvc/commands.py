@@ -13,7 +13,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import AbstractSet, Any, Callable, Mapping, Optional
+from typing import AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from kvc import systemd
 from kvc.archive import export_images, import_archive
@@ -174,20 +174,37 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+class _Plan(Protocol):
+    def describe(self) -> str: ...
+
+
+_P = TypeVar("_P", bound=_Plan)
+
+
+def _run_plans(ctx: Context, name: str, plans: Sequence[_P], dry_run: bool, execute: Callable[[_P], object]) -> int:
+    """Print every plan; unless a dry run, execute them in turn under the instance's lock."""
+    for plan in plans:
+        say(plan.describe())
+    if dry_run:
+        return 0
+    with instance_lock(ctx.layout.lock_dir, name):
+        for plan in plans:
+            execute(plan)
+    return 0
+
+
 def cmd_sign(ctx: Context, args: argparse.Namespace) -> int:
     """Sign the instance's built images on this host, into new images (the key never enters one)."""
     instance = ctx.instance(args.name)
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     plans = [plan_sign(instance, kernel, ctx.runtime) for kernel in kernels]
-    for plan in plans:
-        say(plan.describe())
-    if args.dry_run:
-        return 0
-    with instance_lock(ctx.layout.lock_dir, instance.name):
-        for plan in plans:
-            if not plan.up_to_date:
-                say(execute_sign(plan, ctx.runtime))
-    return 0
+    return _run_plans(
+        ctx,
+        instance.name,
+        plans,
+        args.dry_run,
+        lambda plan: None if plan.up_to_date else say(execute_sign(plan, ctx.runtime)),
+    )
 
 
 def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference) -> None:
@@ -423,24 +440,12 @@ def cmd_deliver(ctx: Context, args: argparse.Namespace) -> int:
     if args.remove:
         name = check_name(args.name)
         removals = [plan_remove(ctx.layout, name, kernel) for kernel in kernels]
-        for removal in removals:
-            say(removal.describe())
-        if args.dry_run:
-            return 0
-        with instance_lock(ctx.layout.lock_dir, name):
-            for removal in removals:
-                execute_remove(removal, ctx.layout, say)
-        return 0
+        return _run_plans(ctx, name, removals, args.dry_run, lambda removal: execute_remove(removal, ctx.layout, say))
     instance = ctx.instance(args.name)
     plans = [plan_deliver(instance, kernel, ctx.layout, ctx.runtime) for kernel in kernels]
-    for plan in plans:
-        say(plan.describe())
-    if args.dry_run:
-        return 0
-    with instance_lock(ctx.layout.lock_dir, instance.name):
-        for plan in plans:
-            execute_deliver(plan, ctx.layout, ctx.runtime, say)
-    return 0
+    return _run_plans(
+        ctx, instance.name, plans, args.dry_run, lambda plan: execute_deliver(plan, ctx.layout, ctx.runtime, say)
+    )
 
 
 def _next_kernel(ctx: Context, requested: Optional[str]) -> NextKernel:

@@ -89,7 +89,8 @@ def read_certificate(path: str) -> Certificate:
             data = handle.read()
     except OSError as exc:
         raise ConfigError(
-            f"cannot read the certificate {path}: {exc.strerror}", hint="check the path given with --sb-cert"
+            f"cannot read the certificate {path}: {exc.strerror}",
+            hint="check the path given with --sb-cert (or KVC_SIGN_CERT in the conf)",
         ) from None
     der = _der_of(path, data)
     try:

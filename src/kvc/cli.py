@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("name", nargs="?", help="also judge this instance's extracted modules' signatures")
     k.add_argument("--json", action="store_true", help="machine-readable output")
 
+    _add_k8s(sub)
+
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
@@ -255,6 +257,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return parser
+
+
+def _add_k8s(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("k8s", help="Kubernetes: a KMM Module, or kvc's own DaemonSets, for an instance")
+    k8s = p.add_subparsers(dest="k8s_command", metavar="ACTION", required=True)
+
+    def cluster_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--namespace", "-n", default="kube-system", help="the objects' namespace (kube-system)")
+        parser.add_argument("--output", "-o", metavar="FILE", help="write the YAML to FILE (default: stdout)")
+
+    k = k8s.add_parser("module", help="a KMM Module (kmm.sigs.x-k8s.io/v1beta1) for the images kvc pushed")
+    k.add_argument("name")
+    k.add_argument("--repository", metavar="REPO", help="where kvc pushed the images (default: KVC_REGISTRY)")
+    _add_kernel(k, many=True)
+    k.add_argument("--regexp", action="store_true", help="one mapping for every kernel: VERSION-${KERNEL_FULL_VERSION}")
+    k.add_argument("--selector", action="append", metavar="KEY=VALUE", help="node selector (repeatable)")
+    k.add_argument("--image-repo-secret", dest="pull_secret", metavar="SECRET", help="the pull secret's name")
+    cluster_options(k)
+
+    k = k8s.add_parser("daemonset", help="kvc's own DaemonSets, one per kernel, for clusters without KMM")
+    k.add_argument("name")
+    k.add_argument("--repository", metavar="REPO", help="where kvc pushed the images (default: KVC_REGISTRY)")
+    k.add_argument("--kvc-image", required=True, metavar="IMAGE", help="the kvc image the pods run")
+    _add_kernel(k, many=True)
+    k.add_argument(
+        "--kernel-label",
+        metavar="KEY",
+        help="the node label holding the kernel release (default: NFD's kernel-version.full)",
+    )
+    k.add_argument("--image-pull-secret", dest="pull_secret", metavar="SECRET", help="the pull secret's name")
+    cluster_options(k)
+
+    k = k8s.add_parser("unload-job", help="Jobs that unload the instance on the named nodes (removal)")
+    k.add_argument("name")
+    k.add_argument("--kvc-image", required=True, metavar="IMAGE", help="the kvc image the pods run")
+    k.add_argument("--node", action="append", metavar="NODE", help="a node to unload on (repeatable)")
+    k.add_argument("--image-pull-secret", dest="pull_secret", metavar="SECRET", help="the pull secret's name")
+    cluster_options(k)
+
+    k = k8s.add_parser("agent", help="(in kvc's DaemonSet pod) load the instance, label the node, wait")
+    k.add_argument("name")
+    k.add_argument(
+        "--modules-dir", required=True, metavar="DIR", help="the init container's copy: DIR/lib/modules/KVER"
+    )
+
+    k = k8s.add_parser("ready", help="(the pod's readiness probe) exit 0 when the instance is loaded")
+    k.add_argument("name")
 
 
 def report(error: KvcError) -> int:

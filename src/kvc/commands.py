@@ -839,5 +839,14 @@ COMMANDS = {
 }
 
 
+def cmd_k8s(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.k8s.commands import cmd_k8s as k8s
+
+    return k8s(ctx, args)
+
+
+COMMANDS["k8s"] = cmd_k8s
+
+
 def dispatch(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](Context(Layout.from_env()), args)

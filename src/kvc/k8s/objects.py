@@ -237,7 +237,7 @@ def _kvc_container(
         "args": args,
         "env": [
             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-            {"name": "KVC_K8S_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "KVC_K8S_NAMESPACE", "value": options.namespace},
         ],
         # finit_module and delete_module need CAP_SYS_MODULE in the initial user namespace, and the
         # default seccomp profile allows them only with it; /sys must be writable for parameters.

@@ -284,7 +284,8 @@ def _add_k8s(sub: argparse._SubParsersAction[_Parser]) -> None:
     k.add_argument(
         "--kernel-label",
         metavar="KEY",
-        help="the node label holding the kernel release (default: NFD's kernel-version.full)",
+        help="the node label holding the kernel release (default: NFD's kernel-version.full; kvc/kernel-release: "
+        "kvc's own, set by a labeller DaemonSet it adds)",
     )
     k.add_argument("--image-pull-secret", dest="pull_secret", metavar="SECRET", help="the pull secret's name")
     cluster_options(k)
@@ -304,6 +305,8 @@ def _add_k8s(sub: argparse._SubParsersAction[_Parser]) -> None:
 
     k = k8s.add_parser("ready", help="(the pod's readiness probe) exit 0 when the instance is loaded")
     k.add_argument("name")
+
+    k8s.add_parser("label-node", help="(in the kvc-kernel-label DaemonSet) label this node with its kernel, wait")
 
 
 def report(error: KvcError) -> int:

@@ -139,6 +139,32 @@ def test_a_kernel_that_is_no_label_value_is_refused_with_a_hint(root: Path) -> N
     assert missing.returncode == 2 and "needs --kernel KVER (or --regexp)" in missing.stderr
 
 
+def test_kvcs_own_kernel_label_comes_with_its_labeller_and_takes_any_release(root: Path) -> None:
+    objects, _ = rendered(
+        root,
+        "daemonset",
+        "demo",
+        "--kvc-image",
+        "k:1",
+        "-k",
+        "6.12.9+bpo-amd64",
+        "--kernel-label",
+        "kvc/kernel-release",
+    )
+    (selected,) = [
+        obj for obj in objects if obj["kind"] == "DaemonSet" and "initContainers" in obj["spec"]["template"]["spec"]
+    ]
+    assert selected["spec"]["template"]["spec"]["nodeSelector"] == {"kvc/kernel-release": "6.12.9__bpo-amd64"}
+    (labeller,) = [
+        obj for obj in objects if obj["metadata"]["name"] == "kvc-kernel-label" and obj["kind"] == "DaemonSet"
+    ]
+    pod = labeller["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["k8s", "label-node"] and "volumes" not in pod
+    assert "securityContext" not in pod["containers"][0]  # reading the kernel release needs no privilege
+    outside = kvc(["k8s", "label-node"], env(root))
+    assert outside.returncode == 6 and "not in a cluster" in outside.stderr
+
+
 def test_unload_jobs_are_pinned_to_their_nodes(root: Path, tmp_path: Path) -> None:
     out = tmp_path / "unload.yaml"
     done = kvc(

@@ -21,10 +21,12 @@ from kvc.images import image_tag
 from kvc.k8s.nodeapi import InClusterAPI, NodeAPIError
 from kvc.k8s.objects import (
     DEFAULT_NAMESPACE,
+    KVC_KERNEL_LABEL,
     FleetOptions,
     Rendered,
     check_label,
     daemonsets,
+    kernel_label_value,
     kmm_module,
     ready_label,
     unload_jobs,
@@ -170,9 +172,6 @@ def _agent(ctx: Context, args: argparse.Namespace) -> int:
     kernel = ctx.running_kernel(instance, None, "load")
     modules_dir = os.path.abspath(args.modules_dir)
     namespace = os.environ.get("KVC_K8S_NAMESPACE", DEFAULT_NAMESPACE)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: stop.set())
     with instance_lock(ctx.layout.lock_dir, instance.name):
         replaced = _replaced_modules(ctx, instance, kernel, modules_dir)
         if replaced:
@@ -182,9 +181,34 @@ def _agent(ctx: Context, args: argparse.Namespace) -> int:
         _load(ctx, instance, kernel, dry_run=False, force=False, modules_dir=modules_dir)
     _set_ready(namespace, instance.name, True)
     say(f"{instance.name} {instance.software_version} is loaded on {kernel}; waiting (stopping leaves it loaded)")
+    _wait_for_stop()
+    say(f"stopping: {instance.name} stays loaded ('kvc k8s unload-job {instance.name}' removes it)")
+    return 0
+
+
+def _wait_for_stop() -> None:
+    """Sleep until SIGTERM or SIGINT (how the kubelet stops a container)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
     while not stop.wait(3600):
         pass
-    say(f"stopping: {instance.name} stays loaded ('kvc k8s unload-job {instance.name}' removes it)")
+
+
+def _label_node(ctx: Context, args: argparse.Namespace) -> int:
+    """Label this node with the kernel it runs (kvc's stand-in for NFD's label), then wait."""
+    release = ctx.kernel.release()
+    value = kernel_label_value(KVC_KERNEL_LABEL, release)
+    api = InClusterAPI.from_environment(os.environ)
+    node = os.environ.get("NODE_NAME", "")
+    if api is None or not node:
+        raise StateError(
+            "not in a cluster: no service account or no NODE_NAME",
+            hint="run it in the kvc-kernel-label DaemonSet from 'kvc k8s daemonset --kernel-label kvc/kernel-release'",
+        )
+    api.label_node(node, {KVC_KERNEL_LABEL: value})
+    say(f"node {node}: {KVC_KERNEL_LABEL}={value} (kernel {release})")
+    _wait_for_stop()
     return 0
 
 
@@ -216,6 +240,7 @@ ACTIONS: dict[str, Any] = {
     "unload-job": _unload_job,
     "agent": _agent,
     "ready": _ready,
+    "label-node": _label_node,
 }
 
 

@@ -28,6 +28,10 @@ KMM_DIR_NAME = "/opt"  # where kvc's published images keep KMM's layout (kvc.kmm
 KMM_FIRMWARE_PATH = "/opt/lib/firmware"
 NFD_KERNEL_LABEL = "feature.node.kubernetes.io/kernel-version.full"
 LABEL_PREFIX = "kvc"  # node and object labels kvc sets: kvc/...
+# The kernel label kvc's own labeller DaemonSet sets (for clusters without NFD): the release as a
+# tag writes it ('+' as '__'), since a label value cannot hold every release.
+KVC_KERNEL_LABEL = f"{LABEL_PREFIX}/kernel-release"
+LABELLER = "kvc-kernel-label"
 MODULES_DIR = "/kvc-modules"  # the init container's copy of the image's /opt/lib, in an emptyDir
 CONF_DIR = "/etc/kvc"
 DEFAULT_NAMESPACE = "kube-system"
@@ -84,7 +88,7 @@ def check_label(key: str, value: str, what: str) -> None:
     if not _LABEL_VALUE.fullmatch(value):
         raise UsageError(
             f"{what}: {value!r} is not a valid label value (at most 63 letters, digits, '-', '_', '.')",
-            hint="label the nodes under a key of your own with a valid value and pass --kernel-label",
+            hint=f"use kvc's own node label: --kernel-label {KVC_KERNEL_LABEL} (its labeller writes '+' as '__')",
         )
 
 
@@ -333,7 +337,7 @@ def daemonset(instance: InstanceConfig, kernel_release: str, options: FleetOptio
     # unloads an old version itself, and removal is the explicit 'kvc k8s unload-job'.
     spec = _pod_spec(instance, options, [agent])
     spec["initContainers"] = [init]
-    spec["nodeSelector"] = {options.kernel_label: kernel_release}
+    spec["nodeSelector"] = {options.kernel_label: kernel_label_value(options.kernel_label, kernel_release)}
     spec["terminationGracePeriodSeconds"] = 30
     spec["volumes"].insert(0, {"name": "modules", "emptyDir": {}})
     return {
@@ -359,12 +363,71 @@ def daemonset(instance: InstanceConfig, kernel_release: str, options: FleetOptio
     }
 
 
+def kernel_label_value(key: str, kernel_release: str) -> str:
+    """The value of the node label ``key`` on a node running ``kernel_release``."""
+    return encode_tag(kernel_release) if key == KVC_KERNEL_LABEL else kernel_release
+
+
+def labeller_objects(options: FleetOptions) -> list[dict[str, Any]]:
+    """kvc's stand-in for NFD's kernel label: a DaemonSet on every Linux node whose pod labels its
+    node ``kvc/kernel-release`` with the kernel it runs (a container sees the node's kernel) each
+    time it starts, so after a kernel update and reboot the node moves to that kernel's DaemonSet.
+    The same objects for every instance: applying them again changes nothing."""
+    labels = {"app.kubernetes.io/name": "kvc", "app.kubernetes.io/component": "kernel-label"}
+    meta = {"namespace": options.namespace, "labels": labels}
+    spec: dict[str, Any] = {
+        "serviceAccountName": LABELLER,
+        "priorityClassName": "system-node-critical",
+        "tolerations": [{"operator": "Exists"}],
+        "nodeSelector": dict(DEFAULT_SELECTOR),
+        "containers": [
+            {
+                "name": "label",
+                "image": options.kvc_image,
+                "imagePullPolicy": "IfNotPresent",
+                "args": ["k8s", "label-node"],
+                "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                "resources": {"requests": {"cpu": "5m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+            }
+        ],
+    }
+    if options.pull_secret:
+        spec["imagePullSecrets"] = [{"name": options.pull_secret}]
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": LABELLER, **meta}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": LABELLER, "labels": labels},
+            "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": LABELLER, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": LABELLER},
+            "subjects": [{"kind": "ServiceAccount", "name": LABELLER, "namespace": options.namespace}],
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": LABELLER, **meta},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": spec},
+            },
+        },
+    ]
+
+
 def daemonsets(instance: InstanceConfig, kernels: Sequence[str], options: FleetOptions) -> Rendered:
     if not kernels:
         raise UsageError("kvc k8s daemonset needs --kernel KVER", hint="name each kernel the fleet runs")
     for kernel in kernels:
-        check_label(options.kernel_label, kernel, f"kernel {kernel}")
+        check_label(options.kernel_label, kernel_label_value(options.kernel_label, kernel), f"kernel {kernel}")
     objects = [*support_objects(instance, options), *(daemonset(instance, k, options) for k in kernels)]
+    if options.kernel_label == KVC_KERNEL_LABEL:
+        objects += labeller_objects(options)
     return Rendered(tuple(objects))
 
 

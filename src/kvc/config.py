@@ -387,11 +387,6 @@ class InstanceConfig:
     verify_required: bool = False  # KVC_VERIFY_REQUIRED: the reboot gate also wants a passed verification
     signing: Optional[SigningConfig] = None  # KVC_SIGN_*: the host-side module signer (None = unsigned)
 
-    @property
-    def image_repository(self) -> str:
-        """KVC's image name: ``NAME-VERSION`` (tagged with the kernel release)."""
-        return f"{self.name}-{self.software_version}"
-
     @classmethod
     def load(cls, conf_dir: str, name: str) -> InstanceConfig:
         check_name(name)

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from kvc.config import InstanceConfig
 from kvc.errors import UsageError
-from kvc.images import encode_tag, registry_tags
+from kvc.images import encode_tag, image_repository, registry_tags
 from kvc.registry import Reference
 
 KMM_API_VERSION = "kmm.sigs.x-k8s.io/v1beta1"
@@ -203,7 +203,7 @@ def pod_conf(instance: InstanceConfig, repo: Optional[Reference]) -> str:
     if repo is not None:
         values += [("KVC_REGISTRY", str(repo)), ("KVC_REGISTRY_FALLBACK", "fail")]
     else:
-        values.append(("KVC_IMAGE", instance.image or f"{instance.image_repository}:{{kver}}"))
+        values.append(("KVC_IMAGE", instance.image or f"{image_repository(instance)}:{{kver}}"))
     values += [(f"KVC_MODULE_PARAMS_{module}", params) for module, params in sorted(instance.module_params.items())]
     for key, items in (
         ("KVC_INTREE_MODULES", instance.intree_modules),

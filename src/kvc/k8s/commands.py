@@ -165,6 +165,21 @@ def _set_ready(namespace: str, name: str, ready: bool) -> None:
     say(f"node {node}: {label}={'true' if ready else '(removed)'}")
 
 
+def _check_copy_kernel(modules_dir: str, kernel: str) -> None:
+    """A copy for another kernel means the node booted a kernel its label does not say yet."""
+    try:
+        kernels = sorted(os.listdir(os.path.join(modules_dir, "lib", "modules")))
+    except OSError:
+        kernels = []
+    if kernels and kernel not in kernels:
+        raise StateError(
+            f"this pod's module image is for kernel {', '.join(kernels)}, but the node runs {kernel}",
+            hint=f"the node's kernel label is stale or wrong; once it says {kernel}, the DaemonSet for {kernel} "
+            f"runs here (no such DaemonSet: 'kvc build NAME --kernel {kernel} --push', then 'kvc k8s daemonset' "
+            "with that kernel too)",
+        )
+
+
 def _agent(ctx: Context, args: argparse.Namespace) -> int:
     """Load the instance from the init container's copy, replacing an older build that is loaded;
     label the node; then wait, and leave the modules loaded when the pod stops."""
@@ -172,6 +187,7 @@ def _agent(ctx: Context, args: argparse.Namespace) -> int:
     kernel = ctx.running_kernel(instance, None, "load")
     modules_dir = os.path.abspath(args.modules_dir)
     namespace = os.environ.get("KVC_K8S_NAMESPACE", DEFAULT_NAMESPACE)
+    _check_copy_kernel(modules_dir, kernel)
     with instance_lock(ctx.layout.lock_dir, instance.name):
         replaced = _replaced_modules(ctx, instance, kernel, modules_dir)
         if replaced:

@@ -188,6 +188,7 @@ def _agent(ctx: Context, args: argparse.Namespace) -> int:
     modules_dir = os.path.abspath(args.modules_dir)
     namespace = os.environ.get("KVC_K8S_NAMESPACE", DEFAULT_NAMESPACE)
     _check_copy_kernel(modules_dir, kernel)
+    stop = _stop_signal()
     with instance_lock(ctx.layout.lock_dir, instance.name):
         replaced = _replaced_modules(ctx, instance, kernel, modules_dir)
         if replaced:
@@ -197,22 +198,28 @@ def _agent(ctx: Context, args: argparse.Namespace) -> int:
         _load(ctx, instance, kernel, dry_run=False, force=False, modules_dir=modules_dir)
     _set_ready(namespace, instance.name, True)
     say(f"{instance.name} {instance.software_version} is loaded on {kernel}; waiting (stopping leaves it loaded)")
-    _wait_for_stop()
+    _wait(stop)
     say(f"stopping: {instance.name} stays loaded ('kvc k8s unload-job {instance.name}' removes it)")
     return 0
 
 
-def _wait_for_stop() -> None:
-    """Sleep until SIGTERM or SIGINT (how the kubelet stops a container)."""
+def _stop_signal() -> threading.Event:
+    """Set by SIGTERM or SIGINT (how the kubelet stops a container); installed before any work, so
+    that a stop during it is not lost."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda _signum, _frame: stop.set())
+    return stop
+
+
+def _wait(stop: threading.Event) -> None:
     while not stop.wait(3600):
         pass
 
 
 def _label_node(ctx: Context, args: argparse.Namespace) -> int:
     """Label this node with the kernel it runs (kvc's stand-in for NFD's label), then wait."""
+    stop = _stop_signal()
     release = ctx.kernel.release()
     value = kernel_label_value(KVC_KERNEL_LABEL, release)
     api = InClusterAPI.from_environment(os.environ)
@@ -224,7 +231,7 @@ def _label_node(ctx: Context, args: argparse.Namespace) -> int:
         )
     api.label_node(node, {KVC_KERNEL_LABEL: value})
     say(f"node {node}: {KVC_KERNEL_LABEL}={value} (kernel {release})")
-    _wait_for_stop()
+    _wait(stop)
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # setup.sh: prepare a Debian 12 machine for kvc, idempotently. Run as root, from anywhere.
 #
-# Usage: bash scripts/setup.sh [--containers] [--help]
+# Usage: bash scripts/setup.sh [--containers] [--k8s] [--help]
 #
 #   1. System packages (apt-get): Python with venv and headers, gcc and make, Debian's kmod
 #      (the reference the kmod tools are compared with), the kernel headers of the current
@@ -20,6 +20,8 @@
 #      (~/.cache/kvc-test, or $KVC_TEST_CACHE) with Debian's depmod output written into it.
 #   --containers  also make rootful podman work (scripts/setup-podman.sh) and build the local
 #                 Debian base image (scripts/bootstrap-base-image.sh): what builds need.
+#   --k8s         also build the k8s test tier's Kubernetes control plane from Debian's sources
+#                 (scripts/build-k8s-control-plane.sh: 4-9 minutes once, then cached).
 #
 # Running it again only checks: a few seconds. Exit status: 0 ready; 1 failure; 2 usage error.
 
@@ -30,9 +32,11 @@ say() { printf '%s: %s\n' "$PROG" "$*"; }
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
 
 CONTAINERS=0
+K8S=0
 while [ $# -gt 0 ]; do
     case $1 in
         --containers) CONTAINERS=1 ;;
+        --k8s) K8S=1 ;;
         -h|--help) sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
         *) printf '%s: error: unknown argument %q (see --help)\n' "$PROG" "$1" >&2; exit 2 ;;
     esac
@@ -149,6 +153,9 @@ PY
 if [ "$CONTAINERS" -eq 1 ]; then
     bash scripts/setup-podman.sh 9>&- || die "podman is not usable (scripts/setup-podman.sh failed)"
     bash scripts/bootstrap-base-image.sh 9>&- || die "no local Debian base image (scripts/bootstrap-base-image.sh failed)"
+fi
+if [ "$K8S" -eq 1 ]; then
+    bash scripts/build-k8s-control-plane.sh 9>&- || die "no Kubernetes control plane (scripts/build-k8s-control-plane.sh failed)"
 fi
 
 say "ready in $(( $(date +%s) - started )) s"

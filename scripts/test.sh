@@ -11,7 +11,7 @@ set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
 
-bash scripts/setup.sh --containers
+bash scripts/setup.sh --containers --k8s
 
 echo "test: .venv/bin/python -m pytest -q --all $*"
 status=0

@@ -1,8 +1,9 @@
 """Shared fixtures, and the test tiers: plain ``pytest`` runs the fast set; ``--all`` (what
 scripts/test.sh and CI pass) or an explicit ``-m`` adds the slow tiers: ``oracle`` (Debian's kernel
 package and kmod side by side), ``podman`` (real image builds), ``vm`` (real kernels under qemu),
-``onefile`` (the single-file kvc built in a Debian 11 root and run where there is no Python) and
-``registry`` (push and pull through a local TLS registry with basic auth).
+``onefile`` (the single-file kvc built in a Debian 11 root and run where there is no Python),
+``registry`` (push and pull through a local TLS registry with basic auth) and ``k8s`` (a real
+Kubernetes control plane built from Debian's sources, tests/support/controlplane.py).
 A test that needs Debian's kernel tree is in the oracle tier whether or not it says so."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_ke
 from support.onefile import build_onefile
 from support.registry import LocalRegistry
 
-SLOW_TIERS = ("oracle", "podman", "vm", "onefile", "registry")
+SLOW_TIERS = ("oracle", "podman", "vm", "onefile", "registry", "k8s")
 NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
 
 

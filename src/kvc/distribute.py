@@ -49,6 +49,8 @@ from kvc.images import (
     image_tag,
     registry_tags,
 )
+from kvc.kmmimage import DIR_NAME as KMM_DIR_NAME
+from kvc.kmmimage import LABEL_FIRMWARE_PATH, add_kmm_layout
 from kvc.layout import Layout
 from kvc.registry import Reference, RegistryClient, RegistryError, RegistryOptions, RemoteImage, transport_args
 from kvc.runtime import ContainerRuntime, ImageInfo
@@ -60,6 +62,7 @@ LABEL_VERIFICATION = "kvc.verification"
 LABEL_OCI_TITLE = "org.opencontainers.image.title"
 LABEL_OCI_VERSION = "org.opencontainers.image.version"
 PUBLISH_SUFFIX = "-kvc-publish"
+KMM_SUFFIX = "-kvc-kmm"
 
 ACTION_PUSH = "push"
 ACTION_PUSHED = "up-to-date"
@@ -144,14 +147,23 @@ def verification_of(
 
 def labelled_image(runtime: ContainerRuntime, layout: Layout, instance: InstanceConfig, kernel_release: str) -> str:
     """The temporary tag (the caller removes it) of the local image of the instance for the kernel,
-    verified again and labelled with what it holds."""
+    verified again, with KMM's layout added (:mod:`kvc.kmmimage`) and labelled with what it holds."""
     tag, info = built_image(runtime, instance, kernel_release)
     found = verify_image(runtime, tag, instance, kernel_release)
     labels = publish_labels(
         instance, kernel_release, info, found, verification_of(layout, instance, kernel_release, info.id)
     )
+    timestamp = int(info.created_epoch)
+    layout_tag = tag + KMM_SUFFIX
+    kmm = add_kmm_layout(runtime, instance, kernel_release, info.id, layout_tag, timestamp=timestamp)
+    # A pulled image carries the labels of its own publication: the firmware label only if it still holds.
+    labels.pop(LABEL_FIRMWARE_PATH, None)
+    labels.update(kmm.labels)
     publish_tag = tag + PUBLISH_SUFFIX
-    runtime.relabel(tag, publish_tag, labels, timestamp=int(info.created_epoch))
+    try:
+        runtime.relabel(layout_tag, publish_tag, labels, timestamp=timestamp)
+    finally:
+        runtime.remove(layout_tag, missing_ok=True)
     return publish_tag
 
 
@@ -174,7 +186,9 @@ class PushPlan:
         return "\n".join(
             [
                 f"{self.local_tag}: push to {self.fixed} and {self.moving} ({self.reason})",
-                f"  verify the modules again, label the image with what it holds ({LABEL_MODULE_INFO}, "
+                f"  verify the modules again, add KMM's layout (the modules, their depmod indexes and firmware "
+                f"below {KMM_DIR_NAME})",
+                f"  label the image with what it holds ({LABEL_MODULE_INFO}, "
                 f"{LABEL_VERIFICATION}, ...) under {self.local_tag}{PUBLISH_SUFFIX}",
                 f"  push it to both tags, then remove {self.local_tag}{PUBLISH_SUFFIX}",
             ]

@@ -426,9 +426,12 @@ class ContainerRuntime(abc.ABC):
         pull: Optional[str] = None,
         no_cache: bool = False,
         stream: Optional[bool] = None,
+        timestamp: Optional[int] = None,
     ) -> None:
         """Build ``context`` (a directory, or a git/tarball URL) with ``build_file`` into ``tag``.
         ``pull`` is a base-image policy (always, missing, never, newer; None: the runtime's default).
+        ``timestamp`` (seconds since the epoch) fixes the creation time of the image and of the files
+        its layers add, where the runtime can, so the same build gives the same image.
         Output is captured, and a failure raises a BuildCommandError carrying all of it; with
         ``stream`` it is also shown on stderr as it arrives (None: when kvc runs with -v)."""
 
@@ -443,6 +446,7 @@ class ContainerRuntime(abc.ABC):
         *,
         pull: Optional[str] = None,
         no_cache: bool = False,
+        timestamp: Optional[int] = None,
     ) -> list[str]:
         """The command line :meth:`build` runs (for --dry-run)."""
 
@@ -572,6 +576,7 @@ class CliRuntime(ContainerRuntime):
         *,
         pull: Optional[str] = None,
         no_cache: bool = False,
+        timestamp: Optional[int] = None,
     ) -> list[str]:
         args = [*self._build_command(), "-t", tag, "--file", build_file]
         args += [f"--label={key}={value}" for key, value in labels.items()]
@@ -580,7 +585,12 @@ class CliRuntime(ContainerRuntime):
         args += self._pull_args(pull)
         if no_cache:
             args.append("--no-cache")
+        if timestamp is not None:
+            args += self._timestamp_args(timestamp)
         return [*args, context]
+
+    def _timestamp_args(self, timestamp: int) -> list[str]:
+        return ["--timestamp", str(timestamp)]
 
     def build(
         self,
@@ -593,8 +603,11 @@ class CliRuntime(ContainerRuntime):
         pull: Optional[str] = None,
         no_cache: bool = False,
         stream: Optional[bool] = None,
+        timestamp: Optional[int] = None,
     ) -> None:
-        argv = self.build_argv(context, build_file, tag, build_args, labels, pull=pull, no_cache=no_cache)
+        argv = self.build_argv(
+            context, build_file, tag, build_args, labels, pull=pull, no_cache=no_cache, timestamp=timestamp
+        )
         shown = proc.verbose() if stream is None else stream
         result = proc.run(argv, check=False, echo=shown)
         if result.returncode != 0:
@@ -803,6 +816,10 @@ class DockerRuntime(CliRuntime):
     def untag(self, image: str, name: str) -> None:
         # docker has no untag; its rmi of one name of several only untags (callers keep another name).
         self.call("rmi", name)
+
+    def _timestamp_args(self, timestamp: int) -> list[str]:
+        # docker build cannot fix the creation time.
+        return []
 
     def _relabel_args(self, labels: Mapping[str, str], timestamp: int) -> list[str]:
         # docker build can fix neither the creation time nor manifest annotations.

@@ -8,15 +8,22 @@ no kubelet, so nothing runs: tests/framework/test_k8s_pod.py runs the pod with p
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 import yaml
 
+from kvc.kmod.kernel.fake import FakeKernel
+from kvc.kmod.paths import HostPaths
 from support.controlplane import KERNEL_LABEL, APIError, ControlPlane, control_plane_binaries, wait_until
 from support.example import write_example_conf
 from support.kvccli import kvc
+from support.modbuild import ModuleSpec, Param, build_module
 
 pytestmark = pytest.mark.k8s
 
@@ -28,6 +35,7 @@ NODES = {"node-k1": K1, "node-k2": K2, "node-other": OTHER}
 PLUS = "6.1.0-94+bpo-amd64"
 PLUS_VALUE = "6.1.0-94__bpo-amd64"
 KVC_KERNEL_LABEL = "kvc/kernel-release"
+PARAM_OPS_CRC = 0x1D2F3A4B  # the fake kernel's export the crafted modules' int parameter imports
 REPO = "127.0.0.1:5000/kvc/simple-kmod"
 KVC_IMAGE = "127.0.0.1:5000/kvc:1"
 NAMESPACE = "kube-system"
@@ -47,6 +55,11 @@ def kvc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("k8s-root")
     write_example_conf(root)
     return root
+
+
+def node_label(cluster: ControlPlane, node: str, key: str) -> Optional[str]:
+    labels = (cluster.get("v1", "Node", node) or {}).get("metadata", {}).get("labels", {})
+    return None if key not in labels else str(labels[key])
 
 
 def rendered(root: Path, *args: str) -> list[Obj]:
@@ -169,7 +182,7 @@ def test_the_unload_jobs_are_accepted_and_their_pods_bound_to_the_named_nodes(
 
 
 def test_with_kvcs_own_kernel_label_a_plus_release_finds_its_node_and_the_labeller_runs_everywhere(
-    cluster: ControlPlane, kvc_root: Path
+    cluster: ControlPlane, kvc_root: Path, tmp_path: Path
 ) -> None:
     cluster.add_node("node-plus", {KVC_KERNEL_LABEL: PLUS_VALUE}, PLUS)
     objects = rendered(
@@ -180,9 +193,112 @@ def test_with_kvcs_own_kernel_label_a_plus_release_finds_its_node_and_the_labell
         cluster.apply(obj)
     (daemonset,) = [obj for obj in objects if obj["kind"] == "DaemonSet" and "kvc/kernel" in obj["metadata"]["labels"]]
     assert daemonset["spec"]["template"]["spec"]["nodeSelector"] == {KVC_KERNEL_LABEL: PLUS_VALUE}
-    (pod,) = bound(cluster, daemonset["spec"]["selector"]["matchLabels"], 1)
+    selector = daemonset["spec"]["selector"]["matchLabels"]
+    (pod,) = bound(cluster, selector, 1)
     assert pod["spec"]["nodeName"] == "node-plus"
     (labeller,) = [obj for obj in objects if obj["kind"] == "DaemonSet" and obj is not daemonset]
     nodes = sorted(node["metadata"]["name"] for node in cluster.list("v1", "Node"))
     placed = bound(cluster, labeller["spec"]["selector"]["matchLabels"], len(nodes))
     assert sorted(p["spec"]["nodeName"] for p in placed) == nodes
+
+    # A new node with that kernel and no label yet: kvc k8s label-node, as the labeller's pod runs it
+    # (its service account's token, the node's name), labels it, and the kernel's DaemonSet follows.
+    cluster.add_node("node-plus-unlabelled", {}, PLUS)
+    root = tmp_path / "node-root"
+    FakeKernel.create(HostPaths(str(root)), PLUS)
+    labeller_account = cluster.service_account_dir(
+        NAMESPACE, labeller["spec"]["template"]["spec"]["serviceAccountName"], tmp_path / "labeller"
+    )
+    label = subprocess.Popen(
+        [sys.executable, "-m", "kvc", "k8s", "label-node"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "KVC_ROOT": str(root), "KVC_KERNEL": "fake",
+             **cluster.in_cluster_environment(labeller_account, "node-plus-unlabelled")},
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: (
+                node_label(cluster, "node-plus-unlabelled", KVC_KERNEL_LABEL) == PLUS_VALUE or label.poll() is not None
+            ),
+            "the labeller's label",
+        )
+    finally:
+        label.send_signal(signal.SIGTERM)
+        out, err = label.communicate(timeout=30)
+    assert label.returncode == 0, err
+    assert f"node node-plus-unlabelled: {KVC_KERNEL_LABEL}={PLUS_VALUE}" in out
+    assert sorted(p["spec"]["nodeName"] for p in bound(cluster, selector, 2)) == ["node-plus", "node-plus-unlabelled"]
+
+    # Without the ClusterRole kvc wrote, the same call is refused: RBAC is what lets the pod label.
+    default_account = cluster.service_account_dir(NAMESPACE, "default", tmp_path / "default")
+    refused = kvc(
+        ["k8s", "label-node"],
+        {"KVC_ROOT": str(root), "KVC_KERNEL": "fake", **cluster.in_cluster_environment(default_account, "node-other")},
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "refused to label node node-other: HTTP 403" in refused.stderr, refused.stderr
+    assert node_label(cluster, "node-other", KVC_KERNEL_LABEL) is None
+
+
+def agent_modules(base: Path, kernel: str, symvers: Path) -> Path:
+    """The init container's copy for ``kernel``: the example's two modules (crafted, loadable into
+    the fake kernel) under base/lib/modules/KERNEL/extra, and the kernel's exports in ``symvers``."""
+    symvers.write_text(f"0x{PARAM_OPS_CRC:08x}\tparam_ops_int\tvmlinux\tEXPORT_SYMBOL\t\n")
+    extra = base / "lib" / "modules" / kernel / "extra"
+    extra.mkdir(parents=True)
+    for name, params in (("simple-kmod", []), ("simple-procfs-kmod", [Param("number")])):
+        spec = ModuleSpec(
+            name=name.replace("-", "_"),
+            vermagic=f"{kernel} SMP preempt mod_unload modversions ",
+            params=params,
+            crcs={"param_ops_int": PARAM_OPS_CRC},
+            modinfo=[("license", "GPL"), ("version", "1.0.0"), ("srcversion", "SRC100")],
+        )
+        (extra / f"{name}.ko").write_bytes(build_module(spec))
+    return base
+
+
+def test_the_agent_with_its_pods_service_account_labels_its_node_ready(
+    cluster: ControlPlane, kvc_root: Path, tmp_path: Path
+) -> None:
+    """kvc k8s agent as the DaemonSet's pod runs it on node-k1: the conf from the ConfigMap the
+    apiserver stored, the pod's service account, a fake kernel K1; it loads and labels the node."""
+    objects = rendered(
+        kvc_root, "daemonset", "simple-kmod", "--repository", REPO, "--kvc-image", KVC_IMAGE, "--kernel", K1
+    )
+    for obj in objects:
+        cluster.apply(obj)
+    (configmap,) = [obj for obj in objects if obj["kind"] == "ConfigMap"]
+    stored = cluster.get("v1", "ConfigMap", configmap["metadata"]["name"], NAMESPACE)
+    assert stored is not None
+    root = tmp_path / "node-k1"
+    (root / "etc" / "kvc").mkdir(parents=True)
+    (root / "etc" / "kvc" / "simple-kmod.conf").write_text(stored["data"]["simple-kmod.conf"])
+    symvers = tmp_path / "Module.symvers"
+    modules = agent_modules(tmp_path / "kvc-modules", K1, symvers)
+    FakeKernel.create(HostPaths(str(root)), K1, symvers=str(symvers))
+    (daemonset,) = [obj for obj in objects if obj["kind"] == "DaemonSet"]
+    account = cluster.service_account_dir(
+        NAMESPACE, daemonset["spec"]["template"]["spec"]["serviceAccountName"], tmp_path / "account"
+    )
+    ready_label = "kvc/kube-system.simple-kmod.ready"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "kvc", "k8s", "agent", "simple-kmod", "--modules-dir", str(modules)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "KVC_ROOT": str(root), "KVC_KERNEL": "fake", "KVC_K8S_NAMESPACE": NAMESPACE,
+             **cluster.in_cluster_environment(account, "node-k1")},
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: node_label(cluster, "node-k1", ready_label) == "true" or agent.poll() is not None,
+            "the agent's ready label",
+        )
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out, err = agent.communicate(timeout=30)
+    assert agent.returncode == 0, err
+    assert f"node node-k1: {ready_label}=true" in out and "stays loaded" in out, out
+    assert node_label(cluster, "node-k1", ready_label) == "true"
+    assert node_label(cluster, "node-k2", ready_label) is None
+    kernel = FakeKernel(HostPaths(str(root)))
+    assert sorted(m.name for m in kernel.loaded_modules()) == ["simple_kmod", "simple_procfs_kmod"]

@@ -14,6 +14,7 @@ Leaving the ``with`` block stops every process and removes the directory.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -317,9 +318,44 @@ class ControlPlane:
     def delete(self, api_version: str, kind: str, name: str, namespace: Optional[str] = None) -> None:
         self.request("DELETE", self.path(api_version, kind, name, namespace), missing_ok=True)
 
-    def forget_discovery(self) -> None:
-        """Read the API's resources again (after a CustomResourceDefinition is established)."""
-        self._resources.clear()
+    def apply_crd(self, crd: Obj) -> Obj:
+        """Apply a CustomResourceDefinition and wait until it is established (its kind is served)."""
+        self.apply(crd)
+        name = crd["metadata"]["name"]
+
+        def established() -> Optional[Obj]:
+            current = self.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name) or {}
+            conditions = (current.get("status") or {}).get("conditions") or []
+            return current if any(c["type"] == "Established" and c["status"] == "True" for c in conditions) else None
+
+        current = wait_until(established, f"CustomResourceDefinition {name} to be established")
+        self._resources.clear()  # discovery now lists the new kind
+        return current
+
+    def service_account_dir(self, namespace: str, name: str, directory: Path) -> Path:
+        """``directory`` holding ``token`` and ``ca.crt`` of the ServiceAccount, as a pod sees them in
+        /var/run/secrets/kubernetes.io/serviceaccount (once the token controller has made them)."""
+
+        def token_secret() -> str:
+            account = self.get("v1", "ServiceAccount", name, namespace) or {}
+            return str(next((ref["name"] for ref in account.get("secrets") or []), ""))
+
+        secret = self.get("v1", "Secret", wait_until(token_secret, f"a token for {namespace}/{name}"), namespace)
+        assert secret is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        for key in ("token", "ca.crt"):
+            (directory / key).write_bytes(base64.b64decode(secret["data"][key]))
+        return directory
+
+    def in_cluster_environment(self, account_dir: Path, node: str) -> dict[str, str]:
+        """The environment a container of a pod on ``node`` has for reaching the API (the service
+        host and port, its service account's files, NODE_NAME from the downward API)."""
+        return {
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(self.port),
+            "KVC_K8S_SERVICE_ACCOUNT_DIR": str(account_dir),
+            "NODE_NAME": node,
+        }
 
     # -- nodes
     def add_node(self, name: str, labels: dict[str, str], kernel_version: str) -> Obj:

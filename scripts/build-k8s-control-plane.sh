@@ -5,14 +5,15 @@
 #
 # Usage: bash scripts/build-k8s-control-plane.sh [OUTPUT-DIR] [--help]
 #
-#   OUTPUT-DIR  where the three binaries go (default /var/cache/kvc-k8s/1.20.2). When they are
-#               already there (and say v1.20.2), nothing is built: a second or two.
+#   OUTPUT-DIR  where the binaries go (default /var/cache/kvc-k8s/1.20.2): the three servers and
+#               Debian's etcd. When they are already there (and say v1.20.2), nothing is built.
 #
 # No Kubernetes server is packaged ready to run in Debian 12, but bookworm's `kubernetes` source
 # package (1.20.2, with vendor/) builds with Go 1.15 from bullseye (bookworm's Go 1.19 builds it too,
 # but that apiserver crashes in the vendored reflect2 on the first custom-resource request).
-#   1. apt-get install (the host's sources): etcd-server (the tests run Debian's etcd), rsync, make,
-#      dpkg-dev (dpkg-source), openssl.
+#   1. apt-get install (the host's sources): rsync, make, dpkg-dev (dpkg-source), openssl; and
+#      Debian's etcd, the etcd binary taken from the etcd-server package (apt-get download, dpkg-deb)
+#      rather than installed, so that no etcd service is started on the host.
 #   2. With a private apt configuration (its own sources list, lists and caches under the work
 #      directory; the host's apt state is not touched), using the Debian mirror the host's apt
 #      sources name: the bookworm source package and bullseye's golang-1.15-go/-src debs, unpacked
@@ -37,7 +38,8 @@ GO_SUITE=bullseye
 GO_PACKAGES=(golang-1.15-go golang-1.15-src)
 GO_ROOT_IN_PACKAGE=usr/lib/go-1.15
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
-HOST_PACKAGES=(etcd-server rsync make dpkg-dev openssl ca-certificates)
+HOST_PACKAGES=(rsync make dpkg-dev openssl ca-certificates)
+ETCD_PACKAGE=etcd-server
 
 output=
 while [ $# -gt 0 ]; do
@@ -89,6 +91,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${APT[@]}" install -y --no-install-recommends "${missing[@]}" </dev/null >/dev/null 9>&- \
         || die "apt-get install ${missing[*]} failed"
     timing "host packages installed"
+fi
+
+if [ ! -x "$output/etcd" ]; then
+    etcd_work=$(mktemp -d "${TMPDIR:-/tmp}/kvc-etcd.XXXXXX")
+    (cd "$etcd_work" && "${APT[@]}" download "$ETCD_PACKAGE") </dev/null >"$etcd_work/log" 2>&1 9>&- \
+        || die "apt-get download $ETCD_PACKAGE failed: $(tail -n 1 "$etcd_work/log")"
+    dpkg-deb -x "$etcd_work"/"$ETCD_PACKAGE"_*.deb "$etcd_work/root"
+    mkdir -p "$output"
+    install -m 0755 "$etcd_work/root/usr/bin/etcd" "$output/etcd.new"
+    mv -f "$output/etcd.new" "$output/etcd"
+    rm -rf "$etcd_work"
+    timing "Debian's etcd ($("$output/etcd" --version | head -n 1)) taken from $ETCD_PACKAGE"
 fi
 
 if binaries_ready; then

@@ -1,7 +1,8 @@
 """A real Kubernetes control plane for the ``k8s`` tier: Debian's etcd, and kube-apiserver,
-kube-controller-manager and kube-scheduler 1.20.2 built from Debian's ``kubernetes`` source package
-by scripts/build-k8s-control-plane.sh. There is no kubelet: nodes are Node objects the tests make
-(:meth:`ControlPlane.add_node`), so pods are validated, admitted, scheduled and bound, never run.
+kube-controller-manager and kube-scheduler 1.20.2 built from Debian's ``kubernetes`` source package,
+all four in the directory scripts/build-k8s-control-plane.sh fills. There is no kubelet: nodes are
+Node objects the tests make (:meth:`ControlPlane.add_node`), so pods are validated, admitted,
+scheduled and bound, never run.
 
 :class:`ControlPlane` makes everything in a private temporary directory: a test CA and the
 apiserver's serving certificate (IP SAN 127.0.0.1), the service-account key pair (openssl), a token
@@ -35,7 +36,6 @@ K8S_VERSION = "1.20.2"
 ROOT = Path(__file__).resolve().parent.parent.parent
 BUILD_SCRIPT = ROOT / "scripts" / "build-k8s-control-plane.sh"
 DEFAULT_BIN_DIR = Path("/var/cache/kvc-k8s") / K8S_VERSION
-ETCD = "/usr/bin/etcd"
 FIELD_MANAGER = "kvc-tests"
 KERNEL_LABEL = "feature.node.kubernetes.io/kernel-version.full"
 
@@ -60,7 +60,7 @@ class APIError(Exception):
 
 
 def control_plane_binaries() -> Path:
-    """The directory with the three binaries: $KVC_K8S_BIN_DIR, or the build script's default
+    """The directory with etcd and the three servers: $KVC_K8S_BIN_DIR, or the build script's default
     output, built by the script when missing (it returns at once when they are there)."""
     given = os.environ.get("KVC_K8S_BIN_DIR")
     bin_dir = Path(given) if given else DEFAULT_BIN_DIR
@@ -96,7 +96,7 @@ class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler on 127.0.0.1, for one ``with`` block."""
 
     def __init__(self, bin_dir: Path) -> None:
-        for program in (ETCD, "openssl", *(str(bin_dir / name) for name in self._servers())):
+        for program in ("openssl", *(str(bin_dir / name) for name in ("etcd", *self._servers()))):
             if not shutil.which(program):
                 raise RuntimeError(f"{program} is missing: run scripts/build-k8s-control-plane.sh")
         self.bin_dir = bin_dir
@@ -189,7 +189,7 @@ class ControlPlane:
         etcd_port, peer_port = _free_port(), _free_port()
         etcd = f"http://127.0.0.1:{etcd_port}"
         peer = f"http://127.0.0.1:{peer_port}"
-        self._spawn("etcd", [ETCD, "--name", "kvc", "--data-dir", str(d / "etcd"),
+        self._spawn("etcd", [str(b / "etcd"), "--name", "kvc", "--data-dir", str(d / "etcd"),
                              "--listen-client-urls", etcd, "--advertise-client-urls", etcd,
                              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                              "--initial-cluster", f"kvc={peer}"])  # fmt: skip

@@ -13,7 +13,8 @@ kvc's own ``/lib/modules/KVER`` (what kvc's pull, verify and extract read) and g
 
 The layer is built FROM the local image with a fixed timestamp (the local image's creation
 time): the same image gives the same layer, so publishing it twice gives the same digest.
-An image without ``/bin/sh``, ``mkdir`` or ``cp`` is refused: KMM could not copy out of it.
+An image without ``/bin/sh``, ``mkdir``, ``rm`` or ``cp`` is refused: KMM's worker (and kvc's own
+DaemonSet, :mod:`kvc.k8s`) could not copy out of it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ FIRMWARE_PATH = f"{DIR_NAME}/lib/firmware"
 LABEL_DIR_NAME = "kvc.kmm.dir-name"
 LABEL_FIRMWARE_PATH = "kvc.kmm.firmware-path"
 SHELL = "/bin/sh"
-# What KMM's init container runs besides the shell, found through the default PATH.
-COPY_PROGRAMS = ("mkdir", "cp")
+# What the init containers run besides the shell (KMM's: mkdir and cp; kvc's DaemonSet: rm and cp),
+# found through the default PATH.
+COPY_PROGRAMS = ("mkdir", "rm", "cp")
 DEFAULT_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 _CONTEXT_DIR = "opt"
 
@@ -60,17 +62,17 @@ class KmmLayout:
 
 def _present(files: ImageFiles, path: str, scratch: str) -> bool:
     """Whether the image has a regular file at ``path`` (symlinks followed inside the image, as
-    /bin -> usr/bin on merged-/usr images and busybox's links are)."""
+    /bin -> usr/bin on merged-/usr images and busybox's links are; a link loop is no file)."""
     try:
         copied = files.copy([path], scratch)
-    except (BuildError, CommandError):
+    except (BuildError, CommandError, OSError):
         return False
     os.unlink(copied[path])
     return True
 
 
 def missing_programs(files: ImageFiles) -> list[str]:
-    """Of /bin/sh and the programs KMM's copy command runs, those the image lacks."""
+    """Of /bin/sh and the programs the init containers' copy commands run, those the image lacks."""
     with tempfile.TemporaryDirectory(prefix="kvc-kmm-check-") as scratch:
         missing = [] if _present(files, SHELL, scratch) else [SHELL]
         for program in COPY_PROGRAMS:
@@ -145,7 +147,7 @@ def add_kmm_layout(
             if missing:
                 raise StateError(
                     f"image {image} of {instance.name} for {kernel_release} has no {', '.join(missing)}: KMM's "
-                    "init container copies the modules out of it with /bin/sh, mkdir and cp",
+                    "init container copies the modules out of it with /bin/sh, mkdir and cp (kvc's DaemonSet: rm)",
                     hint="build the image from a base with a shell and coreutils or busybox (the final stage "
                     f"of {instance.build_file or 'the Containerfile'})",
                 )

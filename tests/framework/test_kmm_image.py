@@ -9,7 +9,7 @@ depmod outputs kvc wrote equal, byte for byte, what Debian's ``depmod -b COPY KV
 same files. A second instance FROM that image adds firmware and a chain of Debian's own modules
 that depend on each other: the firmware lands below /opt/lib/firmware and modprobe orders the
 chain. Pushing the same image to another repository gives the same digest; an image without a
-shell is refused with one line, before anything is pushed.
+shell (nor mkdir, rm, cp) is refused with one line and a hint, before anything is pushed.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from typing import Iterator
 
 import pytest
 
+from kvc.kmmimage import missing_programs
+from kvc.runtime import DirectoryFiles
 from support.debian_kernel import DebianKernel, dependency_chain
 from support.example import unique_prefix, write_example_conf
 from support.registry import LocalRegistry
 
-pytestmark = [pytest.mark.registry, pytest.mark.podman]
 ROOT = Path(__file__).resolve().parents[2]
 MODPROBE = "/usr/sbin/modprobe"
 DEPMOD = "/usr/sbin/depmod"
@@ -189,6 +190,8 @@ def modprobe(*args: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.registry
+@pytest.mark.podman
 def test_modprobe_resolves_the_instance_from_a_copy_of_the_pushed_image(
     published: Published, storage: list[str], tmp_path: Path
 ) -> None:
@@ -207,6 +210,8 @@ def test_modprobe_resolves_the_instance_from_a_copy_of_the_pushed_image(
     assert not (opt / "lib" / "firmware").exists()
 
 
+@pytest.mark.registry
+@pytest.mark.podman
 def test_kvcs_depmod_outputs_are_what_debians_depmod_writes(
     published: Published, storage: list[str], tmp_path: Path
 ) -> None:
@@ -226,6 +231,8 @@ def test_kvcs_depmod_outputs_are_what_debians_depmod_writes(
         assert same == written, f"{name}: differ from Debian's depmod: {differ + errors}"
 
 
+@pytest.mark.registry
+@pytest.mark.podman
 def test_firmware_lands_below_the_firmware_path_and_a_chain_loads_in_order(
     published: Published, storage: list[str], tmp_path: Path
 ) -> None:
@@ -244,6 +251,8 @@ def test_firmware_lands_below_the_firmware_path_and_a_chain_loads_in_order(
         assert published.needs[path] <= set(order[:position]), f"{path} comes before what it needs: {shown}"
 
 
+@pytest.mark.registry
+@pytest.mark.podman
 def test_publishing_the_same_image_again_gives_the_same_digest(published: Published) -> None:
     host, release = published.host, published.release
     first = json.loads(host.ok("inspect", f"{host.repo(published.name)}:1.0.0-{release}", "--json"))
@@ -254,16 +263,24 @@ def test_publishing_the_same_image_again_gives_the_same_digest(published: Publis
     assert second["labels"]["kvc.kmm.dir-name"] == "/opt"
 
 
-def test_an_image_without_a_shell_is_refused_before_anything_is_pushed(published: Published, tmp_path: Path) -> None:
+@pytest.mark.registry
+@pytest.mark.podman
+@pytest.mark.parametrize(
+    ("suffix", "containerfile", "missing"),
+    [
+        ("bare", "FROM scratch\nCOPY --from={image} /lib/modules/ /lib/modules/\n", "/bin/sh, mkdir, rm, cp"),
+        # Merged /usr: /bin -> usr/bin and /bin/sh -> dash are followed inside the image; only cp is gone.
+        ("nocp", "FROM {image}\nRUN rm /usr/bin/cp\n", "cp"),
+    ],
+)
+def test_an_image_without_what_the_copy_runs_is_refused_before_anything_is_pushed(
+    published: Published, tmp_path: Path, suffix: str, containerfile: str, missing: str
+) -> None:
     host, release = published.host, published.release
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "Containerfile").write_text(
-        f"FROM localhost/{published.name}-1.0.0:{release} AS modules\n"
-        "FROM scratch\n"
-        "COPY --from=modules /lib/modules/ /lib/modules/\n"
-    )
-    name = f"{published.name}bare"
+    (bundle / "Containerfile").write_text(containerfile.format(image=f"localhost/{published.name}-1.0.0:{release}"))
+    name = f"{published.name}{suffix}"
     (host.root / "etc" / "kvc" / f"{name}.conf").write_text(
         f"KMOD_CONTAINER_BUILD_CONTEXT={bundle}\n"
         "KMOD_SOFTWARE_VERSION=1.0.0\n"
@@ -277,6 +294,59 @@ def test_an_image_without_a_shell_is_refused_before_anything_is_pushed(published
         assert refused.returncode == 6, refused.stderr
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 2 and lines[0].startswith("kvc: error:") and lines[1].startswith("kvc: hint:"), lines
-        assert "has no /bin/sh, mkdir, cp" in lines[0] and "KMM" in lines[0], lines
+        assert f"for {release} has no {missing}: KMM" in lines[0], lines
     assert not [r for r in host.registry.requests()[len(before) :] if r[0] in ("PUT", "POST", "PATCH")]
     assert not (tmp_path / "x").exists()
+
+
+def tree(root: Path, files: dict[str, str]) -> DirectoryFiles:
+    """A root file system: PATH -> "file", or "-> TARGET" for a symlink."""
+    for path, what in files.items():
+        host = root / path.lstrip("/")
+        host.parent.mkdir(parents=True, exist_ok=True)
+        if what.startswith("-> "):
+            host.symlink_to(what[3:])
+        else:
+            host.write_text(what)
+    return DirectoryFiles(str(root))
+
+
+@pytest.mark.parametrize(
+    ("files", "missing"),
+    [
+        # merged /usr: the directory link and sh -> dash are followed inside the image
+        (
+            {
+                "/bin": "-> usr/bin",
+                "/usr/bin/dash": "f",
+                "/usr/bin/sh": "-> dash",
+                "/usr/bin/cp": "f",
+                "/usr/bin/rm": "f",
+                "/usr/bin/mkdir": "f",
+            },
+            [],
+        ),
+        # busybox: every program an absolute link to one binary
+        (
+            {
+                "/bin/busybox": "f",
+                "/bin/sh": "-> /bin/busybox",
+                "/bin/cp": "-> /bin/busybox",
+                "/usr/sbin/rm": "-> ../../bin/busybox",
+                "/bin/mkdir": "-> busybox",
+            },
+            [],
+        ),
+        # a dangling shell and no cp
+        ({"/bin/sh": "-> /nowhere/dash", "/usr/local/bin/rm": "f", "/sbin/mkdir": "f"}, ["/bin/sh", "cp"]),
+        # a link that leaves the image is resolved inside it (the host's dash is not the image's)
+        ({"/bin/sh": "-> ../../../../usr/bin/dash", "/bin/cp": "f", "/bin/rm": "f", "/bin/mkdir": "f"}, ["/bin/sh"]),
+        # a link loop
+        ({"/bin/sh": "-> sh", "/bin/cp": "f", "/bin/rm": "f", "/bin/mkdir": "f"}, ["/bin/sh"]),
+        ({}, ["/bin/sh", "mkdir", "rm", "cp"]),
+    ],
+)
+def test_the_programs_are_found_through_links_inside_the_image(
+    tmp_path: Path, files: dict[str, str], missing: list[str]
+) -> None:
+    assert missing_programs(tree(tmp_path / "root", files)) == missing

@@ -37,9 +37,10 @@ LABEL_DIR_NAME = "kvc.kmm.dir-name"
 LABEL_FIRMWARE_PATH = "kvc.kmm.firmware-path"
 SHELL = "/bin/sh"
 # What the init containers run besides the shell (KMM's: mkdir and cp; kvc's DaemonSet: rm and cp),
-# found through the default PATH.
+# found through the default PATH; its directories in the order that finds them soonest (each miss
+# is a copy attempt, a podman call when the image cannot be mounted).
 COPY_PROGRAMS = ("mkdir", "rm", "cp")
-DEFAULT_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+DEFAULT_PATH = ("/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/local/sbin")
 _CONTEXT_DIR = "opt"
 
 

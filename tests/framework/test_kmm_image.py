@@ -28,7 +28,7 @@ from typing import Iterator
 import pytest
 
 from kvc.kmmimage import missing_programs
-from kvc.runtime import DirectoryFiles
+from kvc.runtime import DirectoryFiles, PodmanRuntime
 from support.debian_kernel import DebianKernel, dependency_chain
 from support.example import unique_prefix, write_example_conf
 from support.registry import LocalRegistry
@@ -350,3 +350,11 @@ def test_the_programs_are_found_through_links_inside_the_image(
     tmp_path: Path, files: dict[str, str], missing: list[str]
 ) -> None:
     assert missing_programs(tree(tmp_path / "root", files)) == missing
+
+
+@pytest.mark.podman
+def test_the_programs_are_found_in_a_container_when_the_image_cannot_be_mounted() -> None:
+    subprocess.run(["bash", str(ROOT / "scripts" / "bootstrap-base-image.sh")], check=True, capture_output=True)
+    with PodmanRuntime(use_mount=False).open_image("localhost/debian:bookworm") as files:
+        assert files.via == "container"
+        assert missing_programs(files) == []

@@ -21,11 +21,11 @@ from typing import Any, Mapping, Optional, Sequence
 from kvc.config import InstanceConfig
 from kvc.errors import UsageError
 from kvc.images import encode_tag, image_repository, registry_tags
+from kvc.kmmimage import DIR_NAME as KMM_DIR_NAME
+from kvc.kmmimage import FIRMWARE_PATH as KMM_FIRMWARE_PATH
 from kvc.registry import Reference
 
 KMM_API_VERSION = "kmm.sigs.x-k8s.io/v1beta1"
-KMM_DIR_NAME = "/opt"  # where kvc's published images keep KMM's layout (kvc.kmmimage)
-KMM_FIRMWARE_PATH = "/opt/lib/firmware"
 NFD_KERNEL_LABEL = "feature.node.kubernetes.io/kernel-version.full"
 LABEL_PREFIX = "kvc"  # node and object labels kvc sets: kvc/...
 # The kernel label kvc's own labeller DaemonSet sets (for clusters without NFD): the release as a

@@ -73,17 +73,17 @@ def on_node(template: dict[str, Any], node_root: Path, extra_paths: list[Path]) 
             host["type"] = "Directory"
     # The fake kernel: its /proc and its state (what the node's kernel would be).
     fake = {"fake-proc": "proc", "fake-kernel": ".kvc-fake-kernel"}
-    for volume, path in fake.items():
-        spec["volumes"].append({"name": volume, "hostPath": {"path": str(node_root / path), "type": "Directory"}})
-    for index, path in enumerate(extra_paths):
-        spec["volumes"].append({"name": f"outside-{index}", "hostPath": {"path": str(path)}})
+    for volume, below in fake.items():
+        spec["volumes"].append({"name": volume, "hostPath": {"path": str(node_root / below), "type": "Directory"}})
+    for index, outside in enumerate(extra_paths):
+        spec["volumes"].append({"name": f"outside-{index}", "hostPath": {"path": str(outside)}})
     for container in spec["containers"]:
         for mount in container["volumeMounts"]:
             if mount["name"] in moved or mount["name"] == "conf":
                 mount["mountPath"] = "/node" + mount["mountPath"]
         container["volumeMounts"] += [{"name": v, "mountPath": f"/node/{p}"} for v, p in fake.items()]
-        for index, path in enumerate(extra_paths):
-            container["volumeMounts"].append({"name": f"outside-{index}", "mountPath": str(path), "readOnly": True})
+        for index, outside in enumerate(extra_paths):
+            container["volumeMounts"].append({"name": f"outside-{index}", "mountPath": str(outside), "readOnly": True})
         for variable in container["env"]:
             if variable.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName":
                 variable.pop("valueFrom")

@@ -19,6 +19,8 @@ import yaml
 
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
+from support.k8svalidate import validate_builtin
+from support.kmm_schema import crd, validate_module
 from support.kvccli import kvc
 from support.modbuild import ModuleSpec, Param, build_module
 
@@ -174,6 +176,53 @@ def test_unload_jobs_are_pinned_to_their_nodes(root: Path, tmp_path: Path) -> No
     jobs = [obj for obj in documents(out.read_text()) if obj["kind"] == "Job"]
     assert [job["spec"]["template"]["spec"]["nodeName"] for job in jobs] == ["n1", "n2"]
     assert all(job["spec"]["template"]["spec"]["containers"][0]["args"] == ["unload", "demo"] for job in jobs)
+
+
+# ---- against KMM's API and Kubernetes' schemas ------------------------------------------------------------------
+
+
+def test_every_object_kvc_writes_validates(root: Path) -> None:
+    extra = 'KVC_FIRMWARE="demo/fw.bin"\nKVC_INTREE_MODULES="videodev"\n'
+    write_conf(root, "demo", DEMO_CONF.format(version="1.0~rc1+git2", extra=extra))
+    (module,), _ = rendered(root, "module", "demo", "-k", RELEASE, "--image-repo-secret", "pull")
+    assert validate_module(module) == []
+    (regexp,), _ = rendered(root, "module", "demo", "--regexp", "--selector", "example.com/gpu=yes")
+    assert validate_module(regexp) == []
+    objects, _ = rendered(root, "daemonset", "demo", "--kvc-image", "k:1", "-k", RELEASE, "--image-pull-secret", "p")
+    own, _ = rendered(
+        root, "daemonset", "demo", "--kvc-image", "k:1", "-k", RELEASE, "--kernel-label", "kvc/kernel-release"
+    )
+    jobs, _ = rendered(root, "unload-job", "demo", "--kvc-image", "k:1", "--node", "n1")
+    everything = objects + own + jobs
+    assert {obj["kind"] for obj in everything} == {
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Job"
+    }  # fmt: skip
+    for obj in everything:
+        assert validate_builtin(obj) == [], obj["metadata"]["name"]
+
+
+def test_the_schemas_fail_what_is_wrong(root: Path) -> None:
+    (module,), _ = rendered(root, "module", "demo", "-k", RELEASE)
+    container = module["spec"]["moduleLoader"]["container"]
+    container["kernelMapping"] = container.pop("kernelMappings")
+    container["modprobe"]["parameters"] = "speed=3"
+    problems = validate_module(module)
+    assert "spec.moduleLoader.container: 'kernelMappings' is a required property" in problems, problems
+    assert any("'kernelMapping' was unexpected" in p for p in problems), problems
+    assert any(p.startswith("spec.moduleLoader.container.modprobe.parameters:") for p in problems), problems
+    del module["spec"]["selector"]
+    assert "spec: 'selector' is a required property" in validate_module(module)
+    objects, _ = rendered(root, "daemonset", "demo", "--kvc-image", "k:1", "-k", RELEASE)
+    daemonset = objects[-1]
+    agent = daemonset["spec"]["template"]["spec"]["containers"][0]
+    agent["imagePulPolicy"] = agent.pop("imagePullPolicy")
+    problems = validate_builtin(daemonset)
+    assert len([p for p in problems if "'imagePulPolicy' was unexpected" in p]) == 2, problems
+    agent["imagePullPolicy"] = agent.pop("imagePulPolicy")
+    daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "30"
+    problems = validate_builtin(daemonset)
+    assert len([p for p in problems if "terminationGracePeriodSeconds: '30' is not of type" in p]) == 2, problems
+    assert validate_builtin(crd()) == []
 
 
 # ---- the node side ---------------------------------------------------------------------------------------------

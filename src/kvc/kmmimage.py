@@ -25,8 +25,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from kvc import tree
 from kvc.config import InstanceConfig
-from kvc.errors import BuildError, CommandError, KvcError, StateError
+from kvc.errors import BuildError, CommandError, StateError
 from kvc.extract import ShippedKind, copy_instance_modules, copy_shipped_files
 from kvc.kmod import depmod
 from kvc.runtime import ContainerRuntime, ImageFiles
@@ -84,23 +85,11 @@ def missing_programs(files: ImageFiles) -> list[str]:
 
 def write_indexes(basedir: str, kernel_release: str) -> tuple[str, ...]:
     """kvc's depmod over ``basedir/lib/modules/KVER`` (no depmod.d configuration); the files written."""
-    messages: list[str] = []
-    log = depmod.Log(lambda level, text: messages.append(f"depmod: {depmod.LEVEL_NAMES.get(level, 'INFO')}: {text}"))
     options = depmod.DepmodOptions(kernel_release, basedir=basedir, config_paths=())
-    try:
-        result = depmod.run(options, log)
-        written = depmod.write_outputs(options.dirname, result.files, log)
-    except depmod.DepmodError:
-        written = False
-    if not written:
-        raise KvcError(
-            f"depmod failed for the KMM layout of {kernel_release}",
-            details="".join(messages),
-            hint="depmod's messages say what is wrong with the modules",
-        )
-    for name, _data in result.files:
+    written, _messages = tree.write_indexes(options, f"the KMM layout of {kernel_release}")
+    for name in written:
         os.chmod(os.path.join(options.dirname, name), 0o644)
-    return tuple(name for name, _data in result.files)
+    return written
 
 
 def lay_out(files: ImageFiles, instance: InstanceConfig, kernel_release: str, what: str, root: str) -> KmmLayout:

@@ -967,16 +967,33 @@ def _install_file(placement: Placement) -> None:
     fsync_path(directory)
 
 
-def run_depmod(layout: Layout, kernel_release: str, *, basedir: Optional[str] = None, cache: bool = True) -> None:
-    """kvc's depmod over the host's tree for the kernel (``basedir``: another root holding
-    ``lib/modules/KVER``), with the host's depmod.d configuration."""
-    root = layout.host.root
+def write_indexes(options: depmod.DepmodOptions, what: str) -> tuple[tuple[str, ...], list[str]]:
+    """kvc's depmod with ``options``, its outputs written: (the files written, depmod's messages).
+    KvcError naming ``what`` with the messages when depmod stops or cannot write."""
     messages: list[str] = []
 
     def emit(level: int, text: str) -> None:
         messages.append(f"depmod: {depmod.LEVEL_NAMES.get(level, 'INFO')}: {text.rstrip()}")
 
     log = depmod.Log(emit)
+    try:
+        result = depmod.run(options, log)
+        written = depmod.write_outputs(options.dirname, result.files, log)
+    except depmod.DepmodError:
+        written = False
+    if not written:
+        raise KvcError(
+            f"depmod failed for {what}",
+            details="\n".join(messages),
+            hint="depmod's messages say what is wrong with the modules",
+        )
+    return tuple(name for name, _data in result.files), messages
+
+
+def run_depmod(layout: Layout, kernel_release: str, *, basedir: Optional[str] = None, cache: bool = True) -> None:
+    """kvc's depmod over the host's tree for the kernel (``basedir``: another root holding
+    ``lib/modules/KVER``), with the host's depmod.d configuration."""
+    root = layout.host.root
     cache_dir = (
         (depmod.default_cache_dir() if os.environ.get(depmod.CACHE_ENV) else os.path.join(layout.cache_dir, "depmod"))
         if cache
@@ -988,17 +1005,7 @@ def run_depmod(layout: Layout, kernel_release: str, *, basedir: Optional[str] = 
         config_paths=tuple(layout.host.host(path) for path in depmod.CONFIG_DIRS),
         cache_dir=cache_dir,
     )
-    try:
-        result = depmod.run(options, log)
-        written = depmod.write_outputs(options.dirname, result.files, log)
-    except depmod.DepmodError:
-        written = False
-    if not written:
-        raise KvcError(
-            f"depmod failed for {options.dirname}",
-            details="\n".join(messages),
-            hint="depmod's messages above say what is wrong in the tree",
-        )
+    _written, messages = write_indexes(options, options.dirname)
     for message in messages:  # warnings, as depmod prints them
         sys.stderr.write(message + "\n")
 

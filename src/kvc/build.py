@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shlex
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 from kvc.config import InstanceConfig
-from kvc.errors import BuildError, CommandError
+from kvc.errors import BuildError, BuildSkipped, CommandError
 from kvc.images import (
     LABEL_DIGEST,
     LABEL_KERNEL,
@@ -47,12 +48,19 @@ from kvc.kmod.names import modname_from_path as name_from_path
 from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.runtime import BuildCommandError, ContainerRuntime, ImageFiles, ImageInfo
 
+_log = logging.getLogger("kvc")
+
 DIGEST_SCHEME = "kvc-context-digest-1"
 EXCLUDED_DIRS = (".git",)
 
 ACTION_UP_TO_DATE = "up-to-date"
 ACTION_BUILD = "build"
 ACTION_PULL = "pull"
+# A build that declines a kernel prints this line and fails (kvc's dkms.conf driver, exit 77).
+SKIP_MARKER = "kvc-dkms: skip: "
+# Lines a build leaves in its image for kvc build to print as warnings (e.g. DKMS modules the
+# build made but dkms.conf does not list).
+BUILD_WARNINGS = "/usr/lib/kvc/build-warnings"
 
 
 # ---- build inputs ------------------------------------------------------------------------------------
@@ -480,6 +488,25 @@ def verify_image(
     return results
 
 
+def build_warnings(runtime: ContainerRuntime, image: str) -> list[str]:
+    """The lines of the image's BUILD_WARNINGS file (none when it has none)."""
+    with runtime.open_image(image) as files:
+        if BUILD_WARNINGS not in files.list(os.path.dirname(BUILD_WARNINGS)):
+            return []
+        with tempfile.TemporaryDirectory(prefix="kvc-warnings-") as scratch:
+            copy = files.copy([BUILD_WARNINGS], scratch)[BUILD_WARNINGS]
+            with open(copy, encoding="utf-8", errors="replace") as handle:
+                return [line.strip() for line in handle if line.strip()]
+
+
+def skip_reason(output: str) -> str:
+    """Why the build declined its kernel, when it did ("" otherwise)."""
+    for line in output.splitlines():
+        if line.startswith(SKIP_MARKER):
+            return line[len(SKIP_MARKER) :].strip()
+    return ""
+
+
 # ---- execution ----------------------------------------------------------------------------------------------
 
 
@@ -548,11 +575,18 @@ def execute_build(
                 stream=stream,
             )
         except BuildCommandError as exc:
-            cause, hint = classify_failure(exc.output, plan.kernel_release)
             _remove_quietly(runtime, candidate)
+            reason = skip_reason(exc.output)
+            if reason:
+                raise BuildSkipped(
+                    f"skipped {plan.kernel_release}: {reason}",
+                    hint="the source's dkms.conf excludes this kernel, as DKMS would; build for another kernel",
+                ) from None
+            cause, hint = classify_failure(exc.output, plan.kernel_release)
             raise BuildError(f"{plan.tag}: {cause}", details=exc.output_tail, hint=hint) from None
     try:
         found = verify_image(runtime, candidate, instance, plan.kernel_release)
+        warnings = build_warnings(runtime, candidate)
     except BaseException:
         _remove_quietly(runtime, candidate)
         raise
@@ -565,4 +599,6 @@ def execute_build(
     modules = ", ".join(module.name for module in found)
     removed = len(pruned) + (1 if replaced else 0)
     suffix = f"; removed {removed} old image(s)" if removed else ""
+    for line in warnings:
+        _log.warning("warning: %s: %s", plan.tag, line)
     return f"{verb} {plan.tag} ({modules} verified for {plan.kernel_release}){suffix}"

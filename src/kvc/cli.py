@@ -7,7 +7,8 @@ program (systemctl, qemu); 5 modules refused (preflight or kernel); 6 state (not
 installed, locked, in use, not the running kernel, a file kvc did not write, an enabled instance
 not ready for the next kernel); 7 kernel files, the fake kernel or the next boot's kernel not
 found; 8 smoke test failed; 9 verification guest crashed or timed out; 10 a host file cannot be
-written or read (permissions, no space, read-only file system); 130 interrupted. ``kvc kmod``
+written or read (permissions, no space, read-only file system); 77 ``kvc build``: every kernel asked
+for is outside a DKMS source's BUILD_EXCLUSIVE_* directives (skipped, as DKMS exits); 130 interrupted. ``kvc kmod``
 tools exit as kmod's do.
 """
 
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="machine-readable output")
 
     _add_k8s(sub)
+    _add_dkms(sub)
 
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
     p.add_argument("name", nargs="?")
@@ -257,6 +259,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     return parser
+
+
+def _add_dkms(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("dkms", help="DKMS sources as instances: import one, or show them DKMS-style")
+    dkms = p.add_subparsers(dest="dkms_command", metavar="ACTION", required=True)
+    k = dkms.add_parser(
+        "import", help="write an instance bundle from a DKMS source (directory, tarball or *-dkms .deb)"
+    )
+    k.add_argument("source", metavar="SOURCE")
+    k.add_argument("--name", help="the instance's name (default: the conf's PACKAGE_NAME)")
+    k.add_argument("--output", "-o", metavar="DIR", help="the bundle directory to create (default: ./NAME)")
+    k.add_argument(
+        "--base-image",
+        default="localhost/debian:bookworm",
+        metavar="IMAGE",
+        help="the build's base image; dkms.conf is evaluated in it too (default: %(default)s)",
+    )
+    _add_kernel(k, many=True)
+    k.add_argument("--dry-run", action="store_true", help="evaluate and print the plan, write nothing")
+    k = dkms.add_parser("status", help="NAME/VERSION, KVER, ARCH: built|verified|loaded per DKMS instance")
+    k.add_argument("names", nargs="*", metavar="NAME", help="instances (default: every one imported from DKMS)")
+    _add_kernel(k, many=True)
 
 
 def _add_k8s(sub: argparse._SubParsersAction[_Parser]) -> None:

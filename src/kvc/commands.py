@@ -17,7 +17,7 @@ from typing import AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequ
 
 from kvc import systemd
 from kvc.archive import export_images, import_archive
-from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current, plan_build
+from kvc.build import ACTION_BUILD, ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current, plan_build
 from kvc.config import Delivery, GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.distribute import (
     choose_remote,
@@ -31,7 +31,7 @@ from kvc.distribute import (
     registry_options,
     repository,
 )
-from kvc.errors import KvcError, StateError, UsageError
+from kvc.errors import BuildSkipped, KvcError, StateError, UsageError
 from kvc.extract import (
     DIRECTORY_HINT,
     Manifest,
@@ -163,14 +163,29 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
                 say("  then sign its modules on this host (kvc sign), unless this signer signed the image already")
             if push_to is not None:
                 say(f"  then push it to {push_to} (unless the registry has this build)")
+            if instance.dkms and plan.action == ACTION_BUILD:
+                say(f"  (DKMS source {instance.dkms}: its dkms.conf may skip this kernel, exit 77)")
         return 0
+    skipped: list[BuildSkipped] = []
     with instance_lock(ctx.layout.lock_dir, instance.name):
         for plan in plans:
-            say(execute_build(plan, ctx.runtime))
+            try:
+                say(execute_build(plan, ctx.runtime))
+            except BuildSkipped as exc:
+                skipped.append(exc)
+                if len(plans) > 1:
+                    say(f"{plan.tag}: {exc.brief}")
+                continue
             if instance.signing is not None:
                 say(execute_sign(plan_sign(instance, plan.kernel_release, ctx.runtime), ctx.runtime))
             if push_to is not None:
                 _push(ctx, instance, plan.kernel_release, push_to)
+    if len(skipped) == len(plans) == 1:
+        raise skipped[0]
+    if skipped and len(skipped) == len(plans):
+        raise BuildSkipped(
+            f"{instance.name}: every kernel was skipped", hint="its dkms.conf's BUILD_EXCLUSIVE_* excludes them"
+        )
     return 0
 
 
@@ -575,6 +590,19 @@ def _registry_status(ctx: Context, instance: InstanceConfig, kernel: str, local_
     }
 
 
+def status_kernels(ctx: Context, instance: InstanceConfig, requested: Optional[list[str]]) -> list[str]:
+    """The kernels asked for; else the running one, those the instance has images for, and those
+    it delivered into."""
+    if requested:
+        return [ctx.kernel_release(k) for k in requested]
+    running = ctx.kernel.release()
+    kernels = [running]
+    built = {info.labels.get(LABEL_KERNEL, "") for info in ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")}
+    kernels += sorted(k for k in built if k and k != running)
+    kernels += sorted({r.kernel_release for r in read_records(ctx.layout, instance.name)} - set(kernels))
+    return kernels
+
+
 def instance_status(
     ctx: Context, instance: InstanceConfig, kernels: list[str], *, remote: bool = False
 ) -> dict[str, Any]:
@@ -634,14 +662,7 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
     report = []
     for name in names:
         instance = ctx.instance(name)
-        kernels = [ctx.kernel_release(k) for k in args.kernel] if args.kernel else [running]
-        if not args.kernel:
-            built = {
-                info.labels.get(LABEL_KERNEL, "") for info in ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")
-            }
-            kernels += sorted(k for k in built if k and k != running)
-            kernels += sorted({r.kernel_release for r in read_records(ctx.layout, instance.name)} - set(kernels))
-        report.append(instance_status(ctx, instance, kernels, remote=args.remote))
+        report.append(instance_status(ctx, instance, status_kernels(ctx, instance, args.kernel), remote=args.remote))
     if args.json:
         say(json.dumps({"schema": STATUS_SCHEMA, "running_kernel": running, "instances": report}, indent=2))
         return 0
@@ -846,6 +867,15 @@ def cmd_k8s(ctx: Context, args: argparse.Namespace) -> int:
 
 
 COMMANDS["k8s"] = cmd_k8s
+
+
+def cmd_dkms(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.dkms.commands import cmd_dkms as dkms
+
+    return dkms(ctx, args)
+
+
+COMMANDS["dkms"] = cmd_dkms
 
 
 def dispatch(args: argparse.Namespace) -> int:

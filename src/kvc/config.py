@@ -386,6 +386,7 @@ class InstanceConfig:
     verify_devices: tuple[str, ...] = ()  # KVC_VERIFY_DEVICES: extra qemu -device values for kvc verify
     verify_required: bool = False  # KVC_VERIFY_REQUIRED: the reboot gate also wants a passed verification
     signing: Optional[SigningConfig] = None  # KVC_SIGN_*: the host-side module signer (None = unsigned)
+    dkms: str = ""  # KVC_DKMS: PACKAGE/VERSION of the DKMS source it was imported from ("" = not one)
 
     @classmethod
     def load(cls, conf_dir: str, name: str) -> InstanceConfig:
@@ -531,4 +532,5 @@ class InstanceConfig:
             verify_devices=devices,
             verify_required=_flag(values, "KVC_VERIFY_REQUIRED", False, path),
             signing=_signing(values, path),
+            dkms=check_word(values["KVC_DKMS"], "KVC_DKMS", path) if values.get("KVC_DKMS") else "",
         )

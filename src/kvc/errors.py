@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     SMOKE_FAILED = 8
     GUEST_FAILED = 9  # the verification guest crashed, timed out, or kvc's guest side failed
     HOST_FILES = 10  # a host file cannot be written or read: permissions, no space, read-only
+    SKIPPED = 77  # kvc build: every kernel asked for is outside a DKMS source's BUILD_EXCLUSIVE_* (as DKMS exits)
     INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
@@ -74,6 +75,12 @@ class BuildError(KvcError):
     """A module image could not be built, or was built without the modules it must contain."""
 
     exit_code = ExitCode.EXTERNAL
+
+
+class BuildSkipped(BuildError):
+    """The build declined the kernel: it is outside a DKMS source's BUILD_EXCLUSIVE_* directives."""
+
+    exit_code = ExitCode.SKIPPED
 
 
 class LoadError(KvcError):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 
 from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current
 from kvc.config import Delivery, InstanceConfig
-from kvc.errors import KvcError, StateError
+from kvc.errors import BuildSkipped, KvcError, StateError
 from kvc.images import image_tag
 from kvc.layout import Layout
 from kvc.lock import instance_lock
@@ -361,6 +361,8 @@ def execute_kernel_added(host: Host, plan: KernelAddedPlan, say: Callable[[str],
                     _deliver(host, step.instance, kernel, say)
                 elif step.deliver_at_boot:
                     say(f"{step.name}: {step.deliver_note(kernel)}")
+        except BuildSkipped as exc:
+            say(f"{step.name}: {exc.brief}")
         except KvcError as exc:
             failures.append((step.name, exc))
             for line in _failure_lines(step.name, exc):

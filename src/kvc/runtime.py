@@ -509,6 +509,14 @@ class ContainerRuntime(abc.ABC):
         terminals (so pipes, files and systemd units get clean output)."""
 
     @abc.abstractmethod
+    def run_isolated(
+        self, image: str, argv: Sequence[str], *, mounts: Sequence[Mount] = (), timeout: float = 120.0
+    ) -> proc.Completed:
+        """Run ``argv`` in a throwaway container of the local ``image`` cut off from the host: no
+        network, no capabilities, no new privileges, nothing of our environment, only ``mounts``
+        (read-only); its stdout and stderr are returned, whatever its exit status."""
+
+    @abc.abstractmethod
     def open_image(self, image: str) -> contextlib.AbstractContextManager[ImageFiles]:
         """Access to the image's files for a ``with`` block (one mount or one container)."""
 
@@ -764,6 +772,17 @@ class CliRuntime(ContainerRuntime):
             entrypoint=entrypoint,
         )
         return proc.run(command, check=False, capture=False).returncode
+
+    def run_isolated(
+        self, image: str, argv: Sequence[str], *, mounts: Sequence[Mount] = (), timeout: float = 120.0
+    ) -> proc.Completed:
+        args = ["run", "--rm", "--pull=never", "--network=none", "--cap-drop=all"]
+        args += ["--security-opt", "no-new-privileges"]
+        for mount in mounts:
+            if ":" in mount.source or ":" in mount.target:
+                raise ValueError(f"a mount path may not contain ':': {mount.source} -> {mount.target}")
+            args += ["-v", f"{mount.source}:{mount.target}:ro"]
+        return proc.run(self.argv(*args, image, *argv), check=False, timeout=timeout)
 
     # -- files
     @contextlib.contextmanager

@@ -168,6 +168,9 @@ def conf_text(plan: ImportPlan) -> str:
         f"KMOD_SOFTWARE_VERSION={shlex.quote(plan.version)}\n"
         f"KMOD_NAMES={shlex.quote(' '.join(plan.modules))}\n"
         f"KVC_DKMS={shlex.quote(f'{plan.package}/{plan.version}')}\n"
+        "# Into the module tree, as DKMS installs: modprobe, udev and the kernel's request_module() find\n"
+        "# the modules (kvc load and verify still load every module of KMOD_NAMES).\n"
+        "KVC_DELIVERY=tree\n"
         "# kvc verify runs KVC_SMOKE_TEST in the image once the modules are loaded, e.g.\n"
         f"# KVC_SMOKE_TEST='test -d /sys/module/{plan.modules[0].replace('-', '_')}'\n"
     )

@@ -35,7 +35,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import AbstractSet, Any, Optional, Sequence
 
 from kvc import proc
 from kvc.atomic import write_json
@@ -452,11 +452,39 @@ def secure_boot_state(key_id: str) -> dict[str, Any]:
     }
 
 
-def _unload(names: Sequence[str], kernel: StoryKernel) -> list[dict[str, Any]]:
+def _remove_if_possible(kernel: StoryKernel, name: str) -> bool:
+    """Remove ``name``; a refusal is not recorded (the caller only tries)."""
+    try:
+        kernel.remove(name, 0)
+    except KernelError:
+        kernel.removed.pop()
+        return False
+    return True
+
+
+def _unload(names: Sequence[str], kernel: StoryKernel, keep: AbstractSet[str]) -> list[dict[str, Any]]:
+    """Remove ``names`` in reverse; then the modules the run's requests loaded (anything loaded now
+    that is not in ``keep``: in-tree modules kvc's modprobe loaded for a module's request_module(),
+    which still hold what they use), as long as some can go; then again whatever was held."""
     first = len(kernel.removed)
     for name in reversed(names):
         with contextlib.suppress(KernelError):
             kernel.remove(name, 0)
+    held = [entry for entry in kernel.removed[first:] if not entry["removed"] and entry.get("errno") == "EAGAIN"]
+    if not held:
+        return kernel.removed[first:]
+    requested = {module.name for module in kernel.loaded_modules()} - set(keep) - set(names)
+    progress = True
+    while requested and progress:
+        progress = False
+        for name in sorted(requested):
+            state = kernel.module_state(name)
+            if state is not None and state.refcnt == 0 and _remove_if_possible(kernel, name):
+                requested.discard(name)
+                progress = True
+    for entry in held:
+        if _remove_if_possible(kernel, entry["name"]):
+            kernel.removed.remove(entry)
     return kernel.removed[first:]
 
 
@@ -518,6 +546,33 @@ def _load_from_tree(
         finally:
             kernel.reason = ""
     loaded = {entry["name"] for entry in kernel.inserted if entry["loaded"]}
+    # Modules the kernel's request_module() had kvc's modprobe load (xt_CHAOS asks for xt_TARPIT)
+    # are the instance's too; others hold them, so they go before the instance's own inserts and
+    # are unloaded after them.
+    first_own = next(
+        (at for at, entry in enumerate(kernel.inserted) if entry["origin"] == Origin.INSTANCE.value),
+        len(kernel.inserted),
+    )
+    for name in names:
+        mods = [] if name in loaded else engine.lookup(name) or []
+        if mods and engine.in_kernel(mods[0]):
+            kernel.story.step(f"{name} was loaded on the kernel's request")
+            kernel.inserted.insert(
+                first_own,
+                {
+                    "name": name,
+                    "origin": Origin.INSTANCE.value,
+                    "path": mods[0].path or "",
+                    "params": "",
+                    "required": True,
+                    "loaded": True,
+                    "by": "the kernel's request_module()",
+                    "seconds": 0.0,
+                    "log": [],
+                    "requests": [],
+                },
+            )
+            loaded.add(name)
     for name in names:
         if name not in loaded and not any(entry["name"] == name for entry in kernel.inserted):
             kernel.inserted.append(
@@ -562,6 +617,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         )
     log = KernelLog()
     kernel = StoryKernel(story, log, Requests(job["requests"]), job["modules"])
+    before = {module.name for module in kernel.loaded_modules()}
     moddir = ModuleDirectory(job["moddir"])
     config = load_config([job["modprobe_config"]], module_dir=moddir.path, paths=HostPaths("/"))
     others: list[dict[str, Any]] = []
@@ -592,7 +648,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if not complete and loaded:
         result["rollback"] = True
         story.step(f"rollback started: removing {', '.join(reversed(loaded))}")
-    result["unload"] = _unload(loaded, kernel)
+    result["unload"] = _unload(loaded, kernel, before | {entry["name"] for entry in others})
     result["agent_seconds"] = round(time.monotonic() - started, 3)
     story.step("done")
     return result

@@ -58,6 +58,7 @@ ACTION_BUILD = "build"
 ACTION_PULL = "pull"
 # A build that declines a kernel prints this line and fails (kvc's dkms.conf driver, exit 77).
 SKIP_MARKER = "kvc-dkms: skip: "
+DRIVER_ERROR = "kvc-dkms: error: "
 # Lines a build leaves in its image for kvc build to print as warnings (e.g. DKMS modules the
 # build made but dkms.conf does not list).
 BUILD_WARNINGS = "/usr/lib/kvc/build-warnings"
@@ -347,6 +348,9 @@ def classify_failure(output: str, kernel_release: str) -> tuple[str, str]:
     also explains packages that cannot be found), kernel headers missing for the release, the
     compiler or modpost failing, a full disk."""
     lines = output.splitlines()
+    driver = next((line for line in lines if line.startswith(DRIVER_ERROR)), "")[len(DRIVER_ERROR) :]
+    if driver and not driver.startswith("the build failed"):
+        return (f"the DKMS build stopped: {driver[:200]}", "see the build output above (src/dkms.conf in the bundle)")
     network = next((line.strip() for line in lines if any(marker in line for marker in _NETWORK)), "")
     header_names = (
         f"linux-headers-{kernel_release}",

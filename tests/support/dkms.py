@@ -44,13 +44,14 @@ PACKAGES = (
         "echo '\\_SB.PCI0._ADR' > /proc/acpi/call && grep -q '^0x0' /proc/acpi/call",
     ),
     # Netfilter extensions (x_tables from the tree); xt_CHAOS asks the kernel for xt_TARPIT and
-    # xt_DELUDE, which kvc's modprobe finds in the tree delivery; xt_quota2 and xt_pknock register
-    # their /proc/net directories. The build also makes xt_asn, which dkms.conf does not list.
+    # xt_DELUDE, which kvc's modprobe finds in the tree delivery, and holds one reference on each;
+    # xt_quota2 and xt_pknock register their /proc/net directories. The build also makes xt_asn, which dkms.conf does not list.
     DkmsPackage(
         "xtables-addons-dkms",
         XTABLES_MODULES,
         "/updates",
-        "test -d /proc/net/xt_quota && test -d /proc/net/xt_pknock && grep -q '^xt_TARPIT .* xt_CHAOS,' /proc/modules",
+        "test -d /proc/net/xt_quota && test -d /proc/net/xt_pknock"
+        " && grep -q '^xt_TARPIT [0-9]* 1 ' /proc/modules && grep -q '^xt_DELUDE [0-9]* 1 ' /proc/modules",
         extra=("xt_asn.ko",),
     ),
     # NAT64/SIIT: jool and jool_siit both use jool_common's symbols, so it loads first and both hold it.
@@ -60,8 +61,10 @@ PACKAGES = (
         "/extra",
         "dmesg | grep -q 'NAT64 Jool v.* module inserted' && grep -Eq '^jool_common [0-9]+ 2 ' /proc/modules",
     ),
-    # A misc device whose poll events user space sets: /dev/vpoll is registered.
-    DkmsPackage("vpoll-dkms", ("vpoll",), "/extra", "grep -qw vpoll /proc/misc && test -c /dev/vpoll"),
+    # A character device whose poll events user space sets: registered, and it opens and closes.
+    DkmsPackage(
+        "vpoll-dkms", ("vpoll",), "/extra", "grep -q ' vpoll$' /proc/devices && test -c /dev/vpoll && : <> /dev/vpoll"
+    ),
 )
 
 

@@ -35,6 +35,8 @@ from kvc.dkms.conf import DkmsConf
 from kvc.dkms.source import SourceKind, locate
 from kvc.errors import ConfigError
 from kvc.images import kernel_tag, repository_name
+from kvc.kmod.kernel.fake import FakeKernel
+from kvc.kmod.paths import HostPaths
 from support import fakeprog
 from support.debian_kernel import DebianKernel
 from support.dkms import PACKAGES, DkmsPackage, download
@@ -499,3 +501,40 @@ def test_import_never_writes_into_an_existing_directory(dkms_env: dict[str, Any]
     )
     assert bad.returncode == 6 and "build or pull localhost/kvc-no-such:1 first" in bad.stderr, bad.stderr
     shutil.rmtree(taken)
+
+
+@pytest.mark.podman
+def test_dkms_status_follows_an_instance_from_added_to_loaded(
+    dkms_env: dict[str, Any], debs: dict[str, Path], indexed_kernel_tree: DebianKernel
+) -> None:
+    """On a host whose kernel is the fake one (the Debian release, a copy of its indexed tree):
+    added, then built, then loaded through the tree delivery; unloaded, built again."""
+    tmp, release = dkms_env["tmp"], dkms_env["release"]
+    root = tmp / "host"
+    moddir = root / "lib" / "modules" / release
+    moddir.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-al", str(indexed_kernel_tree.moddir), str(moddir)], check=True)
+    FakeKernel.create(HostPaths(str(root)), release, symvers=str(indexed_kernel_tree.symvers))
+    env = {"KVC_ROOT": str(root), "KVC_KERNEL": "fake"}
+    name = f"{dkms_env['prefix']}-status"
+    bundle = tmp / name
+    assert (
+        kvc(["dkms", "import", str(debs["vpoll-dkms"]), "--name", name, "--output", str(bundle)], env).returncode == 0
+    )
+    assert kvc(["install", str(bundle)], env).returncode == 0
+    steps = []
+    for command in (None, ["build", name], ["load", name], ["unload", name]):
+        if command:
+            done = kvc(command, env, timeout=900)
+            assert done.returncode == 0, done.stdout + done.stderr
+        status = kvc(["dkms", "status"], env)
+        assert status.returncode == 0, status.stderr
+        steps.append(status.stdout)
+    suffix = f" (instance {name})\n"
+    assert steps == [
+        f"vpoll/0.1: added{suffix}",
+        f"vpoll/0.1, {release}, x86_64: built{suffix}",
+        f"vpoll/0.1, {release}, x86_64: loaded{suffix}",
+        f"vpoll/0.1, {release}, x86_64: built{suffix}",
+    ]
+    assert (moddir / "extra").exists() is False and (moddir / "updates" / "kvc" / name / "vpoll.ko").is_file()

@@ -429,60 +429,64 @@ def verify_image(
 ) -> list[FoundModule]:
     """Every KMOD_NAMES module is in the image under /lib/modules/KVER and has a vermagic whose
     first word is KVER; else BuildError naming each module and what was found."""
-    directory = f"/lib/modules/{kernel_release}"
     with runtime.open_image(image) as files:
-        listed = files.list(directory)
-        found = match_modules(listed, kernel_release, instance.module_names)
-        missing = [name for name in instance.module_names if normalize_name(name) not in found]
-        if missing:
-            others = [p for p in _elsewhere(files, missing) if not p.startswith(directory + "/")]
-            present = sorted(p[len(directory) + 1 :] for p in listed if is_module_filename(p))
-            details = [
-                f"missing: {name} (no {normalize_name(name)}.ko[.xz|.zst|.gz] below {directory})" for name in missing
-            ]
-            details.append(
-                f"module files below {directory}: "
-                + (", ".join(present[:20]) or "none")
-                + (f" (and {len(present) - 20} more)" if len(present) > 20 else "")
-            )
-            if others:
-                details.append("found for another kernel: " + ", ".join(others[:10]))
-            raise BuildError(
-                f"image {image} lacks module(s) {', '.join(missing)} for kernel {kernel_release}",
-                details="\n".join(details),
-                hint="install the modules into /lib/modules/$KVER/ (any subdirectory) in the "
-                "Containerfile, built for the KVER build argument",
-            )
-        with tempfile.TemporaryDirectory(prefix="kvc-verify-") as scratch:
-            copies = files.copy(list(found.values()), scratch)
-            results: list[FoundModule] = []
-            problems: list[str] = []
-            for name in (normalize_name(n) for n in instance.module_names):
-                path = found[name]
-                try:
-                    module = ModuleFile.open(copies[path])
-                    vermagic = (module.vermagic or "").strip()
-                    srcversion = module.info_value("srcversion") or ""
-                    signature = module.signature
-                except KmodError as exc:
-                    problems.append(f"{name} ({path}): not a readable module: {exc}")
-                    continue
-                release = vermagic.split()[0] if vermagic.split() else ""
-                if release != kernel_release:
-                    problems.append(
-                        f"{name} ({path}): vermagic {vermagic or '(none)'!r} names kernel "
-                        f"{release or '(none)'}, not {kernel_release}"
-                    )
-                results.append(
-                    FoundModule(
-                        name,
-                        path,
-                        vermagic,
-                        srcversion,
-                        signature.signer if signature else "",
-                        ":".join(f"{byte:02X}" for byte in signature.key_id) if signature else "",
-                    )
+        return _check_modules(files, image, instance, kernel_release)
+
+
+def _check_modules(files: ImageFiles, image: str, instance: InstanceConfig, kernel_release: str) -> list[FoundModule]:
+    directory = f"/lib/modules/{kernel_release}"
+    listed = files.list(directory)
+    found = match_modules(listed, kernel_release, instance.module_names)
+    missing = [name for name in instance.module_names if normalize_name(name) not in found]
+    if missing:
+        others = [p for p in _elsewhere(files, missing) if not p.startswith(directory + "/")]
+        present = sorted(p[len(directory) + 1 :] for p in listed if is_module_filename(p))
+        details = [
+            f"missing: {name} (no {normalize_name(name)}.ko[.xz|.zst|.gz] below {directory})" for name in missing
+        ]
+        details.append(
+            f"module files below {directory}: "
+            + (", ".join(present[:20]) or "none")
+            + (f" (and {len(present) - 20} more)" if len(present) > 20 else "")
+        )
+        if others:
+            details.append("found for another kernel: " + ", ".join(others[:10]))
+        raise BuildError(
+            f"image {image} lacks module(s) {', '.join(missing)} for kernel {kernel_release}",
+            details="\n".join(details),
+            hint="install the modules into /lib/modules/$KVER/ (any subdirectory) in the "
+            "Containerfile, built for the KVER build argument",
+        )
+    with tempfile.TemporaryDirectory(prefix="kvc-verify-") as scratch:
+        copies = files.copy(list(found.values()), scratch)
+        results: list[FoundModule] = []
+        problems: list[str] = []
+        for name in (normalize_name(n) for n in instance.module_names):
+            path = found[name]
+            try:
+                module = ModuleFile.open(copies[path])
+                vermagic = (module.vermagic or "").strip()
+                srcversion = module.info_value("srcversion") or ""
+                signature = module.signature
+            except KmodError as exc:
+                problems.append(f"{name} ({path}): not a readable module: {exc}")
+                continue
+            release = vermagic.split()[0] if vermagic.split() else ""
+            if release != kernel_release:
+                problems.append(
+                    f"{name} ({path}): vermagic {vermagic or '(none)'!r} names kernel "
+                    f"{release or '(none)'}, not {kernel_release}"
                 )
+            results.append(
+                FoundModule(
+                    name,
+                    path,
+                    vermagic,
+                    srcversion,
+                    signature.signer if signature else "",
+                    ":".join(f"{byte:02X}" for byte in signature.key_id) if signature else "",
+                )
+            )
     if problems:
         raise BuildError(
             f"image {image} has modules that are not built for kernel {kernel_release}",
@@ -492,15 +496,22 @@ def verify_image(
     return results
 
 
-def build_warnings(runtime: ContainerRuntime, image: str) -> list[str]:
+def _build_warnings(files: ImageFiles) -> list[str]:
     """The lines of the image's BUILD_WARNINGS file (none when it has none)."""
+    if BUILD_WARNINGS not in files.list(os.path.dirname(BUILD_WARNINGS)):
+        return []
+    with tempfile.TemporaryDirectory(prefix="kvc-warnings-") as scratch:
+        copy = files.copy([BUILD_WARNINGS], scratch)[BUILD_WARNINGS]
+        with open(copy, encoding="utf-8", errors="replace") as handle:
+            return [line.strip() for line in handle if line.strip()]
+
+
+def verify_build(
+    runtime: ContainerRuntime, image: str, instance: InstanceConfig, kernel_release: str
+) -> tuple[list[FoundModule], list[str]]:
+    """:func:`verify_image`, and the warnings the build left in the image."""
     with runtime.open_image(image) as files:
-        if BUILD_WARNINGS not in files.list(os.path.dirname(BUILD_WARNINGS)):
-            return []
-        with tempfile.TemporaryDirectory(prefix="kvc-warnings-") as scratch:
-            copy = files.copy([BUILD_WARNINGS], scratch)[BUILD_WARNINGS]
-            with open(copy, encoding="utf-8", errors="replace") as handle:
-                return [line.strip() for line in handle if line.strip()]
+        return _check_modules(files, image, instance, kernel_release), _build_warnings(files)
 
 
 def skip_reason(output: str) -> str:
@@ -589,8 +600,7 @@ def execute_build(
             cause, hint = classify_failure(exc.output, plan.kernel_release)
             raise BuildError(f"{plan.tag}: {cause}", details=exc.output_tail, hint=hint) from None
     try:
-        found = verify_image(runtime, candidate, instance, plan.kernel_release)
-        warnings = build_warnings(runtime, candidate)
+        found, warnings = verify_build(runtime, candidate, instance, plan.kernel_release)
     except BaseException:
         _remove_quietly(runtime, candidate)
         raise

@@ -45,7 +45,8 @@ PACKAGES = (
     ),
     # Netfilter extensions (x_tables from the tree); xt_CHAOS asks the kernel for xt_TARPIT and
     # xt_DELUDE, which kvc's modprobe finds in the tree delivery, and holds one reference on each;
-    # xt_quota2 and xt_pknock register their /proc/net directories. The build also makes xt_asn, which dkms.conf does not list.
+    # xt_quota2 and xt_pknock register their /proc/net directories. The build also makes xt_asn,
+    # which dkms.conf does not list.
     DkmsPackage(
         "xtables-addons-dkms",
         XTABLES_MODULES,

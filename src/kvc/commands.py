@@ -17,7 +17,16 @@ from typing import AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequ
 
 from kvc import systemd
 from kvc.archive import export_images, import_archive
-from kvc.build import ACTION_BUILD, ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current, plan_build
+from kvc.build import (
+    ACTION_BUILD,
+    ACTION_UP_TO_DATE,
+    BuildPlan,
+    execute_build,
+    image_is_current,
+    plan_build,
+    record_skip,
+    recorded_skip,
+)
 from kvc.config import Delivery, GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.distribute import (
     choose_remote,
@@ -172,6 +181,7 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
             try:
                 say(execute_build(plan, ctx.runtime))
             except BuildSkipped as exc:
+                record_skip(ctx.layout, instance, plan.kernel_release, exc.reason)
                 skipped.append(exc)
                 if len(plans) > 1:
                     say(f"{plan.tag}: {exc.brief}")
@@ -184,7 +194,9 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
         raise skipped[0]
     if skipped and len(skipped) == len(plans):
         raise BuildSkipped(
-            f"{instance.name}: every kernel was skipped", hint="its dkms.conf's BUILD_EXCLUSIVE_* excludes them"
+            ", ".join(exc.kernel_release for exc in skipped),
+            f"every kernel is outside {instance.name}'s BUILD_EXCLUSIVE_* directives",
+            hint="build for a kernel its dkms.conf allows",
         )
     return 0
 
@@ -380,6 +392,10 @@ def _load(
             modules_dir=modules_dir,
             kernel_dir=kernel_dir,
         )
+        return 0
+    skipped = "" if modules_dir else recorded_skip(ctx.layout, instance, kernel)
+    if skipped and not ctx.runtime.image_exists(image_tag(instance, kernel)):
+        say(f"{instance.name}: nothing to load on {kernel}: its build skipped this kernel ({skipped})")
         return 0
     if modules_dir:
         manifest = extract_from_directory(ctx.layout, instance, kernel, modules_dir, force=force)

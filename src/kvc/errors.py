@@ -82,6 +82,11 @@ class BuildSkipped(BuildError):
 
     exit_code = ExitCode.SKIPPED
 
+    def __init__(self, kernel_release: str, reason: str, *, hint: str = "") -> None:
+        super().__init__(f"skipped {kernel_release}: {reason}", hint=hint)
+        self.kernel_release = kernel_release
+        self.reason = reason
+
 
 class LoadError(KvcError):
     """Modules were refused by preflight or by the kernel; nothing this run loaded stays loaded."""

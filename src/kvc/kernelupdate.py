@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol
 
-from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current
+from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current, record_skip, recorded_skip
 from kvc.config import Delivery, InstanceConfig
 from kvc.errors import BuildSkipped, KvcError, StateError
 from kvc.images import image_tag
@@ -68,6 +68,7 @@ class Readiness:
     verify_required: bool
     verification: Optional[Mapping[str, Any]]  # the last kvc verify on the kernel: status, at, image_id, current
     problems: tuple[Problem, ...]
+    skipped: str = ""  # why its build declined the kernel (DKMS BUILD_EXCLUSIVE_*): nothing to load there
 
     @property
     def ready(self) -> bool:
@@ -82,6 +83,7 @@ class Readiness:
             "verify_required": self.verify_required,
             "verification": dict(self.verification) if self.verification is not None else None,
             "problems": [{"what": p.what, "hint": p.hint} for p in self.problems],
+            "skipped": self.skipped or None,
         }
 
     def lines(self) -> list[str]:
@@ -90,6 +92,8 @@ class Readiness:
             for problem in self.problems:
                 lines += [f"    {problem.what}", f"      hint: {problem.hint}"]
             return lines
+        if self.skipped:
+            return [f"  {self.name}: ready, nothing to load (its build skipped this kernel: {self.skipped})"]
         assert self.image is not None
         verified = ""
         if self.verification is not None and self.verification["current"]:
@@ -187,6 +191,9 @@ def assess(host: Host, enabled: EnabledInstance, kernel: str) -> Readiness:
     image = {"tag": tag, "exists": info is not None, "id": info.id if info else None, "up_to_date": current}
     build = f"kvc build {name} --kernel {kernel}"
     problems = []
+    skipped = recorded_skip(host.layout, instance, kernel) if info is None else ""
+    if skipped:
+        return Readiness(name, enabled.units, image, False, None, (), skipped)
     if info is None:
         problems.append(Problem(f"image {tag} does not exist: {name} is not built for {kernel}", build))
     elif not current:
@@ -362,6 +369,8 @@ def execute_kernel_added(host: Host, plan: KernelAddedPlan, say: Callable[[str],
                 elif step.deliver_at_boot:
                     say(f"{step.name}: {step.deliver_note(kernel)}")
         except BuildSkipped as exc:
+            if step.instance is not None:
+                record_skip(host.layout, step.instance, kernel, exc.reason)
             say(f"{step.name}: {exc.brief}")
         except KvcError as exc:
             failures.append((step.name, exc))

@@ -84,6 +84,12 @@ class Layout:
         """The outcome of the last ``kvc verify`` of the instance for a kernel (read by status)."""
         return os.path.join(self.state_dir, name, "verify", f"{kernel_release}.json")
 
+    def skip_record(self, name: str, kernel_release: str) -> str:
+        """Why the instance's build skipped a kernel (a DKMS source's BUILD_EXCLUSIVE_*)."""
+        return os.path.join(
+            self.instance_state(name), "skipped", f"{_component(kernel_release, 'kernel release')}.json"
+        )
+
     @property
     def lock_dir(self) -> str:
         return self.host.host("/run/kvc")

@@ -32,7 +32,7 @@ from typing import Iterator, Optional, Sequence
 
 from kvc import proc
 from kvc.config import check_name
-from kvc.errors import ConfigError
+from kvc.errors import BuildSkipped, ConfigError
 from kvc.layout import Layout
 
 PROG = "kmods-via-containers"
@@ -114,7 +114,14 @@ def native_action(action: str, name: str, kver: str, args: Sequence[str]) -> int
         modules_dir=None,
         argv=list(args),
     )
-    return commands.dispatch(namespace)
+    try:
+        return commands.dispatch(namespace)
+    except BuildSkipped as exc:
+        if action != "build":
+            raise
+        # As DKMS's autoinstall: a kernel its dkms.conf excludes is not a failure of the unit.
+        sys.stdout.write(f"KVC: {name}: {exc.brief}; nothing to build or load\n")
+        return 0
 
 
 def is_native(layout: Layout, name: str) -> bool:

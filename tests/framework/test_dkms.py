@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import uuid
 from pathlib import Path
@@ -398,8 +399,21 @@ STRIP[1]="yes"
     assert f"{name}/2.0~rc1+git5, {release}, x86_64: built" in status.stdout.splitlines()
 
 
+def legacy(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``kmods-via-containers ARGS``, as the unit runs it."""
+    program = "import sys; from kvc.cli import legacy_main; sys.exit(legacy_main())"
+    return subprocess.run(
+        [sys.executable, "-c", program, *args], capture_output=True, text=True, env={**os.environ, **env}, check=False
+    )
+
+
 @pytest.mark.podman
-def test_kernels_outside_build_exclusive_are_skipped_as_dkms_skips(dkms_env: dict[str, Any]) -> None:
+def test_kernels_outside_build_exclusive_are_skipped_as_dkms_skips(
+    dkms_env: dict[str, Any], indexed_kernel_tree: DebianKernel
+) -> None:
+    """Each skip is exit 77 with one line and no image; then the skip is remembered: kvc dkms status
+    says so, and the unit's build and load (kmods-via-containers, on a host running that kernel)
+    succeed with nothing to load, as DKMS's autoinstall skips."""
     tmp, env, release = dkms_env["tmp"], dkms_env["env"], dkms_env["release"]
     base = 'PACKAGE_VERSION="1"\nBUILT_MODULE_NAME[0]="synth"\nBUILT_MODULE_LOCATION[0]="sub"\n'
     base += 'DEST_MODULE_LOCATION[0]="/extra"\nPRE_BUILD="pre.sh"\n'
@@ -429,6 +443,18 @@ def test_kernels_outside_build_exclusive_are_skipped_as_dkms_skips(dkms_env: dic
             ["podman", "images", "-q", "--filter", f"reference=*{name}*"], capture_output=True, text=True, check=True
         )
         assert images.stdout.strip() == ""
+        status = kvc(["dkms", "status", name, "-k", release], env)
+        assert status.stdout == f"{name}/1, {release}, x86_64: skipped ({name}/1 for {release} (x86_64): {reason})\n"
+    host = {"KVC_ROOT": str(tmp / "skiphost"), "KVC_KERNEL": "fake"}
+    FakeKernel.create(HostPaths(host["KVC_ROOT"]), release, symvers=str(indexed_kernel_tree.symvers))
+    name = f"{dkms_env['prefix']}-skipmax"
+    assert kvc(["install", str(tmp / name)], host).returncode == 0
+    unit_build = legacy(["build", name, release], host)
+    assert unit_build.returncode == 0, unit_build.stdout + unit_build.stderr
+    assert f"KVC: {name}: skipped {release}: {name}/1 for {release}" in unit_build.stdout
+    unit_load = legacy(["load", name, release], host)
+    assert unit_load.returncode == 0, unit_load.stdout + unit_load.stderr
+    assert f"{name}: nothing to load on {release}: its build skipped this kernel" in unit_load.stdout
     # One kernel inside, one outside: the first builds, the second is reported, exit 0.
     name = f"{dkms_env['prefix']}-skipone"
     conf = f'PACKAGE_NAME="{name}"\n{base}BUILD_EXCLUSIVE_KERNEL="^{re.escape(release)}$"\n'

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import pytest
 
 from kvc import hooks
-from kvc.build import context_digest
+from kvc.build import context_digest, record_skip
 from kvc.config import InstanceConfig
 from kvc.errors import ExitCode, KernelMissingError
 from kvc.images import image_labels, image_tag
@@ -560,6 +560,25 @@ def test_gate_refuses_an_instance_not_built_or_outdated(host: Host) -> None:
         f"kvc: error: not ready for kernel {RELEASE}: 2 of 2 enabled instance(s) (one, two)",
         "kvc: hint: run the hints above, then 'kvc check --next-boot' again",
     ]
+
+
+def test_gate_passes_a_kernel_a_dkms_source_skipped_with_its_current_inputs(host: Host) -> None:
+    """A DKMS instance whose build declined the kernel (BUILD_EXCLUSIVE_*) has nothing to load on it:
+    ready, as DKMS's autoinstall skips, while its build inputs are those the skip was recorded for."""
+    one = host.conf("one", "KVC_DKMS=one/1.0\n")
+    host.enable("one")
+    podman_images(host, {})
+    record_skip(host.layout, one, RELEASE, f"one/1.0 for {RELEASE} (x86_64): kernel {RELEASE} is newer than X")
+    result = host.kvc("check", "--next-boot", "--kernel", RELEASE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[1] == (
+        f"  one: ready, nothing to load (its build skipped this kernel: one/1.0 for {RELEASE} (x86_64): "
+        f"kernel {RELEASE} is newer than X)"
+    )
+    host.conf("one", "KVC_DKMS=one/1.0\nKVC_BUILD_ARGS=X=1\n")  # new build inputs: the skip no longer holds
+    result = host.kvc("check", "--next-boot", "--kernel", RELEASE)
+    assert result.returncode == ExitCode.STATE
+    assert f"image one-1.0:{RELEASE} does not exist: one is not built for {RELEASE}" in result.stdout
 
 
 def test_gate_wants_a_passed_verification_of_the_current_image_when_required(host: Host) -> None:

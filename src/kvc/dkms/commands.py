@@ -9,6 +9,7 @@ import sys
 import tempfile
 from typing import Any
 
+from kvc.build import recorded_skip
 from kvc.commands import Context, instance_status, say, status_kernels
 from kvc.config import InstanceConfig
 from kvc.dkms.bundle import execute_import, plan_import
@@ -48,6 +49,9 @@ def status_lines(ctx: Context, instance: InstanceConfig, kernels: list[str]) -> 
     lines = []
     for entry in instance_status(ctx, instance, kernels)["kernels"]:
         if not entry["image"]["exists"]:
+            skipped = recorded_skip(ctx.layout, instance, entry["kernel"])
+            if skipped:
+                lines.append(f"{package}, {entry['kernel']}, {platform.machine()}: skipped ({skipped}){suffix}")
             continue
         outdated = "" if entry["image"]["up_to_date"] else " (image outdated: rebuild)"
         lines.append(f"{package}, {entry['kernel']}, {platform.machine()}: {dkms_state(entry)}{outdated}{suffix}")

@@ -343,7 +343,7 @@ def synthetic_source(directory: Path, conf: str) -> Path:
     (directory / "patches" / "mark.patch").write_text(SYNTHETIC_PATCH)
     (directory / "patches" / "never.patch").write_text("not a patch\n")
     (directory / "pre.sh").write_text("#!/bin/sh\necho '#define GENERATED \"by-pre-build\"' > sub/generated.h\n")
-    (directory / "post.sh").write_text("#!/bin/sh\ntouch post-build-ran\n")
+    (directory / "post.sh").write_text('#!/bin/sh\necho "post-build ran in $(pwd)"\n')
     (directory / "pre.sh").chmod(0o755)
     (directory / "post.sh").chmod(0o755)
     (directory / "dkms.conf").write_text(conf)
@@ -383,8 +383,10 @@ STRIP[1]="yes"
     assert imported.returncode == 0, imported.stderr
     assert read_conf(str(bundle / f"{name}.conf"))["KMOD_NAMES"] == "synth twin-renamed"
     assert kvc(["install", str(bundle)], env).returncode == 0
-    built = kvc(["build", name, "-k", release], env, timeout=900)
+    built = kvc(["-v", "build", name, "-k", release], env, timeout=900)
     assert built.returncode == 0, built.stdout + built.stderr
+    assert f"post-build ran in /var/lib/dkms/{name}/2.0~rc1+git5/build" in built.stderr
+    assert "Applying patch mark.patch" in built.stderr and "never.patch" not in built.stderr
     files = image_files(tmp, f"{repository_name(name, '2.0~rc1+git5')}:{kernel_tag(release)}")
     synth = files / "modules" / release / "extra" / "dkms" / "synth.ko"
     twin = files / "modules" / release / "updates" / "twin-renamed.ko"

@@ -529,6 +529,10 @@ def test_import_never_writes_into_an_existing_directory(dkms_env: dict[str, Any]
     )
     assert bad.returncode == 6 and "build or pull localhost/kvc-no-such:1 first" in bad.stderr, bad.stderr
     shutil.rmtree(taken)
+    planned = kvc(["dkms", "import", str(debs["vpoll-dkms"]), "--output", str(taken), "-k", release, "--dry-run"], env)
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout.splitlines()[0].startswith("import the DKMS source vpoll/0.1 (Debian package ")
+    assert f"  write {taken}/: vpoll.conf, Containerfile" in planned.stdout and not taken.exists()
 
 
 @pytest.mark.podman

@@ -2,8 +2,9 @@
 scripts/test.sh and CI pass) or an explicit ``-m`` adds the slow tiers: ``oracle`` (Debian's kernel
 package and kmod side by side), ``podman`` (real image builds), ``vm`` (real kernels under qemu),
 ``onefile`` (the single-file kvc built in a Debian 11 root and run where there is no Python),
-``registry`` (push and pull through a local TLS registry with basic auth) and ``k8s`` (a real
-Kubernetes control plane built from Debian's sources, tests/support/controlplane.py).
+``registry`` (push and pull through a local TLS registry with basic auth), ``k8s`` (a real
+Kubernetes control plane built from Debian's sources, tests/support/controlplane.py) and
+``reliability`` (the CI-sized runs of the fault scripts: fuzz, kill -9, concurrency, disk full).
 A test that needs Debian's kernel tree is in the oracle tier whether or not it says so."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_ke
 from support.onefile import build_onefile
 from support.registry import LocalRegistry
 
-SLOW_TIERS = ("oracle", "podman", "vm", "onefile", "registry", "k8s")
+SLOW_TIERS = ("oracle", "podman", "vm", "onefile", "registry", "k8s", "reliability")
 NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
 
 

@@ -505,7 +505,8 @@ class InstanceConfig:
             )
         udev_rules = _image_files(values, "KVC_UDEV_RULES", ".rules", path)
         keep = values.get("KVC_KEEP_KERNELS", "3")
-        if not keep.isdigit() or int(keep) < 1:
+        # isdigit() alone also accepts digits such as '²' that int() refuses.
+        if not (keep.isascii() and keep.isdigit()) or int(keep) < 1:
             raise ConfigError(f"{path}: KVC_KEEP_KERNELS={keep!r} must be a whole number >= 1")
         return cls(
             name=name,

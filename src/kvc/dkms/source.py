@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import enum
 import io
+import lzma
 import os
 import posixpath
 import shutil
 import stat
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Optional
 
@@ -25,6 +27,8 @@ _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
 # Archives are untrusted: refuse ones that would unpack to more than this.
 MAX_UNPACKED_BYTES = 4 << 30
+# What a damaged archive raises while it is read: tarfile passes its decompressors' errors through.
+_CORRUPT_ARCHIVE = (tarfile.TarError, zstandard.ZstdError, EOFError, lzma.LZMAError, zlib.error)
 
 
 class SourceKind(str, enum.Enum):
@@ -157,7 +161,7 @@ def _from_deb(path: str, scratch: str) -> DkmsSource:
                 try:
                     with _open_data_tar(handle, name, size, path) as tar:
                         _unpack_tar(tar, scratch, path, prefix="usr/src")
-                except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as exc:
+                except (*_CORRUPT_ARCHIVE, OSError) as exc:
                     raise _bad(path, f"cannot unpack the package's {name}: {exc}", "download it again") from None
                 break
         else:
@@ -183,7 +187,7 @@ def _from_tarball(path: str, scratch: str) -> DkmsSource:
     try:
         with _open_tarball(path) as tar:
             _unpack_tar(tar, scratch, path)
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
+    except _CORRUPT_ARCHIVE as exc:
         raise _bad(
             path, f"cannot unpack: {exc}", "give a tar archive (gzip, xz, bzip2 or zstd) or a directory"
         ) from None

@@ -1,0 +1,96 @@
+"""Inputs scripts/fuzz.py found crashing a reader, rebuilt here from small synthetic ones: they must
+now end in the reader's documented error (one line, exit 3), not a traceback."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import random
+import tarfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from kvc.config import InstanceConfig
+from kvc.dkms.source import locate
+from kvc.errors import ConfigError, ExitCode
+
+DECOMPRESSOR_ERRORS = {"xz": lzma.LZMAError, "gz": zlib.error}
+
+
+def _tar(compression: str) -> bytes:
+    """A DKMS source tarball with one big text member (so the stream has Huffman blocks to damage)."""
+    rng = random.Random(15)
+    words = [bytes(rng.choice(b"abcdefghijklmnop") for _ in range(rng.randrange(2, 9))) for _ in range(300)]
+    payload = b" ".join(rng.choice(words) for _ in range(40000))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in (("demo-1.0/dkms.conf", b"PACKAGE_NAME=demo\n"), ("demo-1.0/blob.txt", payload)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return lzma.compress(out.getvalue()) if compression == "xz" else gzip.compress(out.getvalue(), mtime=0)
+
+
+def _read_all(data: bytes) -> None:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for member in tar:
+            extracted = tar.extractfile(member)
+            if extracted is not None:
+                extracted.read()
+
+
+def _damaged(compression: str) -> bytes:
+    """The tarball with one byte flipped where tarfile itself lets the decompressor's error out
+    (the headers parse; a member's data does not): the input class the fuzzer found."""
+    good = _tar(compression)
+    for offset in range(200, len(good) - 64, 97):
+        bad = bytearray(good)
+        bad[offset] ^= 0xFF
+        try:
+            _read_all(bytes(bad))
+        except DECOMPRESSOR_ERRORS[compression]:
+            return bytes(bad)
+        except (tarfile.TarError, EOFError):
+            continue
+    raise AssertionError(f"no single-byte damage makes tarfile raise {DECOMPRESSOR_ERRORS[compression].__name__}")
+
+
+def _deb(data_member: str, payload: bytes) -> bytes:
+    def member(name: str, data: bytes) -> bytes:
+        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+        return header + data + (b"\n" if len(data) % 2 else b"")
+
+    return b"!<arch>\n" + member("debian-binary", b"2.0\n") + member(data_member, payload)
+
+
+@pytest.mark.parametrize("compression", ["xz", "gz"])
+def test_a_package_whose_data_tar_is_corrupt_midway_is_a_config_error(tmp_path: Path, compression: str) -> None:
+    # Found by fuzzing the Debian DKMS packages: lzma.LZMAError escaped from tarfile while a
+    # member was copied out (zlib.error is the same for gzip).
+    deb = tmp_path / "demo-dkms_1.0_all.deb"
+    deb.write_bytes(_deb(f"data.tar.{compression}", _damaged(compression)))
+    with pytest.raises(ConfigError) as raised:
+        locate(str(deb), str(tmp_path / "scratch"))
+    assert "cannot unpack the package's data.tar" in raised.value.brief
+    assert raised.value.exit_code == ExitCode.CONFIG
+
+
+@pytest.mark.parametrize("compression", ["xz", "gz"])
+def test_a_tarball_corrupt_midway_is_a_config_error(tmp_path: Path, compression: str) -> None:
+    tarball = tmp_path / f"demo-1.0.tar.{compression}"
+    tarball.write_bytes(_damaged(compression))
+    with pytest.raises(ConfigError) as raised:
+        locate(str(tarball), str(tmp_path / "scratch"))
+    assert "cannot unpack" in raised.value.brief
+
+
+@pytest.mark.parametrize("keep", ["²", "³", "0", "-1", "1.5"])
+def test_a_keep_kernels_value_that_is_not_a_plain_number_is_a_config_error(keep: str) -> None:
+    # Found by fuzzing instance confs: str.isdigit() accepts '²', which int() refuses (ValueError).
+    values = {"KMOD_CONTAINER_BUILD_CONTEXT": "/srv/ctx", "KMOD_SOFTWARE_VERSION": "1", "KMOD_NAMES": "demo"}
+    with pytest.raises(ConfigError) as raised:
+        InstanceConfig.from_values("demo", "/etc/kvc/demo.conf", {**values, "KVC_KEEP_KERNELS": keep})
+    assert "KVC_KEEP_KERNELS" in raised.value.brief

@@ -151,7 +151,9 @@ class _ConfigBuilder:
     excludes: list[str] = field(default_factory=list)
 
     def parse(self, text: str, filename: str, log: Log) -> None:
-        for number, line in logical_lines(text):
+        for number, whole in logical_lines(text):
+            # depmod parses the line as a C string: a NUL ends it.
+            line = whole.partition("\0")[0]
             if not line or line[0] == "#":
                 continue
             words = line.replace("\t", " ").split()

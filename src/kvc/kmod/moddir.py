@@ -120,8 +120,9 @@ def normalize_alias(alias: str) -> str:
 
 def parse_dep_line(line: str) -> Optional[DepLine]:
     """A modules.dep line as kmod_module_parse_depline splits it: the path is everything before
-    the first ':', dependencies are separated by spaces or tabs. None without a ':'."""
-    head, colon, rest = line.rstrip("\n").partition(":")
+    the first ':', dependencies are separated by spaces or tabs. None without a ':'. The line is
+    the C string libkmod has: a NUL (only a corrupt text modules.dep holds one) ends it."""
+    head, colon, rest = line.partition("\0")[0].rstrip("\n").partition(":")
     if not colon:
         return None
     deps = tuple(rest.replace("\t", " ").split(" "))

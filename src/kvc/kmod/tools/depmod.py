@@ -142,7 +142,7 @@ def _run(argv: list[str]) -> int:
         elif opt == "--no-cache":
             cache_dir = None
         elif opt == "--jobs":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 log(engine.FATAL, f"--jobs needs a number, not '{value}'\n")
                 return 1
             jobs = int(value)

@@ -1,5 +1,6 @@
-"""Inputs scripts/fuzz.py found crashing a reader, rebuilt here from small synthetic ones: they must
-now end in the reader's documented error (one line, exit 3), not a traceback."""
+"""Inputs that crashed a reader, hung it or broke its memory bound, found by scripts/fuzz.py or while
+building it, rebuilt here from small synthetic ones: each must now end in the reader's documented
+error (one line, exit 3)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import gzip
 import io
 import lzma
 import random
+import signal
+import subprocess
+import sys
 import tarfile
 import zlib
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from kvc.config import InstanceConfig
 from kvc.dkms.source import locate
@@ -94,3 +99,45 @@ def test_a_keep_kernels_value_that_is_not_a_plain_number_is_a_config_error(keep:
     with pytest.raises(ConfigError) as raised:
         InstanceConfig.from_values("demo", "/etc/kvc/demo.conf", {**values, "KVC_KEEP_KERNELS": keep})
     assert "KVC_KEEP_KERNELS" in raised.value.brief
+
+
+@pytest.mark.parametrize("size", [b"-60", b"-1", b"+4", b"4_0", b""])
+def test_an_ar_member_size_that_is_not_decimal_digits_is_a_config_error(tmp_path: Path, size: bytes) -> None:
+    # -60 made the ar reader seek back to the same header forever (a hang): int() takes a sign.
+    header = b"debian-binary".ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+    deb = tmp_path / "demo-dkms_1.0_all.deb"
+    deb.write_bytes(b"!<arch>\n" + header + size.ljust(10) + b"`\n" + b"2.0\n")
+    signal.alarm(10)  # a regression would loop forever
+    try:
+        with pytest.raises(ConfigError) as raised:
+            locate(str(deb), str(tmp_path / "scratch"))
+    finally:
+        signal.alarm(0)
+    assert "member size" in raised.value.brief
+
+
+def test_a_zstd_payload_of_a_gigabyte_of_zeros_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    # A data.tar.zst (or .tar.zst) was decompressed whole into memory: 32 KiB can hold 1 GiB.
+    compressor = zstandard.ZstdCompressor(level=1).compressobj()
+    bomb = b"".join(compressor.compress(bytes(1 << 20)) for _ in range(1024)) + compressor.flush()
+    (tmp_path / "bomb-dkms_1.0_all.deb").write_bytes(_deb("data.tar.zst", bomb))
+    (tmp_path / "bomb-1.0.tar.zst").write_bytes(bomb)
+    script = (
+        "import os, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))\n"
+        "from kvc.dkms.source import locate\n"
+        "from kvc.errors import ConfigError\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        os.mkdir(f'{path}.scratch')\n"
+        "        locate(path, f'{path}.scratch')\n"
+        "    except ConfigError as exc:\n"
+        "        print(exc.brief)\n"
+    )
+    paths = [str(tmp_path / "bomb-dkms_1.0_all.deb"), str(tmp_path / "bomb-1.0.tar.zst")]
+    proc = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"{paths[0]}: no dkms.conf below usr/src in the package",
+        f"{paths[1]}: no dkms.conf at its top or one directory down",
+    ]

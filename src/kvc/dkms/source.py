@@ -124,10 +124,11 @@ def _ar_members(handle: BinaryIO, source: str) -> Iterator[tuple[str, int]]:
         if len(header) != _AR_HEADER or header[58:60] != b"`\n":
             raise _bad(source, "truncated or corrupt Debian package", "download it again")
         name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        try:
-            size = int(header[48:58].decode("ascii").strip())
-        except ValueError:
-            raise _bad(source, "corrupt Debian package (member size)", "download it again") from None
+        field = header[48:58].strip()
+        # Decimal digits only: int() also takes a sign, and a negative size would seek back forever.
+        if not field.isdigit():
+            raise _bad(source, "corrupt Debian package (member size)", "download it again")
+        size = int(field)
         start = handle.tell()
         yield name, size
         handle.seek(start + size + (size & 1))
@@ -136,8 +137,7 @@ def _ar_members(handle: BinaryIO, source: str) -> Iterator[tuple[str, int]]:
 def _open_data_tar(handle: BinaryIO, name: str, size: int, source: str) -> tarfile.TarFile:
     payload = handle.read(size)
     if name.endswith(".zst"):
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload))
-        return tarfile.open(fileobj=io.BytesIO(reader.read()), mode="r:")
+        return _zstd_tar(payload)
     if name in ("data.tar", "data.tar.gz", "data.tar.xz", "data.tar.bz2"):
         return tarfile.open(fileobj=io.BytesIO(payload), mode="r:*")
     raise _bad(source, f"unsupported package payload {name}", "give the source tree or a tarball instead")
@@ -175,11 +175,16 @@ def _from_deb(path: str, scratch: str) -> DkmsSource:
     return DkmsSource(_single_conf(candidates, scratch, path, "below usr/src in the package"), SourceKind.DEB, path)
 
 
+def _zstd_tar(compressed: bytes) -> tarfile.TarFile:
+    """A zstd-compressed tar, decompressed as it is read (a stream): a small file can hold
+    gigabytes of zeros, which must not all come into memory at once."""
+    return tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed)), mode="r|")
+
+
 def _open_tarball(path: str) -> tarfile.TarFile:
     if path.endswith((".zst", ".tzst")):
         with open(path, "rb") as raw:
-            data = zstandard.ZstdDecompressor().stream_reader(raw).read()
-        return tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+            return _zstd_tar(raw.read())
     return tarfile.open(path, mode="r:*")
 
 

@@ -116,6 +116,16 @@ def test_an_ar_member_size_that_is_not_decimal_digits_is_a_config_error(tmp_path
     assert "member size" in raised.value.brief
 
 
+def test_an_ar_member_larger_than_the_file_is_a_config_error_not_a_memory_error(tmp_path: Path) -> None:
+    # Found by fuzzing (seed 7): a size field of 9999999999 made read() allocate 9.3 GB first.
+    payload = gzip.compress(b"x" * 100)
+    deb = tmp_path / "demo-dkms_1.0_all.deb"
+    deb.write_bytes(_deb("data.tar.gz", payload).replace(f"{len(payload):<10}`".encode(), b"9999999999`"))
+    with pytest.raises(ConfigError) as raised:
+        locate(str(deb), str(tmp_path / "scratch"))
+    assert "truncated or corrupt Debian package" in raised.value.brief
+
+
 def test_a_zstd_payload_of_a_gigabyte_of_zeros_is_read_in_bounded_memory(tmp_path: Path) -> None:
     # A data.tar.zst (or .tar.zst) was decompressed whole into memory: 32 KiB can hold 1 GiB.
     compressor = zstandard.ZstdCompressor(level=1).compressobj()

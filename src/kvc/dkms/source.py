@@ -115,6 +115,8 @@ def _place_link(root: str, relative: str, link: str, source: str) -> None:
 
 def _ar_members(handle: BinaryIO, source: str) -> Iterator[tuple[str, int]]:
     """(name, size) of each member of an ar archive, the handle positioned at its data."""
+    end = handle.seek(0, os.SEEK_END)
+    handle.seek(0)
     if handle.read(len(_AR_MAGIC)) != _AR_MAGIC:
         raise _bad(source, "not a Debian package (no ar header)", "give a .deb, a tarball or a directory")
     while True:
@@ -130,6 +132,10 @@ def _ar_members(handle: BinaryIO, source: str) -> Iterator[tuple[str, int]]:
             raise _bad(source, "corrupt Debian package (member size)", "download it again")
         size = int(field)
         start = handle.tell()
+        # A member cannot be larger than the rest of the file; reading its claimed size would
+        # allocate that much memory first.
+        if start + size > end:
+            raise _bad(source, "truncated or corrupt Debian package", "download it again")
         yield name, size
         handle.seek(start + size + (size & 1))
 

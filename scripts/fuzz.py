@@ -242,7 +242,8 @@ def _kvc_conf_seeds(into: Path) -> None:
 
 
 def _cached_dkms_debs() -> list[Path]:
-    """The five Debian DKMS packages if a test run left them in the test cache (never fetched here)."""
+    """The five Debian DKMS packages if tests/framework/test_dkms.py has downloaded them into the
+    test cache (never fetched here: without them the dkms kinds use synthetic seeds)."""
     from support.debian_kernel import cache_dir
     from support.dkms import PACKAGES
 

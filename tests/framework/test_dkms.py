@@ -39,7 +39,7 @@ from kvc.images import kernel_tag, repository_name
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
 from support import fakeprog
-from support.debian_kernel import DebianKernel
+from support.debian_kernel import DebianKernel, cache_dir
 from support.dkms import PACKAGES, DkmsPackage, download
 from support.example import unique_prefix
 from support.kvccli import kvc
@@ -48,8 +48,9 @@ OTHER_KERNEL = "6.12.118+deb12-amd64"  # bookworm's other kernel ABI, for a kern
 
 
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("debs")
+def debs() -> dict[str, Path]:
+    """The five packages, downloaded once into the test cache (scripts/fuzz.py takes seeds from there)."""
+    directory = cache_dir() / "dkms"
     return {package.deb: download(package.deb, directory) for package in PACKAGES}
 
 

@@ -151,3 +151,17 @@ def test_a_zstd_payload_of_a_gigabyte_of_zeros_is_read_in_bounded_memory(tmp_pat
         f"{paths[0]}: no dkms.conf below usr/src in the package",
         f"{paths[1]}: no dkms.conf at its top or one directory down",
     ]
+
+
+def test_module_parameters_with_an_unclosed_quote_are_a_config_error_for_kmm() -> None:
+    # Found by fuzzing instance confs through 'kvc k8s module': shlex.split() raised ValueError
+    # ("No closing quotation") for KVC_MODULE_PARAMS_demo='a="b'.
+    from kvc.k8s.objects import FleetOptions, kmm_module
+    from kvc.registry import Reference
+
+    values = {"KMOD_CONTAINER_BUILD_CONTEXT": "/srv/ctx", "KMOD_SOFTWARE_VERSION": "1", "KMOD_NAMES": "demo"}
+    instance = InstanceConfig.from_values("demo", "/etc/kvc/demo.conf", {**values, "KVC_MODULE_PARAMS_demo": 'a="b'})
+    options = FleetOptions(repository=Reference.parse("registry.invalid/kmods/demo"))
+    with pytest.raises(ConfigError) as raised:
+        kmm_module(instance, ["6.1.0-1-amd64"], options)
+    assert raised.value.brief.startswith("/etc/kvc/demo.conf: KVC_MODULE_PARAMS_demo cannot be split")

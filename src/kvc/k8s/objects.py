@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from kvc.config import InstanceConfig
-from kvc.errors import UsageError
+from kvc.errors import ConfigError, UsageError
 from kvc.images import encode_tag, image_repository, registry_tags
 from kvc.kmmimage import DIR_NAME as KMM_DIR_NAME
 from kvc.kmmimage import FIRMWARE_PATH as KMM_FIRMWARE_PATH
@@ -102,6 +102,17 @@ def module_image(repo: Reference, instance: InstanceConfig, kernel_release: str)
     return str(repo.with_tag(registry_tags(instance, kernel_release)[0]))
 
 
+def _module_parameters(instance: InstanceConfig, module: str) -> list[str]:
+    """KVC_MODULE_PARAMS_<module> as the words KMM passes to modprobe."""
+    try:
+        return shlex.split(instance.module_params.get(module, ""))
+    except ValueError as exc:  # an unclosed quote
+        raise ConfigError(
+            f"{instance.source}: KVC_MODULE_PARAMS_{module} cannot be split into modprobe arguments: {exc}",
+            hint="close the quote, or quote the value so that its own quotes come in pairs",
+        ) from None
+
+
 def _load_order(instance: InstanceConfig) -> list[str]:
     return [name.replace("-", "_") for name in instance.module_names]
 
@@ -159,7 +170,7 @@ def kmm_module(
             for kernel in kernels
         ]
     modprobe: dict[str, Any] = {"moduleName": order[-1], "dirName": KMM_DIR_NAME}
-    parameters = shlex.split(instance.module_params.get(order[-1], ""))
+    parameters = _module_parameters(instance, order[-1])
     if parameters:
         modprobe["parameters"] = parameters
     if instance.firmware:

@@ -15,8 +15,10 @@ as modprobe skips it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import errno
 import json
 import logging
 from dataclasses import dataclass, field
@@ -345,6 +347,11 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
         try:
             kernel.insert(step.path, step.params, 0)
         except KernelError as exc:
+            if exc.errno == errno.EEXIST:
+                # Another loader (udev, modprobe, a racing kvc) loaded it after planning: skipped as
+                # the plan skips a module loaded before, and not ours to roll back or unload.
+                _log.info("%s was loaded meanwhile by someone else: skipped", step.name)
+                continue
             if not step.required:
                 continue
             rollback_errors = []
@@ -438,21 +445,27 @@ def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path
         try:
             kernel.remove(name, kernel.REMOVE_FORCE if force else 0)
         except KernelError as exc:
+            if exc.errno == errno.ENOENT:
+                # Unloaded after planning by someone else: the goal holds.
+                _log.info("%s was unloaded meanwhile by someone else", name)
+                continue
             failures.append(f"{name}: {exc}")
     if record_path is not None:
-        loaded = {entry.name: entry for entry in kernel.loaded_modules()}
-        still_needed = []
-        for name in plan.in_tree:
-            entry = loaded.get(name)
-            if entry is None:
-                continue
-            if entry.refcnt == 0:
-                try:
-                    kernel.remove(name, 0)
-                    continue
-                except KernelError:
-                    pass
-            still_needed.append(name)
+        still_needed = list(plan.in_tree)
+        removed_one = True
+        # Another pulled-in module may hold one (vxlan holds ip6_udp_tunnel): repeat while that frees more.
+        while removed_one:
+            removed_one = False
+            loaded = {entry.name: entry for entry in kernel.loaded_modules()}
+            for name in list(still_needed):
+                entry = loaded.get(name)
+                if entry is None:
+                    still_needed.remove(name)
+                elif entry.refcnt == 0:
+                    with contextlib.suppress(KernelError):
+                        kernel.remove(name, 0)
+                        still_needed.remove(name)
+                        removed_one = True
         write_json(record_path, {"schema": 1, "kernel": plan.kernel_release, "in_tree": sorted(still_needed)})
     if failures:
         raise LoadError(

@@ -14,7 +14,7 @@ from kvc.kmod.config import load_config
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.paths import HostPaths
-from kvc.loader import LoadStep, execute_load, plan_load, plan_unload
+from kvc.loader import LoadStep, execute_load, execute_unload, plan_load, plan_unload
 from support.debian_kernel import DebianKernel
 from support.modbuild import Export, ModuleSpec, build_module
 
@@ -135,6 +135,32 @@ def test_in_tree_modules_the_instance_names_load_first_with_their_dependencies(
         f"in-tree module no_such_module is needed (KVC_INTREE_MODULES names it) but not found in {moddir.path}"
     )
     assert "KVC_INTREE_MODULES" in (missing.value.hint or "")
+
+
+def test_modules_another_loader_loads_or_unloads_between_plan_and_execution_are_skipped(
+    tmp_path: Path, indexed_kernel_tree: DebianKernel, fake_kernel: FakeKernel
+) -> None:
+    """A racing loader (udev, modprobe, another kvc) that loads a planned module first makes the
+    kernel answer EEXIST: skipped as the plan skips a module loaded before, neither a refusal with
+    a rollback nor recorded as the instance's; a module already gone at unload (ENOENT) is not a
+    failure either, and a pulled-in module held by another pulled-in one (ip6_udp_tunnel by vxlan)
+    goes once its holder is gone."""
+    release = indexed_kernel_tree.release
+    moddir = ModuleDirectory(str(indexed_kernel_tree.moddir))
+    user = module(tmp_path, indexed_kernel_tree, "user_mod")
+    plan = plan_load("demo", release, [user], {}, fake_kernel, moddir, intree_modules=("vxlan", "crc-itu-t"))
+    raced = next(step for step in plan.steps if step.name == "udp_tunnel")
+    fake_kernel.insert(raced.path, "", 0)
+    record = tmp_path / "loaded.json"
+    assert "udp_tunnel" not in execute_load(plan, fake_kernel, str(record))
+    loaded = {m.name for m in fake_kernel.loaded_modules()}
+    assert loaded == {"user_mod", "vxlan", "udp_tunnel", "ip6_udp_tunnel", "crc_itu_t"}
+    unload = plan_unload("demo", release, ["user_mod"], fake_kernel, record_path=str(record))
+    assert "udp_tunnel" not in unload.in_tree and {"vxlan", "crc_itu_t"} <= set(unload.in_tree)
+    fake_kernel.remove("user_mod", 0)
+    execute_unload(unload, fake_kernel, force=False, record_path=str(record))
+    # udp_tunnel was the other loader's: it stays; the rest the instance loaded is gone.
+    assert {m.name for m in fake_kernel.loaded_modules()} == {"udp_tunnel"}
 
 
 BASE = {"KMOD_CONTAINER_BUILD_CONTEXT": "/ctx", "KMOD_SOFTWARE_VERSION": "1", "KMOD_NAMES": "a"}

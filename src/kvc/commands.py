@@ -62,7 +62,7 @@ from kvc.kmod.module import ModuleFile
 from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
 from kvc.loadplan import dry_load
-from kvc.lock import instance_lock
+from kvc.lock import images_in_use, instance_lock
 from kvc.nextboot import NextKernel, find_next_kernel, named_kernel
 from kvc.registry import Reference, RegistryClient, RegistryOptions
 from kvc.runtime import ContainerRuntime, ImageFiles, runtime_for
@@ -435,7 +435,8 @@ def _locked_action(ctx: Context, args: argparse.Namespace, action: Callable[...,
     kernel = ctx.running_kernel(instance, args.kernel, args.command)
     if args.dry_run:
         return action(ctx, instance, kernel, dry_run=True, force=args.force)
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    # Neither changes an image: a verification of the same instance (sharing the image lock) may run.
+    with instance_lock(ctx.layout.lock_dir, instance.name, images=False):
         return action(ctx, instance, kernel, dry_run=False, force=args.force)
 
 
@@ -797,8 +798,9 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     if args.dry_run:
         say(plan.describe())
         return 0
-    # Held throughout: a build would retag or prune the image the guest has mounted.
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    # Held throughout: a build would retag or prune the image the guest has mounted. Shared, and
+    # not the instance lock: a boot-time load or unload goes on meanwhile.
+    with images_in_use(ctx.layout.lock_dir, instance.name):
         report = execute_verify(plan, ctx.runtime, ctx.layout)
     say(json.dumps(report.data, indent=2) if args.json else format_report(report))
     return report.exit_code

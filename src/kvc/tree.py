@@ -841,7 +841,7 @@ def _plan_firmware_path(layout: Layout, firmware_dir: str, records: Sequence[Rec
 
 def tree_lock(layout: Layout, kernel_release: str) -> contextlib.AbstractContextManager[None]:
     """Serializes everything that changes one kernel's tree (its files, indexes, overlay)."""
-    return instance_lock(os.path.join(layout.lock_dir, "tree"), kernel_release)
+    return instance_lock(os.path.join(layout.lock_dir, "tree"), kernel_release, images=False)
 
 
 def execute_deliver(

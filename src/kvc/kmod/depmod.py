@@ -24,13 +24,14 @@ import stat
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Generic, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar, cast
+from typing import Callable, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar
 
 from kvc.kmod.atomic import write_file
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.digest import file_sha256
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
 from kvc.kmod.names import modname_normalize
+from kvc.kmod.parallel import Forked, worker_count
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -55,8 +56,6 @@ CACHE_FORMAT = 2
 _NAME_BUCKETS = 512
 _SYMBOL_BUCKETS = 2048
 _FAKE_SYMBOLS = (b"__this_module", b"_GLOBAL_OFFSET_TABLE_", b"TOC.")
-# Below this many modules to parse, starting worker processes costs more than it saves.
-_PARALLEL_MIN = 256
 
 # kmod's syslog priorities and their names in messages.
 FATAL, ERROR, WARNING, NOTICE, INFO, DEBUG = 2, 3, 4, 5, 6, 7
@@ -450,56 +449,7 @@ def _parse_chunk(paths: list[str]) -> list[ModuleRecord]:
     return [read_module(path) for path in paths]
 
 
-def worker_count(jobs: int, tasks: int) -> int:
-    """Processes to use: ``jobs``, else one per CPU (at most 8); one for small trees, where
-    forking costs more than it saves."""
-    if jobs <= 0:
-        jobs = min(os.cpu_count() or 1, 8)
-    return 1 if tasks < _PARALLEL_MIN else jobs
-
-
 _T = TypeVar("_T")
-
-
-class _Forked(Generic[_T]):
-    """``work()`` run in a forked child (when ``fork``), its result marshalled back through a
-    pipe by :meth:`result`; run in this process instead without ``fork`` or when the child
-    fails. ``work`` must only read what the parent no longer changes."""
-
-    def __init__(self, work: Callable[[], _T], fork: bool) -> None:
-        self._work = work
-        self._pid = 0
-        self._read = -1
-        if not fork:
-            return
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            status = 1
-            try:
-                payload = marshal.dumps(work())  # type: ignore[arg-type]
-                with os.fdopen(write_end, "wb") as out:
-                    out.write(payload)
-                status = 0
-            finally:
-                # Never return into the parent's code, atexit handlers or stdio buffers.
-                os._exit(status)
-        os.close(write_end)
-        self._pid, self._read = pid, read_end
-
-    def result(self) -> _T:
-        if self._pid:
-            with os.fdopen(self._read, "rb") as handle:
-                payload = handle.read()
-            _pid, status = os.waitpid(self._pid, 0)
-            self._pid = 0
-            if status == 0:
-                try:
-                    return cast(_T, marshal.loads(payload))
-                except (EOFError, ValueError, TypeError):
-                    pass
-        return self._work()
 
 
 def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
@@ -509,7 +459,7 @@ def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
     jobs = worker_count(jobs, len(paths))
     if jobs == 1:
         return _parse_chunk(paths)
-    children = [_Forked(partial(_parse_chunk, paths[share::jobs]), fork=True) for share in range(1, jobs)]
+    children = [Forked(partial(_parse_chunk, paths[share::jobs]), fork=True) for share in range(1, jobs)]
     records = [EMPTY_RECORD] * len(paths)
     records[0::jobs] = _parse_chunk(paths[0::jobs])
     for share, child in enumerate(children, start=1):
@@ -549,7 +499,7 @@ class Depmod:
         self.prefix = prefix[:1]
         # Whether independent work (the cache, modules.alias.bin) goes to forked children.
         self.parallel = False
-        self._background: list[_Forked[None]] = []
+        self._background: list[Forked[None]] = []
 
     def wait(self) -> None:
         """Wait for the background children (the cache written)."""
@@ -658,7 +608,7 @@ class Depmod:
                 if key is not None:
                     fresh[module.path] = (key, record)
         if cache is not None and (missing or len(fresh) != len(stored)):
-            self._background.append(_Forked(partial(cache.store_modules, fresh), fork=self.parallel))
+            self._background.append(Forked(partial(cache.store_modules, fresh), fork=self.parallel))
 
     def input_key(self, modules: list[_Module], config_digest: bytes) -> bytes:
         digest = self.inputs.copy()
@@ -993,7 +943,7 @@ class Depmod:
     def outputs(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
         # A child builds three of the indexes meanwhile; the messages of what comes after
         # modules.alias.bin in kmod's order are held back and logged in that order.
-        child = None if show else _Forked(partial(self._child_indexes, array), fork=self.parallel)
+        child = None if show else Forked(partial(self._child_indexes, array), fork=self.parallel)
         files: list[tuple[str, bytes]] = []
         lines = self.dep_lines(array)
         files.append(("modules.dep", _raw("".join(line + "\n" for line in lines))))

@@ -259,7 +259,6 @@ class _Module:
     name: str
     path: str
     relpath: Optional[str]
-    hash: int
     record: ModuleRecord = EMPTY_RECORD
     sort_idx: int = 1
     idx: int = 0
@@ -331,7 +330,7 @@ class _Discovery:
         old = self.by_name.get(name)
         if old is not None and self._keeps(old, relpath, prefix, name):
             return
-        self.by_name[name] = _Module(name, path, relpath, hash_superfast(name.encode(ENCODING, ERRORS)))
+        self.by_name[name] = _Module(name, path, relpath)
 
     def _keeps(self, old: _Module, relpath: Optional[str], prefix: str, name: str) -> bool:
         """Whether the module already found has priority over a new file of the same name."""
@@ -583,7 +582,7 @@ class Depmod:
             if name in modules:
                 self.log(FATAL, f"could not add module {path}: File exists\n")
                 raise DepmodError
-            modules[name] = _Module(name, path, finder._relative(path), hash_superfast(name.encode(ENCODING, ERRORS)))
+            modules[name] = _Module(name, path, finder._relative(path))
         return list(modules.values())
 
     def read_records(self, modules: list[_Module], cache: Optional[ParseCache]) -> None:
@@ -613,8 +612,8 @@ class Depmod:
     def input_key(self, modules: list[_Module], config_digest: bytes) -> bytes:
         digest = self.inputs.copy()
         digest.update(config_digest)
-        for module in modules:
-            digest.update(f"{module.path}\0{stat_key(module.path)}\0".encode(ENCODING, ERRORS))
+        # One marshalled list rather than one update per module: this is most of a warm run.
+        digest.update(marshal.dumps([(module.path, stat_key(module.path)) for module in modules]))
         for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
             path = f"{self.dirname}/{name}"
             digest.update(f"{name}\0{stat_key(path)}\0".encode())
@@ -628,7 +627,12 @@ class Depmod:
 
     def order(self, modules: list[_Module]) -> list[_Module]:
         """The module array: name-hash iteration order, then modules.order (stable)."""
-        array = sorted(modules, key=lambda m: (m.hash & (_NAME_BUCKETS - 1), m.name.encode(ENCODING, ERRORS)))
+
+        def bucket_and_name(module: _Module) -> tuple[int, bytes]:
+            name = module.name.encode(ENCODING, ERRORS)
+            return hash_superfast(name) & (_NAME_BUCKETS - 1), name
+
+        array = sorted(modules, key=bucket_and_name)
         order_file = f"{self.dirname}/modules.order"
         try:
             with open(order_file, "rb") as handle:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar
 
-from kvc.kmod.atomic import write_file
+from kvc.kmod.atomic import remove_stale, temporary_prefix, write_file
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.digest import file_sha256
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
@@ -1101,16 +1101,19 @@ def _replace_print_unknown(options: DepmodOptions) -> DepmodOptions:
 
 def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log) -> bool:
     """Write each file to a temp file in ``dirname``, fsync it and rename it into place (mode
-    0644 less the umask, as depmod creates them)."""
+    0644 less the umask, as depmod creates them). modules.dep goes last, so a modules.dep that
+    lists a module means every index was written with it, even if this process is killed midway;
+    temporary files a killed writer left are removed first (see :mod:`kvc.kmod.atomic`)."""
     try:
         directory = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         log(FATAL, f"could not open directory {dirname}: {os.strerror(exc.errno or errno.EIO)}\n")
         return False
     try:
-        for name, data in files:
-            now = time.time()
-            temp = f"{name}.{os.getpid()}.{int(now * 1e6) % 1000000}.{int(now)}"
+        for name, _data in files:
+            remove_stale(os.path.join(dirname, name))
+        for name, data in sorted(files, key=lambda item: item[0] == "modules.dep"):
+            temp = f"{temporary_prefix(name)}{int(time.time() * 1e6) % 1000000}"
             try:
                 fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, dir_fd=directory)
             except OSError as exc:

@@ -813,22 +813,25 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
         if args.secure_boot
         else "",
     )
-    plan = plan_verify(
-        instance,
-        ctx.kernel_release(args.kernel),
-        ctx.runtime,
-        options,
-        lambda release: find_kernel(
-            release,
-            default_sources(kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir),
-        ),
-    )
-    if args.dry_run:
-        say(plan.describe())
-        return 0
-    # Held throughout: a build would retag or prune the image the guest has mounted. Shared, and
-    # not the instance lock: a boot-time load or unload goes on meanwhile.
-    with images_in_use(ctx.layout.lock_dir, instance.name):
+    # Held from the plan (which resolves the tag to an image id) to the report: a build would retag
+    # or prune the image the guest has mounted. Shared, and not the instance lock: a boot-time load
+    # or unload goes on meanwhile.
+    with contextlib.nullcontext() if args.dry_run else images_in_use(ctx.layout.lock_dir, instance.name):
+        plan = plan_verify(
+            instance,
+            ctx.kernel_release(args.kernel),
+            ctx.runtime,
+            options,
+            lambda release: find_kernel(
+                release,
+                default_sources(
+                    kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir
+                ),
+            ),
+        )
+        if args.dry_run:
+            say(plan.describe())
+            return 0
         report = execute_verify(plan, ctx.runtime, ctx.layout)
     say(json.dumps(report.data, indent=2) if args.json else format_report(report))
     return report.exit_code

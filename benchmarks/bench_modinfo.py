@@ -9,10 +9,12 @@ kernel (``.ko.xz`` files); either is fetched with ``apt-get download`` once (tes
 - ``kvc kmod modinfo FILE...``            the console script installed in this interpreter's venv
 - ``python -m kvc kmod modinfo FILE...``  the same through ``python -m`` with this interpreter
 
-It prints, as a Markdown table, best and median wall times, the ratio ours/C (best against best),
+It prints, as Markdown tables, best and median wall times, the ratio ours/C (best against best),
 the best CPU time (user + system, workers included), and compares each command's stdout, stderr
-and exit status with the C tool's, module by module. Exit status: 0 when
-every output is identical, 1 when any differs, 2 on bad usage or a missing prerequisite.
+and exit status with the C tool's, module by module; then the floors: the interpreter's start-up
+and, for a compressed tree, xz's single-threaded decompression of every module alone. Exit
+status: 0 when every output is identical, 1 when any differs, 2 on bad usage or a missing
+prerequisite.
 
 Run: ``.venv/bin/python benchmarks/bench_modinfo.py [--tree 6.1|6.12] [--repeat N] [--limit N]``
 """
@@ -24,6 +26,7 @@ import compileall
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -169,6 +172,16 @@ def main() -> int:
             print(f"      {problem}")
         if len(problems) > 10:
             print(f"      ... and {len(problems) - 10} more")
+    floors = {"interpreter start-up (`python -c pass`)": [sys.executable, "-c", "pass"]}
+    xz = shutil.which("xz")
+    if xz and all(name.endswith(".xz") for name in files):
+        floors["xz decompression alone (`xz -dc -T1 FILE...`)"] = [xz, "-dc", "-T1", *files]
+    print()
+    print("| floor | best | CPU (best) |")
+    print("|---|--:|--:|")
+    for label, argv in floors.items():
+        walls, cpus = zip(*(run(argv)[:2] for _ in range(args.repeat)))
+        print(f"| {label} | {min(walls):.3f} s | {min(cpus):.3f} s |")
     return 1 if failed else 0
 
 

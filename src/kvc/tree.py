@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from typing import AbstractSet, Callable, Iterator, Mapping, Optional, Sequence
 
 from kvc import systemd
-from kvc.atomic import fsync_path, remove_stale, temporary_prefix, write_file, write_json
+from kvc.atomic import fsync_path, write_file, write_json
 from kvc.config import Delivery, InstanceConfig, check_kernel_release
 from kvc.errors import KvcError, LoadError, StateError
 from kvc.extract import (
@@ -429,9 +429,7 @@ class DeliverPlan:
             and not self.firmware_path_set
             and (previous.delivery, previous.image_id, previous.overlay, previous.firmware_path)
             == (self.delivery, self.image_id, self.overlay, self.firmware_path)
-            # Digests too: a delivery killed before its last record write left the pending one.
-            and [(e.path, e.kind, e.digests) for e in previous.files]
-            == [(p.path, p.kind, (p.sha256,)) for p in self.files]
+            and [(e.path, e.kind) for e in previous.files] == [(p.path, p.kind) for p in self.files]
             and set(self.claimed) <= set(previous.dirs)
         )
 
@@ -797,23 +795,17 @@ def _tree_overlay(layout: Layout, kernel_release: str, previous: Optional[Record
     return overlay, overlay.mounted()
 
 
-def _listed(view: _View, moddir: str) -> Optional[set[str]]:
-    """The module paths modules.dep lists (None: it cannot be read). kvc's depmod writes
-    modules.dep after every other index, so what it lists every index has."""
-    try:
-        dep = view.real(os.path.join(moddir, "modules.dep"))
-        with open(dep, encoding="utf-8", errors="surrogateescape") as handle:
-            return {line.split(":", 1)[0] for line in handle}
-    except OSError:
-        return None
-
-
 def _indexed(view: _View, moddir: str, modules: Sequence[Placement]) -> bool:
     """Whether modules.dep lists every delivered module (depmod ran since they were written)."""
     if not modules:
         return True
-    listed = _listed(view, moddir)
-    return listed is not None and all(os.path.relpath(p.path, moddir) in listed for p in modules)
+    try:
+        dep = view.real(os.path.join(moddir, "modules.dep"))
+        with open(dep, encoding="utf-8", errors="surrogateescape") as handle:
+            listed = {line.split(":", 1)[0] for line in handle}
+    except OSError:
+        return False
+    return all(os.path.relpath(p.path, moddir) in listed for p in modules)
 
 
 def _plan_firmware_path(layout: Layout, firmware_dir: str, records: Sequence[Record]) -> tuple[FirmwarePath, bool]:
@@ -849,7 +841,7 @@ def _plan_firmware_path(layout: Layout, firmware_dir: str, records: Sequence[Rec
 
 def tree_lock(layout: Layout, kernel_release: str) -> contextlib.AbstractContextManager[None]:
     """Serializes everything that changes one kernel's tree (its files, indexes, overlay)."""
-    return instance_lock(os.path.join(layout.lock_dir, "tree"), kernel_release, images=False)
+    return instance_lock(os.path.join(layout.lock_dir, "tree"), kernel_release)
 
 
 def execute_deliver(
@@ -952,8 +944,7 @@ def _install_file(placement: Placement) -> None:
     """Write the file atomically (a temporary file beside it, renamed over it), checking that
     what was written is what the plan says."""
     directory = os.path.dirname(placement.path)
-    remove_stale(placement.path)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(placement.path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(placement.path)}.kvc-")
     try:
         with os.fdopen(fd, "wb") as out:
             if placement.source:
@@ -1145,12 +1136,6 @@ def _plan_remove(layout: Layout, record: Record) -> RemovePlan:
         dirs = tuple(d for d in dirs if not _below(d, overlay.target))
     moddir = layout.host.module_dir(record.kernel_release)
     removes_modules = any(r.entry.kind is FileKind.MODULE and r.fate is Leaving.REMOVE for r in removals)
-    if not removes_modules and record.delivery is Delivery.TREE and not teardown:
-        # A removal killed after deleting the modules, before depmod: the indexes still list them.
-        listed = _listed(view, moddir) or set()
-        removes_modules = any(
-            os.path.relpath(e.path, moddir) in listed for e in record.files if e.kind is FileKind.MODULE
-        )
     depmod_needed = not teardown and record.delivery is Delivery.TREE and removes_modules and os.path.isdir(moddir)
     restore = None
     if record.firmware_path is not None and not any(r.firmware_path for r in others):
@@ -1198,7 +1183,6 @@ def execute_remove(plan: RemovePlan, layout: Layout, say: Callable[[str], None])
             entry = removal.entry
             if plan.overlay_teardown and entry.kind is FileKind.MODULE:
                 continue  # they go with kvc's upper tree
-            remove_stale(entry.path)  # what a delivery killed mid-write left beside it
             if removal.fate is Leaving.REMOVE and _still_owned(entry):
                 os.unlink(entry.path)
                 say(f"removed {entry.path}")

@@ -4,7 +4,7 @@ package and kmod side by side), ``podman`` (real image builds), ``vm`` (real ker
 ``onefile`` (the single-file kvc built in a Debian 11 root and run where there is no Python),
 ``registry`` (push and pull through a local TLS registry with basic auth), ``k8s`` (a real
 Kubernetes control plane built from Debian's sources, tests/support/controlplane.py) and
-``reliability`` (the CI-sized runs of the fault scripts: fuzz, kill -9, concurrency, disk full).
+``reliability`` (the CI-sized runs of the fault scripts; today the fuzzer, scripts/fuzz.py).
 A test that needs Debian's kernel tree is in the oracle tier whether or not it says so."""
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from kvc.kmod.atomic import fsync_path, write_file
+from kvc.kmod.atomic import fsync_path, remove_stale, temporary_prefix, write_file
 
-__all__ = ["fsync_path", "write_file", "write_json"]
+__all__ = ["fsync_path", "remove_stale", "temporary_prefix", "write_file", "write_json"]
 
 
 def write_json(path: str, data: object) -> None:

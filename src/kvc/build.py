@@ -196,11 +196,14 @@ class BuildPlan:
     pull_options: tuple[str, ...] = ()  # registry transport options, for "pull"
     expected_id: str = ""  # for "pull": the image id the registry's manifest names
     expected_labels: Mapping[str, str] = field(default_factory=dict)  # for "pull": labels it must carry
+    # The candidate name a build killed between its last two steps left on the tag's image ("" if none).
+    stale_candidate: str = ""
 
     def describe(self) -> str:
         """The plan for --dry-run: a summary line, then the steps."""
         if self.action == ACTION_UP_TO_DATE:
-            return f"{self.tag}: up to date ({self.reason})"
+            stale = f"\n  untag {self.stale_candidate} (left by an interrupted build)" if self.stale_candidate else ""
+            return f"{self.tag}: up to date ({self.reason}){stale}"
         names = ", ".join(normalize_name(name) for name in self.instance.module_names)
         verify = (
             f"verify {names} under /lib/modules/{self.kernel_release} (vermagic {self.kernel_release}), "
@@ -246,6 +249,8 @@ def plan_build(
     labels = image_labels(instance, kernel_release, digest)
     existing = runtime.inspect(tag)
     existing_id = existing.id if existing else ""
+    candidate = candidate_tag(instance, kernel_release)
+    stale = candidate if existing is not None and existing.has_name(candidate) else ""
     if instance.image:
         source = prebuilt_ref(instance.image, kernel_release)
         if force:
@@ -275,12 +280,13 @@ def plan_build(
             source,
             digest,
             existing_id,
+            stale_candidate=stale,
         )
     command = tuple(
         runtime.build_argv(
             instance.build_context,
             build_file_path(instance),
-            candidate_tag(instance, kernel_release),
+            candidate,
             build_args(instance, kernel_release),
             labels,
             pull=pull,
@@ -301,6 +307,7 @@ def plan_build(
             digest,
             existing_id,
             command if action == ACTION_BUILD else (),
+            stale_candidate=stale if action == ACTION_UP_TO_DATE else "",
         )
 
     if force:
@@ -589,6 +596,9 @@ def execute_build(
     the same image, which stays). ``stream``: the build output on stderr as it runs (None: when
     kvc runs with -v)."""
     if plan.action == ACTION_UP_TO_DATE:
+        if plan.stale_candidate:
+            with contextlib.suppress(CommandError):  # best effort: the next build prunes it anyway
+                runtime.untag(plan.existing_id, plan.stale_candidate)
         return f"{plan.tag} is up to date"
     instance = plan.instance
     candidate = candidate_tag(instance, plan.kernel_release)

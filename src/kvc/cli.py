@@ -4,10 +4,11 @@ Every expected failure ends here as one ``kvc: error: ...`` line (with details i
 and a ``kvc: hint: ...`` line), never a traceback. Exit codes (:class:`kvc.errors.ExitCode`):
 0 success; 1 failure; 2 usage; 3 configuration; 4 container runtime, build or another external
 program (systemctl, qemu); 5 modules refused (preflight or kernel); 6 state (not built, not
-installed, locked, in use, not the running kernel, a file kvc did not write, an enabled instance
+installed, in use, not the running kernel, a file kvc did not write, an enabled instance
 not ready for the next kernel); 7 kernel files, the fake kernel or the next boot's kernel not
 found; 8 smoke test failed; 9 verification guest crashed or timed out; 10 a host file cannot be
-written or read (permissions, no space, read-only file system); 77 ``kvc build``: every kernel asked
+written or read (permissions, no space, read-only file system); 11 busy (another kvc run held the
+instance's lock for ``KVC_LOCK_TIMEOUT`` seconds, 600 by default); 77 ``kvc build``: every kernel asked
 for is outside a DKMS source's BUILD_EXCLUSIVE_* directives (skipped, as DKMS exits); 130 interrupted. ``kvc kmod``
 tools exit as kmod's do.
 """

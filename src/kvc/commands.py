@@ -13,10 +13,9 @@ import textwrap
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from kvc import systemd
-from kvc.archive import export_images, import_archive
 from kvc.build import (
     ACTION_BUILD,
     ACTION_UP_TO_DATE,
@@ -28,18 +27,6 @@ from kvc.build import (
     recorded_skip,
 )
 from kvc.config import Delivery, GlobalConfig, InstanceConfig, check_kernel_release, check_name
-from kvc.distribute import (
-    choose_remote,
-    describe_remote,
-    execute_push,
-    format_remote,
-    plan_obtain,
-    plan_pull,
-    plan_push,
-    published_verification,
-    registry_options,
-    repository,
-)
 from kvc.errors import BuildSkipped, KvcError, StateError, UsageError
 from kvc.extract import (
     DIRECTORY_HINT,
@@ -51,8 +38,6 @@ from kvc.extract import (
     read_manifest,
 )
 from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
-from kvc.install import execute_install, execute_uninstall, plan_install, plan_uninstall
-from kvc.kernelupdate import execute_kernel_added, gate, kernel_added_error, plan_kernel_added, verification_of
 from kvc.keys import ENROLL_STEPS, HostTrust, generate, host_trust, module_verdicts
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel.environment import kernel_from_env
@@ -62,11 +47,8 @@ from kvc.kmod.module import ModuleFile
 from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
 from kvc.loadplan import dry_load
-from kvc.lock import instance_lock
-from kvc.nextboot import NextKernel, find_next_kernel, named_kernel
-from kvc.registry import Reference, RegistryClient, RegistryOptions
+from kvc.lock import images_in_use, instance_lock
 from kvc.runtime import ContainerRuntime, ImageFiles, runtime_for
-from kvc.signing import execute_sign, plan_sign
 from kvc.tree import (
     delivery_status,
     execute_deliver,
@@ -78,6 +60,12 @@ from kvc.tree import (
     read_records,
     tree_load_plan,
 )
+
+if TYPE_CHECKING:
+    # Imported where used: 'kvc load' and 'kvc status' (the boot path) never import the registry
+    # client, the archive or the kernel-update code.
+    from kvc.nextboot import NextKernel
+    from kvc.registry import Reference, RegistryClient, RegistryOptions
 
 STATUS_SCHEMA = 1
 
@@ -100,16 +88,22 @@ class Context:
 
     @cached_property
     def registry_options(self) -> RegistryOptions:
+        from kvc.distribute import registry_options
+
         return registry_options(self.global_config)
 
     @cached_property
     def registry(self) -> RegistryClient:
+        from kvc.registry import RegistryClient
+
         return RegistryClient(self.registry_options)
 
     def image_plan(self, instance: InstanceConfig, kernel: str, *, force: bool = False) -> BuildPlan:
         """How the instance's image for the kernel is made: from its registry (KVC_REGISTRY) when it
         has one, else built (or pulled from KVC_IMAGE)."""
         if instance.registry:
+            from kvc.distribute import plan_obtain
+
             return plan_obtain(instance, kernel, self.runtime, self.registry, self.registry_options, force=force)
         return plan_build(instance, kernel, self.runtime, force=force)
 
@@ -150,6 +144,8 @@ def say(text: str) -> None:
 
 def _registry_repository(instance: InstanceConfig, given: Optional[str], action: str) -> Reference:
     """The repository ``kvc push``/``pull`` (``action``) uses: the one given, else KVC_REGISTRY."""
+    from kvc.distribute import repository
+
     text = given or instance.registry
     if not text:
         direction = "to" if action == "push" else "from"
@@ -187,6 +183,8 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
                     say(f"{plan.tag}: {exc.brief}")
                 continue
             if instance.signing is not None:
+                from kvc.signing import execute_sign, plan_sign
+
                 say(execute_sign(plan_sign(instance, plan.kernel_release, ctx.runtime), ctx.runtime))
             if push_to is not None:
                 _push(ctx, instance, plan.kernel_release, push_to)
@@ -222,6 +220,8 @@ def _run_plans(ctx: Context, name: str, plans: Sequence[_P], dry_run: bool, exec
 
 def cmd_sign(ctx: Context, args: argparse.Namespace) -> int:
     """Sign the instance's built images on this host, into new images (the key never enters one)."""
+    from kvc.signing import execute_sign, plan_sign
+
     instance = ctx.instance(args.name)
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     plans = [plan_sign(instance, kernel, ctx.runtime) for kernel in kernels]
@@ -235,11 +235,15 @@ def cmd_sign(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference) -> None:
+    from kvc.distribute import execute_push, plan_push
+
     plan = plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout)
     say(execute_push(plan, ctx.runtime, ctx.layout, ctx.registry_options))
 
 
 def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.distribute import plan_push
+
     instance = ctx.instance(args.name)
     repo = _registry_repository(instance, args.repository, "push")
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
@@ -254,6 +258,8 @@ def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.distribute import plan_pull
+
     instance = ctx.instance(args.name)
     repo = _registry_repository(instance, args.repository, "pull")
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
@@ -272,6 +278,9 @@ def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.distribute import describe_remote, format_remote
+    from kvc.registry import Reference
+
     ref = Reference.parse(args.reference)
     if not ref.tag and not ref.digest:
         raise UsageError(
@@ -296,6 +305,8 @@ def cmd_export(ctx: Context, args: argparse.Namespace) -> int:
         for kernel in kernels:
             say(f"export {image_tag(instance, kernel)} (verified again, labelled) into {output}")
         return 0
+    from kvc.archive import export_images
+
     with instance_lock(ctx.layout.lock_dir, instance.name):
         images = export_images(ctx.runtime, ctx.layout, [(instance, k) for k in kernels], output, say)
     for image in images:
@@ -305,6 +316,8 @@ def cmd_export(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_import(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.archive import import_archive
+
     import_archive(ctx.runtime, ctx.layout, os.path.abspath(args.archive), ctx.instance, say)
     return 0
 
@@ -435,7 +448,8 @@ def _locked_action(ctx: Context, args: argparse.Namespace, action: Callable[...,
     kernel = ctx.running_kernel(instance, args.kernel, args.command)
     if args.dry_run:
         return action(ctx, instance, kernel, dry_run=True, force=args.force)
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    # Neither changes an image: a verification of the same instance (sharing the image lock) may run.
+    with instance_lock(ctx.layout.lock_dir, instance.name, images=False):
         return action(ctx, instance, kernel, dry_run=False, force=args.force)
 
 
@@ -481,11 +495,15 @@ def cmd_deliver(ctx: Context, args: argparse.Namespace) -> int:
 
 def _next_kernel(ctx: Context, requested: Optional[str]) -> NextKernel:
     """The kernel named (``--kernel``, or by the hook that runs kvc), else the one the host boots next."""
+    from kvc.nextboot import find_next_kernel, named_kernel
+
     return named_kernel(requested) if requested else find_next_kernel(ctx.layout)
 
 
 def _check_next_boot(ctx: Context, args: argparse.Namespace) -> int:
     """The reboot gate: every enabled instance ready for the next kernel, else exit 6."""
+    from kvc.kernelupdate import gate
+
     if args.name or args.modules_dir:
         raise UsageError(
             "--next-boot checks every enabled instance: it takes no NAME and no --modules-dir",
@@ -501,6 +519,8 @@ def _check_next_boot(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_kernel_added(ctx: Context, args: argparse.Namespace) -> int:
     """Prepare every enabled instance for a new kernel (the hooks' command), then the gate's verdict."""
+    from kvc.kernelupdate import execute_kernel_added, gate, kernel_added_error, plan_kernel_added
+
     plan = plan_kernel_added(ctx, _next_kernel(ctx, args.kernel_release))
     say(plan.describe())
     if args.dry_run:
@@ -586,6 +606,8 @@ def cmd_wrapper(ctx: Context, args: argparse.Namespace) -> int:
 
 def _registry_status(ctx: Context, instance: InstanceConfig, kernel: str, local_id: Optional[str]) -> dict[str, Any]:
     """The instance's registry image for the kernel, from the manifest and config only."""
+    from kvc.distribute import choose_remote, describe_remote, repository
+
     repo = repository(instance.registry, f"{instance.source}: KVC_REGISTRY")
     try:
         choice = choose_remote(instance, kernel, repo, ctx.registry)
@@ -622,6 +644,9 @@ def status_kernels(ctx: Context, instance: InstanceConfig, requested: Optional[l
 def instance_status(
     ctx: Context, instance: InstanceConfig, kernels: list[str], *, remote: bool = False
 ) -> dict[str, Any]:
+    from kvc.distribute import published_verification
+    from kvc.kernelupdate import verification_of
+
     loaded = {m.name: m for m in ctx.kernel.loaded_modules()}
     entries = []
     for kernel in kernels:
@@ -732,6 +757,8 @@ def _registry_text(entry: Mapping[str, Any]) -> str:
 
 
 def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.install import execute_install, plan_install
+
     plan = plan_install(ctx.layout, args.bundle, shadow=args.shadow)
     say(plan.describe())
     if args.dry_run:
@@ -743,6 +770,8 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.install import execute_uninstall, plan_uninstall
+
     plan = plan_uninstall(ctx.layout, args.name)
     deliveries = plan_remove_all(ctx.layout, plan.name)
     say(plan.describe([textwrap.indent(delivery.describe(), "  ") for delivery in deliveries]))
@@ -784,21 +813,25 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
         if args.secure_boot
         else "",
     )
-    plan = plan_verify(
-        instance,
-        ctx.kernel_release(args.kernel),
-        ctx.runtime,
-        options,
-        lambda release: find_kernel(
-            release,
-            default_sources(kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir),
-        ),
-    )
-    if args.dry_run:
-        say(plan.describe())
-        return 0
-    # Held throughout: a build would retag or prune the image the guest has mounted.
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    # Held from the plan (which resolves the tag to an image id) to the report: a build would retag
+    # or prune the image the guest has mounted. Shared, and not the instance lock: a boot-time load
+    # or unload goes on meanwhile.
+    with contextlib.nullcontext() if args.dry_run else images_in_use(ctx.layout.lock_dir, instance.name):
+        plan = plan_verify(
+            instance,
+            ctx.kernel_release(args.kernel),
+            ctx.runtime,
+            options,
+            lambda release: find_kernel(
+                release,
+                default_sources(
+                    kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir
+                ),
+            ),
+        )
+        if args.dry_run:
+            say(plan.describe())
+            return 0
         report = execute_verify(plan, ctx.runtime, ctx.layout)
     say(json.dumps(report.data, indent=2) if args.json else format_report(report))
     return report.exit_code

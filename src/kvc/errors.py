@@ -17,11 +17,12 @@ class ExitCode(enum.IntEnum):
     CONFIG = 3  # a conf file is missing or malformed, or names something it must not
     EXTERNAL = 4  # container runtime, build, systemctl, qemu: failed or missing
     REFUSED = 5  # modules refused (preflight or kernel), or not unloadable
-    STATE = 6  # not built, not installed, locked, in use, another kernel
+    STATE = 6  # not built, not installed, in use, another kernel
     KERNEL_MISSING = 7  # the kernel (its files, or the fake kernel) cannot be found
     SMOKE_FAILED = 8
     GUEST_FAILED = 9  # the verification guest crashed, timed out, or kvc's guest side failed
     HOST_FILES = 10  # a host file cannot be written or read: permissions, no space, read-only
+    BUSY = 11  # another kvc run held the instance's lock longer than kvc waits (KVC_LOCK_TIMEOUT)
     SKIPPED = 77  # kvc build: every kernel asked for is outside a DKMS source's BUILD_EXCLUSIVE_* (as DKMS exits)
     INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
@@ -95,9 +96,15 @@ class LoadError(KvcError):
 
 
 class StateError(KvcError):
-    """The instance is not in a state the action needs (not built, not extracted, locked, held)."""
+    """The instance is not in a state the action needs (not built, not extracted, held)."""
 
     exit_code = ExitCode.STATE
+
+
+class BusyError(KvcError):
+    """Another kvc run held a lock this command needs for longer than it waits (it stopped there)."""
+
+    exit_code = ExitCode.BUSY
 
 
 class KernelMissingError(KvcError):

@@ -448,13 +448,15 @@ def _extract(
 ) -> Manifest:
     target = layout.kernel_state(instance.name, kernel_release)
     parent = os.path.dirname(target)
+    made = not os.path.isdir(parent)
     os.makedirs(parent, exist_ok=True)
     _recover(target)
     current = read_manifest(layout, instance.name, kernel_release)
     if not force and current is not None and is_current(current, instance, source.id):
         return current
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.new-", dir=parent)
+    staging = ""
     try:
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.new-", dir=parent)
         with open_files() as files:
             copies = copy_instance_modules(
                 files, instance, kernel_release, source.what, staging, missing_hint=source.missing_hint
@@ -497,13 +499,24 @@ def _extract(
         os.chmod(staging, 0o755)
         fsync_path(staging)
         replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as exc:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        if isinstance(exc, OSError) and exc.errno in _DESTINATION_ERRORS:
+            # Named after the extraction, not the image file or the staging directory it was copying.
+            raise OSError(exc.errno, f"cannot extract the modules there: {exc.strerror}", target) from None
         raise
     result = read_manifest(layout, instance.name, kernel_release)
     if result is None:
         raise StateError(f"{os.path.join(target, MANIFEST)} cannot be read back after extraction")
     return result
+
+
+# Errors only the extraction's own file system gives (no space, a quota, read-only).
+_DESTINATION_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _carry_over(previous: Manifest, staging: str) -> None:

@@ -371,7 +371,15 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
         done.append(step)
     names = [step.name for step in done]
     if record_path is not None:
-        _record_loaded(record_path, plan, done)
+        try:
+            _record_loaded(record_path, plan, done)
+        except OSError:
+            # No space or a read-only /var/lib/kvc: without the record unload could not tell what
+            # this load pulled in, so it is taken back (the error says why).
+            for loaded in reversed(done):
+                with contextlib.suppress(KernelError):
+                    kernel.remove(loaded.name, 0)
+            raise
     return names
 
 

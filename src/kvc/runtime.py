@@ -150,6 +150,9 @@ def _image_info(data: Mapping[str, object]) -> ImageInfo:
 _NOT_FOUND = ("image not known", "no such image", "no such object", "image unknown", "not found in local storage")
 
 
+LISTING_ATTEMPTS = 5
+
+
 def _is_not_found(output: str) -> bool:
     low = output.lower()
     return any(marker in low for marker in _NOT_FOUND)
@@ -652,7 +655,15 @@ class CliRuntime(ContainerRuntime):
         return found[0] if found else None
 
     def list_images(self, label: str) -> list[ImageInfo]:
-        ids = self.call("images", "-q", "--no-trunc", "--filter", f"label={label}").stdout.split()
+        for _attempt in range(LISTING_ATTEMPTS):
+            # podman's filtered listing fails when an image it is reading is removed meanwhile
+            # (another kvc, a prune): list again.
+            listing = self.call("images", "-q", "--no-trunc", "--filter", f"label={label}", check=False)
+            if listing.returncode == 0 or not _is_not_found(listing.stdout + listing.stderr):
+                break
+        if listing.returncode != 0:
+            raise _failure(listing, "listing the images failed")
+        ids = listing.stdout.split()
         unique = sorted(set(ids))
         if not unique:
             return []

@@ -47,13 +47,13 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Callable, Iterator, Mapping, Optional, Sequence
 
 from kvc import systemd
-from kvc.atomic import fsync_path, write_file, write_json
+from kvc.atomic import fsync_path, remove_stale, temporary_prefix, write_file, write_json
 from kvc.config import Delivery, InstanceConfig, check_kernel_release
-from kvc.errors import KvcError, LoadError, StateError
+from kvc.errors import HostFileError, KvcError, LoadError, StateError
 from kvc.extract import (
     FIRMWARE_DIR,
     Manifest,
@@ -429,7 +429,9 @@ class DeliverPlan:
             and not self.firmware_path_set
             and (previous.delivery, previous.image_id, previous.overlay, previous.firmware_path)
             == (self.delivery, self.image_id, self.overlay, self.firmware_path)
-            and [(e.path, e.kind) for e in previous.files] == [(p.path, p.kind) for p in self.files]
+            # Digests too: a delivery killed before its last record write left the pending one.
+            and [(e.path, e.kind, e.digests) for e in previous.files]
+            == [(p.path, p.kind, (p.sha256,)) for p in self.files]
             and set(self.claimed) <= set(previous.dirs)
         )
 
@@ -795,17 +797,23 @@ def _tree_overlay(layout: Layout, kernel_release: str, previous: Optional[Record
     return overlay, overlay.mounted()
 
 
+def _listed(view: _View, moddir: str) -> Optional[set[str]]:
+    """The module paths modules.dep lists (None: it cannot be read). kvc's depmod writes
+    modules.dep after every other index, so what it lists every index has."""
+    try:
+        dep = view.real(os.path.join(moddir, "modules.dep"))
+        with open(dep, encoding="utf-8", errors="surrogateescape") as handle:
+            return {line.split(":", 1)[0] for line in handle}
+    except OSError:
+        return None
+
+
 def _indexed(view: _View, moddir: str, modules: Sequence[Placement]) -> bool:
     """Whether modules.dep lists every delivered module (depmod ran since they were written)."""
     if not modules:
         return True
-    try:
-        dep = view.real(os.path.join(moddir, "modules.dep"))
-        with open(dep, encoding="utf-8", errors="surrogateescape") as handle:
-            listed = {line.split(":", 1)[0] for line in handle}
-    except OSError:
-        return False
-    return all(os.path.relpath(p.path, moddir) in listed for p in modules)
+    listed = _listed(view, moddir)
+    return listed is not None and all(os.path.relpath(p.path, moddir) in listed for p in modules)
 
 
 def _plan_firmware_path(layout: Layout, firmware_dir: str, records: Sequence[Record]) -> tuple[FirmwarePath, bool]:
@@ -841,7 +849,7 @@ def _plan_firmware_path(layout: Layout, firmware_dir: str, records: Sequence[Rec
 
 def tree_lock(layout: Layout, kernel_release: str) -> contextlib.AbstractContextManager[None]:
     """Serializes everything that changes one kernel's tree (its files, indexes, overlay)."""
-    return instance_lock(os.path.join(layout.lock_dir, "tree"), kernel_release)
+    return instance_lock(os.path.join(layout.lock_dir, "tree"), kernel_release, images=False)
 
 
 def execute_deliver(
@@ -865,29 +873,80 @@ def execute_deliver(
     with tree_lock(layout, plan.kernel_release):
         if plan.overlay is not None and not plan.overlay.mounted():
             _mount(plan.overlay, layout, say)
-        _write_record(_pending(plan))
-        for directory in plan.directories:
-            if not os.path.isdir(directory):
-                os.makedirs(directory, exist_ok=True)
-        for placement in plan.files:
-            if placement.fate is Fate.CURRENT:
-                continue
-            _check_still(placement, plan.name)
-            _install_file(placement)
-        removed = 0
-        for removal in plan.obsolete:
-            if removal.fate is Leaving.REMOVE and _still_owned(removal.entry):
-                os.unlink(removal.entry.path)
-                removed += 1
-        if plan.depmod:
-            run_depmod(layout, plan.kernel_release)
-        if plan.firmware_path_set and plan.firmware_path is not None:
-            _set_firmware_path(layout, plan.firmware_path.value)
-        _write_record(plan.record())
+        done = _Progress()
+        try:
+            _write_record(_pending(plan))
+            done.recorded = True
+            for directory in plan.directories:
+                if not os.path.isdir(directory):
+                    os.mkdir(directory)
+                    done.directories.append(directory)
+            for placement in plan.files:
+                if placement.fate is Fate.CURRENT:
+                    continue
+                _check_still(placement, plan.name)
+                _install_file(placement)
+                done.files.append(placement)
+            removed = 0
+            for removal in plan.obsolete:
+                if removal.fate is Leaving.REMOVE and _still_owned(removal.entry):
+                    os.unlink(removal.entry.path)
+                    removed += 1
+                    done.final = True
+            if plan.depmod:
+                done.indexed = True  # even a failed depmod may have renamed some index
+                run_depmod(layout, plan.kernel_release)
+            if plan.firmware_path_set and plan.firmware_path is not None:
+                _set_firmware_path(layout, plan.firmware_path.value)
+            _write_record(plan.record())
+        except BaseException:
+            _undo(plan, layout, done)
+            raise
         _share_digests(layout, plan)
     written = sum(1 for p in plan.files if p.fate is not Fate.CURRENT)
     indexed = ", indexes written" if plan.depmod else ""
     say(f"delivered {plan.name} for {plan.kernel_release}: {written} files written, {removed} removed{indexed}")
+
+
+@dataclass
+class _Progress:
+    """What a delivery did so far, for :func:`_undo`."""
+
+    recorded: bool = False  # the pending record is written
+    directories: list[str] = field(default_factory=list)  # created, parents first
+    files: list[Placement] = field(default_factory=list)  # written
+    indexed: bool = False  # depmod started
+    final: bool = False  # something done that cannot be undone (an obsolete file removed)
+
+
+def _undo(plan: DeliverPlan, layout: Layout, done: _Progress) -> None:
+    """After a failure (no space, a read-only file system): take back the files this delivery
+    created and the directories it made, index the tree again if depmod ran, and put the earlier
+    record back, so the host is as before. Files it replaced cannot get their old content back:
+    they stay, listed in the pending record as kvc's, and the next delivery completes them. Best
+    effort: the failure being reported is the one that caused the undo."""
+    for placement in reversed(done.files):
+        if placement.fate is Fate.WRITE and _still_owned(
+            RecordedFile(placement.path, placement.kind, (placement.sha256,))
+        ):
+            with contextlib.suppress(OSError):
+                os.unlink(placement.path)
+    for directory in reversed(done.directories):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+    if done.indexed:
+        with contextlib.suppress(KvcError, OSError):
+            run_depmod(layout, plan.kernel_release)
+    if done.final or any(p.fate is not Fate.WRITE for p in done.files):
+        return
+    with contextlib.suppress(OSError):
+        if plan.previous is not None:
+            if done.recorded:
+                _write_record(plan.previous)
+            return
+        if done.recorded:
+            os.unlink(plan.record_path)
+        os.rmdir(os.path.dirname(plan.record_path))  # kvc's own, when no other record is in it
 
 
 def _pending(plan: DeliverPlan) -> Record:
@@ -944,8 +1003,10 @@ def _install_file(placement: Placement) -> None:
     """Write the file atomically (a temporary file beside it, renamed over it), checking that
     what was written is what the plan says."""
     directory = os.path.dirname(placement.path)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(placement.path)}.kvc-")
+    remove_stale(placement.path)
+    temporary = ""
     try:
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(placement.path))
         with os.fdopen(fd, "wb") as out:
             if placement.source:
                 with open(placement.source, "rb") as source:
@@ -960,9 +1021,12 @@ def _install_file(placement: Placement) -> None:
                 f"{placement.source or placement.path} changed while kvc delivered it", hint="run the delivery again"
             )
         os.replace(temporary, placement.path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+    except BaseException as exc:
+        if temporary:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename != placement.source:
+            raise OSError(exc.errno, exc.strerror, placement.path) from None  # not the temporary's name
         raise
     fsync_path(directory)
 
@@ -978,14 +1042,17 @@ def write_indexes(options: depmod.DepmodOptions, what: str) -> tuple[tuple[str, 
     log = depmod.Log(emit)
     try:
         result = depmod.run(options, log)
-        written = depmod.write_outputs(options.dirname, result.files, log)
     except depmod.DepmodError:
-        written = False
-    if not written:
         raise KvcError(
             f"depmod failed for {what}",
             details="\n".join(messages),
             hint="depmod's messages say what is wrong with the modules",
+        ) from None
+    if not depmod.write_outputs(options.dirname, result.files, log, strict=True):
+        raise HostFileError(
+            f"{options.dirname}: depmod cannot write the indexes; they are left as they were",
+            details="\n".join(messages),
+            hint="free space on that file system, or make it writable, then run the command again",
         )
     return tuple(name for name, _data in result.files), messages
 
@@ -1136,6 +1203,12 @@ def _plan_remove(layout: Layout, record: Record) -> RemovePlan:
         dirs = tuple(d for d in dirs if not _below(d, overlay.target))
     moddir = layout.host.module_dir(record.kernel_release)
     removes_modules = any(r.entry.kind is FileKind.MODULE and r.fate is Leaving.REMOVE for r in removals)
+    if not removes_modules and record.delivery is Delivery.TREE and not teardown:
+        # A removal killed after deleting the modules, before depmod: the indexes still list them.
+        listed = _listed(view, moddir) or set()
+        removes_modules = any(
+            os.path.relpath(e.path, moddir) in listed for e in record.files if e.kind is FileKind.MODULE
+        )
     depmod_needed = not teardown and record.delivery is Delivery.TREE and removes_modules and os.path.isdir(moddir)
     restore = None
     if record.firmware_path is not None and not any(r.firmware_path for r in others):
@@ -1177,12 +1250,16 @@ def execute_remove(plan: RemovePlan, layout: Layout, say: Callable[[str], None])
     """Do what ``plan`` says (the caller holds the instance lock)."""
     overlay = plan.record.overlay
     with tree_lock(layout, plan.kernel_release):
+        # The record is rewritten first: where it cannot be written (no space, read-only), it could
+        # not be removed at the end either, and nothing has been taken out yet.
+        _write_record(plan.record)
         if plan.needs_mount and overlay is not None and not overlay.mounted():
             _mount(overlay, layout, say)
         for removal in plan.removals:
             entry = removal.entry
             if plan.overlay_teardown and entry.kind is FileKind.MODULE:
                 continue  # they go with kvc's upper tree
+            remove_stale(entry.path)  # what a delivery killed mid-write left beside it
             if removal.fate is Leaving.REMOVE and _still_owned(entry):
                 os.unlink(entry.path)
                 say(f"removed {entry.path}")

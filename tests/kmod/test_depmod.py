@@ -496,6 +496,37 @@ def test_cache_never_serves_a_changed_module(tmp_path: Path) -> None:
     assert any((tmp_path / "cache").iterdir())
 
 
+def test_unchanged_outputs_are_touched_and_changed_ones_rewritten(tmp_path: Path) -> None:
+    """A rerun on an unchanged tree writes nothing (same inodes, times moved to now); an output
+    that differs, has another mode or another link is written again, as kmod writes it."""
+    root = tmp_path / "root"
+    synthetic_tree({"a": synthetic("a", ["x"], [], ("a-alias",)), "b": synthetic("b", [], ["x"])})(root)  # type: ignore[operator]
+    moddir = root / "lib" / "modules" / KVER
+    args = ["-C", "/dev/null", "-b", str(root), KVER]
+    assert run_ours(args, cache=tmp_path / "cache").returncode == 0
+    written = outputs(moddir)
+    before = {name: (moddir / name).stat() for name in written}
+    for name in written:
+        os.utime(moddir / name, ns=(1_000_000_000, 1_000_000_000))
+    (moddir / "modules.alias").write_bytes(b"# changed\n")
+    (moddir / "modules.symbols").chmod(0o600)
+    os.link(moddir / "modules.softdep", tmp_path / "second-link")
+    assert run_ours(args, cache=tmp_path / "cache").returncode == 0
+    assert outputs(moddir) == written
+    after = {name: (moddir / name).stat() for name in written}
+    rewritten = {name for name in written if after[name].st_ino != before[name].st_ino}
+    assert rewritten == {"modules.alias", "modules.symbols", "modules.softdep"}
+    assert all(after[name].st_mtime_ns > 1_000_000_000 for name in written)
+    assert (moddir / "modules.symbols").stat().st_mode & 0o777 == 0o644 & ~_umask()
+    assert (tmp_path / "second-link").read_bytes() == written["modules.softdep"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # ---- fuzzing -----------------------------------------------------------------------------------
 
 _WORDS = st.sampled_from(

@@ -49,6 +49,34 @@ def test_every_module_of_the_tree_in_one_call(kernel_tree: DebianKernel) -> None
     assert ours.stdout == theirs.stdout
 
 
+def test_many_arguments_with_errors_keep_their_order(indexed_kernel_tree: DebianKernel, tmp_path: Path) -> None:
+    """Enough arguments for worker processes: records, missing files, files that are not ELF and
+    module names are printed in argument order, each error line right after the records before it."""
+    garbage = tmp_path / "garbage.ko"
+    garbage.write_bytes(b"this is not an ELF file at all" * 10)
+    args = ["-b", str(indexed_kernel_tree.root), "-k", indexed_kernel_tree.release]
+    for index, module in enumerate(sample(indexed_kernel_tree, 400, seed=11)):
+        args.append(module)
+        if index % 37 == 5:
+            args.extend([f"/nonexistent-{index}.ko", str(garbage), "dummy", "no_such_module"])
+    merged = {}
+    for name, argv, executable in (
+        ("kvc", [sys.executable, "-m", "kvc", "kmod", "modinfo", *args], sys.executable),
+        # C stdio holds a piped stdout back until its buffer fills; line-buffered, it prints in order.
+        ("kmod", ["stdbuf", "-oL", kmod_tool("modinfo"), *args], "stdbuf"),
+    ):
+        proc = subprocess.run(argv, executable=executable, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        merged[name] = (proc.returncode, proc.stdout)
+    assert merged["kmod"][0] == 1
+    assert merged["kmod"][1].count(b"ERROR: ") > 30
+    assert merged["kvc"][0] == merged["kmod"][0]
+    ours = merged["kvc"][1].splitlines()
+    theirs = merged["kmod"][1].splitlines()
+    # kmod's line for a file that is not ELF ends with libkmod's reason; ours words it alike up to it.
+    assert len(ours) == len(theirs)
+    assert [a for a, b in zip(ours, theirs) if a != b and not a.startswith(b.rstrip(b")"))] == []
+
+
 @pytest.mark.parametrize(
     "flags",
     [

@@ -14,7 +14,7 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
-from support.debian_kernel import cache_dir, unpacked_packages
+from support.debian_kernel import DebianKernel, cache_dir, kernel_package, unpacked_packages
 
 SERIES = re.compile(r"^linux-headers-(6\.12\.\d+\+deb12)-amd64$")
 
@@ -31,6 +31,11 @@ def newest_foreign_release() -> str:
     if not versions:
         raise RuntimeError("the apt sources name no linux-headers-6.12.*+deb12-amd64 package")
     return max(versions, key=lambda v: [int(x) for x in re.findall(r"\d+", v)])
+
+
+def foreign_kernel() -> DebianKernel:
+    """Debian's newest bookworm 6.12 kernel image (its modules are ``.ko.xz``), unpacked."""
+    return kernel_package(f"{newest_foreign_release()}-amd64")
 
 
 @cache

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+MODULE_SUFFIXES = (".ko", ".ko.gz", ".ko.xz", ".ko.zst")
+
 
 @dataclass(frozen=True)
 class DebianKernel:
@@ -39,7 +41,8 @@ class DebianKernel:
         return self.root / "boot" / f"System.map-{self.release}"
 
     def modules(self) -> list[Path]:
-        return sorted(self.moddir.rglob("*.ko"))
+        """Every module file of the tree, plain (``.ko``) or compressed (6.12's ``.ko.xz``)."""
+        return sorted(path for path in self.moddir.rglob("*.ko*") if path.name.endswith(MODULE_SUFFIXES))
 
 
 def cache_dir() -> Path:
@@ -81,9 +84,14 @@ def unpacked_packages(base: Path, packages: list[str]) -> Path:
 
 
 @cache
-def debian_kernel() -> DebianKernel:
-    release = current_release()
+def kernel_package(release: str) -> DebianKernel:
+    """Debian's ``linux-image-RELEASE``, downloaded and unpacked (not installed) into the cache."""
     return DebianKernel(release, unpacked_packages(cache_dir() / release, [f"linux-image-{release}"]))
+
+
+@cache
+def debian_kernel() -> DebianKernel:
+    return kernel_package(current_release())
 
 
 @cache
@@ -96,7 +104,7 @@ def indexed_debian_kernel() -> DebianKernel:
 def indexed_kernel_package(release: str) -> DebianKernel:
     """Debian's ``linux-image-RELEASE`` (another release than the current one), unpacked and
     indexed the same way."""
-    return _indexed(DebianKernel(release, unpacked_packages(cache_dir() / release, [f"linux-image-{release}"])))
+    return _indexed(kernel_package(release))
 
 
 def _indexed(kernel: DebianKernel) -> DebianKernel:

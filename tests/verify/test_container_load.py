@@ -150,7 +150,6 @@ def test_finit_module_from_the_kvc_container_reaches_the_real_kernel(
     settings = {
         "KVC_BOOT_MODULES": " ".join(module for module, _ in boot),
         "KVC_AGENT": shlex.join(["/bin/sh", "/kvc/work/agent.sh"]),
-        "KVC_PYTHONPATH": "",
         "KVC_AGENT_SHARE": "0",
         "KVC_IMAGE_SHARE": "0",
     }

@@ -134,7 +134,7 @@ def test_the_moklistrt_payload_is_one_x509_signature_list(tmp_path: Path) -> Non
 
 def test_the_firmware_boot_adds_smm_and_the_flash_drives(tmp_path: Path) -> None:
     plain = GuestMachine("/k", "/i", "console=ttyS0", str(tmp_path / "log"))
-    assert "-machine" not in plain.argv() and "-drive" not in plain.argv()
+    assert plain.argv()[plain.argv().index("-machine") + 1] == "q35" and "-drive" not in plain.argv()
     secure = GuestMachine(
         "/k",
         "/i",

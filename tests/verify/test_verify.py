@@ -22,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -471,7 +472,8 @@ def test_devices_the_modprobe_helper_and_the_tree_layer_reach_the_guest(fake_hos
     assert stat.S_IMODE(helper.stat().st_mode) == 0o755
     text = helper.read_text()
     assert text.startswith("#!/kvc/busybox sh\n")
-    assert f'{sys.executable} -m kvc kmod modprobe -C /kvc/modprobe.d "$@" </dev/null 2>&1)' in text
+    assert f'{sys.executable} -I -S /kvc/agent.pyz kmod modprobe -C /kvc/modprobe.d "$@" </dev/null 2>&1)' in text
+    assert zipfile.is_zipfile(unpacked / "kvc" / "agent.pyz")
     assert ">>/kvc/requests" in text
     assert (unpacked / "kvc" / "modprobe.d" / "kvc-hello.conf").read_text() == "options kvc_hello greeting=1\n"
 

@@ -1,10 +1,16 @@
 """Files replaced in one step: a temporary file in the same directory, fsynced, renamed over the
 target, then (unless told otherwise) the directory fsynced. Readers see the old file or the new
-one, never a partial one, even across a crash."""
+one, never a partial one, even across a crash.
+
+A temporary file is named ``.BASENAME.kvc-PID-RANDOM``: a writer killed before its rename leaves
+it behind, and the next writer of the same file removes it once no process of that id is alive
+(:func:`remove_stale`); nothing else is ever removed."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from typing import Union
 
@@ -18,23 +24,69 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def temporary_prefix(path: str) -> str:
+    """The name prefix of this process's temporary files for ``path`` (in its directory)."""
+    return f".{os.path.basename(path)}.kvc-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:  # EPERM: it exists, as another user's
+        return exc.errno == errno.EPERM
+    return True
+
+
+def remove_stale(path: str) -> list[str]:
+    """Remove the temporary files that writers of ``path`` killed before their rename left beside
+    it (only regular files named as :func:`temporary_prefix` names them, of processes no longer
+    alive); the paths removed."""
+    directory = os.path.dirname(path) or "."
+    pattern = re.compile(re.escape(f".{os.path.basename(path)}.kvc-") + r"([0-9]+)-[A-Za-z0-9_]+")
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        if entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:  # gone meanwhile, or a read-only directory: best effort
+                continue
+            removed.append(entry.path)
+    return removed
+
+
 def write_file(path: str, data: Union[str, bytes], mode: int = 0o644, *, sync_directory: bool = True) -> None:
     """Replace ``path`` with ``data`` (text as UTF-8, undecodable bytes kept by surrogateescape)
     and exactly ``mode``. ``sync_directory=False`` leaves the rename's durability to the file
-    system, for state that need not survive a crash (the fake kernel's files, caches)."""
+    system, for state that need not survive a crash (the fake kernel's files, caches), and skips
+    looking for stale temporary files."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    if sync_directory:
+        remove_stale(path)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(path))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
+    except BaseException as exc:
+        if tmp and os.path.lexists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # Named after the file being written (not its temporary, nor none: a failed write()).
+            raise OSError(exc.errno, exc.strerror, path) from None
         raise
     if sync_directory:
         fsync_path(directory)

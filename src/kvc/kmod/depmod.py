@@ -15,6 +15,7 @@ previous outputs and messages from the same cache.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import marshal
@@ -24,13 +25,14 @@ import stat
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Generic, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar, cast
+from typing import Callable, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar
 
-from kvc.kmod.atomic import write_file
+from kvc.kmod.atomic import remove_stale, temporary_prefix, write_file
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.digest import file_sha256
 from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
 from kvc.kmod.names import modname_normalize
+from kvc.kmod.parallel import Forked, worker_count
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -55,8 +57,6 @@ CACHE_FORMAT = 2
 _NAME_BUCKETS = 512
 _SYMBOL_BUCKETS = 2048
 _FAKE_SYMBOLS = (b"__this_module", b"_GLOBAL_OFFSET_TABLE_", b"TOC.")
-# Below this many modules to parse, starting worker processes costs more than it saves.
-_PARALLEL_MIN = 256
 
 # kmod's syslog priorities and their names in messages.
 FATAL, ERROR, WARNING, NOTICE, INFO, DEBUG = 2, 3, 4, 5, 6, 7
@@ -260,7 +260,6 @@ class _Module:
     name: str
     path: str
     relpath: Optional[str]
-    hash: int
     record: ModuleRecord = EMPTY_RECORD
     sort_idx: int = 1
     idx: int = 0
@@ -332,7 +331,7 @@ class _Discovery:
         old = self.by_name.get(name)
         if old is not None and self._keeps(old, relpath, prefix, name):
             return
-        self.by_name[name] = _Module(name, path, relpath, hash_superfast(name.encode(ENCODING, ERRORS)))
+        self.by_name[name] = _Module(name, path, relpath)
 
     def _keeps(self, old: _Module, relpath: Optional[str], prefix: str, name: str) -> bool:
         """Whether the module already found has priority over a new file of the same name."""
@@ -450,56 +449,7 @@ def _parse_chunk(paths: list[str]) -> list[ModuleRecord]:
     return [read_module(path) for path in paths]
 
 
-def worker_count(jobs: int, tasks: int) -> int:
-    """Processes to use: ``jobs``, else one per CPU (at most 8); one for small trees, where
-    forking costs more than it saves."""
-    if jobs <= 0:
-        jobs = min(os.cpu_count() or 1, 8)
-    return 1 if tasks < _PARALLEL_MIN else jobs
-
-
 _T = TypeVar("_T")
-
-
-class _Forked(Generic[_T]):
-    """``work()`` run in a forked child (when ``fork``), its result marshalled back through a
-    pipe by :meth:`result`; run in this process instead without ``fork`` or when the child
-    fails. ``work`` must only read what the parent no longer changes."""
-
-    def __init__(self, work: Callable[[], _T], fork: bool) -> None:
-        self._work = work
-        self._pid = 0
-        self._read = -1
-        if not fork:
-            return
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            status = 1
-            try:
-                payload = marshal.dumps(work())  # type: ignore[arg-type]
-                with os.fdopen(write_end, "wb") as out:
-                    out.write(payload)
-                status = 0
-            finally:
-                # Never return into the parent's code, atexit handlers or stdio buffers.
-                os._exit(status)
-        os.close(write_end)
-        self._pid, self._read = pid, read_end
-
-    def result(self) -> _T:
-        if self._pid:
-            with os.fdopen(self._read, "rb") as handle:
-                payload = handle.read()
-            _pid, status = os.waitpid(self._pid, 0)
-            self._pid = 0
-            if status == 0:
-                try:
-                    return cast(_T, marshal.loads(payload))
-                except (EOFError, ValueError, TypeError):
-                    pass
-        return self._work()
 
 
 def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
@@ -509,7 +459,7 @@ def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
     jobs = worker_count(jobs, len(paths))
     if jobs == 1:
         return _parse_chunk(paths)
-    children = [_Forked(partial(_parse_chunk, paths[share::jobs]), fork=True) for share in range(1, jobs)]
+    children = [Forked(partial(_parse_chunk, paths[share::jobs]), fork=True) for share in range(1, jobs)]
     records = [EMPTY_RECORD] * len(paths)
     records[0::jobs] = _parse_chunk(paths[0::jobs])
     for share, child in enumerate(children, start=1):
@@ -549,7 +499,7 @@ class Depmod:
         self.prefix = prefix[:1]
         # Whether independent work (the cache, modules.alias.bin) goes to forked children.
         self.parallel = False
-        self._background: list[_Forked[None]] = []
+        self._background: list[Forked[None]] = []
 
     def wait(self) -> None:
         """Wait for the background children (the cache written)."""
@@ -633,7 +583,7 @@ class Depmod:
             if name in modules:
                 self.log(FATAL, f"could not add module {path}: File exists\n")
                 raise DepmodError
-            modules[name] = _Module(name, path, finder._relative(path), hash_superfast(name.encode(ENCODING, ERRORS)))
+            modules[name] = _Module(name, path, finder._relative(path))
         return list(modules.values())
 
     def read_records(self, modules: list[_Module], cache: Optional[ParseCache]) -> None:
@@ -658,13 +608,13 @@ class Depmod:
                 if key is not None:
                     fresh[module.path] = (key, record)
         if cache is not None and (missing or len(fresh) != len(stored)):
-            self._background.append(_Forked(partial(cache.store_modules, fresh), fork=self.parallel))
+            self._background.append(Forked(partial(cache.store_modules, fresh), fork=self.parallel))
 
     def input_key(self, modules: list[_Module], config_digest: bytes) -> bytes:
         digest = self.inputs.copy()
         digest.update(config_digest)
-        for module in modules:
-            digest.update(f"{module.path}\0{stat_key(module.path)}\0".encode(ENCODING, ERRORS))
+        # One marshalled list rather than one update per module: this is most of a warm run.
+        digest.update(marshal.dumps([(module.path, stat_key(module.path)) for module in modules]))
         for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
             path = f"{self.dirname}/{name}"
             digest.update(f"{name}\0{stat_key(path)}\0".encode())
@@ -678,7 +628,12 @@ class Depmod:
 
     def order(self, modules: list[_Module]) -> list[_Module]:
         """The module array: name-hash iteration order, then modules.order (stable)."""
-        array = sorted(modules, key=lambda m: (m.hash & (_NAME_BUCKETS - 1), m.name.encode(ENCODING, ERRORS)))
+
+        def bucket_and_name(module: _Module) -> tuple[int, bytes]:
+            name = module.name.encode(ENCODING, ERRORS)
+            return hash_superfast(name) & (_NAME_BUCKETS - 1), name
+
+        array = sorted(modules, key=bucket_and_name)
         order_file = f"{self.dirname}/modules.order"
         try:
             with open(order_file, "rb") as handle:
@@ -993,7 +948,7 @@ class Depmod:
     def outputs(self, array: list[_Module], show: bool) -> list[tuple[str, bytes]]:
         # A child builds three of the indexes meanwhile; the messages of what comes after
         # modules.alias.bin in kmod's order are held back and logged in that order.
-        child = None if show else _Forked(partial(self._child_indexes, array), fork=self.parallel)
+        child = None if show else Forked(partial(self._child_indexes, array), fork=self.parallel)
         files: list[tuple[str, bytes]] = []
         lines = self.dep_lines(array)
         files.append(("modules.dep", _raw("".join(line + "\n" for line in lines))))
@@ -1145,18 +1100,24 @@ def _replace_print_unknown(options: DepmodOptions) -> DepmodOptions:
     return replace(options, print_unknown=False)
 
 
-def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log) -> bool:
-    """Write each file to a temp file in ``dirname``, fsync it and rename it into place (mode
-    0644 less the umask, as depmod creates them)."""
+def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log, *, strict: bool = False) -> bool:
+    """Write every file to a temp file in ``dirname`` and fsync it, then rename them all into place
+    (mode 0644 less the umask, as depmod creates them): a write that fails (no space) leaves every
+    index as it was. modules.dep is renamed last, so a modules.dep that lists a module means every
+    index was written with it, even if this process is killed midway. Temporary files a killed
+    writer left are removed first (see :mod:`kvc.kmod.atomic`). A temp file that cannot be
+    created is skipped with an error, as depmod does, unless ``strict``: then nothing is renamed."""
     try:
         directory = os.open(dirname, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         log(FATAL, f"could not open directory {dirname}: {os.strerror(exc.errno or errno.EIO)}\n")
         return False
+    written: list[tuple[str, str]] = []  # (temp, name), not renamed yet
     try:
-        for name, data in files:
-            now = time.time()
-            temp = f"{name}.{os.getpid()}.{int(now * 1e6) % 1000000}.{int(now)}"
+        for name, _data in files:
+            remove_stale(os.path.join(dirname, name))
+        for name, data in sorted(files, key=lambda item: item[0] == "modules.dep"):
+            temp = f"{temporary_prefix(name)}{int(time.time() * 1e6) % 1000000}"
             try:
                 fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644, dir_fd=directory)
             except OSError as exc:
@@ -1165,25 +1126,33 @@ def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log) ->
                     f"openat({dirname}, {temp}, {os.O_CREAT | os.O_TRUNC | os.O_WRONLY:o}, 644): "
                     f"{os.strerror(exc.errno or errno.EIO)}\n",
                 )
+                if strict:
+                    return False
                 continue
+            written.append((temp, name))
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
             except OSError as exc:
-                os.close(fd)
-                os.unlink(temp, dir_fd=directory)
                 log(ERROR, f"Could not write index '{name}': {os.strerror(exc.errno or errno.EIO)}\n")
                 return False
-            os.close(fd)
+            finally:
+                os.close(fd)
+        while written:
+            temp, name = written[0]
             try:
                 os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
             except OSError as exc:
                 log(FATAL, f"renameat({dirname}, {temp}, {dirname}, {name}): {os.strerror(exc.errno or errno.EIO)}\n")
                 return False
+            written.pop(0)
         os.fsync(directory)
     finally:
+        for temp, _name in written:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=directory)
         os.close(directory)
     return True
 

@@ -629,6 +629,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     except KvcError as exc:
         result["plan_error"] = exc.brief + (f": {exc.details}" if exc.details else "")
         complete = False
+    loading_done = time.monotonic()
     ours = [entry for entry in kernel.inserted if not any(entry is other for other in others)]
     result["modules"] = ours
     if "coldplug" in result:
@@ -643,13 +644,20 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             log,
             story,
         )
+    smoke_done = time.monotonic()
     result["tainted"] = _tainted()
     loaded = [entry["name"] for entry in ours if entry["loaded"]]
     if not complete and loaded:
         result["rollback"] = True
         story.step(f"rollback started: removing {', '.join(reversed(loaded))}")
     result["unload"] = _unload(loaded, kernel, before | {entry["name"] for entry in others})
-    result["agent_seconds"] = round(time.monotonic() - started, 3)
+    done = time.monotonic()
+    result["agent_seconds"] = round(done - started, 3)
+    result["phase_seconds"] = {
+        "load": round(loading_done - started, 3),
+        "smoke": round(smoke_done - loading_done, 3),
+        "unload": round(done - smoke_done, 3),
+    }
     story.step("done")
     return result
 

@@ -3,9 +3,10 @@
 It holds a static busybox, kvc's guest init (``data/vm-init``), the guest kernel's own virtio, 9p
 and overlay modules (decompressed, in dependency order; Debian builds them as modules),
 ``boot.conf`` naming them and the command that starts kvc's agent, and the files the caller adds
-(the modprobe the kernel's ``request_module()`` runs, modprobe configuration). Everything else
-the guest runs comes from the host over 9p, so the code that runs in the guest is the code
-installed on the host, not a copy.
+(kvc's agent bundle, the modprobe the kernel's ``request_module()`` runs, modprobe
+configuration). Everything else the guest runs comes from the host over 9p; the bundle is
+compiled from the kvc installed on the host whenever that changes, so the code that runs in the
+guest is the host's, not a copy that can drift.
 """
 
 from __future__ import annotations

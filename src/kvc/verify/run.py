@@ -5,8 +5,10 @@ The host side: find the image (it must be built), the target kernel's files
 write the initramfs (:mod:`kvc.verify.initramfs`) and the job, and boot the kernel under qemu
 (:mod:`kvc.verify.qemu`: TCG unless a KVM probe works, no network, bounded memory, a hard timeout). The
 guest mounts the host's root (or ``--guest-root DIR``) read-only over 9p and runs this very
-installation of kvc (:mod:`kvc.verify.guest`): the host's Python with kvc's modules, or the
-single-file kvc itself, whose directory is shared into the guest so that its root needs neither.
+installation of kvc (:mod:`kvc.verify.guest`): the host's Python running kvc's agent bundle from
+the initramfs (:mod:`kvc.verify.agentbundle`: this kvc and the standard-library modules it
+imports, compiled), or the single-file kvc itself, whose directory is shared into the guest so
+that its root needs neither.
 The agent loads the modules with kvc's loader and the live kernel, runs the
 smoke test in the image, unloads and writes ``result.json``; the host turns it into the report.
 With ``--secure-boot`` the bzImage boots through OVMF with Secure Boot on and a certificate
@@ -37,7 +39,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import kvc
 from kvc.atomic import write_json
 from kvc.config import Delivery, InstanceConfig
 from kvc.errors import CommandError, ExitCode
@@ -47,6 +48,7 @@ from kvc.kmod.moddir import ModuleDirectory
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime, ImageFiles
 from kvc.verify import FROZEN_AGENT_ARGUMENT
+from kvc.verify.agentbundle import KMOD_ARGUMENT, agent_bundle, agent_command
 from kvc.verify.bootimage import pvh_kernel
 from kvc.verify.guesttree import write_tree_layer
 from kvc.verify.initramfs import CpioEntry, boot_modules, build_initramfs, find_busybox
@@ -56,12 +58,18 @@ from kvc.verify.secureboot import Certificate, boot_copy, enrolled_vars, find_fi
 
 REPORT_SCHEMA = 1
 STORY_LINES = 40  # the agent's last steps a crash report shows
-# devkmsg=on: the agent's story lines in the kernel log are never rate-limited away.
-GUEST_APPEND = "console=ttyS0 panic=-1 oops=panic quiet printk.devkmsg=on"
+# devkmsg=on: the agent's story lines in the kernel log are never rate-limited away. The rest is
+# boot time under emulation: cryptomgr.notests skips the crypto self-tests (0.5-1 s),
+# no_timer_check the IO-APIC timer probe (which, on a busy host, can fail and panic the guest),
+# random.trust_cpu=on seeds the RNG from RDRAND (see qemu.GuestMachine.argv).
+GUEST_APPEND = (
+    "console=ttyS0 panic=-1 oops=panic quiet printk.devkmsg=on cryptomgr.notests no_timer_check random.trust_cpu=on"
+)
 SMOKE_TIMEOUT = 120.0
 GUEST_WORK = "/kvc/work"
 GUEST_IMAGE = "/kvc/image"
 GUEST_AGENT_DIR = "/kvc/agent"
+GUEST_AGENT_BUNDLE = "/kvc/agent.pyz"
 GUEST_TREE_LAYER = "/kvc/work/tree"
 GUEST_MODPROBE = "kvc/modprobe"  # in the initramfs; /proc/sys/kernel/modprobe names it
 GUEST_MODPROBE_D = "kvc/modprobe.d"
@@ -109,6 +117,7 @@ _STATUS_SUMMARY = {
     VerifyStatus.TIMED_OUT: "FAILED: the guest timed out",
     VerifyStatus.GUEST_FAILED: "FAILED: kvc's guest setup or agent failed (see its lines above)",
 }
+_GUEST_MARK = re.compile(r"^kvc-guest: (.+) \(at ([0-9]+\.[0-9]+) s\)$", re.MULTILINE)
 GUEST_FAILURE = re.compile(r"^kvc-guest: (FAILED: .*|agent exited with status [1-9].*)$", re.MULTILINE)
 _CRASH_LINE = re.compile(
     r"Kernel panic|kernel BUG at|BUG:|Oops|general protection fault|RIP:|Call Trace|"
@@ -210,26 +219,24 @@ def _copy_tools(files: ImageFiles, plan: VerifyPlan, destination: str) -> None:
         os.chmod(local, 0o755)
 
 
-def _agent() -> tuple[dict[str, str], tuple[Share, ...], list[str]]:
-    """boot.conf's settings for starting the guest agent, the share it needs -- the host's
-    Python with kvc's modules, or (a frozen kvc) the single-file kvc from its own directory --
-    and the command that runs kvc's modprobe the same way."""
+def _agent(cache_dir: str) -> tuple[dict[str, str], tuple[Share, ...], list[str], list[CpioEntry]]:
+    """boot.conf's settings for starting the guest agent, the share it needs, the command that
+    runs kvc's modprobe the same way, and the initramfs files it needs: the host's Python running
+    kvc's agent bundle (:mod:`kvc.verify.agentbundle`) from the initramfs, or (a frozen kvc) the
+    single-file kvc from its own directory."""
     if not getattr(sys, "frozen", False):
-        command = [sys.executable, "-m", "kvc.verify.guest"]
-        path = os.path.dirname(os.path.dirname(os.path.abspath(kvc.__file__)))
-        settings = {"KVC_AGENT": shlex.join(command), "KVC_PYTHONPATH": path, "KVC_AGENT_SHARE": "0"}
-        return settings, (), [sys.executable, "-m", "kvc", "kmod", "modprobe"]
+        command = agent_command(GUEST_AGENT_BUNDLE)
+        settings = {"KVC_AGENT": shlex.join(command), "KVC_AGENT_SHARE": "0"}
+        with open(agent_bundle(cache_dir), "rb") as handle:
+            bundle = CpioEntry(GUEST_AGENT_BUNDLE.lstrip("/"), stat.S_IFREG | 0o644, handle.read())
+        return settings, (), [*command, KMOD_ARGUMENT, "modprobe"], [bundle]
     executable = os.path.realpath(sys.executable)
     guest_executable = f"{GUEST_AGENT_DIR}/{os.path.basename(executable)}"
-    settings = {
-        "KVC_AGENT": shlex.join([guest_executable, FROZEN_AGENT_ARGUMENT]),
-        "KVC_PYTHONPATH": "",
-        "KVC_AGENT_SHARE": "1",
-    }
-    return settings, (Share("kvcagent", os.path.dirname(executable)),), [guest_executable, "kmod", "modprobe"]
+    settings = {"KVC_AGENT": shlex.join([guest_executable, FROZEN_AGENT_ARGUMENT]), "KVC_AGENT_SHARE": "1"}
+    return settings, (Share("kvcagent", os.path.dirname(executable)),), [guest_executable, "kmod", "modprobe"], []
 
 
-def _modprobe_helper(modprobe: list[str], python_path: str) -> bytes:
+def _modprobe_helper(modprobe: list[str]) -> bytes:
     """The program the guest kernel runs for ``request_module()`` (``modprobe -q -- NAME``): kvc's
     modprobe on the guest's module tree, with the guest's modprobe configuration; every call is
     logged with its exit status and output (for the report) and told in the kernel log (for the
@@ -239,7 +246,6 @@ def _modprobe_helper(modprobe: list[str], python_path: str) -> bytes:
         "HOME=/",
         "LANG=C.UTF-8",
         "TMPDIR=/run",
-        f"PYTHONPATH={python_path}",
         "PYTHONDONTWRITEBYTECODE=1",
     ]
     command = shlex.join(["/kvc/busybox", "env", "-i", *environment, *modprobe, "-C", f"/{GUEST_MODPROBE_D}"])
@@ -277,6 +283,38 @@ def _read_steps(path: str) -> list[dict[str, Any]]:
             log = step.get("log")
             steps.append({"step": step["step"], "log": [str(text) for text in log] if isinstance(log, list) else []})
     return steps
+
+
+def _guest_marks(console: str) -> dict[str, float]:
+    """The guest init's "kvc-guest: WHAT (at UPTIME s)" lines: WHAT (without an exit status) -> uptime."""
+    marks: dict[str, float] = {}
+    for what, uptime in _GUEST_MARK.findall(console):
+        marks.setdefault(what.split(" with status ")[0], float(uptime))
+    return marks
+
+
+def _phases(console: str, result: dict[str, Any], prepare: float, timings: dict[str, Any]) -> dict[str, float]:
+    """Where a run's time went, in order, as far as the run got: the host's preparation (image,
+    modules, agent bundle, initramfs), the guest's phases by its uptime, qemu's own time outside
+    the guest's (its start, firmware, the power-off), then the host's report."""
+    marks = _guest_marks(console)
+    points = [
+        ("kernel_boot", 0.0, marks.get("init started")),
+        ("boot_modules", marks.get("init started"), marks.get("boot modules loaded")),
+        ("mounts", marks.get("boot modules loaded"), marks.get("agent starting")),
+        ("python_start", marks.get("agent starting"), result.get("boot_seconds")),
+    ]
+    phases = {"host_prepare": prepare}
+    phases.update((name, end - start) for name, start, end in points if start is not None and end is not None)
+    agent = result.get("phase_seconds")
+    if isinstance(agent, dict):
+        phases.update((f"agent_{name}", float(seconds)) for name, seconds in agent.items())
+    exited = marks.get("agent exited")
+    if exited is not None and result.get("agent_seconds") is not None:
+        phases["agent_exit"] = exited - float(result["boot_seconds"]) - float(result["agent_seconds"])
+        phases["qemu_outside_guest"] = timings["vm_seconds"] - exited
+    phases["host_finish"] = timings["total_seconds"] - prepare - timings["vm_seconds"]
+    return {name: round(seconds, 2) for name, seconds in phases.items()}
 
 
 def _crash_lines(console: str) -> list[str]:
@@ -392,7 +430,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     instance, kernel = plan.instance, plan.kernel
     moddir = ModuleDirectory(kernel.moddir)
     boot = boot_modules(moddir)
-    agent_settings, agent_shares, modprobe = _agent()
+    agent_settings, agent_shares, modprobe, agent_files = _agent(layout.cache_dir)
     tree = instance.delivery is Delivery.TREE
     guest_moddir = f"/lib/modules/{kernel.release}"
     settings = {
@@ -401,9 +439,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         "KVC_SECURE_BOOT": "1" if plan.certificate else "0",
         **agent_settings,
     }
-    extra_files = [
-        CpioEntry(GUEST_MODPROBE, stat.S_IFREG | 0o755, _modprobe_helper(modprobe, settings["KVC_PYTHONPATH"]))
-    ]
+    extra_files = [*agent_files, CpioEntry(GUEST_MODPROBE, stat.S_IFREG | 0o755, _modprobe_helper(modprobe))]
     with runtime.open_image(plan.image) as files:
         os.makedirs(os.path.join(work, "modules"))
         copies = copy_instance_modules(
@@ -484,6 +520,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
                 ),
                 secure_boot=True,
             )
+        vm_started = time.monotonic()
         run = run_guest(machine, plan.options.timeout)
     console = _read_text(machine.console_log)
     data: dict[str, Any] = {
@@ -560,6 +597,7 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         lines = console.splitlines()[-24:] if status is VerifyStatus.GUEST_FAILED else _crash_lines(console)
         data["crash"] = {"during": during, "lines": [line.rstrip() for line in lines]}
     timings["total_seconds"] = round(time.monotonic() - started, 2)
+    timings["phases"] = _phases(console, result if isinstance(result, dict) else {}, vm_started - started, timings)
     data["timings"] = timings
     data["status"] = status.value
     return VerifyReport(status, data)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -1088,6 +1089,8 @@ class FakeKernel(SyscallKernel):
             "params": [asdict(param) for param in kparams],
             "version": image.get_modinfo("version"),
             "srcversion": image.get_modinfo("srcversion"),
+            # What the kernel was given (decompressed), so tests can tell which file's bytes it holds.
+            "sha256": hashlib.sha256(data).hexdigest(),
         }
         for owner in uses:
             _find(state, owner)["users"].insert(0, image.mod_name)

@@ -24,9 +24,16 @@ class UsageError(Exception):
 def parse_options(
     prog: str, argv: Sequence[str], shortopts: str, longopts: Sequence[str]
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """getopt_long with argument permutation; errors are printed as glibc prints them."""
+    """getopt_long with argument permutation; errors are printed as glibc prints them.
+
+    gnu_getopt copies the rest of the list at each argument, which is quadratic in modinfo's
+    thousands of file names: what follows the last option (and the value it may take) is operands
+    in order whatever the mode, so only the part up to there goes through it."""
+    args = list(argv)
+    last = max((index for index, arg in enumerate(args) if arg.startswith("-") and arg != "-"), default=-1)
     try:
-        return getopt.gnu_getopt(list(argv), shortopts, list(longopts))
+        opts, operands = getopt.gnu_getopt(args[: last + 2], shortopts, list(longopts))
+        return opts, operands + args[last + 2 :]
     except getopt.GetoptError as exc:
         write_err(f"{prog}: {_glibc_message(exc, argv)}\n")
         raise UsageError(1) from None

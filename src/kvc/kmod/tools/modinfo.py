@@ -6,12 +6,14 @@ import os
 import stat
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Sequence
 
 from kvc.kmod.errors import KmodError, ModuleFormatError
 from kvc.kmod.module import ModinfoEntry, ModuleFile, is_module_filename
+from kvc.kmod.parallel import Forked, worker_count
 from kvc.kmod.paths import HostPaths
-from kvc.kmod.tools._cli import log_error, parse_options, run_tool, write_out
+from kvc.kmod.tools._cli import ENCODING, ERRORS, log_error, parse_options, run_tool, write_err, write_out
 
 PROG = "modinfo"
 VERSION_TEXT = "kvc kmod modinfo (kmod version 30 compatible)\n+ZSTD +XZ +ZLIB +LIBCRYPTO -EXPERIMENTAL\n"
@@ -97,7 +99,8 @@ def _param_text(name: str, desc: Optional[str], kind: Optional[str], *, field_on
 
 
 class Printer:
-    """Formats modinfo records into one output buffer, as modinfo_do does."""
+    """Formats modinfo records into one output buffer, as modinfo_do does, and writes it to
+    stdout before each error line and at the end."""
 
     def __init__(self, options: Options) -> None:
         self.field = options.field
@@ -108,6 +111,10 @@ class Printer:
         if self.out:
             write_out("".join(self.out))
             self.out.clear()
+
+    def error(self, message: str) -> None:
+        self.flush()
+        log_error(PROG, message)
 
     def record(self, name: str, filename: Optional[str], entries: Sequence[ModinfoEntry]) -> None:
         field, sep, out = self.field, self.sep, self.out
@@ -147,12 +154,38 @@ class Printer:
                 continue
             pname, colon, rest = entry.value.partition(":")
             if not colon:
-                self.flush()
-                log_error(PROG, f"Found invalid \"{entry.key}={entry.value}\": missing ':'")
+                self.error(f"Found invalid \"{entry.key}={entry.value}\": missing ':'")
                 continue
             slot = found.setdefault(pname, [None, None])
             slot[0 if entry.key == "parm" else 1] = rest
         return [(pname, desc, kind) for pname, (desc, kind) in reversed(list(found.items()))]
+
+
+# Where captured output goes when replayed.
+STDOUT, STDERR = 1, 2
+Captured = list[tuple[int, bytes]]
+
+
+class CapturingPrinter(Printer):
+    """A Printer that keeps what it would write, in order, for a worker process to send back."""
+
+    def __init__(self, options: Options) -> None:
+        super().__init__(options)
+        self.events: Captured = []
+
+    def flush(self) -> None:
+        if self.out:
+            self.events.append((STDOUT, "".join(self.out).encode(ENCODING, ERRORS)))
+            self.out.clear()
+
+    def error(self, message: str) -> None:
+        self.flush()
+        self.events.append((STDERR, f"{PROG}: ERROR: {message}\n".encode(ENCODING, ERRORS)))
+
+    def take(self) -> Captured:
+        self.flush()
+        events, self.events = self.events, []
+        return events
 
 
 def _is_module_file(arg: str) -> bool:
@@ -174,8 +207,7 @@ def _module_file_record(printer: Printer, module: ModuleFile) -> bool:
     except ModuleFormatError as exc:
         if field is None:
             printer.record(module.name, module.path, ())
-        printer.flush()
-        log_error(PROG, f"could not get modinfo from '{module.name}': {os.strerror(exc.errno)} ({exc.problem})")
+        printer.error(f"could not get modinfo from '{module.name}': {os.strerror(exc.errno)} ({exc.problem})")
         return False
     printer.record(module.name, module.path, entries)
     return True
@@ -203,12 +235,10 @@ def _path_record(printer: Printer, path: str) -> bool:
     except ModuleFormatError as exc:
         if printer.field in (None, "filename"):
             printer.record(os.path.basename(path), _absolute(path), ())
-        printer.flush()
-        log_error(PROG, f"could not get modinfo from '{path}': {os.strerror(exc.errno)} ({exc.problem})")
+        printer.error(f"could not get modinfo from '{path}': {os.strerror(exc.errno)} ({exc.problem})")
         return False
     except OSError:
-        printer.flush()
-        log_error(PROG, f"Module file {path} not found.")
+        printer.error(f"Module file {path} not found.")
         return False
     return _module_file_record(printer, module)
 
@@ -220,12 +250,10 @@ def _lookup_records(printer: Printer, options: Options, paths: HostPaths, arg: s
     try:
         found = directory.lookup_name(arg) if options.by_name else directory.resolve(arg)
     except KmodError as exc:
-        printer.flush()
-        log_error(PROG, exc.brief)
+        printer.error(exc.brief)
         return False
     if not found:
-        printer.flush()
-        log_error(PROG, f"Module name {arg} not found." if options.by_name else f"Module {arg} not found.")
+        printer.error(f"Module name {arg} not found." if options.by_name else f"Module {arg} not found.")
         return False
     ok = True
     for entry in found:
@@ -236,14 +264,12 @@ def _lookup_records(printer: Printer, options: Options, paths: HostPaths, arg: s
             module = ModuleFile.open(entry.path)
         except ModuleFormatError as exc:
             printer.record(entry.name, entry.path, ())
-            printer.flush()
-            log_error(PROG, f"could not get modinfo from '{entry.name}': {os.strerror(exc.errno)} ({exc.problem})")
+            printer.error(f"could not get modinfo from '{entry.name}': {os.strerror(exc.errno)} ({exc.problem})")
             ok = False
             continue
         except OSError as exc:
             printer.record(entry.name, entry.path, ())
-            printer.flush()
-            log_error(PROG, f"could not get modinfo from '{entry.name}': {os.strerror(exc.errno or 2)}")
+            printer.error(f"could not get modinfo from '{entry.name}': {os.strerror(exc.errno or 2)}")
             ok = False
             continue
         ok = _module_file_record(printer, module) and ok
@@ -286,15 +312,53 @@ def _run(argv: list[str]) -> int:
         # kmod concatenates: "-b DIR" gives "DIR/lib/modules/KVER" however DIR ends.
         module_dir = f"{basedir or ''}/lib/modules/{release}"
     options = Options(field, separator, by_name, module_dir)
+    jobs = worker_count(0, len(args))
+    if jobs > 1:
+        return _parallel_records(options, paths, args, jobs)
     printer = Printer(options)
     ok = True
     for arg in args:
-        if not by_name and _is_module_file(arg):
-            ok = _path_record(printer, arg) and ok
-        else:
-            ok = _lookup_records(printer, options, paths, arg) and ok
+        ok = _arg_records(printer, options, paths, arg) and ok
     printer.flush()
     return 0 if ok else 1
+
+
+def _arg_records(printer: Printer, options: Options, paths: HostPaths, arg: str) -> bool:
+    if not options.by_name and _is_module_file(arg):
+        return _path_record(printer, arg)
+    return _lookup_records(printer, options, paths, arg)
+
+
+def _captured_records(options: Options, paths: HostPaths, args: list[str]) -> list[tuple[bool, Captured]]:
+    """(success, output) for each argument, kept rather than written."""
+    printer = CapturingPrinter(options)
+    return [(_arg_records(printer, options, paths, arg), printer.take()) for arg in args]
+
+
+def _parallel_records(options: Options, paths: HostPaths, args: list[str], jobs: int) -> int:
+    """The records of many arguments, read by ``jobs`` processes (xz decompression is most of
+    modinfo's time on compressed trees, and one process does it one file at a time), each taking
+    an interleaved share; the output is written in argument order once all are done."""
+    sys.stdout.flush()
+    children = [
+        Forked(partial(_captured_records, options, paths, args[share::jobs]), fork=True) for share in range(1, jobs)
+    ]
+    results: list[tuple[bool, Captured]] = [(True, [])] * len(args)
+    results[0::jobs] = _captured_records(options, paths, args[0::jobs])
+    for share, child in enumerate(children, start=1):
+        results[share::jobs] = child.result()
+    stdout = sys.stdout.buffer
+    pending: list[bytes] = []
+    for _ok, events in results:
+        for stream, data in events:
+            if stream == STDOUT:
+                pending.append(data)
+                continue
+            stdout.write(b"".join(pending))
+            pending.clear()
+            write_err(data.decode(ENCODING, ERRORS))
+    stdout.write(b"".join(pending))
+    return 0 if all(ok for ok, _events in results) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

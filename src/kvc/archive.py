@@ -32,6 +32,7 @@ from kvc.build import ACTION_PULL, BuildPlan, execute_build
 from kvc.config import InstanceConfig
 from kvc.distribute import labelled_image
 from kvc.errors import StateError
+from kvc.imagerecord import images_locked
 from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, LABEL_VERSION, image_labels, image_tag
 from kvc.kmod.digest import file_sha256
 from kvc.layout import Layout
@@ -264,8 +265,9 @@ def import_archive(
                 )
             )
         for image, plan in zip(images, plans):
-            execute_build(plan, runtime)
-            _drop_layout_names(runtime, image.image_id, layout_dir)
+            with images_locked(layout, plan.instance.name):
+                execute_build(plan, runtime)
+                _drop_layout_names(runtime, image.image_id, layout_dir)
             say(f"imported {plan.tag}: {image.summary}")
     return images
 

@@ -19,7 +19,7 @@ import argparse
 import errno
 import logging
 import sys
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence, Union
 
 from kvc.errors import ConfigError, ExitCode, HostFileError, KernelMissingError, KvcError, LoadError, UsageError
 
@@ -46,14 +46,36 @@ def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
         parser.add_argument("--kernel", "-k", metavar="KVER", help="kernel release (default: running)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _OnlyCommand:
+    """``add_parser`` that attaches only the command the command line names; the others are built
+    detached and dropped (the boot path's ``kvc load`` then parses with one sub-parser, not 25)."""
+
+    def __init__(self, sub: argparse._SubParsersAction[_Parser], only: str) -> None:
+        self.sub = sub
+        self.only = only
+        self.attached = False
+
+    def add_parser(self, name: str, *, help: str) -> _Parser:
+        if name == self.only:
+            self.attached = True
+            return self.sub.add_parser(name, help=help)
+        return _Parser(prog=name, add_help=False)
+
+
+_Commands = Union["argparse._SubParsersAction[_Parser]", _OnlyCommand]
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """kvc's parser; with ``only``, one that knows only that command, unless it is no command (the
+    full parser's error then lists them all)."""
     parser = _Parser(
         prog=PROG,
         description="Kernel modules via containers.",
         epilog="'kvc kmod TOOL ...' runs the kmod-compatible tools (lsmod, modinfo, insmod, rmmod).",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log external commands")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub: _Commands = subparsers if only is None else _OnlyCommand(subparsers, only)
 
     p = sub.add_parser("build", help="build the instance image for each kernel")
     p.add_argument("name")
@@ -243,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="ask the container runtime about the images, not kvc's record of them (an image retagged or removed "
+        "by hand, outside kvc)",
+    )
+    p.add_argument(
         "--remote", action="store_true", help="also the KVC_REGISTRY image per kernel (manifest and config only)"
     )
     _add_kernel(p, many=True)
@@ -259,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("uninstall", help="remove an installed instance")
     p.add_argument("name")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    if isinstance(sub, _OnlyCommand) and not sub.attached:
+        return build_parser()
     return parser
 
 
-def _add_dkms(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_dkms(sub: _Commands) -> None:
     p = sub.add_parser("dkms", help="DKMS sources as instances: import one, or show them DKMS-style")
     dkms = p.add_subparsers(dest="dkms_command", metavar="ACTION", required=True)
     k = dkms.add_parser(
@@ -284,7 +314,7 @@ def _add_dkms(sub: argparse._SubParsersAction[_Parser]) -> None:
     _add_kernel(k, many=True)
 
 
-def _add_k8s(sub: argparse._SubParsersAction[_Parser]) -> None:
+def _add_k8s(sub: _Commands) -> None:
     p = sub.add_parser("k8s", help="Kubernetes: a KMM Module, or kvc's own DaemonSets, for an instance")
     k8s = p.add_subparsers(dest="k8s_command", metavar="ACTION", required=True)
 
@@ -413,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return tools.main(args[1:])
 
     def command() -> int:
-        parser = build_parser()
+        parser = build_parser(next((arg for arg in args if not arg.startswith("-")), None))
         options = parser.parse_args(args)
         if options.command is None:
             parser.print_help()

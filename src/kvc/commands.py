@@ -11,7 +11,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
@@ -36,7 +36,9 @@ from kvc.extract import (
     extract,
     extract_from_directory,
     read_manifest,
+    recorded_extraction,
 )
+from kvc.imagerecord import images_locked, recorded_images, remember_images
 from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.keys import ENROLL_STEPS, HostTrust, generate, host_trust, module_verdicts
 from kvc.kmod.config import load_config
@@ -46,9 +48,8 @@ from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.module import ModuleFile
 from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
-from kvc.loadplan import dry_load
 from kvc.lock import images_in_use, instance_lock
-from kvc.runtime import ContainerRuntime, ImageFiles, runtime_for
+from kvc.runtime import ContainerRuntime, ImageFiles, ImageInfo, runtime_for
 from kvc.tree import (
     delivery_status,
     execute_deliver,
@@ -73,6 +74,8 @@ STATUS_SCHEMA = 1
 @dataclass
 class Context:
     layout: Layout
+    refresh_images: bool = False  # ask the runtime even where kvc's record of the images is complete
+    _images: dict[str, Mapping[str, Optional[ImageInfo]]] = field(default_factory=dict)
 
     @cached_property
     def global_config(self) -> GlobalConfig:
@@ -109,6 +112,22 @@ class Context:
 
     def instance(self, name: str) -> InstanceConfig:
         return InstanceConfig.load(self.layout.conf_dir, name)
+
+    def images(self, instance: InstanceConfig) -> Mapping[str, Optional[ImageInfo]]:
+        """What the instance's tags name, by kernel: every kernel it has images for and the running
+        one (None: no image under the tag). From kvc's record when it is complete, else from the
+        runtime, then recorded (:mod:`kvc.imagerecord`)."""
+        if instance.name not in self._images:
+            recorded = None if self.refresh_images else recorded_images(self.layout, instance.name)
+            self._images[instance.name] = recorded or remember_images(
+                self.layout, instance.name, functools.partial(self._ask_images, instance)
+            )
+        return self._images[instance.name]
+
+    def _ask_images(self, instance: InstanceConfig) -> dict[str, Optional[ImageInfo]]:
+        listed = self.runtime.list_images(f"{LABEL_NAME}={instance.name}")
+        kernels = {self.kernel.release(), *(info.labels.get(LABEL_KERNEL, "") for info in listed)} - {""}
+        return {kernel: self.runtime.inspect(image_tag(instance, kernel)) for kernel in sorted(kernels)}
 
     def kernel_release(self, requested: Optional[str]) -> str:
         return check_kernel_release(requested) if requested else self.kernel.release()
@@ -172,7 +191,7 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
                 say(f"  (DKMS source {instance.dkms}: its dkms.conf may skip this kernel, exit 77)")
         return 0
     skipped: list[BuildSkipped] = []
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    with images_locked(ctx.layout, instance.name):
         for plan in plans:
             try:
                 say(execute_build(plan, ctx.runtime))
@@ -212,7 +231,7 @@ def _run_plans(ctx: Context, name: str, plans: Sequence[_P], dry_run: bool, exec
         say(plan.describe())
     if dry_run:
         return 0
-    with instance_lock(ctx.layout.lock_dir, name):
+    with images_locked(ctx.layout, name):
         for plan in plans:
             execute(plan)
     return 0
@@ -251,7 +270,7 @@ def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
         for kernel in kernels:
             say(plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout).describe())
         return 0
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    with images_locked(ctx.layout, instance.name):
         for kernel in kernels:
             _push(ctx, instance, kernel, repo)
     return 0
@@ -271,7 +290,7 @@ def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
         for plan in plans:
             say(plan.describe())
         return 0
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    with images_locked(ctx.layout, instance.name):
         for plan in plans:
             say(execute_build(plan, ctx.runtime))
     return 0
@@ -307,7 +326,7 @@ def cmd_export(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     from kvc.archive import export_images
 
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    with images_locked(ctx.layout, instance.name):
         images = export_images(ctx.runtime, ctx.layout, [(instance, k) for k in kernels], output, say)
     for image in images:
         say(image.summary)
@@ -368,6 +387,8 @@ def _dry_load(
             f"{ctx.layout.kernel_state(instance.name, kernel)}, then load them in dependency order"
         )
         return
+    from kvc.loadplan import dry_load
+
     dry_load(
         ctx.layout,
         lambda: ctx.runtime,
@@ -413,7 +434,9 @@ def _load(
     if modules_dir:
         manifest = extract_from_directory(ctx.layout, instance, kernel, modules_dir, force=force)
     else:
-        manifest = extract(ctx.layout, instance, kernel, ctx.runtime, image_tag(instance, kernel), force=force)
+        tag = image_tag(instance, kernel)
+        recorded = None if force else recorded_extraction(ctx.layout, instance, kernel, tag)
+        manifest = recorded or extract(ctx.layout, instance, kernel, ctx.runtime, tag, force=force)
     delivered = plan_deliver_extracted(instance, kernel, ctx.layout, manifest, delivery=mode)
     if not delivered.empty:
         say(delivered.describe())
@@ -584,7 +607,7 @@ def cmd_reload(ctx: Context, args: argparse.Namespace) -> int:
         new_image = build.action != ACTION_UP_TO_DATE
         _dry_load(ctx, instance, kernel, new_image=new_image, unloaded_first={*unload.names, *unload.in_tree})
         return 0
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    with images_locked(ctx.layout, instance.name):
         say(execute_build(ctx.image_plan(instance, kernel), ctx.runtime))
         _unload(ctx, instance, kernel, dry_run=False, force=False)
         return _load(ctx, instance, kernel, dry_run=False, force=False)
@@ -635,8 +658,7 @@ def status_kernels(ctx: Context, instance: InstanceConfig, requested: Optional[l
         return [ctx.kernel_release(k) for k in requested]
     running = ctx.kernel.release()
     kernels = [running]
-    built = {info.labels.get(LABEL_KERNEL, "") for info in ctx.runtime.list_images(f"{LABEL_NAME}={instance.name}")}
-    kernels += sorted(k for k in built if k and k != running)
+    kernels += sorted(k for k in ctx.images(instance) if k != running)
     kernels += sorted({r.kernel_release for r in read_records(ctx.layout, instance.name)} - set(kernels))
     return kernels
 
@@ -651,7 +673,8 @@ def instance_status(
     entries = []
     for kernel in kernels:
         tag = image_tag(instance, kernel)
-        info = ctx.runtime.inspect(tag)
+        images = ctx.images(instance)
+        info = images[kernel] if kernel in images else ctx.runtime.inspect(tag)
         manifest = read_manifest(ctx.layout, instance.name, kernel)
         modules = []
         for name in (n.replace("-", "_") for n in instance.module_names):
@@ -763,7 +786,7 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
     say(plan.describe())
     if args.dry_run:
         return 0
-    with instance_lock(ctx.layout.lock_dir, plan.name):
+    with images_locked(ctx.layout, plan.name):
         execute_install(plan, ctx.layout, say)
     systemd.Systemctl(ctx.layout).run(plan.systemctl)
     return 0
@@ -779,7 +802,7 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     # Before the lock: stopping the unit runs its ExecStop, an unload that takes the lock itself.
     systemd.Systemctl(ctx.layout).run(plan.systemctl)
-    with instance_lock(ctx.layout.lock_dir, plan.name):
+    with images_locked(ctx.layout, plan.name):
         for delivery in deliveries:
             execute_remove(delivery, ctx.layout, say)
         execute_uninstall(plan, say)
@@ -928,4 +951,4 @@ COMMANDS["dkms"] = cmd_dkms
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    return COMMANDS[args.command](Context(Layout.from_env()), args)
+    return COMMANDS[args.command](Context(Layout.from_env(), getattr(args, "refresh", False)), args)

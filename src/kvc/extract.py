@@ -34,6 +34,7 @@ from typing import Callable, ContextManager, Mapping, Optional
 from kvc.atomic import fsync_path
 from kvc.config import InstanceConfig
 from kvc.errors import BuildError, CommandError, StateError
+from kvc.imagerecord import recorded_image, remember_image
 from kvc.images import LABEL_DIGEST, match_modules
 from kvc.kmod.digest import file_sha256
 from kvc.kmod.errors import KmodError
@@ -384,6 +385,7 @@ def extract(
         raise StateError(
             f"image {image} does not exist", hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first"
         )
+    remember_image(layout, instance.name, kernel_release, info)
     return _extract(
         layout,
         instance,
@@ -392,6 +394,19 @@ def extract(
         lambda: runtime.open_image(image),
         force=force,
     )
+
+
+def recorded_extraction(
+    layout: Layout, instance: InstanceConfig, kernel_release: str, image: str
+) -> Optional[Manifest]:
+    """The current extraction when kvc's record says ``image`` still names the image it came from
+    (:mod:`kvc.imagerecord`), files intact; else None. The boot path's load then starts no
+    container runtime."""
+    record = recorded_image(layout, instance.name, kernel_release)
+    if record is None or not record.has_name(image):
+        return None
+    manifest = read_manifest(layout, instance.name, kernel_release)
+    return manifest if is_current(manifest, instance, record.id) else None
 
 
 def directory_files(directory: str, kernel_release: str) -> DirectoryFiles:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
-from importlib import resources
 
 from kvc.errors import StateError
 from kvc.layout import Layout
@@ -27,6 +26,8 @@ class Hook:
 
     @property
     def text(self) -> str:
+        from importlib import resources  # only for the hook's text: not on the boot path
+
         return resources.files("kvc").joinpath("data").joinpath(self.resource).read_text(encoding="utf-8")
 
     def path(self, layout: Layout) -> str:

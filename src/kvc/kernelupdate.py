@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current, record_skip, recorded_skip
 from kvc.config import Delivery, InstanceConfig
 from kvc.errors import BuildSkipped, KvcError, StateError
+from kvc.imagerecord import images_locked
 from kvc.images import image_tag
 from kvc.layout import Layout
-from kvc.lock import instance_lock
 from kvc.nextboot import EnabledInstance, NextKernel, enabled_instances
 from kvc.runtime import ContainerRuntime
 
@@ -355,7 +355,7 @@ def execute_kernel_added(host: Host, plan: KernelAddedPlan, say: Callable[[str],
         try:
             if step.error is not None or step.instance is None or step.build is None:
                 raise step.error or KvcError(f"{step.name} could not be planned")
-            with instance_lock(host.layout.lock_dir, step.name):
+            with images_locked(host.layout, step.name):
                 say(f"{step.name}: {execute_build(step.build, host.runtime)}")
                 verified_before = step.verified_before or (
                     _passed_before(host, step.instance, kernel) if step.verify else ""

@@ -13,7 +13,6 @@ import enum
 import os
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from typing import Optional, Sequence, TextIO
 
 from kvc import proc
@@ -30,6 +29,8 @@ _UNIT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 
 def unit_text() -> str:
     """The template unit, as installed."""
+    from importlib import resources  # only for the unit's text: not on the boot path
+
     return resources.files("kvc").joinpath("data").joinpath(UNIT_NAME).read_text(encoding="utf-8")
 
 

@@ -21,9 +21,11 @@ from kvc.extract import (
     extract,
     is_current,
     read_manifest,
+    recorded_extraction,
     replace_dir,
     verify_extraction,
 )
+from kvc.imagerecord import images_locked, record_path, recorded_image
 from kvc.kmod.paths import HostPaths
 from kvc.layout import Layout
 from kvc.runtime import PodmanRuntime
@@ -298,3 +300,46 @@ def test_unreadable_manifests_mean_not_extracted(layout: Layout, text: str) -> N
     target.mkdir(parents=True)
     (target / MANIFEST).write_text(text)
     assert read_manifest(layout, "demo", KVER) is None
+
+
+LABELS = {"name": "demo", "kvc.digest": "d" * 64}
+NAMES = (f"localhost/{IMAGE}",)
+
+
+def test_the_record_of_the_tag_lets_a_load_skip_the_runtime(tmp_path: Path, fake: FakeRuntime, layout: Layout) -> None:
+    """An extraction records the tag's image id; while the record stands and the files are intact,
+    the extraction is current without asking the runtime. A command that may change the images
+    drops the record (images_locked), and a tag moved by hand is seen only by an extraction."""
+    serve(fake, "a" * 64)
+    config = instance(tmp_path)
+    first = extract(layout, config, KVER, PodmanRuntime(), IMAGE)
+    recorded = recorded_image(layout, "demo", KVER)
+    assert recorded is not None and (recorded.id, recorded.names, recorded.labels) == ("a" * 64, NAMES, LABELS)
+    fake.clear()
+    assert recorded_extraction(layout, config, KVER, IMAGE) == first
+    assert recorded_extraction(layout, config, KVER, "demo-2.0:" + KVER) is None
+    assert recorded_extraction(layout, instance(tmp_path, "demo-core"), KVER, IMAGE) is None
+    assert fake.calls() == []
+    # A tag moved by hand: the record still names the old image until kvc asks again.
+    serve(fake, "b" * 64)
+    assert recorded_extraction(layout, config, KVER, IMAGE) == first
+    assert extract(layout, config, KVER, PodmanRuntime(), IMAGE).image_id == "b" * 64
+    recorded = recorded_image(layout, "demo", KVER)
+    assert recorded is not None and recorded.id == "b" * 64
+    current = recorded_extraction(layout, config, KVER, IMAGE)
+    assert current is not None and current.image_id == "b" * 64
+    with images_locked(layout, "demo"):
+        assert recorded_image(layout, "demo", KVER) is None
+        assert recorded_extraction(layout, config, KVER, IMAGE) is None
+    extract(layout, config, KVER, PodmanRuntime(), IMAGE)
+    Path(layout.kernel_state("demo", KVER), "demo-core.ko").write_bytes(b"changed")
+    assert recorded_extraction(layout, config, KVER, IMAGE) is None
+
+
+@pytest.mark.parametrize(
+    "text", ["", "{", '{"schema": 2, "images": {}}', '{"schema": 1, "images": {"' + KVER + '": 1}}']
+)
+def test_unreadable_image_records_mean_none(layout: Layout, text: str) -> None:
+    os.makedirs(layout.instance_state("demo"))
+    Path(record_path(layout, "demo")).write_text(text)
+    assert recorded_image(layout, "demo", KVER) is None

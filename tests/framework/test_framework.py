@@ -118,6 +118,53 @@ def test_load_in_order_with_parameters_and_unload_in_reverse(host: Host) -> None
 
 
 @pytest.mark.podman
+def test_the_boot_path_load_starts_no_container_runtime(host: Host) -> None:
+    """Once a load has extracted from the tag's image, a load of the unchanged instance (the unit's
+    at every boot) trusts kvc's record and never runs podman; a build drops the record, so the next
+    load asks podman again, as does --force."""
+    built(host)
+    assert host.kvc("load", "simple-kmod").returncode == 0
+    assert host.kvc("unload", "simple-kmod").returncode == 0
+    host.log.unlink(missing_ok=True)
+    again = host.kvc("load", "simple-kmod")
+    assert again.returncode == 0, again.stderr
+    assert not host.log.exists() or fakeprog.calls(host.log) == []
+    assert [m.name for m in host.kernel().loaded_modules()] == ["simple_procfs_kmod", "simple_kmod"]
+    assert host.kvc("unload", "simple-kmod").returncode == 0
+    built(host)
+    host.log.unlink(missing_ok=True)
+    assert host.kvc("load", "simple-kmod").returncode == 0
+    assert ["image", "inspect"] in [call[:2] for call in fakeprog.calls(host.log)]
+    host.log.unlink(missing_ok=True)
+    assert host.kvc("load", "simple-kmod", "--force").returncode == 0
+    assert ["image", "inspect"] in [call[:2] for call in fakeprog.calls(host.log)]
+
+
+@pytest.mark.podman
+def test_status_answers_from_the_record_until_the_images_change(host: Host) -> None:
+    """The first status asks podman and records its answer; the next ones read the record (no
+    podman) and say the same; a build drops the record; --refresh asks podman anyway."""
+    built(host)
+    assert host.kvc("load", "simple-kmod").returncode == 0
+    host.log.unlink(missing_ok=True)
+    first = host.kvc("status", "--json")
+    assert first.returncode == 0, first.stderr
+    assert ["images"] in [call[:1] for call in fakeprog.calls(host.log)]
+    host.log.unlink(missing_ok=True)
+    second = host.kvc("status", "--json")
+    assert not host.log.exists() or fakeprog.calls(host.log) == []
+    assert second.stdout == first.stdout
+    (entry,) = json.loads(second.stdout)["instances"][0]["kernels"]
+    assert entry["image"]["exists"] and entry["image"]["up_to_date"] and entry["extracted"]
+    assert host.kvc("status", "--refresh").returncode == 0
+    assert fakeprog.calls(host.log) != []
+    built(host)
+    host.log.unlink(missing_ok=True)
+    assert host.kvc("status").returncode == 0
+    assert ["images"] in [call[:1] for call in fakeprog.calls(host.log)]
+
+
+@pytest.mark.podman
 def test_a_refused_second_module_leaves_nothing_loaded(host: Host) -> None:
     built(host)
     conf = host.conf()

@@ -17,6 +17,7 @@ from kvc.config import InstanceConfig
 from kvc.distribute import repository
 from kvc.errors import StateError, UsageError
 from kvc.extract import copy_instance_modules, directory_files, read_manifest
+from kvc.imagerecord import images_locked
 from kvc.images import image_tag
 from kvc.k8s.nodeapi import InClusterAPI, NodeAPIError
 from kvc.k8s.objects import (
@@ -35,7 +36,6 @@ from kvc.k8s.yamltext import dump_all
 from kvc.kmod.digest import file_sha256
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.names import modname_normalize
-from kvc.lock import instance_lock
 
 
 def warn(text: str) -> None:
@@ -189,7 +189,7 @@ def _agent(ctx: Context, args: argparse.Namespace) -> int:
     namespace = os.environ.get("KVC_K8S_NAMESPACE", DEFAULT_NAMESPACE)
     _check_copy_kernel(modules_dir, kernel)
     stop = _stop_signal()
-    with instance_lock(ctx.layout.lock_dir, instance.name):
+    with images_locked(ctx.layout, instance.name):
         replaced = _replaced_modules(ctx, instance, kernel, modules_dir)
         if replaced:
             say(f"{instance.name} {instance.software_version}: replacing what is loaded: {'; '.join(replaced)}")

@@ -385,8 +385,7 @@ def extract(
         raise StateError(
             f"image {image} does not exist", hint=f"run 'kvc build {instance.name} --kernel {kernel_release}' first"
         )
-    remember_image(layout, instance.name, kernel_release, info)
-    return _extract(
+    manifest = _extract(
         layout,
         instance,
         kernel_release,
@@ -394,6 +393,11 @@ def extract(
         lambda: runtime.open_image(image),
         force=force,
     )
+    # Only after the extraction: a failed one leaves kvc's state as it was. A record that cannot be
+    # written costs the next load a question to the runtime (one it would not trust names another id).
+    with contextlib.suppress(OSError):
+        remember_image(layout, instance.name, kernel_release, info)
+    return manifest
 
 
 def recorded_extraction(

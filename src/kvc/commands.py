@@ -119,6 +119,8 @@ class Context:
         runtime, then recorded (:mod:`kvc.imagerecord`)."""
         if instance.name not in self._images:
             recorded = None if self.refresh_images else recorded_images(self.layout, instance.name)
+            if recorded is not None and self.kernel.release() not in recorded:
+                recorded = None  # recorded under another running kernel: ask about this one too
             self._images[instance.name] = recorded or remember_images(
                 self.layout, instance.name, functools.partial(self._ask_images, instance)
             )

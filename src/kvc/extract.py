@@ -405,10 +405,12 @@ def recorded_extraction(
 ) -> Optional[Manifest]:
     """The current extraction when kvc's record says ``image`` still names the image it came from
     (:mod:`kvc.imagerecord`), files intact; else None. The boot path's load then starts no
-    container runtime."""
+    container runtime. What an interrupted extraction left is undone first, as an extraction
+    does (the caller holds the instance lock)."""
     record = recorded_image(layout, instance.name, kernel_release)
     if record is None or not record.has_name(image):
         return None
+    _recover(layout.kernel_state(instance.name, kernel_release))
     manifest = read_manifest(layout, instance.name, kernel_release)
     return manifest if is_current(manifest, instance, record.id) else None
 

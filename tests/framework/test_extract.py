@@ -316,7 +316,11 @@ def test_the_record_of_the_tag_lets_a_load_skip_the_runtime(tmp_path: Path, fake
     recorded = recorded_image(layout, "demo", KVER)
     assert recorded is not None and (recorded.id, recorded.names, recorded.labels) == ("a" * 64, NAMES, LABELS)
     fake.clear()
+    # What a killed extraction left goes, as an extraction would remove it.
+    leftover = Path(layout.instance_state("demo"), f".{KVER}.new-killed")
+    leftover.mkdir()
     assert recorded_extraction(layout, config, KVER, IMAGE) == first
+    assert not leftover.exists()
     assert recorded_extraction(layout, config, KVER, "demo-2.0:" + KVER) is None
     assert recorded_extraction(layout, instance(tmp_path, "demo-core"), KVER, IMAGE) is None
     assert fake.calls() == []

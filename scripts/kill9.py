@@ -30,6 +30,12 @@ load         ``kvc load NAME`` from unloaded modules, direct and tree delivery (
 sign         ``kvc sign NAME`` (the image's modules signed into a new image under the same tag)
 ============ ==================================================================================
 
+A kill can also land in podman's own image write (``podman build`` under kvc's build and sign):
+podman 4.3 then leaves its storage with a damaged image, and every listing fails until it is
+removed. The run checks that kvc stops with one error line naming the image and the repair
+(``podman rmi -f ID``), carries the repair out as a user would, and then checks the recovery as
+above; such runs are counted apart.
+
 Prints per command: runs, killed mid-way, recovered, inconsistencies (with what they were).
 Exit status 1 when any run was inconsistent or did not recover. Needs root, podman, the simple-kmod
 example's image (built when missing) and Debian's kernel package (tests/support/debian_kernel.py).
@@ -41,6 +47,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -72,6 +79,7 @@ class Tally:
     recovered: int = 0
     inconsistent: int = 0
     finished: int = 0  # recoveries that found the killed run's work done (a removal: nothing left)
+    damaged: int = 0  # kills that left podman's storage with a damaged image (podman killed mid-write)
     problems: Counter[str] = field(default_factory=Counter)
 
 
@@ -392,6 +400,13 @@ def calibrate(fixture: Fixture, commands: tuple[str, ...], say: Callable[[str], 
         say(f"  {command}: {fixture.durations[command]:.2f} s unkilled")
 
 
+def damaged_image(host: Host) -> str:
+    """The id of an image podman's storage holds damaged (a listing fails naming it), or ""."""
+    listing = host.podman("images", "-q", check=False)
+    found = re.search(r'for image with ID "([0-9a-f]{64})" \(consider removing', listing.stderr)
+    return found.group(1) if listing.returncode != 0 and found else ""
+
+
 def run_one(fixture: Fixture, command: str, variant: int, rng: random.Random, tally: Tally, log_dir: Path) -> list[str]:
     from support.faulthost import host_digest
 
@@ -414,6 +429,15 @@ def run_one(fixture: Fixture, command: str, variant: int, rng: random.Random, ta
         problems.append(f"the unkilled run exited {process.returncode}: {output.strip()[-300:]}")
     if "Traceback" in output:
         problems.append("traceback in the killed run")
+    damaged = damaged_image(host)
+    if damaged:
+        # podman 4.3's own write was killed half-way: every listing fails until the image goes. kvc
+        # must say so in one line with the repair, which is then carried out as a user would.
+        tally.damaged += 1
+        refused = host.kvc(*scenario.recovery)
+        if refused.returncode == 0 or f"rmi -f {damaged}" not in refused.stderr or "Traceback" in refused.stderr:
+            problems.append(f"with a damaged image, kvc exited {refused.returncode}: {refused.stderr.strip()[-300:]}")
+        host.podman("rmi", "-f", damaged)
     recovery = host.kvc(*scenario.recovery)
     finished = bool(scenario.finished) and recovery.returncode == 6 and scenario.finished in recovery.stderr
     recovered = (recovery.returncode == 0 or finished) and "Traceback" not in recovery.stderr
@@ -429,7 +453,10 @@ def run_one(fixture: Fixture, command: str, variant: int, rng: random.Random, ta
         tally.problems.update(
             problem.split(":", 1)[0] if problem.startswith("host file") else problem[:160] for problem in problems
         )
-    return [f"killed after {delay:.2f} s" if killed else f"finished within {delay:.2f} s", *problems]
+    what = f"killed after {delay:.2f} s" if killed else f"finished within {delay:.2f} s"
+    if damaged:
+        what += f"; podman's storage damaged (image {damaged[:12]}), repaired as kvc's hint says"
+    return [what, *problems]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -471,7 +498,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             order += cycle
         for index, command in enumerate(order[: args.runs]):
             lines = run_one(fixture, command, index // len(commands), rng, tallies[command], work)
-            if args.verbose or len(lines) > 1:
+            if args.verbose or len(lines) > 1 or "damaged" in lines[0]:
                 say(f"run {index + 1} {command}: " + "; ".join(lines))
     finally:
         if fixture is not None:
@@ -503,6 +530,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"  {command}: {tally.finished} recoveries found the killed run's work done "
                 "(a removal: 'has no delivery', exit 6, the tree pristine)"
             )
+        if tally.damaged:
+            say(
+                f"  {command}: {tally.damaged} kills left podman's storage with a damaged image (podman killed "
+                "mid-write); kvc named it and the repair ('podman rmi -f ID'), and recovered after it"
+            )
         for problem, count in tally.problems.most_common():
             say(f"  {command}: {count} x {problem}")
     if args.json:
@@ -518,6 +550,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "killed": t.killed,
                             "recovered": t.recovered,
                             "inconsistent": t.inconsistent,
+                            "podman_damaged": t.damaged,
                         }
                         for c, t in tallies.items()
                     },

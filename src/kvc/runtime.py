@@ -158,8 +158,18 @@ def _is_not_found(output: str) -> bool:
     return any(marker in low for marker in _NOT_FOUND)
 
 
+# containers/storage, when an image lost a part (its writer was killed half-way): every listing fails.
+_DAMAGED_IMAGE = re.compile(r'for image with ID "([0-9a-f]{64})" \(consider removing the image')
+
+
 def hint_for(program: str, output: str) -> str:
     """A hint for a failed runtime command, from its output ("" when nothing specific applies)."""
+    damaged = _DAMAGED_IMAGE.search(output)
+    if damaged:
+        return (
+            f"{program}'s storage holds a damaged image {damaged.group(1)[:12]} (a write of it was killed "
+            f"half-way): remove it with '{program} rmi -f {damaged.group(1)}', then run the command again"
+        )
     low = output.lower()
     if (
         "cannot connect" in low

@@ -118,6 +118,14 @@ def test_hints_from_runtime_output() -> None:
         "Error: initializing source docker://x: pinging container registry "
         "registry.example.com: dial tcp: lookup registry.example.com: no such host",
     )
+    damaged = (
+        'Error: locating item named "manifest" for image with ID "' + "c" * 64 + '" (consider removing the image '
+        "to resolve the issue): file does not exist"
+    )
+    assert hint_for("podman", damaged) == (
+        "podman's storage holds a damaged image cccccccccccc (a write of it was killed half-way): "
+        f"remove it with 'podman rmi -f {'c' * 64}', then run the command again"
+    )
     assert hint_for("podman", "something else") == ""
 
 

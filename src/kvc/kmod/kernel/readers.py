@@ -4,8 +4,7 @@ exports a kernel build lists in ``Module.symvers`` and ``System.map``."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from kvc.kmod.kernel.protocol import LoadedModule, ModuleState
 
@@ -82,9 +81,10 @@ def read_module_state(sys_module: str, name: str) -> Optional[ModuleState]:
     )
 
 
-@dataclass(frozen=True)
-class Export:
-    """One exported symbol: CRC (None when the kernel has none for it), GPL-only, namespace."""
+class Export(NamedTuple):
+    """One exported symbol: CRC (None when the kernel has none for it), GPL-only, namespace. A
+    named tuple, not a dataclass: a kernel's Module.symvers makes some 25,000 of them, and the
+    load path reads it at every boot."""
 
     crc: Optional[int]
     gpl: bool = False

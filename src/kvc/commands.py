@@ -61,6 +61,7 @@ from kvc.tree import (
     read_records,
     tree_load_plan,
 )
+from kvc.verifyrecord import VerifyStatus, published_verification, verification_of
 
 if TYPE_CHECKING:
     # Imported where used: 'kvc load' and 'kvc status' (the boot path) never import the registry
@@ -668,9 +669,6 @@ def status_kernels(ctx: Context, instance: InstanceConfig, requested: Optional[l
 def instance_status(
     ctx: Context, instance: InstanceConfig, kernels: list[str], *, remote: bool = False
 ) -> dict[str, Any]:
-    from kvc.distribute import published_verification
-    from kvc.kernelupdate import verification_of
-
     loaded = {m.name: m for m in ctx.kernel.loaded_modules()}
     entries = []
     for kernel in kernels:
@@ -712,8 +710,6 @@ def instance_status(
 
 
 def _verification_text(verification: Optional[dict[str, Any]]) -> str:
-    from kvc.verify.run import VerifyStatus
-
     if verification is None:
         return "not verified"
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(verification["at"] or 0)))

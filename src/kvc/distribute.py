@@ -54,11 +54,11 @@ from kvc.kmmimage import LABEL_FIRMWARE_PATH, add_kmm_layout
 from kvc.layout import Layout
 from kvc.registry import Reference, RegistryClient, RegistryError, RegistryOptions, RemoteImage, transport_args
 from kvc.runtime import ContainerRuntime, ImageInfo
+from kvc.verifyrecord import LABEL_VERIFICATION, published_verification, read_verify_record
 
 LABEL_MODULE_INFO = "kvc.modules.info"
 LABEL_TOOL_VERSION = "kvc.tool-version"
 LABEL_SIGNER_KEY = "kvc.signer-key-id"
-LABEL_VERIFICATION = "kvc.verification"
 LABEL_OCI_TITLE = "org.opencontainers.image.title"
 LABEL_OCI_VERSION = "org.opencontainers.image.version"
 PUBLISH_SUFFIX = "-kvc-publish"
@@ -137,8 +137,6 @@ def verification_of(
     layout: Layout, instance: InstanceConfig, kernel_release: str, image_id: str
 ) -> Optional[dict[str, Any]]:
     """The last ``kvc verify`` of exactly this image for the kernel: status, when, kernel."""
-    from kvc.verify.run import read_verify_record
-
     record = read_verify_record(layout, instance.name, kernel_release)
     if record is None or record.get("image_id") != image_id:
         return None
@@ -415,12 +413,6 @@ def _json_label(labels: Mapping[str, str], key: str) -> Any:
         return json.loads(labels[key]) if labels.get(key) else None
     except ValueError:
         return None
-
-
-def published_verification(labels: Mapping[str, str]) -> Optional[dict[str, Any]]:
-    """The verification a pushed or exported image carries (its ``kvc.verification`` label), if any."""
-    value = _json_label(labels, LABEL_VERIFICATION)
-    return value if isinstance(value, dict) else None
 
 
 def describe_remote(image: RemoteImage) -> dict[str, Any]:

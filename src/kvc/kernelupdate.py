@@ -29,9 +29,9 @@ from kvc.images import image_tag
 from kvc.layout import Layout
 from kvc.nextboot import EnabledInstance, NextKernel, enabled_instances
 from kvc.runtime import ContainerRuntime
+from kvc.verifyrecord import VerifyStatus, verification_of
 
 GATE_SCHEMA = 1
-VERIFIED = "verified"  # kvc.verify.run.VerifyStatus.VERIFIED's value, as the records hold it
 
 
 class Host(Protocol):
@@ -97,7 +97,11 @@ class Readiness:
         assert self.image is not None
         verified = ""
         if self.verification is not None and self.verification["current"]:
-            verified = f", verified {_when(self.verification)}" if self.verification["status"] == VERIFIED else ""
+            verified = (
+                f", verified {_when(self.verification)}"
+                if self.verification["status"] == VerifyStatus.VERIFIED.value
+                else ""
+            )
         return [f"  {self.name}: ready (image {self.image['tag']} {str(self.image['id'])[:12]} up to date{verified})"]
 
 
@@ -138,21 +142,6 @@ class GateReport:
         )
 
 
-def verification_of(layout: Layout, name: str, kernel: str, image_id: Optional[str]) -> Optional[dict[str, Any]]:
-    """The last ``kvc verify`` of the instance on the kernel, and whether it was of ``image_id``."""
-    from kvc.verify.run import read_verify_record
-
-    record = read_verify_record(layout, name, kernel)
-    if record is None:
-        return None
-    return {
-        "status": record["status"],
-        "at": record.get("at"),
-        "image_id": record.get("image_id"),
-        "current": image_id is not None and record.get("image_id") == image_id,
-    }
-
-
 def _verification_problem(
     name: str, kernel: str, current: bool, verification: Optional[Mapping[str, Any]]
 ) -> Optional[Problem]:
@@ -170,7 +159,7 @@ def _verification_problem(
             f"({str(verification['image_id'])[:12]}) {required}",
             verify,
         )
-    if verification["status"] != VERIFIED:
+    if verification["status"] != VerifyStatus.VERIFIED.value:
         return Problem(
             f"the last verification on {kernel} ended {verification['status']} {required}",
             f"see the report 'kvc status {name} --kernel {kernel}' names; after a fix, {verify}",
@@ -277,7 +266,7 @@ def _passed_before(host: Host, instance: InstanceConfig, kernel: str, image_id: 
         info = host.runtime.inspect(image_tag(instance, kernel))
         image_id = info.id if info is not None else ""
     done = verification_of(host.layout, instance.name, kernel, image_id or None)
-    return _when(done) if done is not None and done["current"] and done["status"] == VERIFIED else ""
+    return _when(done) if done is not None and done["current"] and done["status"] == VerifyStatus.VERIFIED.value else ""
 
 
 def _prepare(host: Host, enabled: EnabledInstance, kernel: str) -> Preparation:
@@ -321,7 +310,7 @@ def _verify(host: Host, instance: InstanceConfig, kernel: str, say: Callable[[st
     """``kvc verify NAME --kernel KVER`` with its defaults; a verification that does not pass
     raises an error with the report's exit code (the report is printed either way)."""
     from kvc.verify.kernelfiles import default_sources, find_kernel
-    from kvc.verify.run import VerifyOptions, VerifyStatus, execute_verify, format_report, plan_verify
+    from kvc.verify.run import VerifyOptions, execute_verify, format_report, plan_verify
 
     layout = host.layout
     sources = default_sources(kernel_dir=None, host_root=layout.host.root, cache_dir=layout.cache_dir)

@@ -55,8 +55,8 @@ from kvc.verify.initramfs import CpioEntry, boot_modules, build_initramfs, find_
 from kvc.verify.kernelfiles import KernelFiles
 from kvc.verify.qemu import GuestMachine, Share, choose_accel, run_guest
 from kvc.verify.secureboot import Certificate, boot_copy, enrolled_vars, find_firmware, read_certificate
+from kvc.verifyrecord import REPORT_SCHEMA, VerifyStatus
 
-REPORT_SCHEMA = 1
 STORY_LINES = 40  # the agent's last steps a crash report shows
 # devkmsg=on: the agent's story lines in the kernel log are never rate-limited away. The rest is
 # boot time under emulation: cryptomgr.notests skips the crypto self-tests (0.5-1 s),
@@ -77,46 +77,6 @@ GUEST_REQUESTS = "/kvc/requests"
 TOOL_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
-class VerifyStatus(enum.Enum):
-    """A verification's outcome; the value is what the JSON report and the record say."""
-
-    VERIFIED = "verified"
-    LOAD_REFUSED = "load-refused"
-    UNLOAD_FAILED = "unload-failed"
-    SMOKE_FAILED = "smoke-failed"
-    CRASHED = "crashed"
-    TIMED_OUT = "timed-out"
-    GUEST_FAILED = "guest-failed"
-
-    @property
-    def exit_code(self) -> ExitCode:
-        return _STATUS_EXIT[self]
-
-    @property
-    def summary(self) -> str:
-        """The report's last line, for people."""
-        return _STATUS_SUMMARY[self]
-
-
-_STATUS_EXIT = {
-    VerifyStatus.VERIFIED: ExitCode.SUCCESS,
-    VerifyStatus.LOAD_REFUSED: ExitCode.REFUSED,
-    VerifyStatus.UNLOAD_FAILED: ExitCode.REFUSED,
-    VerifyStatus.SMOKE_FAILED: ExitCode.SMOKE_FAILED,
-    VerifyStatus.CRASHED: ExitCode.GUEST_FAILED,
-    VerifyStatus.TIMED_OUT: ExitCode.GUEST_FAILED,
-    VerifyStatus.GUEST_FAILED: ExitCode.GUEST_FAILED,
-}
-_STATUS_VALUES = frozenset(status.value for status in VerifyStatus)
-_STATUS_SUMMARY = {
-    VerifyStatus.VERIFIED: "VERIFIED",
-    VerifyStatus.LOAD_REFUSED: "FAILED: the kernel refused a module",
-    VerifyStatus.UNLOAD_FAILED: "FAILED: a module did not unload",
-    VerifyStatus.SMOKE_FAILED: "FAILED: the smoke test failed",
-    VerifyStatus.CRASHED: "FAILED: the guest kernel crashed",
-    VerifyStatus.TIMED_OUT: "FAILED: the guest timed out",
-    VerifyStatus.GUEST_FAILED: "FAILED: kvc's guest setup or agent failed (see its lines above)",
-}
 _GUEST_MARK = re.compile(r"^kvc-guest: (.+) \(at ([0-9]+\.[0-9]+) s\)$", re.MULTILINE)
 GUEST_FAILURE = re.compile(r"^kvc-guest: (FAILED: .*|agent exited with status [1-9].*)$", re.MULTILINE)
 _CRASH_LINE = re.compile(
@@ -412,18 +372,6 @@ def execute_verify(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout) 
         },
     )
     return report
-
-
-def read_verify_record(layout: Layout, name: str, kernel_release: str) -> Optional[dict[str, Any]]:
-    """The last verification's outcome, or None when there was none (or it is unreadable)."""
-    try:
-        with open(layout.verify_record(name, kernel_release), encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or data.get("status") not in _STATUS_VALUES:
-        return None
-    return data
 
 
 def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work: str, started: float) -> VerifyReport:

@@ -234,6 +234,13 @@ class BuildPlan:
         return "\n".join(lines)
 
 
+def leftover_candidate(instance: InstanceConfig, kernel_release: str, existing: Optional[ImageInfo]) -> str:
+    """The candidate name an interrupted build or pull left on the tag's image ("" when none): an
+    up-to-date plan takes it off."""
+    candidate = candidate_tag(instance, kernel_release)
+    return candidate if existing is not None and existing.has_name(candidate) else ""
+
+
 def plan_build(
     instance: InstanceConfig,
     kernel_release: str,
@@ -250,7 +257,7 @@ def plan_build(
     existing = runtime.inspect(tag)
     existing_id = existing.id if existing else ""
     candidate = candidate_tag(instance, kernel_release)
-    stale = candidate if existing is not None and existing.has_name(candidate) else ""
+    stale = leftover_candidate(instance, kernel_release, existing)
     if instance.image:
         source = prebuilt_ref(instance.image, kernel_release)
         if force:

@@ -34,6 +34,7 @@ from kvc.build import (
     FoundModule,
     context_digest,
     context_is_local,
+    leftover_candidate,
     plan_build,
     verify_image,
 )
@@ -329,7 +330,14 @@ def _registry_plan(
     if existing is not None and existing.id == remote_id and not force:
         reason = f"the same image as {choice.ref}; --force pulls again"
         return BuildPlan(
-            instance, kernel_release, tag, dict(existing.labels), ACTION_UP_TO_DATE, reason, existing_id=existing.id
+            instance,
+            kernel_release,
+            tag,
+            dict(existing.labels),
+            ACTION_UP_TO_DATE,
+            reason,
+            existing_id=existing.id,
+            stale_candidate=leftover_candidate(instance, kernel_release, existing),
         )
     reason = f"the registry has it as {choice.ref}" + (" (--force)" if force else "")
     return pull_plan(instance, kernel_release, choice, options, reason, existing.id if existing else "")
@@ -395,6 +403,7 @@ def plan_obtain(
             ACTION_UP_TO_DATE,
             f"kept the local image: {choice.problem}",
             existing_id=existing.id,
+            stale_candidate=leftover_candidate(instance, kernel_release, existing),
         )
     if instance.registry_fallback == "build" and local is not None:
         return replace(local, reason=f"{choice.problem}; building ({local.reason})")

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from kvc.archive import _unpack, read_layout
 from kvc.config import GlobalConfig, InstanceConfig, parse_assignments
-from kvc.distribute import plan_obtain, remote_problems
+from kvc.distribute import RemoteChoice, _registry_plan, plan_obtain, remote_problems
 from kvc.errors import ConfigError, StateError
-from kvc.images import decode_tag, encode_tag, registry_tags
+from kvc.images import candidate_tag, decode_tag, encode_tag, image_tag, registry_tags
 from kvc.registry import Reference, RegistryClient, RegistryOptions, RemoteImage
-from kvc.runtime import PodmanRuntime
+from kvc.runtime import ImageInfo, PodmanRuntime
 from support import fakeprog
 from support.fakeruntime import KVER, FakeRuntime, fake
 
@@ -242,3 +242,18 @@ def test_a_registry_image_must_be_the_instances_for_exactly_this_kernel(tmp_path
     assert remote_problems(built_here, KVER, remote({**good, "kvc.digest": "other"})) == [
         "it was built from other inputs than this host's build context (kvc.digest differs)"
     ]
+
+
+def test_a_candidate_left_by_a_killed_pull_comes_off_when_the_image_is_up_to_date(tmp_path: Path) -> None:
+    """A pull killed after its tag move but before the candidate's removal leaves both names on the
+    image; the next (up-to-date) plan takes the candidate off, as a build's does."""
+    conf = instance("KVC_REGISTRY=reg.example/x\n", context=False, tmp_path=tmp_path)
+    tag, candidate = image_tag(conf, KVER), candidate_tag(conf, KVER)
+    image = remote({"name": "x", "kvc.kernel": KVER, "kvc.version": "1.0+git5"})
+    choice = RemoteChoice(Reference.parse("reg.example/x:1"), image)
+    both = ImageInfo("2" * 64, (f"localhost/{tag}", f"localhost/{candidate}"))
+    plan = _registry_plan(conf, KVER, choice, both, RegistryOptions(), False)
+    assert plan is not None and plan.action == "up-to-date" and plan.stale_candidate == candidate
+    alone = ImageInfo("2" * 64, (f"localhost/{tag}",))
+    plan = _registry_plan(conf, KVER, choice, alone, RegistryOptions(), False)
+    assert plan is not None and plan.stale_candidate == ""

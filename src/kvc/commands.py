@@ -33,12 +33,12 @@ from kvc.extract import (
     Manifest,
     copy_instance_modules,
     directory_files,
-    extract,
     extract_from_directory,
+    extract_image,
     read_manifest,
     recorded_extraction,
 )
-from kvc.imagerecord import images_locked, recorded_images, remember_images
+from kvc.imagerecord import images_locked, recorded_images, remember_image, remember_images
 from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
 from kvc.keys import ENROLL_STEPS, HostTrust, generate, host_trust, module_verdicts
 from kvc.kmod.config import load_config
@@ -228,13 +228,23 @@ class _Plan(Protocol):
 _P = TypeVar("_P", bound=_Plan)
 
 
-def _run_plans(ctx: Context, name: str, plans: Sequence[_P], dry_run: bool, execute: Callable[[_P], object]) -> int:
-    """Print every plan; unless a dry run, execute them in turn under the instance's lock."""
+def _run_plans(
+    ctx: Context,
+    name: str,
+    plans: Sequence[_P],
+    dry_run: bool,
+    execute: Callable[[_P], object],
+    *,
+    images_change: bool = False,
+) -> int:
+    """Print every plan; unless a dry run, execute them in turn under the instance's locks (and
+    with kvc's record of its images dropped when ``images_change``)."""
     for plan in plans:
         say(plan.describe())
     if dry_run:
         return 0
-    with images_locked(ctx.layout, name):
+    held = images_locked(ctx.layout, name) if images_change else instance_lock(ctx.layout.lock_dir, name)
+    with held:
         for plan in plans:
             execute(plan)
     return 0
@@ -253,6 +263,7 @@ def cmd_sign(ctx: Context, args: argparse.Namespace) -> int:
         plans,
         args.dry_run,
         lambda plan: None if plan.up_to_date else say(execute_sign(plan, ctx.runtime)),
+        images_change=True,
     )
 
 
@@ -329,7 +340,7 @@ def cmd_export(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     from kvc.archive import export_images
 
-    with images_locked(ctx.layout, instance.name):
+    with instance_lock(ctx.layout.lock_dir, instance.name):
         images = export_images(ctx.runtime, ctx.layout, [(instance, k) for k in kernels], output, say)
     for image in images:
         say(image.summary)
@@ -430,16 +441,19 @@ def _load(
             kernel_dir=kernel_dir,
         )
         return 0
+    inspected: Optional[ImageInfo] = None
     skipped = "" if modules_dir else recorded_skip(ctx.layout, instance, kernel)
     if skipped and not ctx.runtime.image_exists(image_tag(instance, kernel)):
         say(f"{instance.name}: nothing to load on {kernel}: its build skipped this kernel ({skipped})")
         return 0
+    tag = image_tag(instance, kernel)
+    recorded = None if force or modules_dir else recorded_extraction(ctx.layout, instance, kernel, tag)
     if modules_dir:
         manifest = extract_from_directory(ctx.layout, instance, kernel, modules_dir, force=force)
+    elif recorded is not None:
+        manifest = recorded
     else:
-        tag = image_tag(instance, kernel)
-        recorded = None if force else recorded_extraction(ctx.layout, instance, kernel, tag)
-        manifest = recorded or extract(ctx.layout, instance, kernel, ctx.runtime, tag, force=force)
+        manifest, inspected = extract_image(ctx.layout, instance, kernel, ctx.runtime, tag, force=force)
     delivered = plan_deliver_extracted(instance, kernel, ctx.layout, manifest, delivery=mode)
     if not delivered.empty:
         say(delivered.describe())
@@ -451,6 +465,11 @@ def _load(
     say(plan.describe())
     loaded = execute_load(plan, ctx.kernel, os.path.join(manifest.directory, LOADED_RECORD))
     say(f"loaded {', '.join(loaded) or 'nothing new'}")
+    if inspected is not None:
+        # Only after a load that worked: a failed one leaves kvc's state as it was. A record that
+        # cannot be written costs the next load a question to the runtime.
+        with contextlib.suppress(OSError):
+            remember_image(ctx.layout, instance.name, kernel, inspected)
     return 0
 
 
@@ -784,7 +803,7 @@ def cmd_install(ctx: Context, args: argparse.Namespace) -> int:
     say(plan.describe())
     if args.dry_run:
         return 0
-    with images_locked(ctx.layout, plan.name):
+    with instance_lock(ctx.layout.lock_dir, plan.name):
         execute_install(plan, ctx.layout, say)
     systemd.Systemctl(ctx.layout).run(plan.systemctl)
     return 0
@@ -800,7 +819,7 @@ def cmd_uninstall(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     # Before the lock: stopping the unit runs its ExecStop, an unload that takes the lock itself.
     systemd.Systemctl(ctx.layout).run(plan.systemctl)
-    with images_locked(ctx.layout, plan.name):
+    with instance_lock(ctx.layout.lock_dir, plan.name):
         for delivery in deliveries:
             execute_remove(delivery, ctx.layout, say)
         execute_uninstall(plan, say)

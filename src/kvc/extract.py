@@ -34,14 +34,14 @@ from typing import Callable, ContextManager, Mapping, Optional
 from kvc.atomic import fsync_path
 from kvc.config import InstanceConfig
 from kvc.errors import BuildError, CommandError, StateError
-from kvc.imagerecord import recorded_image, remember_image
+from kvc.imagerecord import recorded_image
 from kvc.images import LABEL_DIGEST, match_modules
 from kvc.kmod.digest import file_sha256
 from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.layout import Layout
-from kvc.runtime import ContainerRuntime, DirectoryFiles, ImageFiles
+from kvc.runtime import ContainerRuntime, DirectoryFiles, ImageFiles, ImageInfo
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -380,6 +380,19 @@ def extract(
     """Extract the instance's modules from ``image`` into ``layout.kernel_state(NAME, KVER)`` and
     return the manifest; reuse the current extraction when it came from the same image id (unless
     ``force``). The caller holds the instance lock."""
+    return extract_image(layout, instance, kernel_release, runtime, image, force=force)[0]
+
+
+def extract_image(
+    layout: Layout,
+    instance: InstanceConfig,
+    kernel_release: str,
+    runtime: ContainerRuntime,
+    image: str,
+    *,
+    force: bool = False,
+) -> tuple[Manifest, ImageInfo]:
+    """:func:`extract`, and what the runtime said of ``image`` (for kvc's record of it)."""
     info = runtime.inspect(image)
     if info is None:
         raise StateError(
@@ -393,11 +406,7 @@ def extract(
         lambda: runtime.open_image(image),
         force=force,
     )
-    # Only after the extraction: a failed one leaves kvc's state as it was. A record that cannot be
-    # written costs the next load a question to the runtime (one it would not trust names another id).
-    with contextlib.suppress(OSError):
-        remember_image(layout, instance.name, kernel_release, info)
-    return manifest
+    return manifest, info
 
 
 def recorded_extraction(

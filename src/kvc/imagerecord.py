@@ -3,15 +3,15 @@ path (``kvc load`` of an instance whose extraction is current) and ``kvc status`
 runtime.
 
 ``/var/lib/kvc/NAME/images.json`` maps kernel releases to what the runtime reported for the
-instance's tag of that kernel (id, names, labels), or to null when the tag named no image. An
-extraction records its kernel's tag; ``kvc status`` records the runtime's whole answer for the
-instance (every kernel it has images for, and the running one) and marks the record complete, which
-lets the next status answer from it. Every kvc command that may move, replace or remove one of the
-instance's images (build, pull, sign, import, kernel-added, reload, install...) takes the instance's
-image lock exclusively through :func:`images_locked`, which drops the record first: after any such
-command, even one killed half-way, the next load or status asks the runtime again. A tag moved by
-hand outside kvc (``podman tag``, ``podman rmi``) is not seen while the record stands: ``kvc load
---force`` and ``kvc status --refresh`` ask the runtime.
+instance's tag of that kernel (id, names, labels), or to null when the tag named no image. A load
+that extracted from the tag records it once the modules are loaded; ``kvc status`` records the
+runtime's whole answer for the instance (every kernel it has images for, and the running one) and
+marks the record complete, which lets the next status answer from it. Every kvc command that may
+move, replace or remove one of the instance's images (build, sign, push, pull, import, reload,
+kernel-added) takes the instance's image lock exclusively through :func:`images_locked`, which
+drops the record first: after any such command, even one killed half-way, the next load or status
+asks the runtime again. A tag moved by hand outside kvc (``podman tag``, ``podman rmi``) is not seen
+while the record stands: ``kvc load --force`` and ``kvc status --refresh`` ask the runtime.
 """
 
 from __future__ import annotations

@@ -19,13 +19,14 @@ from kvc.errors import CommandError, StateError
 from kvc.extract import (
     MANIFEST,
     extract,
+    extract_image,
     is_current,
     read_manifest,
     recorded_extraction,
     replace_dir,
     verify_extraction,
 )
-from kvc.imagerecord import images_locked, record_path, recorded_image
+from kvc.imagerecord import images_locked, record_path, recorded_image, remember_image
 from kvc.kmod.paths import HostPaths
 from kvc.layout import Layout
 from kvc.runtime import PodmanRuntime
@@ -307,14 +308,17 @@ NAMES = (f"localhost/{IMAGE}",)
 
 
 def test_the_record_of_the_tag_lets_a_load_skip_the_runtime(tmp_path: Path, fake: FakeRuntime, layout: Layout) -> None:
-    """An extraction records the tag's image id; while the record stands and the files are intact,
-    the extraction is current without asking the runtime. A command that may change the images
-    drops the record (images_locked), and a tag moved by hand is seen only by an extraction."""
+    """A load records what the runtime said of the tag it extracted from; while the record stands
+    and the files are intact, the extraction is current without asking the runtime. A command that
+    may change the images drops the record (images_locked), and a tag moved by hand is seen only
+    by an extraction."""
     serve(fake, "a" * 64)
     config = instance(tmp_path)
-    first = extract(layout, config, KVER, PodmanRuntime(), IMAGE)
-    recorded = recorded_image(layout, "demo", KVER)
-    assert recorded is not None and (recorded.id, recorded.names, recorded.labels) == ("a" * 64, NAMES, LABELS)
+    first, info = extract_image(layout, config, KVER, PodmanRuntime(), IMAGE)
+    assert (info.id, info.names, info.labels) == ("a" * 64, NAMES, LABELS)
+    assert recorded_extraction(layout, config, KVER, IMAGE) is None  # nothing recorded yet
+    remember_image(layout, "demo", KVER, info)
+    assert recorded_image(layout, "demo", KVER) == info
     fake.clear()
     # What a killed extraction left goes, as an extraction would remove it.
     leftover = Path(layout.instance_state("demo"), f".{KVER}.new-killed")
@@ -327,15 +331,16 @@ def test_the_record_of_the_tag_lets_a_load_skip_the_runtime(tmp_path: Path, fake
     # A tag moved by hand: the record still names the old image until kvc asks again.
     serve(fake, "b" * 64)
     assert recorded_extraction(layout, config, KVER, IMAGE) == first
-    assert extract(layout, config, KVER, PodmanRuntime(), IMAGE).image_id == "b" * 64
-    recorded = recorded_image(layout, "demo", KVER)
-    assert recorded is not None and recorded.id == "b" * 64
+    second, info = extract_image(layout, config, KVER, PodmanRuntime(), IMAGE)
+    assert second.image_id == "b" * 64
+    assert recorded_extraction(layout, config, KVER, IMAGE) is None  # the record names "a": not trusted
+    remember_image(layout, "demo", KVER, info)
     current = recorded_extraction(layout, config, KVER, IMAGE)
     assert current is not None and current.image_id == "b" * 64
     with images_locked(layout, "demo"):
         assert recorded_image(layout, "demo", KVER) is None
         assert recorded_extraction(layout, config, KVER, IMAGE) is None
-    extract(layout, config, KVER, PodmanRuntime(), IMAGE)
+    remember_image(layout, "demo", KVER, info)
     Path(layout.kernel_state("demo", KVER), "demo-core.ko").write_bytes(b"changed")
     assert recorded_extraction(layout, config, KVER, IMAGE) is None
 

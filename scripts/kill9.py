@@ -249,6 +249,9 @@ def restore_unsigned(host: Host, unsigned_id: str) -> None:
     others = sorted(i for i in ids if i.removeprefix("sha256:") != unsigned_id.removeprefix("sha256:"))
     if others:
         host.podman("rmi", "-f", *others, check=False)
+    # The tag moved by hand, outside kvc: as a user then does, have kvc ask podman again (it
+    # trusts its record of the images otherwise).
+    host.ok("status", host.name, "--refresh")
 
 
 # ---- scenarios ------------------------------------------------------------------------------------------

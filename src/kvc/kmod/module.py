@@ -5,8 +5,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import struct
 from functools import cached_property
+from itertools import repeat
+from operator import itemgetter
 from typing import NamedTuple, Optional, Union
 
 from kvc.kmod import compression
@@ -17,6 +20,9 @@ from kvc.kmod.signature import ModuleSignature, read_signature
 
 # A module file bigger than this is not a kernel module; refuse before reading it into memory.
 MAX_MODULE_FILE = 1024 * 1024 * 1024
+# Files up to this size are read whole; a bigger uncompressed one is mapped, since modinfo
+# touches only a few of its pages. Reading is cheaper than mapping and unmapping a small file.
+MAX_READ_WHOLE = 256 * 1024
 
 
 def is_module_filename(filename: str) -> bool:
@@ -28,17 +34,17 @@ class ModinfoEntry(NamedTuple):
     value: str
 
 
+_KEY_AND_VALUE = itemgetter(0, 2)
+
+
 def parse_modinfo(section: Optional[bytes]) -> tuple[ModinfoEntry, ...]:
     """A ``.modinfo`` section's ``key=value`` strings as kmod splits them (runs of NULs separate
     strings); a string without '=' is a key with an empty value."""
     if not section:
         return ()
-    entries = []
-    for text in decode(section).split("\0"):
-        if text:
-            key, _sep, value = text.partition("=")
-            entries.append(ModinfoEntry(key, value))
-    return tuple(entries)
+    # All at C level: NamedTuple's own __new__ is a Python call per entry.
+    pairs = map(_KEY_AND_VALUE, map(str.partition, filter(None, decode(section).split("\0")), repeat("=")))
+    return tuple(map(tuple.__new__, repeat(ModinfoEntry), pairs))
 
 
 class ModuleFile:
@@ -51,23 +57,22 @@ class ModuleFile:
 
     @classmethod
     def open(cls, path: str) -> ModuleFile:
+        fd = os.open(path, os.O_RDONLY)
         try:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size > MAX_MODULE_FILE:
-                    raise ModuleFormatError(
-                        path, f"file is {size} bytes, larger than any kernel module", errno=errno.EFBIG
-                    )
-                if size == 0:
-                    raw: Union[bytes, mmap.mmap] = b""
-                elif compression.detect(handle.read(8)) is None:
-                    # Uncompressed modules are mapped, not read: modinfo touches only a few pages.
-                    raw = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                else:
-                    handle.seek(0)
-                    raw = handle.read()
-        except IsADirectoryError:
-            raise ModuleFormatError(path, "is a directory", errno=errno.EISDIR) from None
+            status = os.fstat(fd)
+            size = status.st_size
+            if stat.S_ISDIR(status.st_mode):
+                raise ModuleFormatError(path, "is a directory", errno=errno.EISDIR)
+            if size > MAX_MODULE_FILE:
+                raise ModuleFormatError(path, f"file is {size} bytes, larger than any kernel module", errno=errno.EFBIG)
+            if size == 0:
+                raw: Union[bytes, mmap.mmap] = b""
+            elif size <= MAX_READ_WHOLE or compression.detect(os.pread(fd, 8, 0)) is not None:
+                raw = os.read(fd, size)
+            else:
+                raw = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
         return cls(path, raw)
 
     @property

@@ -23,9 +23,8 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, NoReturn, Optional, Sequence, TypeVar
 
 from kvc.kmod.atomic import remove_stale, temporary_prefix, write_file
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
@@ -94,14 +93,12 @@ class Log:
 # ---- configuration ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Search:
+class Search(NamedTuple):
     kind: str  # "path", "built-in" or "external"
     path: str = ""
 
 
-@dataclass(frozen=True)
-class DepmodConfig:
+class DepmodConfig(NamedTuple):
     """depmod.d, in the order depmod consults it: ``searches`` and ``overrides`` are kept the way
     kmod's prepend lists hold them (the last line of the last file first); ``externals`` in
     file order."""
@@ -142,13 +139,13 @@ def logical_lines(text: str) -> Iterator[tuple[int, str]]:
         yield number, pending
 
 
-@dataclass
 class _ConfigBuilder:
-    kernel_version: str
-    searches: list[Search] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)
-    externals: list[str] = field(default_factory=list)
-    excludes: list[str] = field(default_factory=list)
+    def __init__(self, kernel_version: str) -> None:
+        self.kernel_version = kernel_version
+        self.searches: list[Search] = []
+        self.overrides: list[str] = []
+        self.externals: list[str] = []
+        self.excludes: list[str] = []
 
     def parse(self, text: str, filename: str, log: Log) -> None:
         for number, whole in logical_lines(text):
@@ -236,8 +233,7 @@ def load_config(paths: Optional[Sequence[str]], kernel_version: str, log: Log) -
 # ---- options and modules ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DepmodOptions:
+class DepmodOptions(NamedTuple):
     kernel_version: str
     basedir: str = ""
     config_paths: Optional[tuple[str, ...]] = None
@@ -255,18 +251,20 @@ class DepmodOptions:
         return f"{self.basedir}/lib/modules/{self.kernel_version}"
 
 
-@dataclass(eq=False)
 class _Module:
-    name: str
-    path: str
-    relpath: Optional[str]
-    record: ModuleRecord = EMPTY_RECORD
-    sort_idx: int = 1
-    idx: int = 0
-    users: int = 0
-    deps: list[_Module] = field(default_factory=list)
-    dep_sort_idx: int = 0
-    visited: bool = False
+    __slots__ = ("dep_sort_idx", "deps", "idx", "name", "path", "record", "relpath", "sort_idx", "users", "visited")
+
+    def __init__(self, name: str, path: str, relpath: Optional[str]) -> None:
+        self.name = name
+        self.path = path
+        self.relpath = relpath
+        self.record: ModuleRecord = EMPTY_RECORD
+        self.sort_idx = 1
+        self.idx = 0
+        self.users = 0
+        self.deps: list[_Module] = []
+        self.dep_sort_idx = 0
+        self.visited = False
 
     @property
     def shown_path(self) -> str:
@@ -470,8 +468,7 @@ def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
 # ---- the computation -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DepmodResult:
+class DepmodResult(NamedTuple):
     """Outputs in kmod's order as (file name, bytes); text outputs only with ``-n``."""
 
     files: tuple[tuple[str, bytes], ...]
@@ -1055,7 +1052,7 @@ def run(options: DepmodOptions, log: Log, *, show: bool = False) -> DepmodResult
         raise DepmodError from None
     if options.print_unknown and options.symvers is None and options.system_map is None:
         log(WARNING, "-e needs -E or -F\n")
-        options = _replace_print_unknown(options)
+        options = options._replace(print_unknown=False)
         depmod.options = options
     config: Optional[DepmodConfig] = None
     config_digest = b""
@@ -1092,12 +1089,6 @@ def run(options: DepmodOptions, log: Log, *, show: bool = False) -> DepmodResult
     if cache is not None and key:
         cache.store_outputs(key, log.recorded or [], files, 0)
     return DepmodResult(tuple(files), 0)
-
-
-def _replace_print_unknown(options: DepmodOptions) -> DepmodOptions:
-    from dataclasses import replace
-
-    return replace(options, print_unknown=False)
 
 
 def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log, *, strict: bool = False) -> bool:

@@ -29,7 +29,6 @@ from typing import Callable, Iterable, Iterator, NamedTuple, NoReturn, Optional,
 from kvc.kmod.atomic import remove_stale, temporary_prefix, write_file
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.digest import file_sha256
-from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
 from kvc.kmod.names import modname_normalize
 from kvc.kmod.parallel import Forked, worker_count
 
@@ -272,7 +271,8 @@ class _Module:
 
 
 def _is_module_file(name: str) -> bool:
-    return any(len(name) > len(suffix) and name.endswith(suffix) for suffix in MODULE_SUFFIXES)
+    """A name ending in a module suffix, longer than the suffix."""
+    return name.endswith(MODULE_SUFFIXES) and name not in MODULE_SUFFIXES
 
 
 class _Discovery:
@@ -295,10 +295,12 @@ class _Discovery:
         except OSError as exc:
             self.log(ERROR, f"could not open directory {top}: {os.strerror(exc.errno or errno.EIO)}\n")
             return False
-        self._walk(top + "/", entries)
+        self._walk(top + "/", self._relative(top + "/"), entries)
         return True
 
-    def _walk(self, prefix: str, entries: Iterable[os.DirEntry[str]]) -> None:
+    def _walk(self, prefix: str, relprefix: Optional[str], entries: Iterable[os.DirEntry[str]]) -> None:
+        """The entries of directory ``prefix``, which is ``relprefix`` relative to the module
+        directory (None outside it)."""
         excludes = self.config.excludes
         for entry in list(entries):
             name = entry.name
@@ -316,16 +318,15 @@ class _Discovery:
                 except OSError as exc:
                     self.log(ERROR, f"openat({path}, O_RDONLY): {os.strerror(exc.errno or errno.EIO)}\n")
                     continue
-                self._walk(path + "/", children)
+                self._walk(path + "/", None if relprefix is None else f"{relprefix}{name}/", children)
             elif is_file:
                 if _is_module_file(name):
-                    self._add(path, prefix, name)
+                    self._add(path, None if relprefix is None else relprefix + name, prefix, name)
             else:
                 self.log(ERROR, f"unsupported file type {path}: 0\n")
 
-    def _add(self, path: str, prefix: str, filename: str) -> None:
+    def _add(self, path: str, relpath: Optional[str], prefix: str, filename: str) -> None:
         name = modname_normalize(filename)
-        relpath = self._relative(path)
         old = self.by_name.get(name)
         if old is not None and self._keeps(old, relpath, prefix, name):
             return
@@ -801,13 +802,11 @@ class Depmod:
             self._closure(module, memo)
         return [module.shown_path + ":" + "".join(" " + dep.shown_path for dep in memo[module.idx]) for module in array]
 
-    def _index(
-        self,
-        name: str,
-        builder: IndexBuilder,
-        entries: Iterable[tuple[bytes, bytes, int]],
-        duplicate_label: Optional[str],
-    ) -> bytes:
+    def _index(self, name: str, entries: Iterable[tuple[bytes, bytes, int]], duplicate_label: Optional[str]) -> bytes:
+        # Imported here: a replayed run writes no index.
+        from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
+
+        builder = IndexBuilder()
         try:
             for key, value, priority in entries:
                 if builder.add(key, value, priority) and duplicate_label is not None and self.options.warn_dups:
@@ -844,7 +843,6 @@ class Depmod:
                 WARNING, f"could not open modules.builtin at {self.dirname}: {os.strerror(exc.errno or errno.EIO)}\n"
             )
             return b""
-        builder = IndexBuilder()
         entries = []
         for line in lines:
             if not line[:1].isalpha():
@@ -852,7 +850,7 @@ class Depmod:
                 continue
             base = line.rsplit(b"/", 1)[-1]
             entries.append((base.split(b".", 1)[0].replace(b"-", b"_"), b"", 0))
-        return self._index("modules.builtin.bin", builder, entries, None)
+        return self._index("modules.builtin.bin", entries, None)
 
     def _builtin_alias_bin(self) -> bytes:
         path = f"{self.dirname}/modules.builtin.modinfo"
@@ -887,7 +885,7 @@ class Depmod:
                 entries.append((normalized.encode(ENCODING, ERRORS), module.encode(ENCODING, ERRORS), 0))
         if not seen:
             return b""
-        return self._index("modules.builtin.alias.bin", IndexBuilder(), entries, None)
+        return self._index("modules.builtin.alias.bin", entries, None)
 
     def _devname(self, array: list[_Module]) -> str:
         out: list[str] = []
@@ -935,7 +933,7 @@ class Depmod:
         """modules.alias.bin (the largest index), modules.builtin.bin and
         modules.builtin.alias.bin, with their messages."""
         alias_messages, alias = self._captured(
-            partial(self._index, "modules.alias.bin", IndexBuilder(), self._alias_entries(array), "alias")
+            partial(self._index, "modules.alias.bin", self._alias_entries(array), "alias")
         )
         builtin_messages, (builtin, builtin_alias) = self._captured(
             lambda: (self._builtin_bin(), self._builtin_alias_bin())
@@ -953,7 +951,7 @@ class Depmod:
             entries = (
                 (module.name.encode(ENCODING, ERRORS), _raw(line), module.idx) for module, line in zip(array, lines)
             )
-            files.append(("modules.dep.bin", self._index("modules.dep.bin", IndexBuilder(), entries, "deps")))
+            files.append(("modules.dep.bin", self._index("modules.dep.bin", entries, "deps")))
         alias_text = ["# Aliases extracted from modules themselves.\n"]
         for module in array:
             alias_text.extend(f"alias {alias} {module.name}\n" for alias in module.record[3])
@@ -989,7 +987,7 @@ class Depmod:
         files.append(("modules.symbols", b"".join(symbol_text)))
         if not show:
             entries = ((b"symbol:" + s.name, _raw(s.owner.name), s.owner.idx) for s in owned if s.owner is not None)
-            files.append(("modules.symbols.bin", self._index("modules.symbols.bin", IndexBuilder(), entries, "syms")))
+            files.append(("modules.symbols.bin", self._index("modules.symbols.bin", entries, "syms")))
         return files
 
 

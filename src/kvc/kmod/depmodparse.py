@@ -58,8 +58,10 @@ EMPTY_RECORD: ModuleRecord = (None, (), _NO_IMPORTS, (), ())
 # st_info -> 1 for a weak binding (st_info >> 4), else 0.
 _WEAK_FLAG = bytes(int(info >> 4 == STB_WEAK) for info in range(256))
 _FIRST = itemgetter(0)
-_ALIAS = re.compile(r"(?:^|\0)alias(?:=([^\0]*)|(?=\0|\Z))")
-_SOFTDEP = re.compile(r"(?:^|\0)softdep(?:=([^\0]*)|(?=\0|\Z))")
+# Matched in the text with a NUL put in front: a pattern that starts with a literal is searched
+# for as one, four times faster than trying "^ or NUL" at every position.
+_ALIAS = re.compile(r"\0alias(?:=([^\0]*)|(?=\0|\Z))")
+_SOFTDEP = re.compile(r"\0softdep(?:=([^\0]*)|(?=\0|\Z))")
 
 
 def _signed(byte: int) -> int:
@@ -172,7 +174,7 @@ def _modinfo(section: Optional[bytes]) -> tuple[tuple[str, ...], tuple[str, ...]
     ``key=value`` strings, a string without '=' is a key with an empty value)."""
     if not section:
         return (), ()
-    text = bytes(section).decode("utf-8", "surrogateescape")
+    text = "\0" + bytes(section).decode("utf-8", "surrogateescape")
     return tuple(_ALIAS.findall(text)), tuple(_SOFTDEP.findall(text))
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from kvc.kmod.errors import KmodError, ModuleFormatError
 from kvc.kmod.module import ModinfoEntry, ModuleFile, is_module_filename
@@ -62,8 +61,7 @@ FIELD_SHORTCUTS = {
 HEX_LINE_BYTES = 20
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     field: Optional[str]
     separator: str
     by_name: bool

@@ -498,6 +498,8 @@ class Depmod:
         # Whether independent work (the cache, modules.alias.bin) goes to forked children.
         self.parallel = False
         self._background: list[Forked[None]] = []
+        # Each module's stat key as input_key took it, so that read_records stats no file twice.
+        self.stat_keys: dict[str, Optional[StatKey]] = {}
 
     def wait(self) -> None:
         """Wait for the background children (the cache written)."""
@@ -591,8 +593,9 @@ class Depmod:
         for module in modules:
             # Taken before the file is read: a change made while it is read shows as a
             # different key next time, so the record is never kept under a newer key.
-            key = stat_key(module.path)
-            hit = stored.get(module.path)
+            path = module.path
+            key = self.stat_keys[path] if path in self.stat_keys else stat_key(path)
+            hit = stored.get(path)
             if key is not None and hit is not None and tuple(hit[0]) == key:
                 module.record = hit[1]
                 fresh[module.path] = hit
@@ -612,7 +615,9 @@ class Depmod:
         digest = self.inputs.copy()
         digest.update(config_digest)
         # One marshalled list rather than one update per module: this is most of a warm run.
-        digest.update(marshal.dumps([(module.path, stat_key(module.path)) for module in modules]))
+        keys = [(module.path, stat_key(module.path)) for module in modules]
+        self.stat_keys = dict(keys)
+        digest.update(marshal.dumps(keys))
         for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
             path = f"{self.dirname}/{name}"
             digest.update(f"{name}\0{stat_key(path)}\0".encode())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
 from typing import Union
 
 
@@ -72,6 +71,8 @@ def write_file(path: str, data: Union[str, bytes], mode: int = 0o644, *, sync_di
     os.makedirs(directory, exist_ok=True)
     if sync_directory:
         remove_stale(path)
+    import tempfile  # here: only writers need it, and it costs readers' start-up 5 ms
+
     tmp = ""
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(path))

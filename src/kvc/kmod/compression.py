@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import lzma
 import mmap
 import zlib
 from typing import Optional, Union
@@ -44,7 +43,7 @@ def decompress(data: Union[bytes, mmap.mmap], path: str) -> tuple[Optional[str],
         if kind == "gzip":
             return kind, _gzip(bytes(data))
         return kind, _zstd(bytes(data), path)
-    except (lzma.LZMAError, zlib.error, EOFError, ValueError) as exc:
+    except (zlib.error, EOFError, ValueError) as exc:
         raise ModuleFormatError(path, f"corrupt {kind} data: {exc}") from None
 
 
@@ -53,8 +52,13 @@ def _too_large(path: str) -> ModuleFormatError:
 
 
 def _xz(data: bytes) -> bytes:
+    import lzma  # here: most trees and most tools need no xz, and lzma costs a millisecond to import
+
     decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    out = decoder.decompress(data, max_length=MAX_DECOMPRESSED + 1)
+    try:
+        out = decoder.decompress(data, max_length=MAX_DECOMPRESSED + 1)
+    except lzma.LZMAError as exc:
+        raise ValueError(str(exc)) from None
     if len(out) > MAX_DECOMPRESSED:
         raise ValueError("output too large")
     if not decoder.eof:
@@ -100,6 +104,8 @@ def compress(kind: str, data: bytes, path: str) -> bytes:
     """``data`` compressed as ``kind`` ("xz", "zstd", "gzip"), with the kernel's Makefile.modinst
     settings where Python allows (xz with CRC32 checks, zstd level 19 by default)."""
     if kind == "xz":
+        import lzma
+
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
     if kind == "gzip":
         import gzip

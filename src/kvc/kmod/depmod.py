@@ -23,14 +23,12 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Iterator, NoReturn, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, NoReturn, Optional, Sequence, TypeVar
 
 from kvc.kmod.atomic import remove_stale, temporary_prefix, write_file
 from kvc.kmod.depmodparse import EMPTY_RECORD, ModuleRecord, hash_superfast, read_module, unpack_imports
 from kvc.kmod.digest import file_sha256
-from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
 from kvc.kmod.names import modname_normalize
 from kvc.kmod.parallel import Forked, worker_count
 
@@ -94,14 +92,12 @@ class Log:
 # ---- configuration ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Search:
+class Search(NamedTuple):
     kind: str  # "path", "built-in" or "external"
     path: str = ""
 
 
-@dataclass(frozen=True)
-class DepmodConfig:
+class DepmodConfig(NamedTuple):
     """depmod.d, in the order depmod consults it: ``searches`` and ``overrides`` are kept the way
     kmod's prepend lists hold them (the last line of the last file first); ``externals`` in
     file order."""
@@ -142,13 +138,13 @@ def logical_lines(text: str) -> Iterator[tuple[int, str]]:
         yield number, pending
 
 
-@dataclass
 class _ConfigBuilder:
-    kernel_version: str
-    searches: list[Search] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)
-    externals: list[str] = field(default_factory=list)
-    excludes: list[str] = field(default_factory=list)
+    def __init__(self, kernel_version: str) -> None:
+        self.kernel_version = kernel_version
+        self.searches: list[Search] = []
+        self.overrides: list[str] = []
+        self.externals: list[str] = []
+        self.excludes: list[str] = []
 
     def parse(self, text: str, filename: str, log: Log) -> None:
         for number, whole in logical_lines(text):
@@ -236,8 +232,7 @@ def load_config(paths: Optional[Sequence[str]], kernel_version: str, log: Log) -
 # ---- options and modules ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DepmodOptions:
+class DepmodOptions(NamedTuple):
     kernel_version: str
     basedir: str = ""
     config_paths: Optional[tuple[str, ...]] = None
@@ -255,18 +250,20 @@ class DepmodOptions:
         return f"{self.basedir}/lib/modules/{self.kernel_version}"
 
 
-@dataclass(eq=False)
 class _Module:
-    name: str
-    path: str
-    relpath: Optional[str]
-    record: ModuleRecord = EMPTY_RECORD
-    sort_idx: int = 1
-    idx: int = 0
-    users: int = 0
-    deps: list[_Module] = field(default_factory=list)
-    dep_sort_idx: int = 0
-    visited: bool = False
+    __slots__ = ("dep_sort_idx", "deps", "idx", "name", "path", "record", "relpath", "sort_idx", "users", "visited")
+
+    def __init__(self, name: str, path: str, relpath: Optional[str]) -> None:
+        self.name = name
+        self.path = path
+        self.relpath = relpath
+        self.record: ModuleRecord = EMPTY_RECORD
+        self.sort_idx = 1
+        self.idx = 0
+        self.users = 0
+        self.deps: list[_Module] = []
+        self.dep_sort_idx = 0
+        self.visited = False
 
     @property
     def shown_path(self) -> str:
@@ -274,7 +271,8 @@ class _Module:
 
 
 def _is_module_file(name: str) -> bool:
-    return any(len(name) > len(suffix) and name.endswith(suffix) for suffix in MODULE_SUFFIXES)
+    """A name ending in a module suffix, longer than the suffix."""
+    return name.endswith(MODULE_SUFFIXES) and name not in MODULE_SUFFIXES
 
 
 class _Discovery:
@@ -297,10 +295,12 @@ class _Discovery:
         except OSError as exc:
             self.log(ERROR, f"could not open directory {top}: {os.strerror(exc.errno or errno.EIO)}\n")
             return False
-        self._walk(top + "/", entries)
+        self._walk(top + "/", self._relative(top + "/"), entries)
         return True
 
-    def _walk(self, prefix: str, entries: Iterable[os.DirEntry[str]]) -> None:
+    def _walk(self, prefix: str, relprefix: Optional[str], entries: Iterable[os.DirEntry[str]]) -> None:
+        """The entries of directory ``prefix``, which is ``relprefix`` relative to the module
+        directory (None outside it)."""
         excludes = self.config.excludes
         for entry in list(entries):
             name = entry.name
@@ -318,16 +318,15 @@ class _Discovery:
                 except OSError as exc:
                     self.log(ERROR, f"openat({path}, O_RDONLY): {os.strerror(exc.errno or errno.EIO)}\n")
                     continue
-                self._walk(path + "/", children)
+                self._walk(path + "/", None if relprefix is None else f"{relprefix}{name}/", children)
             elif is_file:
                 if _is_module_file(name):
-                    self._add(path, prefix, name)
+                    self._add(path, None if relprefix is None else relprefix + name, prefix, name)
             else:
                 self.log(ERROR, f"unsupported file type {path}: 0\n")
 
-    def _add(self, path: str, prefix: str, filename: str) -> None:
+    def _add(self, path: str, relpath: Optional[str], prefix: str, filename: str) -> None:
         name = modname_normalize(filename)
-        relpath = self._relative(path)
         old = self.by_name.get(name)
         if old is not None and self._keeps(old, relpath, prefix, name):
             return
@@ -470,8 +469,7 @@ def parse_modules(paths: list[str], jobs: int) -> list[ModuleRecord]:
 # ---- the computation -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DepmodResult:
+class DepmodResult(NamedTuple):
     """Outputs in kmod's order as (file name, bytes); text outputs only with ``-n``."""
 
     files: tuple[tuple[str, bytes], ...]
@@ -500,6 +498,8 @@ class Depmod:
         # Whether independent work (the cache, modules.alias.bin) goes to forked children.
         self.parallel = False
         self._background: list[Forked[None]] = []
+        # Each module's stat key as input_key took it, so that read_records stats no file twice.
+        self.stat_keys: dict[str, Optional[StatKey]] = {}
 
     def wait(self) -> None:
         """Wait for the background children (the cache written)."""
@@ -593,8 +593,9 @@ class Depmod:
         for module in modules:
             # Taken before the file is read: a change made while it is read shows as a
             # different key next time, so the record is never kept under a newer key.
-            key = stat_key(module.path)
-            hit = stored.get(module.path)
+            path = module.path
+            key = self.stat_keys[path] if path in self.stat_keys else stat_key(path)
+            hit = stored.get(path)
             if key is not None and hit is not None and tuple(hit[0]) == key:
                 module.record = hit[1]
                 fresh[module.path] = hit
@@ -614,7 +615,9 @@ class Depmod:
         digest = self.inputs.copy()
         digest.update(config_digest)
         # One marshalled list rather than one update per module: this is most of a warm run.
-        digest.update(marshal.dumps([(module.path, stat_key(module.path)) for module in modules]))
+        keys = [(module.path, stat_key(module.path)) for module in modules]
+        self.stat_keys = dict(keys)
+        digest.update(marshal.dumps(keys))
         for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
             path = f"{self.dirname}/{name}"
             digest.update(f"{name}\0{stat_key(path)}\0".encode())
@@ -804,13 +807,11 @@ class Depmod:
             self._closure(module, memo)
         return [module.shown_path + ":" + "".join(" " + dep.shown_path for dep in memo[module.idx]) for module in array]
 
-    def _index(
-        self,
-        name: str,
-        builder: IndexBuilder,
-        entries: Iterable[tuple[bytes, bytes, int]],
-        duplicate_label: Optional[str],
-    ) -> bytes:
+    def _index(self, name: str, entries: Iterable[tuple[bytes, bytes, int]], duplicate_label: Optional[str]) -> bytes:
+        # Imported here: a replayed run writes no index.
+        from kvc.kmod.indexwrite import IndexBuilder, IndexCharacterError
+
+        builder = IndexBuilder()
         try:
             for key, value, priority in entries:
                 if builder.add(key, value, priority) and duplicate_label is not None and self.options.warn_dups:
@@ -847,7 +848,6 @@ class Depmod:
                 WARNING, f"could not open modules.builtin at {self.dirname}: {os.strerror(exc.errno or errno.EIO)}\n"
             )
             return b""
-        builder = IndexBuilder()
         entries = []
         for line in lines:
             if not line[:1].isalpha():
@@ -855,7 +855,7 @@ class Depmod:
                 continue
             base = line.rsplit(b"/", 1)[-1]
             entries.append((base.split(b".", 1)[0].replace(b"-", b"_"), b"", 0))
-        return self._index("modules.builtin.bin", builder, entries, None)
+        return self._index("modules.builtin.bin", entries, None)
 
     def _builtin_alias_bin(self) -> bytes:
         path = f"{self.dirname}/modules.builtin.modinfo"
@@ -890,7 +890,7 @@ class Depmod:
                 entries.append((normalized.encode(ENCODING, ERRORS), module.encode(ENCODING, ERRORS), 0))
         if not seen:
             return b""
-        return self._index("modules.builtin.alias.bin", IndexBuilder(), entries, None)
+        return self._index("modules.builtin.alias.bin", entries, None)
 
     def _devname(self, array: list[_Module]) -> str:
         out: list[str] = []
@@ -938,7 +938,7 @@ class Depmod:
         """modules.alias.bin (the largest index), modules.builtin.bin and
         modules.builtin.alias.bin, with their messages."""
         alias_messages, alias = self._captured(
-            partial(self._index, "modules.alias.bin", IndexBuilder(), self._alias_entries(array), "alias")
+            partial(self._index, "modules.alias.bin", self._alias_entries(array), "alias")
         )
         builtin_messages, (builtin, builtin_alias) = self._captured(
             lambda: (self._builtin_bin(), self._builtin_alias_bin())
@@ -956,7 +956,7 @@ class Depmod:
             entries = (
                 (module.name.encode(ENCODING, ERRORS), _raw(line), module.idx) for module, line in zip(array, lines)
             )
-            files.append(("modules.dep.bin", self._index("modules.dep.bin", IndexBuilder(), entries, "deps")))
+            files.append(("modules.dep.bin", self._index("modules.dep.bin", entries, "deps")))
         alias_text = ["# Aliases extracted from modules themselves.\n"]
         for module in array:
             alias_text.extend(f"alias {alias} {module.name}\n" for alias in module.record[3])
@@ -992,7 +992,7 @@ class Depmod:
         files.append(("modules.symbols", b"".join(symbol_text)))
         if not show:
             entries = ((b"symbol:" + s.name, _raw(s.owner.name), s.owner.idx) for s in owned if s.owner is not None)
-            files.append(("modules.symbols.bin", self._index("modules.symbols.bin", IndexBuilder(), entries, "syms")))
+            files.append(("modules.symbols.bin", self._index("modules.symbols.bin", entries, "syms")))
         return files
 
 
@@ -1055,7 +1055,7 @@ def run(options: DepmodOptions, log: Log, *, show: bool = False) -> DepmodResult
         raise DepmodError from None
     if options.print_unknown and options.symvers is None and options.system_map is None:
         log(WARNING, "-e needs -E or -F\n")
-        options = _replace_print_unknown(options)
+        options = options._replace(print_unknown=False)
         depmod.options = options
     config: Optional[DepmodConfig] = None
     config_digest = b""
@@ -1092,12 +1092,6 @@ def run(options: DepmodOptions, log: Log, *, show: bool = False) -> DepmodResult
     if cache is not None and key:
         cache.store_outputs(key, log.recorded or [], files, 0)
     return DepmodResult(tuple(files), 0)
-
-
-def _replace_print_unknown(options: DepmodOptions) -> DepmodOptions:
-    from dataclasses import replace
-
-    return replace(options, print_unknown=False)
 
 
 def write_outputs(dirname: str, files: Sequence[tuple[str, bytes]], log: Log, *, strict: bool = False) -> bool:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import errno
 import mmap
 import struct
+import sys
+from array import array
+from itertools import compress
 from typing import NamedTuple, NoReturn, Optional, Union
 
 from kvc.kmod.errors import ModuleFormatError
@@ -39,25 +42,27 @@ _SHDR_SIZE = {_CLASS_32: 40, _CLASS_64: 64}
 _EHDR_SIZE = {_CLASS_32: 52, _CLASS_64: 64}
 _SYM_SIZE = {_CLASS_32: 16, _CLASS_64: 24}
 _MODVERSION_SIZE = 64
+_NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
 
 
-class Section(NamedTuple):
-    number: int
-    name: str
-    type: int
-    flags: int
-    offset: int
-    size: int
-    header_offset: int
-    in_bounds: bool
-
-
-class Symbol(NamedTuple):
-    """A symbol as kmod reports it: name, CRC (0 when unknown) and binding."""
-
-    name: str
-    crc: int
-    bind: str  # "global", "weak", "undefined", "local" or "none", as kmod names bindings
+# Both records are declared with the call syntax: under ``from __future__ import annotations``
+# the class syntax compiles each field's annotation string at import, a millisecond in all.
+Section = NamedTuple(  # noqa: UP014
+    "Section",
+    [
+        ("number", int),
+        ("name", str),
+        ("type", int),
+        ("flags", int),
+        ("offset", int),
+        ("size", int),
+        ("header_offset", int),
+        ("in_bounds", bool),
+    ],
+)
+# A symbol as kmod reports it: name, CRC (0 when unknown) and binding ("global", "weak",
+# "undefined", "local" or "none", as kmod names bindings).
+Symbol = NamedTuple("Symbol", [("name", str), ("crc", int), ("bind", str)])  # noqa: UP014
 
 
 def decode(raw: bytes) -> str:
@@ -117,10 +122,13 @@ class ElfFile:
         self._shnum = shnum
         if shstrndx == SHN_UNDEF or shstrndx >= shnum:
             self._fail(f"section name table index {shstrndx} out of range")
-        fmt = self.order + _SHDR[elf_class]
-        self._headers = list(struct.iter_unpack(fmt, data[shoff : shoff + shnum * shentsize]))
+        # The header table is unpacked one entry at a time, when a section is asked for: most
+        # readers want two or three sections of fifty.
+        self._table = data[shoff : shoff + shnum * shentsize]
+        self._shdr = struct.Struct(self.order + _SHDR[elf_class])
         self._shentsize = shentsize
-        names_off, names_size = self._headers[shstrndx][4:6]
+        self._name_offsets: Optional[array[int]] = None
+        names_off, names_size = self._header(shstrndx)[4:6]
         if names_off + names_size > size:
             self._fail("section name table runs past the end")
         names = data[names_off : names_off + names_size]
@@ -129,8 +137,21 @@ class ElfFile:
         self._names = names
         self._by_name: dict[str, Optional[Section]] = {}
 
+    def _header(self, index: int) -> tuple[int, ...]:
+        """Section header ``index`` as (name, type, flags, addr, offset, size, …)."""
+        return self._shdr.unpack_from(self._table, index * self._shentsize)
+
+    def _name_column(self) -> array[int]:
+        """Every section's sh_name, the first u32 of each header, copied out in one slice."""
+        if self._name_offsets is None:
+            words = array("I", self._table)
+            if self.order != _NATIVE_ORDER:
+                words.byteswap()
+            self._name_offsets = words[:: self._shentsize // 4]
+        return self._name_offsets
+
     def _make_section(self, index: int) -> Section:
-        name_off, sh_type, flags, _addr, offset, size = self._headers[index][:6]
+        name_off, sh_type, flags, _addr, offset, size = self._header(index)[:6]
         names = self._names
         name = decode(names[name_off : names.index(b"\0", name_off)]) if name_off < len(names) else ""
         return Section(
@@ -167,9 +188,9 @@ class ElfFile:
         found = None
         if offsets:
             size = len(self.data)
-            for index in range(1, self._shnum):
-                header = self._headers[index]
-                if header[0] in offsets and header[4] + header[5] <= size:
+            for index in compress(range(self._shnum), map(offsets.__contains__, self._name_column())):
+                header = self._header(index)
+                if index and header[4] + header[5] <= size:
                     found = self._make_section(index)
                     break
         self._by_name[name] = found

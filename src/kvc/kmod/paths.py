@@ -4,15 +4,13 @@ image builds can point kvc at a fake ``/proc``, ``/sys``, ``/lib/modules`` and `
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 ROOT_ENV = "KVC_ROOT"
 KERNEL_ENV = "KVC_KERNEL"
 
 
-@dataclass(frozen=True)
-class HostPaths:
+class HostPaths(NamedTuple):
     root: str = "/"
 
     @classmethod

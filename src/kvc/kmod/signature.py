@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from kvc.kmod import der
 from kvc.kmod.errors import ModuleFormatError
@@ -73,8 +72,7 @@ _DIGEST_NAMES: Dict[bytes, str] = {
 _OID_COMMON_NAME = encode_oid("2.5.4.3")
 
 
-@dataclass(frozen=True)
-class ModuleSignature:
+class ModuleSignature(NamedTuple):
     """What modinfo shows of a signature (the ``sig_*`` names are modinfo's field names)."""
 
     id_type: str  # sig_id: "PGP", "X509" or "PKCS#7"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from kvc.kmod.errors import KmodError, ModuleFormatError
 from kvc.kmod.module import ModinfoEntry, ModuleFile, is_module_filename
@@ -62,8 +61,7 @@ FIELD_SHORTCUTS = {
 HEX_LINE_BYTES = 20
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     field: Optional[str]
     separator: str
     by_name: bool
@@ -74,7 +72,7 @@ def hex_bytes(data: bytes) -> str:
     """Bytes as kmod shows sig_key and signature: ``XX:XX:…`` with a line break every 20 bytes."""
     text = data.hex(":").upper()
     step = HEX_LINE_BYTES * 3
-    return ":\n\t\t".join(text[i : i + step - 1] for i in range(0, len(text), step))
+    return ":\n\t\t".join([text[i : i + step - 1] for i in range(0, len(text), step)])
 
 
 def signature_entries(module: ModuleFile) -> list[ModinfoEntry]:
@@ -96,6 +94,25 @@ def _param_text(name: str, desc: Optional[str], kind: Optional[str], *, field_on
     if desc is None:
         return f"{name}: ({kind})" if field_only else f"{name}:{kind}"
     return f"{name}:{desc} ({kind})" if kind is not None else f"{name}:{desc}"
+
+
+class _Labels(dict[str, str]):
+    """What modinfo prints before a value, per key, made on first use."""
+
+    def __init__(self, separator: str) -> None:
+        super().__init__()
+        self.separator = separator
+
+    def __missing__(self, key: str) -> str:
+        # kmod pads with printf("%-*s", 15 - len(key)): a negative width still pads.
+        label = f"{key}=" if self.separator == "\0" else f"{key}:{' ' * abs(15 - len(key))}"
+        self[key] = label
+        return label
+
+
+_LABELS = _Labels("\n")
+_NUL_LABELS = _Labels("\0")
+_PARAM_KEYS = frozenset(("parm", "parmtype"))
 
 
 class Printer:
@@ -135,15 +152,8 @@ class Printer:
         if field is not None:
             out.extend(f"{entry.value}{sep}" for entry in entries if entry.key == field)
             return
-        for entry in entries:
-            key = entry.key
-            if key in ("parm", "parmtype"):
-                continue
-            if sep == "\0":
-                out.append(f"{key}={entry.value}\0")
-            else:
-                # kmod pads with printf("%-*s", 15 - len(key)): a negative width still pads.
-                out.append(f"{key}:{' ' * abs(15 - len(key))}{entry.value}{sep}")
+        labels = _NUL_LABELS if sep == "\0" else _LABELS
+        out.extend([f"{labels[key]}{value}{sep}" for key, value in entries if key not in _PARAM_KEYS])
         out.extend(f"{'parm:':<16}{_param_text(*param, field_only=False)}{sep}" for param in self._params(entries))
 
     def _params(self, entries: Sequence[ModinfoEntry]) -> list[tuple[str, Optional[str], Optional[str]]]:

@@ -127,6 +127,12 @@ class Context:
             )
         return self._images[instance.name]
 
+    def known_images(self, instance: InstanceConfig) -> Optional[Mapping[str, Optional[ImageInfo]]]:
+        """What :meth:`images` would say without asking the runtime, if it can (else None)."""
+        if instance.name in self._images:
+            return self._images[instance.name]
+        return None if self.refresh_images else recorded_images(self.layout, instance.name)
+
     def _ask_images(self, instance: InstanceConfig) -> dict[str, Optional[ImageInfo]]:
         listed = self.runtime.list_images(f"{LABEL_NAME}={instance.name}")
         kernels = {self.kernel.release(), *(info.labels.get(LABEL_KERNEL, "") for info in listed)} - {""}
@@ -692,8 +698,8 @@ def instance_status(
     entries = []
     for kernel in kernels:
         tag = image_tag(instance, kernel)
-        images = ctx.images(instance)
-        info = images[kernel] if kernel in images else ctx.runtime.inspect(tag)
+        known = ctx.known_images(instance)  # asked once for every kernel only when no --kernel named them
+        info = known[kernel] if known is not None and kernel in known else ctx.runtime.inspect(tag)
         manifest = read_manifest(ctx.layout, instance.name, kernel)
         modules = []
         for name in (n.replace("-", "_") for n in instance.module_names):

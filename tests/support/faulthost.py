@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import uuid
@@ -16,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from kvc.kmod.digest import file_sha256
 from kvc.kmod.kernel.fake import STATE_DIR, FakeKernel
 from kvc.kmod.paths import HostPaths
+from support.treehost import tree_digest
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ("simple-kmod", "simple-procfs-kmod")
@@ -59,22 +58,7 @@ def small_tree(source_moddir: Path, target_root: Path, release: str) -> Path:
 def host_digest(root: Path, skip: Iterable[str] = NOT_HOST_FILES) -> dict[str, str]:
     """Every host file and directory below ``root`` (not kvc's state, the fake kernel or scratch):
     a directory, a link's target, or a file's mode and sha256."""
-    found = {}
-    skipped = set(skip)
-    for directory, dirnames, filenames in os.walk(root):
-        below = os.path.relpath(directory, root)
-        dirnames[:] = sorted(name for name in dirnames if os.path.normpath(os.path.join(below, name)) not in skipped)
-        for name in [*dirnames, *filenames]:
-            path = os.path.join(directory, name)
-            info = os.lstat(path)
-            relative = os.path.relpath(path, root)
-            if stat.S_ISLNK(info.st_mode):
-                found[relative] = "-> " + os.readlink(path)
-            elif stat.S_ISDIR(info.st_mode):
-                found[relative] = "dir"
-            else:
-                found[relative] = f"{stat.filemode(info.st_mode)} {file_sha256(path).hex()}"
-    return found
+    return tree_digest(root, skip)
 
 
 def tree_differences(have: Mapping[str, str], want: Mapping[str, str]) -> list[str]:

@@ -11,7 +11,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from kvc.kmod.digest import file_sha256
 from support.kmodns import NAMESPACE
@@ -58,11 +58,14 @@ class MountNamespace:
         self.process.wait()
 
 
-def tree_digest(top: Path) -> dict[str, str]:
-    """Every entry below ``top``: a directory, a link's target, or a file's mode and sha256."""
+def tree_digest(top: Path, skip: Iterable[str] = ()) -> dict[str, str]:
+    """Every entry below ``top`` but the directories ``skip`` names (relative to it): a directory,
+    a link's target, or a file's mode and sha256."""
     found = {}
+    skipped = set(skip)
     for directory, dirnames, filenames in os.walk(top):
-        dirnames.sort()
+        below = os.path.relpath(directory, top)
+        dirnames[:] = sorted(name for name in dirnames if os.path.normpath(os.path.join(below, name)) not in skipped)
         for name in [*dirnames, *filenames]:
             path = os.path.join(directory, name)
             info = os.lstat(path)

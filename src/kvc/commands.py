@@ -447,12 +447,12 @@ def _load(
             kernel_dir=kernel_dir,
         )
         return 0
+    tag = image_tag(instance, kernel)
     inspected: Optional[ImageInfo] = None
     skipped = "" if modules_dir else recorded_skip(ctx.layout, instance, kernel)
-    if skipped and not ctx.runtime.image_exists(image_tag(instance, kernel)):
+    if skipped and not ctx.runtime.image_exists(tag):
         say(f"{instance.name}: nothing to load on {kernel}: its build skipped this kernel ({skipped})")
         return 0
-    tag = image_tag(instance, kernel)
     recorded = None if force or modules_dir else recorded_extraction(ctx.layout, instance, kernel, tag)
     if modules_dir:
         manifest = extract_from_directory(ctx.layout, instance, kernel, modules_dir, force=force)

@@ -35,7 +35,7 @@ def record_path(layout: Layout, name: str) -> str:
     return os.path.join(layout.instance_state(name), RECORD)
 
 
-def _info(entry: object) -> Optional[ImageInfo]:
+def _info(entry: object) -> ImageInfo:
     if not isinstance(entry, dict):
         raise ValueError("not an image")
     image_id, names, labels, created = entry["id"], entry["names"], entry["labels"], entry.get("created", "")

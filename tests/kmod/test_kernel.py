@@ -93,6 +93,9 @@ def test_symbol_tables(tmp_path: Path, indexed_kernel_tree: DebianKernel) -> Non
     assert core["module_layout"] == Export(0x9060323F, False, "")
     assert core["crypto_cipher_setkey"].gpl and core["crypto_cipher_setkey"].namespace == "CRYPTO_INTERNAL"
     assert "udp_tunnel_sock_release" in owners["net/ipv4/udp_tunnel"]
+    for owner in ("vmlinux", "net/ipv4/udp_tunnel"):
+        assert read_symvers_exports(str(indexed_kernel_tree.symvers), owner) == {owner: owners[owner]}
+    assert read_symvers_exports(str(indexed_kernel_tree.symvers), "no/such/owner") == {}
     plain = read_symvers(str(indexed_kernel_tree.symvers))
     assert plain is not None and plain["module_layout"] == 0x9060323F and "udp_tunnel_sock_release" not in plain
     system_map = tmp_path / "System.map"

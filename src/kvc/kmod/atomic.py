@@ -62,13 +62,18 @@ def remove_stale(path: str) -> list[str]:
     return removed
 
 
-def write_file(path: str, data: Union[str, bytes], mode: int = 0o644, *, sync_directory: bool = True) -> None:
+def write_file(
+    path: str, data: Union[str, bytes], mode: int = 0o644, *, sync_directory: bool = True, volatile: bool = False
+) -> None:
     """Replace ``path`` with ``data`` (text as UTF-8, undecodable bytes kept by surrogateescape)
     and exactly ``mode``. ``sync_directory=False`` leaves the rename's durability to the file
-    system, for state that need not survive a crash (the fake kernel's files, caches), and skips
-    looking for stale temporary files."""
+    system, for state that need not survive a crash intact (caches), and skips
+    looking for stale temporary files. ``volatile=True`` syncs nothing at all, for state a reboot
+    discards anyway (the fake kernel's /proc and /sys): the rename still keeps a killed writer's
+    half-written file out of sight."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
+    sync_directory = sync_directory and not volatile
     if sync_directory:
         remove_stale(path)
     import tempfile  # here: only writers need it, and it costs readers' start-up 5 ms
@@ -80,7 +85,8 @@ def write_file(path: str, data: Union[str, bytes], mode: int = 0o644, *, sync_di
             handle.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if not volatile:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp and os.path.lexists(tmp):

@@ -411,7 +411,7 @@ class ParseCache:
     def _load(path: str) -> object:
         try:
             with open(path, "rb") as handle:
-                data = marshal.load(handle)
+                data = marshal.loads(handle.read())  # load(handle) reads in small pieces: several times slower
         except (OSError, EOFError, ValueError, TypeError):
             return None
         if isinstance(data, tuple) and len(data) == 2 and data[0] == CACHE_FORMAT:

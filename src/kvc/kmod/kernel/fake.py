@@ -10,8 +10,9 @@ formats, so that kmod's tools read the same state as ours:
 * ``sys/module/compression`` when the kernel decompresses modules itself.
 
 The state behind them lives in ``.kvc-fake-kernel/`` (``config.json``, ``state.json``, the
-``dmesg`` log), written atomically (temp file, fsync, rename) under an flock, so separate
-processes (the CLI, kmod's own tools) see one kernel.
+core kernel's export table read at creation, the ``dmesg`` log), written atomically (temp file,
+rename) under an flock, so separate processes (the CLI, kmod's own tools) see one kernel. Like
+a kernel's, the state does not outlive a reboot, so nothing is fsynced.
 
 Loading follows ``load_module()`` of Linux 6.1 (kernel/module/main.c, version.c, signing.c,
 kernel/params.c) step by step, with its errnos and its log lines: signature check (EBADMSG,
@@ -37,6 +38,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import marshal
 import os
 import re
 import shutil
@@ -70,6 +72,7 @@ from kvc.kmod.paths import HostPaths
 from kvc.kmod.signature import SIG_MAGIC, parse_signature
 
 STATE_DIR = ".kvc-fake-kernel"
+EXPORTS_FILE = "exports.marshal"  # {symbol: (crc, gpl, namespace)} of the core kernel
 PAGE_SIZE = 4096
 MODULE_NAME_LEN = 56  # 64 - sizeof(unsigned long)
 
@@ -559,6 +562,21 @@ def _parameq(a: str, b: str) -> bool:
     return a.replace("-", "_") == b.replace("-", "_")
 
 
+def _read_core_exports(config: KernelConfig) -> dict[str, Export]:
+    core: dict[str, Export] = {}
+    if config.system_map:
+        found = read_system_map_exports(config.system_map)
+        if found is None:
+            raise KernelError(errno.ENOSYS, f"fake kernel: cannot read {config.system_map}")
+        core.update(found)
+    if config.symvers:
+        owners = read_symvers_exports(config.symvers, "vmlinux")
+        if owners is None:
+            raise KernelError(errno.ENOSYS, f"fake kernel: cannot read {config.symvers}")
+        core.update(owners.get("vmlinux", {}))
+    return core
+
+
 # -- the fake kernel ------------------------------------------------------------------------------
 
 
@@ -609,18 +627,22 @@ class FakeKernel(SyscallKernel):
             if os.path.isdir(stale):
                 shutil.rmtree(stale)
         os.makedirs(paths.sys_module, exist_ok=True)
-        write_file(paths.host("/proc/sys/kernel/osrelease"), release + "\n", sync_directory=False)
-        write_file(paths.host("/proc/sys/kernel/modules_disabled"), "0\n", sync_directory=False)
+        write_file(paths.host("/proc/sys/kernel/osrelease"), release + "\n", volatile=True)
+        write_file(paths.host("/proc/sys/kernel/modules_disabled"), "0\n", volatile=True)
         write_file(
             os.path.join(kernel.state_dir, "config.json"),
             json.dumps(asdict(config), indent=2) + "\n",
-            sync_directory=False,
+            volatile=True,
         )
-        write_file(os.path.join(kernel.state_dir, "dmesg"), "", sync_directory=False)
+        write_file(os.path.join(kernel.state_dir, "dmesg"), "", volatile=True)
+        core = _read_core_exports(config)
+        write_file(
+            os.path.join(kernel.state_dir, EXPORTS_FILE),
+            marshal.dumps({name: tuple(export) for name, export in core.items()}),
+            volatile=True,
+        )
         if config.decompress:
-            write_file(
-                os.path.join(paths.sys_module, "compression"), config.decompress + "\n", 0o444, sync_directory=False
-            )
+            write_file(os.path.join(paths.sys_module, "compression"), config.decompress + "\n", 0o444, volatile=True)
         for name in builtin_modules:
             os.makedirs(os.path.join(paths.sys_module, name, "parameters"), exist_ok=True)
         with kernel._locked():
@@ -658,7 +680,7 @@ class FakeKernel(SyscallKernel):
         """Persist the state, then render /proc and /sys from it."""
         previous = set(state.get("sysfs", []))
         state["sysfs"] = sorted(mod["name"] for mod in state["modules"])
-        write_file(os.path.join(self.state_dir, "state.json"), json.dumps(state, indent=1) + "\n", sync_directory=False)
+        write_file(os.path.join(self.state_dir, "state.json"), json.dumps(state, indent=1) + "\n", volatile=True)
         self._render(state, previous)
 
     def _render(self, state: dict[str, Any], previous: set[str]) -> None:
@@ -676,8 +698,8 @@ class FakeKernel(SyscallKernel):
             status = {"live": "Live", "coming": "Loading", "going": "Unloading"}[mod["state"]]
             flags = _module_flags(mod)
             lines.append(f"{mod['name']} {mod['size']}{unload} {status} {address}{' ' + flags if flags else ''}\n")
-        write_file(os.path.join(self.paths.proc, "modules"), "".join(lines), 0o444, sync_directory=False)
-        write_file(self.paths.host("/proc/sys/kernel/tainted"), f"{state['taint']}\n", sync_directory=False)
+        write_file(os.path.join(self.paths.proc, "modules"), "".join(lines), 0o444, volatile=True)
+        write_file(self.paths.host("/proc/sys/kernel/tainted"), f"{state['taint']}\n", volatile=True)
         for name in previous - set(state["sysfs"]):
             shutil.rmtree(os.path.join(self.paths.sys_module, name), ignore_errors=True)
         for mod in state["modules"]:
@@ -685,15 +707,15 @@ class FakeKernel(SyscallKernel):
 
     def _render_module(self, mod: dict[str, Any]) -> None:
         base = os.path.join(self.paths.sys_module, mod["name"])
-        write_file(os.path.join(base, "initstate"), mod["state"] + "\n", 0o444, sync_directory=False)
+        write_file(os.path.join(base, "initstate"), mod["state"] + "\n", 0o444, volatile=True)
         if self.config.unload:
-            write_file(os.path.join(base, "refcnt"), f"{_refcount(mod)}\n", 0o444, sync_directory=False)
-        write_file(os.path.join(base, "coresize"), f"{mod['size']}\n", 0o444, sync_directory=False)
-        write_file(os.path.join(base, "initsize"), "0\n", 0o444, sync_directory=False)
-        write_file(os.path.join(base, "taint"), _taint_letters(mod["taint"]) + "\n", 0o444, sync_directory=False)
+            write_file(os.path.join(base, "refcnt"), f"{_refcount(mod)}\n", 0o444, volatile=True)
+        write_file(os.path.join(base, "coresize"), f"{mod['size']}\n", 0o444, volatile=True)
+        write_file(os.path.join(base, "initsize"), "0\n", 0o444, volatile=True)
+        write_file(os.path.join(base, "taint"), _taint_letters(mod["taint"]) + "\n", 0o444, volatile=True)
         for key in ("version", "srcversion"):
             if mod.get(key) is not None:
-                write_file(os.path.join(base, key), mod[key] + "\n", 0o444, sync_directory=False)
+                write_file(os.path.join(base, key), mod[key] + "\n", 0o444, volatile=True)
         holders = os.path.join(base, "holders")
         os.makedirs(holders, exist_ok=True)
         for entry in os.listdir(holders):
@@ -708,7 +730,7 @@ class FakeKernel(SyscallKernel):
         if shown:
             for param in shown:
                 path = os.path.join(params_dir, param["name"])
-                write_file(path, _show_param(param), (param["perm"] & 0o777) | stat.S_IRUSR, sync_directory=False)
+                write_file(path, _show_param(param), (param["perm"] & 0o777) | stat.S_IRUSR, volatile=True)
 
     def log(self, *lines: str) -> None:
         """Append lines to the fake kernel log."""
@@ -750,21 +772,15 @@ class FakeKernel(SyscallKernel):
             return None
 
     def core_exports(self) -> dict[str, Export]:
-        """The core kernel's exported symbols (vmlinux lines of Module.symvers, else System.map)."""
+        """The core kernel's exported symbols (vmlinux lines of Module.symvers, else System.map),
+        read once by :meth:`create` into the state, as a kernel has its table from boot on."""
         if self._core is None:
-            config = self.config
-            core: dict[str, Export] = {}
-            if config.system_map:
-                found = read_system_map_exports(config.system_map)
-                if found is None:
-                    raise KernelError(errno.ENOSYS, f"fake kernel: cannot read {config.system_map}")
-                core.update(found)
-            if config.symvers:
-                owners = read_symvers_exports(config.symvers)
-                if owners is None:
-                    raise KernelError(errno.ENOSYS, f"fake kernel: cannot read {config.symvers}")
-                core.update(owners.get("vmlinux", {}))
-            self._core = core
+            try:
+                with open(os.path.join(self.state_dir, EXPORTS_FILE), "rb") as handle:
+                    table = marshal.loads(handle.read())  # load(handle) reads in small pieces: 7x slower
+            except (OSError, EOFError, ValueError, TypeError) as exc:
+                raise KernelError(errno.ENOSYS, f"no fake kernel under {self.paths.root}: {exc}") from None
+            self._core = {name: Export(*entry) for name, entry in table.items()}
         return self._core
 
     def exported_symbols(self) -> Mapping[str, int]:

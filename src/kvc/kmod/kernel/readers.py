@@ -4,6 +4,7 @@ exports a kernel build lists in ``Module.symvers`` and ``System.map``."""
 from __future__ import annotations
 
 import os
+import re
 from typing import NamedTuple, Optional
 
 from kvc.kmod.kernel.protocol import LoadedModule, ModuleState
@@ -91,10 +92,14 @@ class Export(NamedTuple):
     namespace: str = ""
 
 
-def read_symvers_exports(path: str) -> Optional[dict[str, dict[str, Export]]]:
+def read_symvers_exports(path: str, owner: Optional[str] = None) -> Optional[dict[str, dict[str, Export]]]:
     """``Module.symvers`` as {owner: {symbol: Export}}; the owner is ``vmlinux`` for the core
     kernel, else the module's path in the tree without ``.ko`` (``drivers/net/dummy``). Lines are
-    ``crc<TAB>symbol<TAB>owner<TAB>EXPORT_SYMBOL[_GPL]<TAB>namespace``."""
+    ``crc<TAB>symbol<TAB>owner<TAB>EXPORT_SYMBOL[_GPL]<TAB>namespace``. With ``owner``, only that
+    owner's lines: the boot path wants the core kernel's, and one pattern over the file's bytes
+    finds them several times faster than splitting all 25,000 lines."""
+    if owner is not None:
+        return _read_owner_exports(path, owner)
     text = read_text(path)
     if text is None:
         return None
@@ -113,15 +118,34 @@ def read_symvers_exports(path: str) -> Optional[dict[str, dict[str, Export]]]:
     return owners
 
 
+def _read_owner_exports(path: str, owner: str) -> Optional[dict[str, dict[str, Export]]]:
+    try:
+        with open(path, "rb") as handle:
+            data = b"\n" + handle.read()
+    except OSError:
+        return None
+    # Led by a literal newline, not "^" in MULTILINE mode: the engine then skips to each line.
+    pattern = re.compile(
+        rb"\n(?:0[xX])?([0-9A-Fa-f]+)\t([^\t\n]+)\t"
+        + re.escape(owner.encode("utf-8", "surrogateescape"))
+        + rb"(?=[\t\n]|\Z)(?:\t([^\t\n]*))?(?:\t([^\t\n]*))?"
+    )
+    exports = {
+        name.decode("utf-8", "surrogateescape"): Export(
+            int(crc, 16), kind.endswith(b"_GPL"), namespace.decode("utf-8", "surrogateescape")
+        )
+        for crc, name, kind, namespace in pattern.findall(data)
+    }
+    return {owner: exports} if exports else {}
+
+
 def read_symvers(path: str, *, vmlinux_only: bool = True) -> Optional[dict[str, int]]:
     """``Module.symvers`` as {symbol: crc}: the core kernel's exports, or every line's."""
-    owners = read_symvers_exports(path)
+    owners = read_symvers_exports(path, "vmlinux" if vmlinux_only else None)
     if owners is None:
         return None
     exports: dict[str, int] = {}
-    for owner, symbols in owners.items():
-        if vmlinux_only and owner != "vmlinux":
-            continue
+    for symbols in owners.values():
         exports.update({name: export.crc or 0 for name, export in symbols.items()})
     return exports
 

@@ -18,10 +18,8 @@ import functools
 import hashlib
 import json
 import os
-import secrets
 import shlex
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
@@ -32,18 +30,13 @@ from kvc.config import InstanceConfig, check_name, parse_assignments, read_conf
 from kvc.errors import ConfigError, StateError
 from kvc.kmod.digest import file_sha256
 from kvc.layout import Layout
+from kvc.pathkind import Kind, kind_of
 
 MANIFEST_SCHEMA = 1
 WRAPPER_MARKER = "# kvc wrapper"
 # Where a host looks for commands besides PATH: systemd services and login shells use these.
 COMMAND_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 _CONTEXT_KEY = "KMOD_CONTAINER_BUILD_CONTEXT"
-
-
-class Kind(enum.Enum):
-    FILE = "file"
-    SYMLINK = "symlink"
-    DIR = "dir"
 
 
 class Fate(enum.Enum):
@@ -61,18 +54,6 @@ def sha256_of(path: str, kind: Kind) -> str:
     if kind is Kind.DIR:
         return ""
     return file_sha256(path).hex()
-
-
-def kind_of(path: str) -> Optional[Kind]:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(mode):
-        return Kind.SYMLINK
-    if stat.S_ISDIR(mode):
-        return Kind.DIR
-    return Kind.FILE if stat.S_ISREG(mode) else None
 
 
 @dataclass(frozen=True)
@@ -452,7 +433,7 @@ class _Undo:
 def _aside(path: str) -> str:
     """A fresh name next to ``path`` for its earlier version (removed once the install commits)."""
     directory, base = os.path.split(path)
-    return os.path.join(directory, f".{base}.kvc-old-{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(directory, f".{base}.kvc-old-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def _replace_file(path: str, data: bytes, mode: int, undo: _Undo) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -231,7 +230,7 @@ def _members_live(serial: int) -> list[int]:
     import ctypes
     import sys
 
-    number = _KEYCTL_SYSCALLS.get(platform.machine())
+    number = _KEYCTL_SYSCALLS.get(os.uname().machine)
     if number is None:
         return []
     libc = ctypes.CDLL(None, use_errno=True)

@@ -23,7 +23,6 @@ import http.client
 import json
 import logging
 import os
-import platform
 import re
 import ssl
 import urllib.error
@@ -490,7 +489,7 @@ class RegistryClient:
         )
 
     def _platform_manifest(self, ref: Reference, index: Mapping[str, Any]) -> str:
-        arch = _GOARCH.get(platform.machine(), platform.machine())
+        arch = _GOARCH.get(os.uname().machine, os.uname().machine)
         for entry in index.get("manifests", []):
             wanted = entry.get("platform", {}) if isinstance(entry, dict) else {}
             if wanted.get("os") == "linux" and wanted.get("architecture") == arch:

@@ -37,7 +37,6 @@ import stat
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Iterator, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from kvc import proc
@@ -98,6 +97,8 @@ def parse_created(text: str) -> float:
     if not match:
         return 0.0
     year, month, day, hour, minute, second, fraction, zone = match.groups()
+    from datetime import datetime, timezone  # here: the boot path reads no creation time
+
     try:
         moment = datetime(
             int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0), tzinfo=timezone.utc

@@ -66,7 +66,6 @@ from kvc.extract import (
 from kvc.extract import is_current as extraction_is_current
 from kvc.extract import read_manifest as read_extraction
 from kvc.images import image_tag
-from kvc.install import Kind, kind_of
 from kvc.kmod import depmod
 from kvc.kmod.config import DEFAULT_CONFIG_DIRS, ModprobeConfig, load_config
 from kvc.kmod.digest import file_sha256
@@ -78,6 +77,7 @@ from kvc.layout import Layout
 from kvc.loader import LoadPlan, LoadStep, Origin, plan_load
 from kvc.lock import instance_lock
 from kvc.overlay import OVERLAY_DIR, MountManager, MountProgram, Overlay, in_container, overlay_for, read_only
+from kvc.pathkind import Kind, kind_of
 from kvc.runtime import ContainerRuntime, ImageFiles
 
 RECORD_SCHEMA = 1

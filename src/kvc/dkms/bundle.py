@@ -13,7 +13,6 @@ import leaves nothing behind, and an existing output directory is never written 
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import shutil
 import tempfile
@@ -58,7 +57,7 @@ def evaluate(runtime: ContainerRuntime, image: str, source: DkmsSource, kernel_r
         write_file(driver, driver_text().encode(), mode=0o755)
         mounts = [Mount(source.tree, f"{_IN_CONTAINER}/src", True), Mount(driver, f"{_IN_CONTAINER}/{DRIVER}", True)]
         argv = ["bash", f"{_IN_CONTAINER}/{DRIVER}", "eval", f"{_IN_CONTAINER}/src", kernel_release]
-        argv += [platform.machine(), module, version]
+        argv += [os.uname().machine, module, version]
         try:
             result = runtime.run_isolated(image, argv, mounts=mounts, timeout=EVAL_TIMEOUT)
         except CommandError as exc:

@@ -4,7 +4,7 @@ instances as ``dkms status`` shows modules: ``NAME/VERSION, KVER, ARCH: STATE``)
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import sys
 import tempfile
 from typing import Any
@@ -51,10 +51,10 @@ def status_lines(ctx: Context, instance: InstanceConfig, kernels: list[str]) -> 
         if not entry["image"]["exists"]:
             skipped = recorded_skip(ctx.layout, instance, entry["kernel"])
             if skipped:
-                lines.append(f"{package}, {entry['kernel']}, {platform.machine()}: skipped ({skipped}){suffix}")
+                lines.append(f"{package}, {entry['kernel']}, {os.uname().machine}: skipped ({skipped}){suffix}")
             continue
         outdated = "" if entry["image"]["up_to_date"] else " (image outdated: rebuild)"
-        lines.append(f"{package}, {entry['kernel']}, {platform.machine()}: {dkms_state(entry)}{outdated}{suffix}")
+        lines.append(f"{package}, {entry['kernel']}, {os.uname().machine}: {dkms_state(entry)}{outdated}{suffix}")
     return lines or [f"{package}: added{suffix}"]
 
 

@@ -1,8 +1,9 @@
 """Benchmark: ``kvc kmod depmod`` against kmod's C ``depmod`` on a full Debian module tree.
 
 ``--tree 6.1`` (the default) is Debian's current 6.1 kernel (``.ko`` files), ``--tree 6.12``
-bookworm's newest 6.12 kernel (``.ko.xz`` files); either is fetched with ``apt-get download`` once
-(tests/support/). In one run, on hard-link copies of the tree (one per tool, outputs removed), each timed round runs:
+bookworm's newest 6.12 kernel (``.ko.xz`` files), ``--tree 6.1-arm64`` the arm64 package of the 6.1
+ABI; each is fetched with ``apt-get download`` once (tests/support/). In one run, on hard-link
+copies of the tree (one per tool, outputs removed), each timed round runs:
 
 - C ``depmod -C /dev/null -b ROOT KVER``
 - ours, cold: the same through ``python -m kvc kmod depmod`` with an empty cache directory
@@ -15,7 +16,7 @@ command (ru_maxrss of the child, and of the worst worker for the cold run), and 
 output file is byte-identical to kmod's. Exit status: 0 identical, 1 a mismatch, 2 a missing
 prerequisite.
 
-Run: ``.venv/bin/python benchmarks/bench_depmod.py [--tree 6.1|6.12] [--repeat N]``
+Run: ``.venv/bin/python benchmarks/bench_depmod.py [--tree 6.1|6.12|6.1-arm64] [--repeat N]``
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import kvc
 from kvc.kmod.depmod import OUTPUTS
 from support.debian_headers import foreign_kernel
-from support.debian_kernel import DebianKernel, debian_kernel
+from support.debian_kernel import DebianKernel, arm64_kernel, debian_kernel
 from support.oracle import kmod_tool
 
-TREES: dict[str, Callable[[], DebianKernel]] = {"6.1": debian_kernel, "6.12": foreign_kernel}
+TREES: dict[str, Callable[[], DebianKernel]] = {"6.1": debian_kernel, "6.12": foreign_kernel, "6.1-arm64": arm64_kernel}
 
 
 def main() -> int:

@@ -3,7 +3,8 @@
 In one run, each command gets all module files of a Debian kernel package in a single invocation,
 several times, interleaved (after one warm-up round that is not counted). ``--tree 6.1`` (the
 default) is Debian's current 6.1 kernel (``.ko`` files), ``--tree 6.12`` bookworm's newest 6.12
-kernel (``.ko.xz`` files); either is fetched with ``apt-get download`` once (tests/support/):
+kernel (``.ko.xz`` files), ``--tree 6.1-arm64`` the arm64 package of the 6.1 ABI; each is
+fetched with ``apt-get download`` once (tests/support/):
 
 - ``modinfo FILE...``                     kmod's C tool
 - ``kvc kmod modinfo FILE...``            the console script installed in this interpreter's venv
@@ -16,7 +17,7 @@ and, for a compressed tree, xz's single-threaded decompression of every module a
 status: 0 when every output is identical, 1 when any differs, 2 on bad usage or a missing
 prerequisite.
 
-Run: ``.venv/bin/python benchmarks/bench_modinfo.py [--tree 6.1|6.12] [--repeat N] [--limit N]``
+Run: ``.venv/bin/python benchmarks/bench_modinfo.py [--tree 6.1|6.12|6.1-arm64] [--repeat N] [--limit N]``
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import kvc as kvc_package
 from support.debian_headers import foreign_kernel
-from support.debian_kernel import DebianKernel, debian_kernel
+from support.debian_kernel import DebianKernel, arm64_kernel, debian_kernel
 from support.oracle import kmod_tool
 
-TREES: dict[str, Callable[[], DebianKernel]] = {"6.1": debian_kernel, "6.12": foreign_kernel}
+TREES: dict[str, Callable[[], DebianKernel]] = {"6.1": debian_kernel, "6.12": foreign_kernel, "6.1-arm64": arm64_kernel}
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import pytest
 
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.paths import HostPaths
-from support.debian_kernel import DebianKernel, debian_kernel, indexed_debian_kernel
+from support.debian_kernel import DebianKernel, arm64_kernel, debian_kernel, indexed_debian_kernel
 from support.onefile import build_onefile
 from support.registry import LocalRegistry
 
 SLOW_TIERS = ("oracle", "podman", "vm", "onefile", "registry", "k8s", "reliability")
-NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree"}
+NEEDS_DEBIAN_KERNEL = {"kernel_tree", "indexed_kernel_tree", "arch_tree"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,6 +44,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def kernel_tree() -> DebianKernel:
     """Debian's current 6.1 kernel package, unpacked (module tree without depmod output)."""
     return debian_kernel()
+
+
+@pytest.fixture(scope="session", params=["amd64", "arm64"])
+def arch_tree(request: pytest.FixtureRequest) -> DebianKernel:
+    """Debian's current 6.1 kernel package for each architecture the whole-tree comparisons run
+    on: the host's amd64 one and the arm64 one of the same ABI (ELF64 little-endian, EM_AARCH64;
+    first compared on 6.1.0-57-arm64, 6.1.192-3, with kmod 30+20221128-1). Unpacked, not indexed."""
+    return debian_kernel() if request.param == "amd64" else arm64_kernel()
 
 
 @pytest.fixture(scope="session")

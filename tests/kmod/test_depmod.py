@@ -1,7 +1,7 @@
-"""kvc kmod depmod against Debian's kmod 30 depmod: the full Debian 6.1 tree (every output byte for
-byte), small trees of real modules under depmod.d configs using every directive, dependency
-cycles of synthetic modules, error paths, compressed modules, the parse cache, and fuzzing of the
-config parser and of the index writer against the reader."""
+"""kvc kmod depmod against Debian's kmod 30 depmod: the full Debian 6.1 trees of amd64 and arm64
+(every output byte for byte), small trees of real modules under depmod.d configs using every
+directive, dependency cycles of synthetic modules, error paths, compressed modules, the parse
+cache, and fuzzing of the config parser and of the index writer against the reader."""
 
 from __future__ import annotations
 
@@ -107,35 +107,35 @@ def same_run(tmp: Path, build: object, args: list[str], kver: str = KVER) -> tup
 
 
 @pytest.mark.oracle
-def test_full_debian_tree_is_byte_identical(kernel_tree: DebianKernel, tmp_path: Path) -> None:
+def test_full_debian_tree_is_byte_identical(arch_tree: DebianKernel, tmp_path: Path) -> None:
     roots = {}
     for who in ("kmod", "ours"):
         root = tmp_path / who
-        link_tree(kernel_tree.moddir, root / "lib" / "modules" / kernel_tree.release)
+        link_tree(arch_tree.moddir, root / "lib" / "modules" / arch_tree.release)
         roots[who] = root
-    theirs = run_kmod("depmod", ["-C", "/dev/null", "-b", str(roots["kmod"]), kernel_tree.release])
-    ours = run_ours(["-C", "/dev/null", "-b", str(roots["ours"]), kernel_tree.release], cache=tmp_path / "cache")
+    theirs = run_kmod("depmod", ["-C", "/dev/null", "-b", str(roots["kmod"]), arch_tree.release])
+    ours = run_ours(["-C", "/dev/null", "-b", str(roots["ours"]), arch_tree.release], cache=tmp_path / "cache")
     assert theirs.returncode == ours.returncode == 0
     assert ours.stderr == theirs.stderr
-    ours_dir = roots["ours"] / "lib" / "modules" / kernel_tree.release
-    theirs_dir = roots["kmod"] / "lib" / "modules" / kernel_tree.release
+    ours_dir = roots["ours"] / "lib" / "modules" / arch_tree.release
+    theirs_dir = roots["kmod"] / "lib" / "modules" / arch_tree.release
     # Every .bin decodes to the same content and is byte-identical (kmod 30's post-order layout).
     assert_same_outputs(ours_dir, theirs_dir)
-    assert len((ours_dir / "modules.dep").read_text().splitlines()) == len(kernel_tree.modules())
+    assert len((ours_dir / "modules.dep").read_text().splitlines()) == len(arch_tree.modules())
     # A warm run (the cache kept) replays the same bytes.
     for name in OUTPUTS:
         (ours_dir / name).unlink()
-    again = run_ours(["-C", "/dev/null", "-b", str(roots["ours"]), kernel_tree.release], cache=tmp_path / "cache")
+    again = run_ours(["-C", "/dev/null", "-b", str(roots["ours"]), arch_tree.release], cache=tmp_path / "cache")
     assert again.returncode == 0 and again.stderr == theirs.stderr
     assert_same_outputs(ours_dir, theirs_dir)
-    shown = run_ours(["-n", "-C", "/dev/null", "-b", str(roots["ours"]), kernel_tree.release])
-    kmod_shown = run_kmod("depmod", ["-n", "-C", "/dev/null", "-b", str(roots["kmod"]), kernel_tree.release])
+    shown = run_ours(["-n", "-C", "/dev/null", "-b", str(roots["ours"]), arch_tree.release])
+    kmod_shown = run_kmod("depmod", ["-n", "-C", "/dev/null", "-b", str(roots["kmod"]), arch_tree.release])
     assert shown.stdout == kmod_shown.stdout and shown.returncode == kmod_shown.returncode
 
 
 @pytest.mark.oracle
-def test_fast_symbol_reader_matches_the_elf_reader(kernel_tree: DebianKernel) -> None:
-    for path in kernel_tree.modules()[::7]:
+def test_fast_symbol_reader_matches_the_elf_reader(arch_tree: DebianKernel) -> None:
+    for path in arch_tree.modules()[::7]:
         record = read_module(str(path))
         module = ModuleFile.open(str(path))
         raw = [(s.name.encode("utf-8", "surrogateescape"), s.crc) for s in module.exported_symbols]
@@ -146,7 +146,7 @@ def test_fast_symbol_reader_matches_the_elf_reader(kernel_tree: DebianKernel) ->
         assert unpack_imports(record[2]) == imports
         assert list(record[3]) == module.aliases
     assert MAX_MODULE_FILE == module_reader.MAX_MODULE_FILE
-    for path in kernel_tree.modules():
+    for path in arch_tree.modules():
         data = path.read_bytes()
         assert fast_record(data) == parse_elf(ElfFile(data, str(path))), path
 

@@ -1,4 +1,5 @@
-"""kvc kmod modinfo against Debian's kmod 30 modinfo on the real Debian 6.1 module tree."""
+"""kvc kmod modinfo against Debian's kmod 30 modinfo on the real Debian 6.1 module tree (the whole
+tree in one call for arm64 too)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def assert_same(tool_args: list[str]) -> None:
     assert ours.returncode == theirs.returncode
 
 
-def test_every_module_of_the_tree_in_one_call(kernel_tree: DebianKernel) -> None:
-    modules = [str(path) for path in kernel_tree.modules()]
+def test_every_module_of_the_tree_in_one_call(arch_tree: DebianKernel) -> None:
+    modules = [str(path) for path in arch_tree.modules()]
     assert len(modules) > 3500
     ours = run_kvc("modinfo", modules)
     theirs = run_kmod("modinfo", modules)

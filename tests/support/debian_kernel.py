@@ -2,7 +2,8 @@
 
 The version is the one Debian's ``linux-image-amd64`` metapackage names. The package is fetched
 with ``apt-get download`` and unpacked with ``dpkg-deb -x`` once, into a cache directory
-(``KVC_TEST_CACHE``, default ``~/.cache/kvc-test``) that later runs reuse.
+(``KVC_TEST_CACHE``, default ``~/.cache/kvc-test``) that later runs reuse. The arm64 package of
+the same ABI comes the same way, through a private apt state (:func:`private_apt`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Optional
 
 MODULE_SUFFIXES = (".ko", ".ko.gz", ".ko.xz", ".ko.zst")
 
@@ -60,9 +62,28 @@ def current_release() -> str:
     return match.group(1)
 
 
-def unpacked_packages(base: Path, packages: list[str]) -> Path:
+def private_apt(state: Path, architecture: str) -> dict[str, str]:
+    """An environment in which apt reads the host's sources for ``architecture`` as well as the
+    host's own, into lists and caches of its own under ``state`` (updated here): the system's dpkg
+    architectures and apt state stay untouched."""
+    lists, caches = state / "lists", state / "cache"
+    (lists / "partial").mkdir(parents=True)
+    (caches / "archives" / "partial").mkdir(parents=True)
+    native = subprocess.run(["dpkg", "--print-architecture"], check=True, capture_output=True, text=True).stdout
+    config = state / "apt.conf"
+    config.write_text(
+        f'Dir::State::Lists "{lists}";\nDir::Cache "{caches}";\n'
+        f'APT::Architectures {{ "{native.strip()}"; "{architecture}"; }};\n'
+    )
+    env = {**os.environ, "APT_CONFIG": str(config)}
+    subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env)
+    return env
+
+
+def unpacked_packages(base: Path, packages: list[str], architecture: Optional[str] = None) -> Path:
     """``base/tree``: Debian's ``packages`` fetched with ``apt-get download`` and unpacked there
-    with ``dpkg-deb -x``, once (under a lock; a ``.complete`` mark says it was done)."""
+    with ``dpkg-deb -x``, once (under a lock; a ``.complete`` mark says it was done). Packages of
+    a foreign ``architecture`` (named ``PACKAGE:ARCH``) come through a private apt state."""
     root = base / "tree"
     done = base / ".complete"
     base.mkdir(parents=True, exist_ok=True)
@@ -73,7 +94,10 @@ def unpacked_packages(base: Path, packages: list[str]) -> Path:
             shutil.rmtree(download, ignore_errors=True)
             shutil.rmtree(root, ignore_errors=True)
             download.mkdir()
-            subprocess.run(["apt-get", "download", "-q", *packages], cwd=download, check=True, capture_output=True)
+            env = private_apt(download / "apt", architecture) if architecture else None
+            subprocess.run(
+                ["apt-get", "download", "-q", *packages], cwd=download, check=True, capture_output=True, env=env
+            )
             debs = sorted(download.glob("*.deb"))
             assert len(debs) == len(packages), debs
             for deb in debs:
@@ -92,6 +116,15 @@ def kernel_package(release: str) -> DebianKernel:
 @cache
 def debian_kernel() -> DebianKernel:
     return kernel_package(current_release())
+
+
+@cache
+def arm64_kernel() -> DebianKernel:
+    """Debian's ``linux-image-ABI-arm64`` of the ABI linux-image-amd64 names, unpacked."""
+    release = current_release().rsplit("-", 1)[0] + "-arm64"
+    return DebianKernel(
+        release, unpacked_packages(cache_dir() / release, [f"linux-image-{release}:arm64"], architecture="arm64")
+    )
 
 
 @cache

@@ -19,7 +19,7 @@ import argparse
 import errno
 import logging
 import sys
-from typing import Callable, NoReturn, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Sequence
 
 from kvc.errors import ConfigError, ExitCode, HostFileError, KernelMissingError, KvcError, LoadError, UsageError
 
@@ -31,6 +31,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message, hint=f"see '{self.prog} --help'")
+
+
+if TYPE_CHECKING:
+    _Commands = argparse._SubParsersAction[_Parser]
 
 
 def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
@@ -46,37 +50,7 @@ def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
         parser.add_argument("--kernel", "-k", metavar="KVER", help="kernel release (default: running)")
 
 
-class _OnlyCommand:
-    """``add_parser`` that attaches only the command the command line names; the others are built
-    detached and dropped (the boot path's ``kvc load`` then parses with one sub-parser, not 25)."""
-
-    def __init__(self, sub: argparse._SubParsersAction[_Parser], only: str) -> None:
-        self.sub = sub
-        self.only = only
-        self.attached = False
-
-    def add_parser(self, name: str, *, help: str) -> _Parser:
-        if name == self.only:
-            self.attached = True
-            return self.sub.add_parser(name, help=help)
-        return _Parser(prog=name, add_help=False)
-
-
-_Commands = Union["argparse._SubParsersAction[_Parser]", _OnlyCommand]
-
-
-def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
-    """kvc's parser; with ``only``, one that knows only that command, unless it is no command (the
-    full parser's error then lists them all)."""
-    parser = _Parser(
-        prog=PROG,
-        description="Kernel modules via containers.",
-        epilog="'kvc kmod TOOL ...' runs the kmod-compatible tools (lsmod, modinfo, insmod, rmmod).",
-    )
-    parser.add_argument("--verbose", "-v", action="store_true", help="log external commands")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub: _Commands = subparsers if only is None else _OnlyCommand(subparsers, only)
-
+def _add_build(sub: _Commands) -> None:
     p = sub.add_parser("build", help="build the instance image for each kernel")
     p.add_argument("name")
     _add_kernel(p, many=True)
@@ -90,17 +64,23 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
 
+
+def _add_sign(sub: _Commands) -> None:
     p = sub.add_parser("sign", help="sign the instance's built modules on this host, into a new image")
     p.add_argument("name")
     _add_kernel(p, many=True)
     p.add_argument("--dry-run", action="store_true", help="print the plan, sign nothing")
 
+
+def _add_push(sub: _Commands) -> None:
     p = sub.add_parser("push", help="push the instance's images to a registry, labelled with what they hold")
     p.add_argument("name")
     p.add_argument("repository", nargs="?", metavar="REPOSITORY", help="REGISTRY/PATH (default: KVC_REGISTRY)")
     _add_kernel(p, many=True)
     p.add_argument("--dry-run", action="store_true", help="print the plan, push nothing")
 
+
+def _add_pull(sub: _Commands) -> None:
     p = sub.add_parser("pull", help="pull the instance's images for the kernels from a registry (checked first)")
     p.add_argument("name")
     p.add_argument("repository", nargs="?", metavar="REPOSITORY", help="REGISTRY/PATH (default: KVC_REGISTRY)")
@@ -108,19 +88,27 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="pull again even when the local image is the same")
     p.add_argument("--dry-run", action="store_true", help="print the plan, pull nothing")
 
+
+def _add_inspect(sub: _Commands) -> None:
     p = sub.add_parser("inspect", help="what a registry image holds, from its manifest and config (no layers)")
     p.add_argument("reference", metavar="REF", help="REGISTRY/PATH:TAG or REGISTRY/PATH@DIGEST")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
 
+
+def _add_export(sub: _Commands) -> None:
     p = sub.add_parser("export", help="write the instance's images for the kernels into one OCI archive")
     p.add_argument("name")
     p.add_argument("--kernel", "-k", action="append", required=True, metavar="KVER", help="kernel release (repeatable)")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the archive to write")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
 
+
+def _add_import(sub: _Commands) -> None:
     p = sub.add_parser("import", help="take the images of an archive from 'kvc export' in, digests checked")
     p.add_argument("archive", metavar="FILE")
 
+
+def _add_load(sub: _Commands) -> None:
     p = sub.add_parser("load", help="extract, preflight and load the instance's modules")
     p.add_argument("name")
     _add_kernel(p)
@@ -145,6 +133,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         "DIR/lib/modules/KVER (default: the kernel 'kvc verify' cached)",
     )
 
+
+def _add_deliver(sub: _Commands) -> None:
     p = sub.add_parser(
         "deliver", help="install the instance's modules and shipped files into a kernel's module tree (or remove them)"
     )
@@ -153,6 +143,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--remove", action="store_true", help="remove the delivery: the tree and its indexes as before")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
 
+
+def _add_check(sub: _Commands) -> None:
     p = sub.add_parser(
         "check",
         help="run the load preflight on copies of the modules, load nothing; or, with --next-boot, the reboot gate",
@@ -173,6 +165,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="with --next-boot: machine-readable output (schema 1)")
 
+
+def _add_kernel_added(sub: _Commands) -> None:
     p = sub.add_parser(
         "kernel-added",
         help="prepare every enabled instance for a new kernel: build or pull, verify if asked, deliver in tree "
@@ -183,22 +177,30 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
 
+
+def _add_unload(sub: _Commands) -> None:
     p = sub.add_parser("unload", help="unload the instance's modules in reverse dependency order")
     p.add_argument("name")
     _add_kernel(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--force", action="store_true", help="unload even if other modules hold them")
 
+
+def _add_reload(sub: _Commands) -> None:
     p = sub.add_parser("reload", help="build if needed, unload, load")
     p.add_argument("name")
     _add_kernel(p)
     p.add_argument("--dry-run", action="store_true", help="print the three plans (build, unload, load), change nothing")
 
+
+def _add_wrapper(sub: _Commands) -> None:
     p = sub.add_parser("wrapper", help="run a userspace tool from the instance image")
     p.add_argument("name")
     _add_kernel(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
+
+def _add_verify(sub: _Commands) -> None:
     p = sub.add_parser("verify", help="load, smoke-test and unload the built modules on the target kernel in a VM")
     p.add_argument("name")
     _add_kernel(p)
@@ -247,6 +249,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, boot nothing")
 
+
+def _add_keys(sub: _Commands) -> None:
     p = sub.add_parser("keys", help="module-signing keys: generate one, or show the host's trust")
     keys = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     k = keys.add_parser("generate", help="a MOK-style RSA key and certificate (DER for mokutil --import)")
@@ -258,9 +262,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     k.add_argument("name", nargs="?", help="also judge this instance's extracted modules' signatures")
     k.add_argument("--json", action="store_true", help="machine-readable output")
 
-    _add_k8s(sub)
-    _add_dkms(sub)
 
+def _add_status(sub: _Commands) -> None:
     p = sub.add_parser("status", help="images, extraction and load state per instance and kernel")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
@@ -275,6 +278,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     )
     _add_kernel(p, many=True)
 
+
+def _add_install(sub: _Commands) -> None:
     p = sub.add_parser("install", help="install an instance bundle and the systemd unit")
     p.add_argument("bundle", metavar="BUNDLE_DIR")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
@@ -284,12 +289,11 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         help="install wrapper commands even where they shadow a host command of the same name",
     )
 
+
+def _add_uninstall(sub: _Commands) -> None:
     p = sub.add_parser("uninstall", help="remove an installed instance")
     p.add_argument("name")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    if isinstance(sub, _OnlyCommand) and not sub.attached:
-        return build_parser()
-    return parser
 
 
 def _add_dkms(sub: _Commands) -> None:
@@ -362,6 +366,51 @@ def _add_k8s(sub: _Commands) -> None:
     k.add_argument("name")
 
     k8s.add_parser("label-node", help="(in the kvc-kernel-label DaemonSet) label this node with its kernel, wait")
+
+
+# Each command's sub-parser, in the order --help lists them.
+_COMMANDS: dict[str, Callable[[_Commands], None]] = {
+    "build": _add_build,
+    "sign": _add_sign,
+    "push": _add_push,
+    "pull": _add_pull,
+    "inspect": _add_inspect,
+    "export": _add_export,
+    "import": _add_import,
+    "load": _add_load,
+    "deliver": _add_deliver,
+    "check": _add_check,
+    "kernel-added": _add_kernel_added,
+    "unload": _add_unload,
+    "reload": _add_reload,
+    "wrapper": _add_wrapper,
+    "verify": _add_verify,
+    "keys": _add_keys,
+    "k8s": _add_k8s,
+    "dkms": _add_dkms,
+    "status": _add_status,
+    "install": _add_install,
+    "uninstall": _add_uninstall,
+}
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """kvc's parser; with ``only``, one that knows only that command, unless it is no command (the
+    full parser's error then lists them all): the boot path's ``kvc load`` builds one sub-parser,
+    not 25."""
+    parser = _Parser(
+        prog=PROG,
+        description="Kernel modules via containers.",
+        epilog="'kvc kmod TOOL ...' runs the kmod-compatible tools (lsmod, modinfo, insmod, rmmod).",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log external commands")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if only in _COMMANDS:
+        _COMMANDS[only](subparsers)
+    else:
+        for add in _COMMANDS.values():
+            add(subparsers)
+    return parser
 
 
 def report(error: KvcError) -> int:

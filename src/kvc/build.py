@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
 import shlex
 import stat
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
-from kvc.atomic import write_json
 from kvc.config import InstanceConfig
 from kvc.errors import BuildError, BuildSkipped, CommandError
 from kvc.images import (
@@ -49,7 +46,6 @@ from kvc.kmod.errors import KmodError
 from kvc.kmod.module import ModuleFile, is_module_filename
 from kvc.kmod.names import modname_from_path as name_from_path
 from kvc.kmod.names import modname_normalize as normalize_name
-from kvc.layout import Layout
 from kvc.runtime import BuildCommandError, ContainerRuntime, ImageFiles, ImageInfo
 
 _log = logging.getLogger("kvc")
@@ -541,25 +537,6 @@ def skip_reason(output: str) -> str:
 
 
 # ---- skipped kernels -------------------------------------------------------------------------------------------
-
-
-def record_skip(layout: Layout, instance: InstanceConfig, kernel_release: str, reason: str) -> None:
-    """Remember that the build declined the kernel, for these build inputs: the reboot gate, the
-    unit and status then know the instance has nothing for that kernel, as DKMS would."""
-    data = {"reason": reason, "digest": context_digest(instance, kernel_release), "at": int(time.time())}
-    write_json(layout.skip_record(instance.name, kernel_release), data)
-
-
-def recorded_skip(layout: Layout, instance: InstanceConfig, kernel_release: str) -> str:
-    """Why the build declined the kernel, when it did with the current build inputs ("" otherwise)."""
-    try:
-        with open(layout.skip_record(instance.name, kernel_release), encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return ""
-    if not isinstance(data, dict) or data.get("digest") != context_digest(instance, kernel_release):
-        return ""
-    return str(data.get("reason", ""))
 
 
 # ---- execution ----------------------------------------------------------------------------------------------

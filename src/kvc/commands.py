@@ -16,16 +16,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from kvc import systemd
-from kvc.build import (
-    ACTION_BUILD,
-    ACTION_UP_TO_DATE,
-    BuildPlan,
-    execute_build,
-    image_is_current,
-    plan_build,
-    record_skip,
-    recorded_skip,
-)
 from kvc.config import Delivery, GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.errors import BuildSkipped, KvcError, StateError, UsageError
 from kvc.extract import (
@@ -50,6 +40,7 @@ from kvc.layout import Layout
 from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
 from kvc.lock import images_in_use, instance_lock
 from kvc.runtime import ContainerRuntime, ImageFiles, ImageInfo, runtime_for
+from kvc.skiprecord import record_skip, recorded_skip
 from kvc.tree import (
     delivery_status,
     execute_deliver,
@@ -65,7 +56,8 @@ from kvc.verifyrecord import VerifyStatus, published_verification, verification_
 
 if TYPE_CHECKING:
     # Imported where used: 'kvc load' and 'kvc status' (the boot path) never import the registry
-    # client, the archive or the kernel-update code.
+    # client, the archive or the kernel-update code, and 'kvc load' not the build.
+    from kvc.build import BuildPlan
     from kvc.nextboot import NextKernel
     from kvc.registry import Reference, RegistryClient, RegistryOptions
 
@@ -105,6 +97,8 @@ class Context:
     def image_plan(self, instance: InstanceConfig, kernel: str, *, force: bool = False) -> BuildPlan:
         """How the instance's image for the kernel is made: from its registry (KVC_REGISTRY) when it
         has one, else built (or pulled from KVC_IMAGE)."""
+        from kvc.build import plan_build
+
         if instance.registry:
             from kvc.distribute import plan_obtain
 
@@ -185,6 +179,8 @@ def _registry_repository(instance: InstanceConfig, given: Optional[str], action:
 
 
 def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.build import ACTION_BUILD, execute_build
+
     instance = ctx.instance(args.name)
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     push_to = _registry_repository(instance, args.push or None, "push") if args.push is not None else None
@@ -297,6 +293,7 @@ def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_pull(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.build import execute_build
     from kvc.distribute import plan_pull
 
     instance = ctx.instance(args.name)
@@ -624,6 +621,8 @@ def cmd_unload(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_reload(ctx: Context, args: argparse.Namespace) -> int:
+    from kvc.build import ACTION_UP_TO_DATE, execute_build
+
     instance = ctx.instance(args.name)
     kernel = ctx.running_kernel(instance, args.kernel, "reload")
     if args.dry_run:
@@ -694,6 +693,8 @@ def status_kernels(ctx: Context, instance: InstanceConfig, requested: Optional[l
 def instance_status(
     ctx: Context, instance: InstanceConfig, kernels: list[str], *, remote: bool = False
 ) -> dict[str, Any]:
+    from kvc.build import image_is_current
+
     loaded = {m.name: m for m in ctx.kernel.loaded_modules()}
     entries = []
     for kernel in kernels:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol
 
-from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current, record_skip, recorded_skip
+from kvc.build import ACTION_UP_TO_DATE, BuildPlan, execute_build, image_is_current
 from kvc.config import Delivery, InstanceConfig
 from kvc.errors import BuildSkipped, KvcError, StateError
 from kvc.imagerecord import images_locked
@@ -29,6 +29,7 @@ from kvc.images import image_tag
 from kvc.layout import Layout
 from kvc.nextboot import EnabledInstance, NextKernel, enabled_instances
 from kvc.runtime import ContainerRuntime
+from kvc.skiprecord import record_skip, recorded_skip
 from kvc.verifyrecord import VerifyStatus, verification_of
 
 GATE_SCHEMA = 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -51,6 +50,8 @@ def _run_echoing(
 ) -> tuple[int, str]:
     """Run with stdout and stderr merged into one pipe that is copied to our stderr line by line
     as it arrives and collected; (status, output). Raises TimeoutExpired after killing the child."""
+    import subprocess  # here, as in run(): the boot path runs no command
+
     lines: list[str] = []
     with subprocess.Popen(
         args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
@@ -95,6 +96,8 @@ def run(
     without it the program shares our stdin/stdout/stderr (interactive wrappers). With ``echo``
     (and ``capture``) stdout and stderr are merged, shown on our stderr as they arrive and collected
     in ``stdout`` (long builds: visible live, still there for the failure tail); no ``input_text``."""
+    import subprocess  # here: the boot path's load and status run no command, and it costs them 1.5 ms
+
     args = [str(arg) for arg in argv]
     if echo and (input_text is not None or not capture):
         raise ValueError("echo needs capture and takes no input")
@@ -135,6 +138,8 @@ def run_bytes(argv: Sequence[str], data: bytes, *, timeout: Optional[float] = No
     """Run ``argv`` with ``data`` on its stdin and return its stdout as bytes (an external signer:
     binary in, binary out). Only the argv is logged, never ``data`` or the output; on failure the
     error carries the tail of stderr alone."""
+    import subprocess  # here, as in run()
+
     args = [str(arg) for arg in argv]
     log.info("+ %s", shlex.join(args))
     try:

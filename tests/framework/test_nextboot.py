@@ -19,7 +19,7 @@ from typing import Any, Optional
 import pytest
 
 from kvc import hooks
-from kvc.build import context_digest, record_skip
+from kvc.build import context_digest
 from kvc.config import InstanceConfig
 from kvc.errors import ExitCode, KernelMissingError
 from kvc.images import image_labels, image_tag
@@ -33,6 +33,7 @@ from kvc.nextboot import (
     named_kernel,
     newest,
 )
+from kvc.skiprecord import record_skip
 from support import fakeprog
 from support.debian_kernel import DebianKernel, current_release
 from support.example import unique_prefix, write_example_conf

@@ -9,11 +9,11 @@ import sys
 import tempfile
 from typing import Any
 
-from kvc.build import recorded_skip
 from kvc.commands import Context, instance_status, say, status_kernels
 from kvc.config import InstanceConfig
 from kvc.dkms.bundle import execute_import, plan_import
 from kvc.dkms.source import locate
+from kvc.skiprecord import recorded_skip
 
 
 def _import(ctx: Context, args: argparse.Namespace) -> int:

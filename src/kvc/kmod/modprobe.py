@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -105,6 +104,8 @@ class ModuleObject:
 def run_shell(command: str, env: Mapping[str, str]) -> int:
     """``system(command)``: ``/bin/sh -c command``; returns the exit status (0 when the shell
     was killed by a signal, as WEXITSTATUS reads it), or -1 when the shell cannot start."""
+    import subprocess  # here: only install commands run one, and a load plan imports this module
+
     try:
         proc = subprocess.run(["/bin/sh", "-c", command], env=dict(env))
     except OSError:

@@ -72,7 +72,7 @@ from kvc.kmod.paths import HostPaths
 from kvc.kmod.signature import SIG_MAGIC, parse_signature
 
 STATE_DIR = ".kvc-fake-kernel"
-EXPORTS_FILE = "exports.marshal"  # {symbol: (crc, gpl, namespace)} of the core kernel
+EXPORTS_FILE = "exports.marshal"  # ({symbol: crc}, {symbol: (crc, gpl, namespace)}) of the core kernel
 PAGE_SIZE = 4096
 MODULE_NAME_LEN = 56  # 64 - sizeof(unsigned long)
 
@@ -589,7 +589,7 @@ class FakeKernel(SyscallKernel):
         self.paths = paths
         self.state_dir = paths.host(f"/{STATE_DIR}")
         self._config: Optional[KernelConfig] = None
-        self._core: Optional[dict[str, Export]] = None
+        self._core: Optional[tuple[dict[str, int], dict[str, tuple[Optional[int], bool, str]]]] = None
         self._last_log: list[str] = []
 
     # -- creation ---------------------------------------------------------------------------
@@ -638,7 +638,12 @@ class FakeKernel(SyscallKernel):
         core = _read_core_exports(config)
         write_file(
             os.path.join(kernel.state_dir, EXPORTS_FILE),
-            marshal.dumps({name: tuple(export) for name, export in core.items()}),
+            marshal.dumps(
+                (
+                    {name: export.crc or 0 for name, export in core.items()},
+                    {name: tuple(export) for name, export in core.items()},
+                )
+            ),
             volatile=True,
         )
         if config.decompress:
@@ -771,21 +776,28 @@ class FakeKernel(SyscallKernel):
         except OSError:
             return None
 
-    def core_exports(self) -> dict[str, Export]:
+    def _core_table(self) -> tuple[dict[str, int], dict[str, tuple[Optional[int], bool, str]]]:
         """The core kernel's exported symbols (vmlinux lines of Module.symvers, else System.map),
-        read once by :meth:`create` into the state, as a kernel has its table from boot on."""
+        read once by :meth:`create` into the state, as a kernel has its table from boot on: the
+        CRCs, and each symbol's (crc, gpl, namespace). Plain tuples: the boot path's load asks
+        about a few symbols of 10,000."""
         if self._core is None:
             try:
                 with open(os.path.join(self.state_dir, EXPORTS_FILE), "rb") as handle:
-                    table = marshal.loads(handle.read())  # load(handle) reads in small pieces: 7x slower
+                    crcs, details = marshal.loads(handle.read())  # load(handle) reads in small pieces: 7x slower
             except (OSError, EOFError, ValueError, TypeError) as exc:
                 raise KernelError(errno.ENOSYS, f"no fake kernel under {self.paths.root}: {exc}") from None
-            self._core = {name: Export(*entry) for name, entry in table.items()}
+            self._core = (crcs, details)
         return self._core
+
+    def core_export(self, symbol: str) -> Optional[Export]:
+        """The core kernel's export of ``symbol``, or None."""
+        entry = self._core_table()[1].get(symbol)
+        return None if entry is None else Export(*entry)
 
     def exported_symbols(self) -> Mapping[str, int]:
         """Every symbol a module could use now: the core kernel's and the loaded modules'."""
-        exports = {name: export.crc or 0 for name, export in self.core_exports().items()}
+        exports = dict(self._core_table()[0])
         for mod in self._load()["modules"]:
             exports.update({name: info[0] or 0 for name, info in mod["exports"].items()})
         return exports
@@ -931,7 +943,6 @@ class FakeKernel(SyscallKernel):
         versions_index = 0 if flags & MODULE_INIT_IGNORE_MODVERSIONS else image.find_sec("__versions")
         versions = _modversions(image, versions_index)
         mod_taint = 0
-        core = self.core_exports()
 
         def taint(bit: int, *, warn: str = "") -> None:
             nonlocal mod_taint
@@ -960,7 +971,7 @@ class FakeKernel(SyscallKernel):
             return True
 
         # check_modstruct_version()
-        layout = core.get("module_layout")
+        layout = self.core_export("module_layout")
         if config.modversions and layout is not None and not check_version("module_layout", layout.crc):
             raise _Refused(errno.ENOEXEC)
         # layout_and_allocate() -> check_modinfo()
@@ -1030,7 +1041,7 @@ class FakeKernel(SyscallKernel):
             if sym.shndx != _SHN_UNDEF:
                 continue
             gplok = not mod_taint & (1 << TAINT_PROPRIETARY_MODULE)
-            owner, export = self._find_symbol(state, core, sym.name, gplok)
+            owner, export = self._find_symbol(state, sym.name, gplok)
             result = 0
             if export is None:
                 result = errno.ENOENT
@@ -1078,7 +1089,7 @@ class FakeKernel(SyscallKernel):
             raise _Refused(failure)
         # complete_formation() -> verify_exported_symbols()
         for symbol in exports:
-            owner, export = self._find_symbol(state, core, symbol, True)
+            owner, export = self._find_symbol(state, symbol, True)
             if export is not None:
                 log.append(f"{image.mod_name}: exports duplicate symbol {symbol} (owned by {owner or 'kernel'})")
                 raise _Refused(errno.ENOEXEC)
@@ -1162,11 +1173,9 @@ class FakeKernel(SyscallKernel):
             return errno.ENOKEY
         return 0
 
-    def _find_symbol(
-        self, state: dict[str, Any], core: Mapping[str, Export], symbol: str, gplok: bool
-    ) -> tuple[Optional[str], Optional[Export]]:
+    def _find_symbol(self, state: dict[str, Any], symbol: str, gplok: bool) -> tuple[Optional[str], Optional[Export]]:
         """find_symbol(): the core kernel first, then the modules, newest first."""
-        export = core.get(symbol)
+        export = self.core_export(symbol)
         if export is not None:
             return (None, export) if gplok or not export.gpl else (None, None)
         for mod in state["modules"]:

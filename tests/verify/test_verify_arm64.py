@@ -205,7 +205,7 @@ def test_an_amd64_build_is_refused_by_the_arm64_kernel_with_its_elf_line(arm64_e
     tag_image(arm64_env, name, build_modules(arm64_env, cross=False))
     code, report = verify(arm64_env, name)
     assert code == 5, json.dumps(report, indent=2)
-    assert report["status"] == "refused"
+    assert report["status"] == "load-refused"
     first = report["modules"][0]
     assert first["name"] == "simple_kmod" and not first["loaded"] and first["errno"] == "ENOEXEC"
     assert any("Invalid architecture in ELF header: 62" in line for line in first["log"]), first["log"]

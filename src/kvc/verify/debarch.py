@@ -30,6 +30,7 @@ COMPLETE_MARK = ".complete"
 PYTHON_META = "python3-minimal"
 PYTHON_PACKAGES = ("python{v}-minimal", "libpython{v}-minimal", "libpython{v}-stdlib")
 BUSYBOX_PACKAGE = "busybox-static"
+APPLETS = ("/bin/sh", "/usr/sbin/chroot")
 _PYTHON_VERSION = re.compile(r"\bpython(3\.[0-9]+)-minimal\b")
 _FIRST_NAME = re.compile(r"^\s*([a-z0-9][a-z0-9+.-]*)")
 
@@ -202,4 +203,12 @@ def guest_python(cache_dir: str, arch: Arch) -> GuestPython:
         root, problem = unpack(base, packages, env)
         if root is None:
             raise KernelMissingError(f"cannot fetch the {arch.value} guest's Python and busybox: {problem}", hint=hint)
-    return GuestPython(os.path.join(base, "tree"), (major, minor))
+    guest = GuestPython(os.path.join(base, "tree"), (major, minor))
+    # The agent runs the smoke test with /bin/sh, chrooted into the image: busybox's applets,
+    # linked as its package's own --install would (the root has no dash or coreutils).
+    for applet in APPLETS:
+        link = os.path.join(guest.root, applet.lstrip("/"))
+        if not os.path.lexists(link):
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink("/bin/busybox", link)
+    return guest

@@ -94,7 +94,11 @@ def _read(path: str) -> str:
 
 
 def known(env: dict[str, str], package: str) -> bool:
-    """Whether kvc's lists name ``package`` (``NAME:ARCH``)."""
+    """Whether kvc's lists name ``package`` (``NAME:ARCH``), updated first when they do not (kvc's
+    lists are fetched when first needed, and a kernel released since is not in them)."""
+    if package in _records(env, [package]):
+        return True
+    update(env)
     return package in _records(env, [package])
 
 

@@ -87,6 +87,13 @@ def _debian_package(cache_dir: str, release: str) -> tuple[str, Optional[dict[st
     return f"linux-image-{release}:{arch.value}", debarch.apt_environment(cache_dir, arch)
 
 
+def _known(package: str, env: Optional[dict[str, str]]) -> bool:
+    if env is not None:
+        return debarch.known(env, package)
+    shown = proc.run(["apt-cache", "show", "--no-all-versions", package], check=False)
+    return shown.returncode == 0 and bool(shown.stdout.strip())
+
+
 def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFiles], str]:
     """Debian's package for ``release``, unpacked (once) under ``cache_dir/kernels/KVER``."""
     base = os.path.join(cache_dir, "kernels", release)
@@ -97,10 +104,10 @@ def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFi
             return None, "no apt-get and dpkg-deb here to fetch a Debian kernel package"
         try:
             wanted, env = _debian_package(cache_dir, release)
+            known = _known(wanted, env)
         except CommandError as exc:
             return None, f"kvc's apt configuration for {release}: {exc.brief}"
-        known = proc.run(["apt-cache", "show", "--no-all-versions", wanted], check=False, env=env)
-        if known.returncode != 0 or not known.stdout.strip():
+        if not known:
             return None, f"no package {wanted} in this machine's apt sources (apt-cache show {wanted})"
         os.makedirs(base, exist_ok=True)
         with open(os.path.join(base, ".lock"), "w", encoding="utf-8") as lock:

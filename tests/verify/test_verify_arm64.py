@@ -13,16 +13,20 @@ same modules, handed to the arm64 kernel, refused with the kernel's own line.
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from kvc.arch import Arch
-from kvc.verify.debarch import apt_environment, guest_python, library_closure
+from kvc.verify.agentbundle import agent_bundle, agent_command
+from kvc.verify.debarch import GuestPython, apt_environment, guest_python, library_closure
 from kvc.verify.qemu import PLATFORMS, GuestMachine
 from kvc.verify.run import GUEST_APPEND, guest_append
 from support.debian_kernel import cache_dir, current_release, unpacked_packages
@@ -72,6 +76,29 @@ def test_what_an_arm64_target_cannot_have_is_a_usage_error(tmp_path: Path, extra
     result = kvc(["verify", "m", "--kernel", "6.1.0-99-arm64", *extra], {"KVC_ROOT": str(root)})
     assert result.returncode == 2, result.stderr
     assert f"kvc verify of an arm64 kernel on this amd64 host cannot take {extra[0]}" in result.stderr
+
+
+def test_the_bundle_for_a_guest_python_holds_its_standard_library_compiled_or_as_sources(tmp_path: Path) -> None:
+    version = sys.version_info[:2]
+    for name in (f"{version[0]}.{version[1]}", "3.99"):
+        stdlib = tmp_path / "root" / "usr" / "lib" / f"python{name}"
+        (stdlib / "json").mkdir(parents=True)
+        (stdlib / "json" / "__init__.py").write_text("GUEST = True\n")
+    same = GuestPython(str(tmp_path / "root"), version)
+    assert agent_command("/kvc/agent.pyz", same)[0] == f"/usr/bin/python{version[0]}.{version[1]}"
+    with zipfile.ZipFile(agent_bundle(str(tmp_path / "cache"), same)) as archive:
+        names = set(archive.namelist())
+        namespace: dict[str, object] = {}
+        exec(marshal.loads(archive.read("json/__init__.pyc")[16:]), namespace)
+        main = marshal.loads(archive.read("__main__.pyc")[16:])
+    assert namespace["GUEST"] is True  # the guest's own module, not the host's
+    assert "kvc/verify/guest.pyc" in names and "re/__init__.pyc" not in names  # the guest root has no re
+    assert same.path[0] in main.co_consts and same.path[1] in main.co_consts
+    other = GuestPython(str(tmp_path / "root"), (3, 99))
+    with zipfile.ZipFile(agent_bundle(str(tmp_path / "cache"), other)) as archive:
+        assert archive.read("json/__init__.py") == b"GUEST = True\n"
+        assert not [name for name in archive.namelist() if name.endswith(".pyc")]
+        assert "kvc/verify/guest.py" in archive.namelist() and "__main__.py" in archive.namelist()
 
 
 @pytest.mark.vm

@@ -32,6 +32,7 @@ PYTHON_PACKAGES = ("python{v}-minimal", "libpython{v}-minimal", "libpython{v}-st
 BUSYBOX_PACKAGE = "busybox-static"
 APPLETS = ("/bin/sh", "/usr/sbin/chroot")
 _PYTHON_VERSION = re.compile(r"\bpython(3\.[0-9]+)-minimal\b")
+_ROOT_VERSION = re.compile(r"-python([0-9]+)\.([0-9]+)$")
 _FIRST_NAME = re.compile(r"^\s*([a-z0-9][a-z0-9+.-]*)")
 
 
@@ -189,25 +190,17 @@ def unpack(base: str, packages: Sequence[str], env: dict[str, str]) -> tuple[Opt
 
 def guest_python(cache_dir: str, arch: Arch) -> GuestPython:
     """Debian's Python and static busybox for ``arch``, unpacked (once) under
-    ``cache_dir/guest-roots/ARCH``; KernelMissingError (the guest's files, like the kernel's)
-    when apt cannot give them."""
-    hint = "kvc verify fetches them with apt-get from this host's Debian sources; check 'apt-get update' works"
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise KernelMissingError(f"no apt-get and dpkg-deb here to fetch an {arch.value} guest's Python", hint=hint)
-    env = apt_environment(cache_dir, arch)
-    meta = _records(env, [f"{PYTHON_META}:{arch.value}"]).get(f"{PYTHON_META}:{arch.value}", {})
-    match = _PYTHON_VERSION.search(f"{meta.get('Pre-Depends', '')}, {meta.get('Depends', '')}")
-    if match is None:
-        raise KernelMissingError(f"{PYTHON_META}:{arch.value} names no Python in this host's apt sources", hint=hint)
-    major, minor = (int(part) for part in match.group(1).split("."))
-    base = os.path.join(cache_dir, "guest-roots", f"{arch.value}-python{major}.{minor}")
-    if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
-        roots = [f"{name.format(v=match.group(1))}:{arch.value}" for name in PYTHON_PACKAGES]
-        packages = [*library_closure(env, roots, arch), f"{BUSYBOX_PACKAGE}:{arch.value}"]
-        root, problem = unpack(base, packages, env)
-        if root is None:
-            raise KernelMissingError(f"cannot fetch the {arch.value} guest's Python and busybox: {problem}", hint=hint)
-    guest = GuestPython(os.path.join(base, "tree"), (major, minor))
+    ``cache_dir/guest-roots/ARCH-pythonX.Y``; KernelMissingError (the guest's files, like the
+    kernel's) when apt cannot give them. A root once made is used as it is (asking apt which
+    Python is current costs a second a run): removing it fetches the current one."""
+    roots = os.path.join(cache_dir, "guest-roots")
+    made = [
+        GuestPython(os.path.join(os.path.dirname(mark), "tree"), (int(match[1]), int(match[2])))
+        for mark in glob.glob(os.path.join(glob.escape(roots), f"{arch.value}-python*", COMPLETE_MARK))
+        for match in [_ROOT_VERSION.search(os.path.dirname(mark))]
+        if match
+    ]
+    guest = max(made, key=lambda made_root: made_root.version) if made else _fetch_guest_python(roots, arch)
     # The agent runs the smoke test with /bin/sh, chrooted into the image: busybox's applets,
     # linked as its package's own --install would (the root has no dash or coreutils).
     for applet in APPLETS:
@@ -216,3 +209,24 @@ def guest_python(cache_dir: str, arch: Arch) -> GuestPython:
             os.makedirs(os.path.dirname(link), exist_ok=True)
             os.symlink("/bin/busybox", link)
     return guest
+
+
+def _fetch_guest_python(roots: str, arch: Arch) -> GuestPython:
+    hint = "kvc verify fetches them with apt-get from this host's Debian sources; check 'apt-get update' works"
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise KernelMissingError(f"no apt-get and dpkg-deb here to fetch an {arch.value} guest's Python", hint=hint)
+    env = apt_environment(os.path.dirname(roots), arch)
+    meta = _records(env, [f"{PYTHON_META}:{arch.value}"]).get(f"{PYTHON_META}:{arch.value}", {})
+    match = _PYTHON_VERSION.search(f"{meta.get('Pre-Depends', '')}, {meta.get('Depends', '')}")
+    if match is None:
+        raise KernelMissingError(f"{PYTHON_META}:{arch.value} names no Python in this host's apt sources", hint=hint)
+    major, minor = (int(part) for part in match.group(1).split("."))
+    base = os.path.join(roots, f"{arch.value}-python{major}.{minor}")
+    packages = [
+        *library_closure(env, [f"{name.format(v=match.group(1))}:{arch.value}" for name in PYTHON_PACKAGES], arch),
+        f"{BUSYBOX_PACKAGE}:{arch.value}",
+    ]
+    root, problem = unpack(base, packages, env)
+    if root is None:
+        raise KernelMissingError(f"cannot fetch the {arch.value} guest's Python and busybox: {problem}", hint=hint)
+    return GuestPython(root, (major, minor))

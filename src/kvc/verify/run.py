@@ -128,7 +128,7 @@ class VerifyPlan:
                 *self._secure_boot_lines(),
                 *self._foreign_lines(),
                 f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
-                f"timeout {self.options.timeout:g} s, guest root {self.options.guest_root}"
+                f"timeout {self.options.timeout:g} s, guest root {self._guest_root()}"
                 + "".join(f", -device {device}" for device in self.instance.verify_devices),
                 f"  {self._load_line()}, smoke test: {self.instance.smoke_test or '(none)'}, unload",
             ]
@@ -147,9 +147,14 @@ class VerifyPlan:
             return []
         platform = PLATFORMS[self.arch]
         return [
-            f"  an {self.arch.value} guest: {platform.program} -M {platform.machine} -cpu {platform.tcg_cpu} (tcg), "
-            f"its root Debian's {self.arch.value} Python and busybox-static (fetched once into the cache)"
+            f"  an {self.arch.value} guest, emulated (tcg): "
+            f"{platform.program} -M {platform.machine} -cpu {platform.tcg_cpu}"
         ]
+
+    def _guest_root(self) -> str:
+        if self.foreign:
+            return f"Debian's {self.arch.value} Python and busybox-static (fetched once into the cache)"
+        return self.options.guest_root
 
     def _load_line(self) -> str:
         intree = self.instance.intree_modules
@@ -183,7 +188,7 @@ def plan_verify(
 
 
 def _check_foreign(arch: Arch, options: VerifyOptions) -> None:
-    """What a guest of another architecture cannot have: KVM, this host's root or the single-file
+    """What a guest of another architecture cannot have: KVM (--accel auto is TCG), this host's root or the single-file
     kvc (their programs are this host's), OVMF (an x86 firmware)."""
     what = ""
     if options.accel == "kvm":

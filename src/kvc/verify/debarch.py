@@ -82,8 +82,11 @@ def apt_environment(cache_dir: str, arch: Arch) -> dict[str, str]:
 
 
 def update(env: dict[str, str]) -> None:
-    """``apt-get update`` of kvc's own lists (the host's sources)."""
-    proc.run(["apt-get", "update", "-q"], env=env, hint="check the host's apt sources and network")
+    """``apt-get update`` of kvc's own lists (the host's sources), one kvc at a time (apt itself
+    would make a second one fail on its lock rather than wait)."""
+    with open(os.path.join(os.path.dirname(env["APT_CONFIG"]), ".update-lock"), "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc.run(["apt-get", "update", "-q"], env=env, hint="check the host's apt sources and network")
 
 
 def _read(path: str) -> str:

@@ -54,8 +54,8 @@ def write_conf(root: Path, name: str, values: dict[str, str]) -> None:
 def test_the_arm64_guest_is_the_virt_board_with_a_cortex_a57_and_its_uart_console(tmp_path: Path) -> None:
     machine = GuestMachine("Image", "init.cpio", guest_append(Arch.ARM64), str(tmp_path / "console"), arch=Arch.ARM64)
     argv = machine.argv()
+    assert argv[0] == PLATFORMS[Arch.ARM64].program == "qemu-system-aarch64"
     assert argv[argv.index("-machine") + 1] == "virt" and argv[argv.index("-cpu") + 1] == "cortex-a57"
-    assert PLATFORMS[Arch.ARM64].program == "qemu-system-aarch64"
     append = argv[argv.index("-append") + 1].split()
     assert "console=ttyAMA0" in append and "no_timer_check" not in append
     assert [word for word in GUEST_APPEND.split() if not word.startswith("console=") and word != "no_timer_check"] == [

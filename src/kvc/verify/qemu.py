@@ -78,13 +78,17 @@ class GuestMachine:
     shares: tuple[Share, ...] = ()
     memory_mb: int = 1024
     accel: str = "tcg"
-    program: str = QEMU
     arch: Arch = Arch.AMD64
     devices: tuple[str, ...] = ()  # extra -device values (KVC_VERIFY_DEVICES)
     # UEFI firmware (kvc verify --secure-boot): OVMF's code and this boot's copy of a variable store.
     firmware_code: str = ""
     firmware_vars: str = ""
     secure_boot: bool = False  # SMM and a secure flash: OVMF's Secure Boot build needs both
+
+    @property
+    def program(self) -> str:
+        """qemu's program for the architecture (qemu-system-x86_64, qemu-system-aarch64)."""
+        return PLATFORMS[self.arch].program
 
     def argv(self) -> list[str]:
         platform = PLATFORMS[self.arch]

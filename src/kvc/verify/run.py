@@ -188,8 +188,8 @@ def plan_verify(
 
 
 def _check_foreign(arch: Arch, options: VerifyOptions) -> None:
-    """What a guest of another architecture cannot have: KVM (--accel auto is TCG), this host's root or the single-file
-    kvc (their programs are this host's), OVMF (an x86 firmware)."""
+    """What a guest of another architecture cannot have: KVM (``--accel auto`` is TCG), this
+    host's root or the single-file kvc (their programs are this host's), OVMF (an x86 firmware)."""
     what = ""
     if options.accel == "kvm":
         what = "--accel kvm (KVM runs guests of the host's architecture only; the guest is emulated)"
@@ -525,7 +525,6 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             os.path.join(work, "console.log"),
             tuple(shares),
             plan.options.memory_mb,
-            program=PLATFORMS[plan.arch].program,
             arch=plan.arch,
             devices=instance.verify_devices,
         )

@@ -34,6 +34,7 @@ from support.example import EXAMPLE, unique_prefix
 from support.kvccli import kvc
 
 SHARED_CACHE = cache_dir() / "kvc"
+KMODS = Path(__file__).resolve().parents[1] / "kmods"
 SMOKE = "dmesg | grep -F 'Hello world from simple_kmod.'"
 
 
@@ -142,31 +143,38 @@ def arm64_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         yield {"tmp": tmp, "release": release, "headers": headers, "env": env, "prefix": prefix}
 
 
-def build_modules(arm64_env: dict[str, Any], cross: bool) -> Path:
-    """simple-kmod's two modules, for arm64 (cross-compiled against the arm64 headers) or, for
-    the refusal, for amd64 (against the host's headers of the same ABI)."""
-    work: Path = arm64_env["tmp"] / ("arm64" if cross else "amd64")
-    shutil.copytree(EXAMPLE / "src", work)
+SIMPLE = ("simple-kmod", "simple-procfs-kmod")
+SIMPLE_CONF = {"KVC_MODULE_PARAMS_simple_procfs_kmod": "number=0", "KVC_SMOKE_TEST": SMOKE}
+
+
+def build_modules(
+    arm64_env: dict[str, Any], cross: bool, sources: Path = EXAMPLE / "src", names: tuple[str, ...] = SIMPLE
+) -> list[Path]:
+    """The modules ``names`` of ``sources`` (default: simple-kmod's two), for arm64
+    (cross-compiled against the arm64 headers) or, for the refusal, for amd64 (against the
+    host's headers of the same ABI)."""
+    work: Path = arm64_env["tmp"] / f"{'arm64' if cross else 'amd64'}-{names[0]}"
+    shutil.copytree(sources, work)
     amd64_headers = Path("/usr/src") / f"linux-headers-{current_release()}"
     kdir = arm64_env["headers"] if cross else amd64_headers
-    make = ["make", "-C", str(kdir), f"M={work}", "KMODVER=1.0.0", "modules"]
-    built = subprocess.run(
-        make + (["CROSS_COMPILE=aarch64-linux-gnu-"] if cross else []), capture_output=True, text=True, check=False
-    )
+    # MODULES and KBUILD_MODPOST_WARN: what tests/kmods' Makefile passes kbuild.
+    make = ["make", "-C", str(kdir), f"M={work}", "KMODVER=1.0.0", f"MODULES={' '.join(names)}"]
+    make += ["KBUILD_MODPOST_WARN=1", "modules", *(["CROSS_COMPILE=aarch64-linux-gnu-"] if cross else [])]
+    built = subprocess.run(make, capture_output=True, text=True, check=False)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    return work
+    return [work / f"{name}.ko" for name in names]
 
 
-def tag_image(arm64_env: dict[str, Any], name: str, modules: Path, conf: dict[str, str] | None = None) -> None:
-    """An arm64 image of simple-kmod's modules and busybox (the smoke test's sh, grep and dmesg),
-    tagged as kvc's image of instance ``name`` for the arm64 kernel, with its conf (``conf``:
-    more keys)."""
+def tag_image(arm64_env: dict[str, Any], name: str, modules: list[Path], conf: dict[str, str]) -> None:
+    """An arm64 image of ``modules`` (the instance's KMOD_NAMES, in order) and busybox (a smoke
+    test's sh, grep and dmesg), tagged as kvc's image of instance ``name`` for the arm64 kernel,
+    with its conf (``conf``: more keys)."""
     release = arm64_env["release"]
     context = arm64_env["tmp"] / f"context-{name}"
     extra = context / "rootfs" / "lib" / "modules" / release / "extra"
     extra.mkdir(parents=True)
-    for module in ("simple-kmod", "simple-procfs-kmod"):
-        shutil.copyfile(modules / f"{module}.ko", extra / f"{module}.ko")
+    for module in modules:
+        shutil.copyfile(module, extra / module.name)
     bin_dir = context / "rootfs" / "bin"
     bin_dir.mkdir()
     shutil.copyfile(guest_python(str(SHARED_CACHE), Arch.ARM64).busybox, bin_dir / "busybox")
@@ -185,10 +193,8 @@ def tag_image(arm64_env: dict[str, Any], name: str, modules: Path, conf: dict[st
         {
             "KMOD_CONTAINER_BUILD_CONTEXT": str(context),
             "KMOD_SOFTWARE_VERSION": "1.0.0",
-            "KMOD_NAMES": "simple-kmod simple-procfs-kmod",
-            "KVC_MODULE_PARAMS_simple_procfs_kmod": "number=0",
-            "KVC_SMOKE_TEST": SMOKE,
-            **(conf or {}),
+            "KMOD_NAMES": " ".join(module.name[: -len(".ko")] for module in modules),
+            **conf,
         },
     )
 
@@ -205,7 +211,7 @@ def test_simple_kmod_cross_built_for_arm64_is_verified_on_debians_arm64_kernel(a
     name = f"{arm64_env['prefix']}-simple"
     # wireguard: in-tree modules from the guest's own arm64 tree, dependencies with arm64's NEON
     # crypto (chacha-neon, poly1305-neon) among them, loaded first by kvc's loader in the guest.
-    conf = {"KVC_INTREE_MODULES": "wireguard"}
+    conf = {**SIMPLE_CONF, "KVC_INTREE_MODULES": "wireguard"}
     tag_image(arm64_env, name, build_modules(arm64_env, cross=True), conf)
     code, report = verify(arm64_env, name)
     assert code == 0, json.dumps(report, indent=2)
@@ -238,7 +244,7 @@ def test_simple_kmod_cross_built_for_arm64_is_verified_on_debians_arm64_kernel(a
 @pytest.mark.podman
 def test_an_amd64_build_is_refused_by_the_arm64_kernel_with_its_elf_line(arm64_env: dict[str, Any]) -> None:
     name = f"{arm64_env['prefix']}-amd64"
-    tag_image(arm64_env, name, build_modules(arm64_env, cross=False))
+    tag_image(arm64_env, name, build_modules(arm64_env, cross=False), SIMPLE_CONF)
     code, report = verify(arm64_env, name)
     assert code == 5, json.dumps(report, indent=2)
     assert report["status"] == "load-refused"
@@ -246,3 +252,32 @@ def test_an_amd64_build_is_refused_by_the_arm64_kernel_with_its_elf_line(arm64_e
     assert first["name"] == "simple_kmod" and not first["loaded"] and first["errno"] == "ENOEXEC"
     assert any("Invalid architecture in ELF header: 62" in line for line in first["log"]), first["log"]
     assert report["artifacts"]  # a failed run is kept
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_the_arm64_kernels_request_module_is_served_by_kvcs_modprobe_on_the_guest_python(
+    arm64_env: dict[str, Any],
+) -> None:
+    """kvc-requests-intree's init asks for ip_tables: the arm64 kernel runs kvc's modprobe helper,
+    the guest's arm64 Python running the agent bundle, on the guest's arm64 tree."""
+    name = f"{arm64_env['prefix']}-requests"
+    tag_image(arm64_env, name, build_modules(arm64_env, True, KMODS, ("kvc-requests-intree",)), {})
+    code, report = verify(arm64_env, name)
+    assert code == 0, json.dumps(report, indent=2)
+    ours = next(m for m in report["modules"] if m["name"] == "kvc_requests_intree")
+    assert [(call["module"], call["exit_code"]) for call in ours["requests"]] == [("ip_tables", 0)]
+    assert "kvc_requests_intree: request_module(ip_tables) returned 0, ip_tables is loaded" in ours["log"]
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_a_module_that_crashes_the_arm64_kernel_is_a_crash_with_its_oops(arm64_env: dict[str, Any]) -> None:
+    name = f"{arm64_env['prefix']}-bug"
+    tag_image(arm64_env, name, build_modules(arm64_env, True, KMODS, ("kvc-bug-on-init",)), {})
+    result = kvc(["verify", name, "--kernel", arm64_env["release"], "--json", "--timeout", "120"], arm64_env["env"])
+    report = json.loads(result.stdout)
+    assert result.returncode == 9, json.dumps(report, indent=2)
+    assert report["status"] == "crashed" and report["crash"]["during"] == "inserting kvc_bug_on_init (instance)"
+    assert any("kernel BUG at" in line for line in report["crash"]["lines"]), report["crash"]["lines"]
+    assert report["timings"]["vm_seconds"] < 120

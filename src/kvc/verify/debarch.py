@@ -6,7 +6,9 @@ apt reads the host's own sources through a configuration of kvc's own in the cac
 (``/var/cache/kvc/apt/ARCH/apt.conf``: its package lists and archives there, ``APT::Architectures``
 the host's and the target's), so the system's dpkg architectures, apt state and sources are
 never touched. Packages are fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x``,
-never installed; an unpacked set is kept (a ``.complete`` mark), so only the first run downloads.
+never installed; an unpacked set is kept (a ``.complete`` mark), so only the first run downloads
+(:func:`unpack`, which also unpacks the host architecture's kernel packages, through the system's
+apt).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from kvc import proc
 from kvc.arch import Arch
@@ -155,10 +157,17 @@ def library_closure(env: dict[str, str], roots: Sequence[str], arch: Arch) -> li
     return wanted
 
 
-def unpack(base: str, packages: Sequence[str], env: dict[str, str]) -> tuple[Optional[str], str]:
-    """``base/tree``: ``packages`` downloaded and unpacked there once (under a lock, with a
-    ``.complete`` mark); (the tree, "") or (None, what went wrong). A download that fails is
-    tried again after an update of the lists (they may name versions the mirror dropped)."""
+def unpack(
+    base: str,
+    packages: Sequence[str],
+    env: Optional[dict[str, str]],
+    finish: Optional[Callable[[str], str]] = None,
+) -> tuple[Optional[str], str]:
+    """``base/tree``: ``packages`` downloaded (through kvc's own apt configuration ``env``, or the
+    system's with None) and unpacked there once, then ``finish(tree)`` ("" or what went wrong),
+    under a lock, with a ``.complete`` mark; (the tree, "") or (None, what went wrong). With kvc's
+    own lists a download that fails is tried again after updating them (they may name versions
+    the mirror has dropped since)."""
     root = os.path.join(base, "tree")
     if os.path.isfile(os.path.join(base, COMPLETE_MARK)):
         return root, ""
@@ -175,13 +184,18 @@ def unpack(base: str, packages: Sequence[str], env: dict[str, str]) -> tuple[Opt
             try:
                 proc.run(["apt-get", "download", "-q", *packages], cwd=download, env=env)
             except CommandError:
+                if env is None:
+                    raise
                 update(env)
                 proc.run(["apt-get", "download", "-q", *packages], cwd=download, env=env)
             debs = sorted(glob.glob(os.path.join(glob.escape(download), "*.deb")))
             if len(debs) != len(packages):
-                return None, f"apt-get download of {len(packages)} packages gave {len(debs)}"
+                return None, f"apt-get download of {' '.join(packages)} gave {len(debs)} packages"
             for deb in debs:
                 proc.run(["dpkg-deb", "-x", deb, root])
+            problem = finish(root) if finish else ""
+            if problem:
+                return None, problem
         except CommandError as exc:
             last = exc.output_tail.strip().splitlines()
             return None, f"{' '.join(exc.argv[:3])} failed: {last[-1] if last else exc.brief}"

@@ -15,8 +15,6 @@ kernel downloads it.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import glob
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,7 +27,6 @@ from kvc.kmod import depmod
 from kvc.verify import debarch
 
 INDEX_FILES = ("modules.dep.bin", "modules.dep")
-COMPLETE_MARK = ".complete"
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFi
     base = os.path.join(cache_dir, "kernels", release)
     root = os.path.join(base, "tree")
     package = f"linux-image-{release}"
-    if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
+    if not os.path.isfile(os.path.join(base, debarch.COMPLETE_MARK)):
         if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
             return None, "no apt-get and dpkg-deb here to fetch a Debian kernel package"
         try:
@@ -109,42 +106,14 @@ def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFi
             return None, f"kvc's apt configuration for {release}: {exc.brief}"
         if not known:
             return None, f"no package {wanted} in this machine's apt sources (apt-cache show {wanted})"
-        os.makedirs(base, exist_ok=True)
-        with open(os.path.join(base, ".lock"), "w", encoding="utf-8") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
-                problem = _unpack_debian_package(base, root, wanted, release, env)
-                if problem:
-                    return None, problem
+        # Debian's package carries no indexes (its postinst runs depmod on install): kvc's depmod.
+        unpacked, problem = debarch.unpack(base, [wanted], env, lambda tree: index_module_tree(tree, release))
+        if unpacked is None:
+            return None, problem
     found, problem = find_in_tree(root, release)
     if found is None:
         return None, f"the unpacked {package} is incomplete: {problem}"
     return dataclasses.replace(found, source=f"Debian package {package} (cached in {base})"), ""
-
-
-def _unpack_debian_package(base: str, root: str, package: str, release: str, env: Optional[dict[str, str]]) -> str:
-    download = os.path.join(base, "download")
-    for path in (download, root):
-        shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(download)
-    try:
-        proc.run(["apt-get", "download", "-q", package], cwd=download, env=env)
-        debs = glob.glob(os.path.join(glob.escape(download), "*.deb"))
-        if len(debs) != 1:
-            return f"apt-get download {package} gave {len(debs)} packages"
-        proc.run(["dpkg-deb", "-x", debs[0], root])
-        # Debian's package carries no indexes (its postinst runs depmod on install): kvc's depmod.
-        problem = index_module_tree(root, release)
-        if problem:
-            return problem
-    except CommandError as exc:
-        last = exc.output_tail.strip().splitlines()
-        return f"{' '.join(exc.argv[:3])} failed: {last[-1] if last else exc.brief}"
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
-    with open(os.path.join(base, COMPLETE_MARK), "w", encoding="utf-8"):
-        pass
-    return ""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@
 #      Debian 6.1 ABI (linux-headers-amd64), pahole (dwarves: newer headers such as bookworm's 6.12
 #      run it for BTF while building any module), util-linux, ca-certificates, xz-utils, zstd and
 #      systemd (for systemd-analyze), qemu-system-x86 and busybox-static (kvc verify's VM), ovmf
-#      (kvc verify --secure-boot's UEFI firmware),
+#      (kvc verify --secure-boot's UEFI firmware), qemu-system-arm (kvc verify's arm64 VM:
+#      qemu-system-aarch64) and gcc-aarch64-linux-gnu (the tests cross-compile modules for it),
 #      debootstrap and binutils (the single-file kvc, built in a Debian 11 root; objdump),
 #      docker-registry and apache2-utils (the tests start their own registry on a free port of
 #      127.0.0.1, with TLS from a test CA and htpasswd auth).
@@ -86,9 +87,12 @@ KERNEL_PACKAGES=(linux-headers-amd64 dwarves)  # the current 6.1 ABI's headers (
 SYSTEMD_PACKAGES=(systemd)              # systemd-analyze verifies kvc's unit (no need to boot with it)
 # kvc verify boots the target kernel under qemu; ovmf is the UEFI firmware --secure-boot boots through
 VM_PACKAGES=(qemu-system-x86 busybox-static ovmf)
+# kvc verify of arm64 kernels boots them under qemu-system-aarch64 (its busybox and Python come as arm64
+# packages into kvc's cache); the arm64 verify tests cross-compile their modules
+ARM64_PACKAGES=(qemu-system-arm gcc-aarch64-linux-gnu)
 DIST_PACKAGES=(debootstrap binutils)  # the single-file kvc: built in a Debian 11 root, its glibc floor read with objdump
 REGISTRY_PACKAGES=(docker-registry apache2-utils openssl)  # the tests' local registry: TLS (test CA) and htpasswd -B
-PACKAGES=("${BASE_PACKAGES[@]}" "${ORACLE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}" "${DIST_PACKAGES[@]}" "${REGISTRY_PACKAGES[@]}")
+PACKAGES=("${BASE_PACKAGES[@]}" "${ORACLE_PACKAGES[@]}" "${KERNEL_PACKAGES[@]}" "${SYSTEMD_PACKAGES[@]}" "${VM_PACKAGES[@]}" "${ARM64_PACKAGES[@]}" "${DIST_PACKAGES[@]}" "${REGISTRY_PACKAGES[@]}")
 
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -q -o DPkg::Lock::Timeout=300)

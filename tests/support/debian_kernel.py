@@ -64,20 +64,13 @@ def current_release() -> str:
 
 def private_apt(state: Path, architecture: str) -> dict[str, str]:
     """An environment in which apt reads the host's sources for ``architecture`` as well as the
-    host's own, into lists and caches of its own under ``state`` (updated here): the system's dpkg
-    architectures and apt state stay untouched."""
-    lists, caches = state / "lists", state / "cache"
-    (lists / "partial").mkdir(parents=True)
-    (caches / "archives" / "partial").mkdir(parents=True)
-    native = subprocess.run(["dpkg", "--print-architecture"], check=True, capture_output=True, text=True).stdout
-    config = state / "apt.conf"
-    config.write_text(
-        f'Dir::State::Lists "{lists}";\nDir::Cache "{caches}";\n'
-        f'APT::Architectures {{ "{native.strip()}"; "{architecture}"; }};\n'
-    )
-    env = {**os.environ, "APT_CONFIG": str(config)}
-    subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=env)
-    return env
+    host's own, into lists and caches of its own under ``state`` (kvc verify's own apt
+    configuration, :func:`kvc.verify.debarch.apt_environment`): the system's dpkg architectures
+    and apt state stay untouched."""
+    from kvc.arch import parse_arch
+    from kvc.verify.debarch import apt_environment
+
+    return {**os.environ, **apt_environment(str(state), parse_arch(architecture))}
 
 
 def unpacked_packages(base: Path, packages: list[str], architecture: Optional[str] = None) -> Path:

@@ -11,6 +11,15 @@ its ``__main__`` puts the host's ``sys.path`` behind the zip, so anything else (
 third-party module, a C extension) is found where the host finds it. The code that runs in the
 guest is still this installation's: the bundle is rebuilt whenever a file it was made from
 changes (its key covers every file's path, size and mtime, and the interpreter).
+
+A guest of another architecture (an arm64 VM on an amd64 host) cannot run the host's Python: it
+runs Debian's Python of its own architecture (:mod:`kvc.verify.debarch`), and the bundle then holds
+that Python's standard-library modules (the same ones, read from its unpacked root) with kvc's
+package, and puts that Python's own path behind the zip. Bytecode is the same on every
+architecture, and the same for every release of one Python version (the magic number changes
+within alphas and betas only), so when the host's Python has the guest's version the bundle is
+compiled as for the host. Otherwise it holds the sources, which the guest compiles at each start
+(zipimport caches nothing): correct, but slower under emulation.
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import os
 import sys
 import sysconfig
 import zipfile
-from typing import Iterator
+from typing import Iterator, Optional
 
 import kvc
 from kvc.atomic import write_file
+from kvc.verify.debarch import GuestPython
 
 # What the guest runs: the agent, and kvc's modprobe (the kernel's request_module() helper).
 ENTRY_MODULES = ("kvc.verify.guest", "kvc.kmod.tools", "kvc.kmod.tools.modprobe")
@@ -54,10 +64,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def agent_command(bundle: str) -> list[str]:
+def agent_command(bundle: str, guest: Optional[GuestPython] = None) -> list[str]:
     """The guest's command for the agent (the job file follows); ``+ [KMOD_ARGUMENT, "modprobe"]``
     is kvc's modprobe. ``-I``: no environment, no user site; ``-S``: the path is the bundle's."""
-    return [sys.executable, "-I", "-S", bundle]
+    return [guest.executable if guest else sys.executable, "-I", "-S", bundle]
 
 
 def _package_files(directory: str, prefix: str) -> Iterator[tuple[str, str]]:
@@ -69,9 +79,10 @@ def _package_files(directory: str, prefix: str) -> Iterator[tuple[str, str]]:
                 yield prefix + os.path.relpath(path, directory)[: -len(".py")].replace(os.sep, "/"), path
 
 
-def _stdlib_module_files(stdlib: str) -> dict[str, str]:
+def _stdlib_module_files(stdlib: str, target: str) -> dict[str, str]:
     """The standard-library modules this process has imported (whole packages: a package only
-    partly in the zip would hide the rest of it), outside site-packages."""
+    partly in the zip would hide the rest of it), outside site-packages, as files of the standard
+    library in ``target`` (the host's own, or a guest Python's)."""
     found: dict[str, str] = {}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
@@ -83,18 +94,20 @@ def _stdlib_module_files(stdlib: str) -> dict[str, str]:
         if first == os.pardir or first in ("site-packages", "dist-packages"):
             continue
         if os.sep in relative:
-            found.update(_package_files(os.path.join(stdlib, first), first + "/"))
-        else:
-            found[relative[: -len(".py")]] = path
+            found.update(_package_files(os.path.join(target, first), first + "/"))
+        elif os.path.isfile(os.path.join(target, relative)):
+            found[relative[: -len(".py")]] = os.path.join(target, relative)
     return found
 
 
-def bundle_sources() -> dict[str, str]:
+def bundle_sources(guest: Optional[GuestPython] = None) -> dict[str, str]:
     """Archive name (without ``.pyc``) -> source file, for everything the bundle holds."""
     for name in ENTRY_MODULES:
         importlib.import_module(name)
     package = os.path.dirname(os.path.abspath(kvc.__file__))
-    sources = _stdlib_module_files(sysconfig.get_paths()["stdlib"])
+    stdlib = sysconfig.get_paths()["stdlib"]
+    target = guest.root + guest.stdlib if guest else stdlib
+    sources = _stdlib_module_files(stdlib, target)
     sources.update(_package_files(package, "kvc/"))
     return sources
 
@@ -114,38 +127,47 @@ def _pyc(source: bytes, path: str) -> bytes:
     return importlib.util.MAGIC_NUMBER + flags + importlib.util.source_hash(source) + marshal.dumps(code)
 
 
-def _key(sources: dict[str, str], main: str) -> str:
+def _key(sources: dict[str, str], main: str, compiled: bool) -> str:
     digest = hashlib.sha256()
     executable = os.path.realpath(sys.executable)
     info = os.stat(executable)
-    digest.update(f"{sys.version}\0{executable}\0{info.st_size}\0{info.st_mtime_ns}\0{main}\0".encode())
+    digest.update(f"{sys.version}\0{executable}\0{info.st_size}\0{info.st_mtime_ns}\0{main}\0{compiled}\0".encode())
     for name, path in sorted(sources.items()):
         stat = os.stat(path)
         digest.update(f"{name}\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return digest.hexdigest()
 
 
-def _write_zip(sources: dict[str, str], main: str) -> bytes:
+def _write_zip(sources: dict[str, str], main: str, compiled: bool) -> bytes:
+    """The zip of ``sources`` and ``main``: compiled (``.pyc``), or the sources themselves."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, path in sorted(sources.items()):
-            with open(path, "rb") as handle:
-                source = handle.read()
-            archive.writestr(zipfile.ZipInfo(f"{name}.pyc", _ZIP_TIME), _pyc(source, path))
-        archive.writestr(zipfile.ZipInfo("__main__.pyc", _ZIP_TIME), _pyc(main.encode(), "__main__.py"))
+        for name, path in [*sorted(sources.items()), ("__main__", "")]:
+            source = main.encode() if name == "__main__" else _read_bytes(path)
+            if compiled:
+                archive.writestr(zipfile.ZipInfo(f"{name}.pyc", _ZIP_TIME), _pyc(source, path or "__main__.py"))
+            else:
+                archive.writestr(zipfile.ZipInfo(f"{name}.py", _ZIP_TIME), source)
     return buffer.getvalue()
 
 
-def agent_bundle(cache_dir: str) -> str:
-    """The bundle for this Python and this kvc, from the cache or made now (about a second)."""
-    sources = bundle_sources()
-    main = _MAIN.format(path=_host_path(), kmod=KMOD_ARGUMENT)
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def agent_bundle(cache_dir: str, guest: Optional[GuestPython] = None) -> str:
+    """The bundle for this kvc and this Python (or ``guest``'s), from the cache or made now
+    (about a second)."""
+    sources = bundle_sources(guest)
+    main = _MAIN.format(path=guest.path if guest else _host_path(), kmod=KMOD_ARGUMENT)
+    compiled = guest is None or guest.version == sys.version_info[:2]
     directory = os.path.join(cache_dir, "verify-agent")
-    target = os.path.join(directory, f"{_key(sources, main)[:32]}.pyz")
+    target = os.path.join(directory, f"{_key(sources, main, compiled)[:32]}.pyz")
     if os.path.isfile(target):
         os.utime(target)  # most recently used: kept by the pruning below
         return target
-    write_file(target, _write_zip(sources, main), sync_directory=False)
+    write_file(target, _write_zip(sources, main, compiled), sync_directory=False)
     _prune(directory, target)
     return target
 

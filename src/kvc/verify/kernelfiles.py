@@ -6,26 +6,27 @@ lacks (:class:`KernelSource`). The default sources, tried in order: a directory 
 (``--kernel-dir``, then the only source), else the host's own ``/boot`` and ``/lib/modules`` (also
 ``/lib/modules/KVER/vmlinuz``, as Fedora, CoreOS and bootc keep it), else the distribution's
 package: on Debian ``apt-get download linux-image-KVER`` and ``dpkg-deb -x`` into the cache,
-indexed with kvc's own depmod. Unpacked packages are kept in the cache (``/var/cache/kvc/kernels/KVER``),
-so only the first verification of a kernel downloads it.
+indexed with kvc's own depmod (a kernel of another architecture, ``linux-image-KVER:arm64`` on an
+amd64 host, through kvc's own apt configuration: :mod:`kvc.verify.debarch`). Unpacked packages
+are kept in the cache (``/var/cache/kvc/kernels/KVER``), so only the first verification of a
+kernel downloads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import glob
 import os
 import shutil
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 from kvc import proc
+from kvc.arch import arch_of_release, host_arch
 from kvc.errors import CommandError, KernelMissingError
 from kvc.kmod import depmod
+from kvc.verify import debarch
 
 INDEX_FILES = ("modules.dep.bin", "modules.dep")
-COMPLETE_MARK = ".complete"
 
 
 @dataclass(frozen=True)
@@ -74,57 +75,45 @@ def find_in_tree(root: str, release: str) -> tuple[Optional[KernelFiles], str]:
     return KernelFiles(release, vmlinuz, moddir, root), ""
 
 
-def _debian_package(release: str) -> str:
-    return f"linux-image-{release}"
+def _debian_package(cache_dir: str, release: str) -> tuple[str, Optional[dict[str, str]]]:
+    """The package's name and, for a kernel of another architecture than the host's, the
+    environment of kvc's own apt configuration that knows that architecture."""
+    arch = arch_of_release(release)
+    if arch is None or arch is host_arch():
+        return f"linux-image-{release}", None
+    return f"linux-image-{release}:{arch.value}", debarch.apt_environment(cache_dir, arch)
+
+
+def _known(package: str, env: Optional[dict[str, str]]) -> bool:
+    if env is not None:
+        return debarch.known(env, package)
+    shown = proc.run(["apt-cache", "show", "--no-all-versions", package], check=False)
+    return shown.returncode == 0 and bool(shown.stdout.strip())
 
 
 def fetch_debian_kernel(cache_dir: str, release: str) -> tuple[Optional[KernelFiles], str]:
     """Debian's package for ``release``, unpacked (once) under ``cache_dir/kernels/KVER``."""
     base = os.path.join(cache_dir, "kernels", release)
     root = os.path.join(base, "tree")
-    package = _debian_package(release)
-    if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
+    package = f"linux-image-{release}"
+    if not os.path.isfile(os.path.join(base, debarch.COMPLETE_MARK)):
         if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
             return None, "no apt-get and dpkg-deb here to fetch a Debian kernel package"
-        known = proc.run(["apt-cache", "show", "--no-all-versions", package], check=False)
-        if known.returncode != 0 or not known.stdout.strip():
-            return None, f"no package {package} in this machine's apt sources (apt-cache show {package})"
-        os.makedirs(base, exist_ok=True)
-        with open(os.path.join(base, ".lock"), "w", encoding="utf-8") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not os.path.isfile(os.path.join(base, COMPLETE_MARK)):
-                problem = _unpack_debian_package(base, root, package, release)
-                if problem:
-                    return None, problem
+        try:
+            wanted, env = _debian_package(cache_dir, release)
+            known = _known(wanted, env)
+        except CommandError as exc:
+            return None, f"kvc's apt configuration for {release}: {exc.brief}"
+        if not known:
+            return None, f"no package {wanted} in this machine's apt sources (apt-cache show {wanted})"
+        # Debian's package carries no indexes (its postinst runs depmod on install): kvc's depmod.
+        unpacked, problem = debarch.unpack(base, [wanted], env, lambda tree: index_module_tree(tree, release))
+        if unpacked is None:
+            return None, problem
     found, problem = find_in_tree(root, release)
     if found is None:
         return None, f"the unpacked {package} is incomplete: {problem}"
     return dataclasses.replace(found, source=f"Debian package {package} (cached in {base})"), ""
-
-
-def _unpack_debian_package(base: str, root: str, package: str, release: str) -> str:
-    download = os.path.join(base, "download")
-    for path in (download, root):
-        shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(download)
-    try:
-        proc.run(["apt-get", "download", "-q", package], cwd=download)
-        debs = glob.glob(os.path.join(glob.escape(download), "*.deb"))
-        if len(debs) != 1:
-            return f"apt-get download {package} gave {len(debs)} packages"
-        proc.run(["dpkg-deb", "-x", debs[0], root])
-        # Debian's package carries no indexes (its postinst runs depmod on install): kvc's depmod.
-        problem = index_module_tree(root, release)
-        if problem:
-            return problem
-    except CommandError as exc:
-        last = exc.output_tail.strip().splitlines()
-        return f"{' '.join(exc.argv[:3])} failed: {last[-1] if last else exc.brief}"
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
-    with open(os.path.join(base, COMPLETE_MARK), "w", encoding="utf-8"):
-        pass
-    return ""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The qemu adapter: the one place kvc starts a virtual machine.
 
-A :class:`GuestMachine` is a frozen description (kernel, initramfs, command line, 9p shares,
-extra devices, memory, accelerator, and for a UEFI boot the firmware and its variable store);
+A :class:`GuestMachine` is a frozen description (the target's architecture, kernel, initramfs,
+command line, 9p shares, extra devices, memory, accelerator, and for a UEFI boot the firmware and
+its variable store); the architecture picks qemu's program, board, CPU and console
+(:class:`Platform`);
 :func:`run_guest` boots it with no network, the serial console written to a file, no reboot (a
 guest panic ends qemu) and a hard timeout after which qemu is killed.
 :func:`choose_accel` uses KVM only when a quick probe boot under KVM works, else TCG.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kvc import proc
+from kvc.arch import Arch, host_arch
 from kvc.atomic import write_json
 from kvc.errors import CommandError, CommandTimeout
 
@@ -27,6 +30,34 @@ PROBE_TIMEOUT = 30.0
 PROBE_ARGUMENT = "kvc.probe"
 PROBE_OK = "kvc-guest: probe ok"
 QEMU_HINT = "install qemu: 'apt-get install qemu-system-x86' (Debian) or 'dnf install qemu-kvm' (Fedora)"
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What qemu emulates for a target architecture."""
+
+    program: str
+    machine: str
+    tcg_cpu: str
+    console: str  # the board's serial port, as the guest kernel names it
+    hint: str
+
+
+PLATFORMS = {
+    # Emulated, the CPU has RDRAND: with it (random.trust_cpu) the guest kernel's RNG is ready at
+    # boot, where the first getrandom() or /dev/urandom read -- Python's start -- would otherwise
+    # wait 1-2 s for the kernel's jitter entropy.
+    Arch.AMD64: Platform(QEMU, "q35", "qemu64,+rdrand", "ttyS0", QEMU_HINT),
+    # cortex-a57, not "max": max emulates pointer authentication, which makes the guest's boot
+    # 4-5 times slower under TCG. The virt board's console is its PL011 UART.
+    Arch.ARM64: Platform(
+        "qemu-system-aarch64",
+        "virt",
+        "cortex-a57",
+        "ttyAMA0",
+        "install qemu: 'apt-get install qemu-system-arm' (Debian) or 'dnf install qemu-system-aarch64' (Fedora)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -47,17 +78,24 @@ class GuestMachine:
     shares: tuple[Share, ...] = ()
     memory_mb: int = 1024
     accel: str = "tcg"
-    program: str = QEMU
+    arch: Arch = Arch.AMD64
     devices: tuple[str, ...] = ()  # extra -device values (KVC_VERIFY_DEVICES)
     # UEFI firmware (kvc verify --secure-boot): OVMF's code and this boot's copy of a variable store.
     firmware_code: str = ""
     firmware_vars: str = ""
     secure_boot: bool = False  # SMM and a secure flash: OVMF's Secure Boot build needs both
 
+    @property
+    def program(self) -> str:
+        """qemu's program for the architecture (qemu-system-x86_64, qemu-system-aarch64)."""
+        return PLATFORMS[self.arch].program
+
     def argv(self) -> list[str]:
+        platform = PLATFORMS[self.arch]
         # q35 (PCIe): on the older i440fx machine each PCI device's interrupt link is set up by
         # ACPI's interpreter, 0.15 s per 9p share under emulation; q35's links are fixed.
-        argv = [self.program, "-accel", self.accel, "-machine", "q35,smm=on" if self.secure_boot else "q35"]
+        machine = f"{platform.machine},smm=on" if self.secure_boot else platform.machine
+        argv = [self.program, "-accel", self.accel, "-machine", machine]
         if self.firmware_code:
             if self.secure_boot:
                 argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
@@ -67,10 +105,7 @@ class GuestMachine:
                 "-drive",
                 f"if=pflash,format=raw,unit=1,file={self.firmware_vars}",
             ]
-        # Emulated, the CPU has RDRAND: with it (random.trust_cpu) the guest kernel's RNG is ready
-        # at boot, where the first getrandom() or /dev/urandom read -- Python's start -- would
-        # otherwise wait 1-2 s for the kernel's jitter entropy.
-        argv += ["-cpu", "host" if self.accel == "kvm" else "qemu64,+rdrand"]
+        argv += ["-cpu", "host" if self.accel == "kvm" else platform.tcg_cpu]
         argv += [
             "-m",
             f"{self.memory_mb}M",
@@ -117,7 +152,7 @@ def run_guest(machine: GuestMachine, timeout: float) -> GuestRun:
     """Boot ``machine`` until it powers off, panics (no reboot) or ``timeout`` seconds pass."""
     started = time.monotonic()
     try:
-        result = proc.run(machine.argv(), check=False, timeout=timeout, hint=QEMU_HINT)
+        result = proc.run(machine.argv(), check=False, timeout=timeout, hint=PLATFORMS[machine.arch].hint)
     except CommandTimeout:
         return GuestRun(None, time.monotonic() - started, "")
     return GuestRun(result.returncode, time.monotonic() - started, (result.stdout + result.stderr).strip())
@@ -174,7 +209,11 @@ def kvm_works(machine: GuestMachine, cache_file: str) -> bool:
 
 
 def choose_accel(requested: str, machine: GuestMachine, cache_file: str) -> str:
-    """``tcg`` or ``kvm`` for ``requested`` (``auto``: KVM when the probe works)."""
+    """``tcg`` or ``kvm`` for ``requested`` (``auto``: KVM when the probe works). KVM runs guests
+    of the host's own architecture only: another one's is always emulated (kvc verify refuses
+    ``--accel kvm`` for it)."""
+    if machine.arch is not host_arch():
+        return "tcg"
     if requested != "auto":
         return requested
     return "kvm" if kvm_works(machine, cache_file) else "tcg"

@@ -11,6 +11,9 @@ imports, compiled), or the single-file kvc itself, whose directory is shared int
 that its root needs neither.
 The agent loads the modules with kvc's loader and the live kernel, runs the
 smoke test in the image, unloads and writes ``result.json``; the host turns it into the report.
+A kernel of another architecture than the host's (arm64 on an amd64 host) boots emulated on its own
+board (``qemu-system-aarch64 -M virt``), and the guest's root is Debian's Python and busybox of
+that architecture, fetched into the cache (:mod:`kvc.verify.debarch`), which runs the agent bundle.
 With ``--secure-boot`` the bzImage boots through OVMF with Secure Boot on and a certificate
 enrolled (:mod:`kvc.verify.secureboot`), and the report gives the kernel's verdict on each
 module's signature (:class:`SignatureVerdict`).
@@ -39,9 +42,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from kvc.arch import Arch, host_arch, target_arch
 from kvc.atomic import write_json
 from kvc.config import Delivery, InstanceConfig
-from kvc.errors import CommandError, ExitCode
+from kvc.errors import CommandError, ExitCode, UsageError
 from kvc.extract import copy_instance_modules, replace_dir
 from kvc.images import built_image
 from kvc.kmod.moddir import ModuleDirectory
@@ -50,10 +54,11 @@ from kvc.runtime import ContainerRuntime, ImageFiles
 from kvc.verify import FROZEN_AGENT_ARGUMENT
 from kvc.verify.agentbundle import KMOD_ARGUMENT, agent_bundle, agent_command
 from kvc.verify.bootimage import pvh_kernel
+from kvc.verify.debarch import GuestPython, guest_python
 from kvc.verify.guesttree import write_tree_layer
 from kvc.verify.initramfs import CpioEntry, boot_modules, build_initramfs, find_busybox
 from kvc.verify.kernelfiles import KernelFiles
-from kvc.verify.qemu import GuestMachine, Share, choose_accel, run_guest
+from kvc.verify.qemu import PLATFORMS, GuestMachine, Share, choose_accel, run_guest
 from kvc.verify.secureboot import Certificate, boot_copy, enrolled_vars, find_firmware, read_certificate
 from kvc.verifyrecord import REPORT_SCHEMA, VerifyStatus
 
@@ -65,6 +70,9 @@ STORY_LINES = 40  # the agent's last steps a crash report shows
 GUEST_APPEND = (
     "console=ttyS0 panic=-1 oops=panic quiet printk.devkmsg=on cryptomgr.notests no_timer_check random.trust_cpu=on"
 )
+# x86's own command-line words (the IO-APIC timer probe): another architecture's kernel does not
+# know them and would hand them to init as arguments.
+X86_ONLY_APPEND = frozenset({"no_timer_check"})
 SMOKE_TIMEOUT = 120.0
 GUEST_WORK = "/kvc/work"
 GUEST_IMAGE = "/kvc/image"
@@ -102,7 +110,14 @@ class VerifyPlan:
     image: str
     image_id: str
     options: VerifyOptions
+    arch: Arch
     certificate: Optional[Certificate] = None  # --secure-boot
+
+    @property
+    def foreign(self) -> bool:
+        """Whether the target is of another architecture than this host (its guest is emulated
+        and runs Debian's Python of its architecture)."""
+        return self.arch is not host_arch()
 
     def describe(self) -> str:
         return "\n".join(
@@ -111,8 +126,9 @@ class VerifyPlan:
                 f"  image {self.image} ({self.image_id[:12]})",
                 f"  kernel {self.kernel.vmlinuz}, modules {self.kernel.moddir} ({self.kernel.source})",
                 *self._secure_boot_lines(),
+                *self._foreign_lines(),
                 f"  boot under qemu ({self.options.accel}), {self.options.memory_mb} MiB, no network, "
-                f"timeout {self.options.timeout:g} s, guest root {self.options.guest_root}"
+                f"timeout {self.options.timeout:g} s, guest root {self._guest_root()}"
                 + "".join(f", -device {device}" for device in self.instance.verify_devices),
                 f"  {self._load_line()}, smoke test: {self.instance.smoke_test or '(none)'}, unload",
             ]
@@ -125,6 +141,20 @@ class VerifyPlan:
             f"  Secure Boot: the bzImage through OVMF ({find_firmware()[0]}), certificate {self.certificate.path} "
             f"('{self.certificate.description}') enrolled in MokListRT"
         ]
+
+    def _foreign_lines(self) -> list[str]:
+        if not self.foreign:
+            return []
+        platform = PLATFORMS[self.arch]
+        return [
+            f"  an {self.arch.value} guest, emulated (tcg): "
+            f"{platform.program} -M {platform.machine} -cpu {platform.tcg_cpu}"
+        ]
+
+    def _guest_root(self) -> str:
+        if self.foreign:
+            return f"Debian's {self.arch.value} Python and busybox-static (fetched once into the cache)"
+        return self.options.guest_root
 
     def _load_line(self) -> str:
         intree = self.instance.intree_modules
@@ -146,12 +176,45 @@ def plan_verify(
     find_kernel: Callable[[str], KernelFiles],
 ) -> VerifyPlan:
     """The image first (a missing build is reported before any kernel download), then the kernel."""
+    arch = target_arch(release)
+    if arch is not host_arch():
+        _check_foreign(arch, options)
     certificate = None
     if options.secure_boot_cert:
         certificate = read_certificate(options.secure_boot_cert)
         find_firmware()
     tag, info = built_image(runtime, instance, release)
-    return VerifyPlan(instance, find_kernel(release), tag, info.id, options, certificate)
+    return VerifyPlan(instance, find_kernel(release), tag, info.id, options, arch, certificate)
+
+
+def _check_foreign(arch: Arch, options: VerifyOptions) -> None:
+    """What a guest of another architecture cannot have: KVM (``--accel auto`` is TCG), this
+    host's root or the single-file kvc (their programs are this host's), OVMF (an x86 firmware)."""
+    what = ""
+    if options.accel == "kvm":
+        what = "--accel kvm (KVM runs guests of the host's architecture only; the guest is emulated)"
+    elif options.guest_root != "/":
+        what = "--guest-root (the guest's root is Debian's Python of its architecture, which kvc fetches)"
+    elif options.secure_boot_cert:
+        what = "--secure-boot (kvc boots x86 kernels through OVMF only)"
+    elif getattr(sys, "frozen", False):
+        what = "the single-file kvc (its agent is this host's executable); use the Python kvc"
+    if what:
+        raise UsageError(
+            f"kvc verify of an {arch.value} kernel on this {host_arch().value} host cannot take {what}",
+            hint=f"verify on an {arch.value} host for that",
+        )
+
+
+def guest_append(arch: Arch) -> str:
+    """The guest kernel's command line for ``arch``: GUEST_APPEND with the board's console, and
+    on another architecture than x86 without x86's own words."""
+    if arch is Arch.AMD64:
+        return GUEST_APPEND
+    words = [
+        f"console={PLATFORMS[arch].console}" if word.startswith("console=") else word for word in GUEST_APPEND.split()
+    ]
+    return " ".join(word for word in words if word not in X86_ONLY_APPEND)
 
 
 @dataclass(frozen=True)
@@ -179,15 +242,18 @@ def _copy_tools(files: ImageFiles, plan: VerifyPlan, destination: str) -> None:
         os.chmod(local, 0o755)
 
 
-def _agent(cache_dir: str) -> tuple[dict[str, str], tuple[Share, ...], list[str], list[CpioEntry]]:
+def _agent(
+    cache_dir: str, guest: Optional[GuestPython]
+) -> tuple[dict[str, str], tuple[Share, ...], list[str], list[CpioEntry]]:
     """boot.conf's settings for starting the guest agent, the share it needs, the command that
-    runs kvc's modprobe the same way, and the initramfs files it needs: the host's Python running
-    kvc's agent bundle (:mod:`kvc.verify.agentbundle`) from the initramfs, or (a frozen kvc) the
-    single-file kvc from its own directory."""
-    if not getattr(sys, "frozen", False):
-        command = agent_command(GUEST_AGENT_BUNDLE)
+    runs kvc's modprobe the same way, and the initramfs files it needs: the host's Python (or, on
+    a guest of another architecture, ``guest``'s) running kvc's agent bundle
+    (:mod:`kvc.verify.agentbundle`) from the initramfs, or (a frozen kvc) the single-file kvc
+    from its own directory."""
+    if guest is not None or not getattr(sys, "frozen", False):
+        command = agent_command(GUEST_AGENT_BUNDLE, guest)
         settings = {"KVC_AGENT": shlex.join(command), "KVC_AGENT_SHARE": "0"}
-        with open(agent_bundle(cache_dir), "rb") as handle:
+        with open(agent_bundle(cache_dir, guest), "rb") as handle:
             bundle = CpioEntry(GUEST_AGENT_BUNDLE.lstrip("/"), stat.S_IFREG | 0o644, handle.read())
         return settings, (), [*command, KMOD_ARGUMENT, "modprobe"], [bundle]
     executable = os.path.realpath(sys.executable)
@@ -378,7 +444,8 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
     instance, kernel = plan.instance, plan.kernel
     moddir = ModuleDirectory(kernel.moddir)
     boot = boot_modules(moddir)
-    agent_settings, agent_shares, modprobe, agent_files = _agent(layout.cache_dir)
+    guest = guest_python(layout.cache_dir, plan.arch) if plan.foreign else None
+    agent_settings, agent_shares, modprobe, agent_files = _agent(layout.cache_dir, guest)
     tree = instance.delivery is Delivery.TREE
     guest_moddir = f"/lib/modules/{kernel.release}"
     settings = {
@@ -416,7 +483,8 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
             _copy_tools(files, plan, os.path.join(work, "bin"))
         settings["KVC_IMAGE_SHARE"] = "1" if image_root else "0"
         initrd = os.path.join(work, "initramfs.cpio")
-        build_initramfs(initrd, find_busybox(), boot, settings, extra_files)
+        busybox = find_busybox([guest.busybox]) if guest else find_busybox()
+        build_initramfs(initrd, busybox, boot, settings, extra_files)
         job = {
             "instance": instance.name,
             "kernel": kernel.release,
@@ -437,23 +505,27 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         if plan.certificate is not None:
             job["secure_boot"] = {"key_id": plan.certificate.key_id}
         write_json(os.path.join(work, "job.json"), job)
+        guest_root = guest.root if guest else plan.options.guest_root
         shares = [
-            Share("kvcroot", plan.options.guest_root),
+            Share("kvcroot", guest_root),
             Share("kvcwork", work, readonly=False),
             Share("kvcmods", kernel.moddir),
             *agent_shares,
         ]
         if image_root:
             shares.append(Share("kvcimage", image_root))
-        # PVH has no EFI: a Secure Boot guest boots the bzImage through the firmware.
-        pvh = None if plan.certificate else pvh_kernel(kernel.vmlinuz, layout.cache_dir)
+        # PVH has no EFI: a Secure Boot guest boots the bzImage through the firmware. PVH is
+        # x86's; arm64's vmlinuz is an uncompressed Image already.
+        x86 = plan.arch is Arch.AMD64
+        pvh = pvh_kernel(kernel.vmlinuz, layout.cache_dir) if x86 and not plan.certificate else None
         machine = GuestMachine(
             pvh or kernel.vmlinuz,
             initrd,
-            GUEST_APPEND,
+            guest_append(plan.arch),
             os.path.join(work, "console.log"),
             tuple(shares),
             plan.options.memory_mb,
+            arch=plan.arch,
             devices=instance.verify_devices,
         )
         accel = choose_accel(plan.options.accel, machine, os.path.join(layout.cache_dir, "accel-probe.json"))
@@ -479,13 +551,15 @@ def _run_in_vm(plan: VerifyPlan, runtime: ContainerRuntime, layout: Layout, work
         "image": {"tag": plan.image, "id": plan.image_id},
         "kernel_files": {"vmlinuz": kernel.vmlinuz, "moddir": kernel.moddir, "source": kernel.source},
         "vm": {
+            "arch": plan.arch.value,
+            "machine": PLATFORMS[plan.arch].machine,
             "accel": accel,
-            "boot": "pvh" if pvh else "bzimage",
+            "boot": "pvh" if pvh else "bzimage" if x86 else "image",
             "firmware": machine.firmware_code or None,
             "kernel_image": machine.kernel,
             "memory_mb": plan.options.memory_mb,
             "timeout": plan.options.timeout,
-            "guest_root": plan.options.guest_root,
+            "guest_root": guest_root,
             "devices": list(instance.verify_devices),
             "qemu_exit": run.returncode,
         },
@@ -572,12 +646,20 @@ def _secure_boot_report(secure: dict[str, Any]) -> list[str]:
     ]
 
 
+_BOOT_LABELS = {"pvh": "PVH boot", "bzimage": "bzImage boot", "image": "Image boot"}
+
+
+def _board(vm: dict[str, Any]) -> str:
+    """The emulated board, named when the guest is not x86."""
+    return "" if vm.get("arch", Arch.AMD64.value) == Arch.AMD64.value else f"{vm['arch']} {vm['machine']}, "
+
+
 def format_report(report: VerifyReport) -> str:
     data = report.data
     vm = data["vm"]
     lines = [
         f"verify {data['instance']} {data['version']} on kernel {data['kernel']} "
-        f"(qemu {vm['accel']}, {'PVH boot' if vm['boot'] == 'pvh' else 'bzImage boot'}"
+        f"(qemu {vm['accel']}, {_board(vm)}{_BOOT_LABELS.get(vm['boot'], vm['boot'])}"
         f"{' through OVMF' if vm.get('firmware') else ''}, "
         f"{vm['memory_mb']} MiB, no network)",
         f"  kernel files: {data['kernel_files']['source']}",

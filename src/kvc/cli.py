@@ -56,6 +56,11 @@ def _add_build(sub: _Commands) -> None:
     _add_kernel(p, many=True)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument(
+        "--arch",
+        metavar="ARCH",
+        help="the target's architecture, amd64 or arm64 (default: what the kernel release names, else this host's)",
+    )
+    p.add_argument(
         "--push",
         nargs="?",
         const="",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import kvc
+from kvc.arch import default_arch
 from kvc.build import (
     ACTION_PULL,
     ACTION_UP_TO_DATE,
@@ -46,8 +47,10 @@ from kvc.images import (
     LABEL_NAME,
     LABEL_VERSION,
     built_image,
+    image_arch,
     image_labels,
     image_tag,
+    labelled_arch,
     registry_tags,
 )
 from kvc.kmmimage import DIR_NAME as KMM_DIR_NAME
@@ -117,7 +120,7 @@ def publish_labels(
     """The labels a pushed or exported image carries: the build's own (name, kernel, version,
     modules, digest) and what only the built modules and their verification tell."""
     labels = dict(info.labels)
-    labels.update(image_labels(instance, kernel_release, info.labels.get(LABEL_DIGEST, "")))
+    labels.update(image_labels(instance, kernel_release, info.labels.get(LABEL_DIGEST, ""), image_arch(info)))
     labels[LABEL_MODULE_INFO] = label_json(module_info(found))
     labels[LABEL_TOOL_VERSION] = kvc.__version__
     keys = sorted({module.sig_key for module in found if module.sig_key})
@@ -266,8 +269,13 @@ def remote_problems(instance: InstanceConfig, kernel_release: str, image: Remote
         problems.append(
             f"its {LABEL_VERSION} label is {labels.get(LABEL_VERSION, '')!r}, not {instance.software_version!r}"
         )
-    if context_is_local(instance) and labels.get(LABEL_DIGEST) != context_digest(instance, kernel_release):
+    if context_is_local(instance) and labels.get(LABEL_DIGEST) != context_digest(
+        instance, kernel_release, labelled_arch(labels)
+    ):
         problems.append("it was built from other inputs than this host's build context (kvc.digest differs)")
+    built_for, wanted = labelled_arch(labels), default_arch(kernel_release)
+    if built_for is not None and wanted is not None and built_for is not wanted:
+        problems.append(f"it is an {built_for.value} image, and kernel {kernel_release} here is {wanted.value}")
     return problems
 
 
@@ -299,7 +307,12 @@ def pull_plan(
         instance,
         kernel_release,
         image_tag(instance, kernel_release),
-        image_labels(instance, kernel_release, choice.image.labels.get(LABEL_DIGEST, "")),
+        image_labels(
+            instance,
+            kernel_release,
+            choice.image.labels.get(LABEL_DIGEST, ""),
+            labelled_arch(choice.image.labels),
+        ),
         ACTION_PULL,
         reason,
         source=str(digest_ref),

@@ -224,7 +224,7 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
 
                 say(execute_sign(plan_sign(instance, plan.kernel_release, ctx.runtime), ctx.runtime))
             if push_to is not None:
-                _push(ctx, instance, plan.kernel_release, push_to)
+                _push(ctx, instance, plan.kernel_release, push_to, plan.arch)
     if len(skipped) == len(plans) == 1:
         raise skipped[0]
     if skipped and len(skipped) == len(plans):
@@ -282,10 +282,10 @@ def cmd_sign(ctx: Context, args: argparse.Namespace) -> int:
     )
 
 
-def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference) -> None:
+def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference, arch: Optional[Arch] = None) -> None:
     from kvc.distribute import execute_push, plan_push
 
-    plan = plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout)
+    plan = plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout, arch)
     say(execute_push(plan, ctx.runtime, ctx.layout, ctx.registry_options))
 
 
@@ -297,11 +297,12 @@ def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     if args.dry_run:
         for kernel in kernels:
-            say(plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout).describe())
+            arch = target_arch(kernel, args.arch)
+            say(plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout, arch).describe())
         return 0
     with images_locked(ctx.layout, instance.name):
         for kernel in kernels:
-            _push(ctx, instance, kernel, repo)
+            _push(ctx, instance, kernel, repo, target_arch(kernel, args.arch))
     return 0
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import kvc
-from kvc.arch import default_arch
+from kvc.arch import Arch, default_arch
 from kvc.build import (
     ACTION_PULL,
     ACTION_UP_TO_DATE,
@@ -147,11 +147,18 @@ def verification_of(
     return {"status": record["status"], "at": record.get("at"), "kernel": kernel_release}
 
 
-def labelled_image(runtime: ContainerRuntime, layout: Layout, instance: InstanceConfig, kernel_release: str) -> str:
-    """The temporary tag (the caller removes it) of the local image of the instance for the kernel,
-    verified again, with KMM's layout added (:mod:`kvc.kmmimage`) and labelled with what it holds."""
-    tag, info = built_image(runtime, instance, kernel_release)
-    found = verify_image(runtime, tag, instance, kernel_release)
+def labelled_image(
+    runtime: ContainerRuntime,
+    layout: Layout,
+    instance: InstanceConfig,
+    kernel_release: str,
+    arch: Optional[Arch] = None,
+) -> str:
+    """The temporary tag (the caller removes it) of the local image of the instance for the kernel
+    (and ``arch``), verified again, with KMM's layout added (:mod:`kvc.kmmimage`) and labelled with
+    what it holds."""
+    tag, info = built_image(runtime, instance, kernel_release, arch)
+    found = verify_image(runtime, tag, instance, kernel_release, arch)
     labels = publish_labels(
         instance, kernel_release, info, found, verification_of(layout, instance, kernel_release, info.id)
     )
@@ -181,6 +188,7 @@ class PushPlan:
     moving: Reference
     action: str
     reason: str
+    arch: Optional[Arch] = None
 
     def describe(self) -> str:
         if self.action == ACTION_PUSHED:
@@ -204,15 +212,17 @@ def plan_push(
     runtime: ContainerRuntime,
     client: RegistryClient,
     layout: Layout,
+    arch: Optional[Arch] = None,
 ) -> PushPlan:
     """Push unless both tags already name one registry image with the local image's build-input
-    digest and verification (reads two manifests and one config; pulls nothing)."""
-    tag, info = built_image(runtime, instance, kernel_release)
-    fixed_tag, moving_tag = registry_tags(instance, kernel_release)
+    digest and verification (reads two manifests and one config; pulls nothing). ``arch``: the
+    target's architecture (None: the release's, else the host's)."""
+    tag, info = built_image(runtime, instance, kernel_release, arch)
+    fixed_tag, moving_tag = registry_tags(instance, kernel_release, arch)
     fixed, moving = repo.with_tag(fixed_tag), repo.with_tag(moving_tag)
 
     def plan(action: str, reason: str) -> PushPlan:
-        return PushPlan(instance, kernel_release, tag, fixed, moving, action, reason)
+        return PushPlan(instance, kernel_release, tag, fixed, moving, action, reason, arch)
 
     remote = client.inspect(fixed)
     if remote is None:
@@ -230,7 +240,7 @@ def plan_push(
 def execute_push(plan: PushPlan, runtime: ContainerRuntime, layout: Layout, options: RegistryOptions) -> str:
     if plan.action == ACTION_PUSHED:
         return f"{plan.fixed} is up to date"
-    publish_tag = labelled_image(runtime, layout, plan.instance, plan.kernel_release)
+    publish_tag = labelled_image(runtime, layout, plan.instance, plan.kernel_release, plan.arch)
     args = transport_args(options, plan.fixed.registry)
     try:
         with tempfile.TemporaryDirectory(prefix="kvc-push-") as scratch:

@@ -190,9 +190,12 @@ def prebuilt_ref(image: str, kernel_release: str) -> str:
     return f"{image}:{kernel_tag(kernel_release)}"
 
 
-def built_image(runtime: ContainerRuntime, instance: InstanceConfig, kernel_release: str) -> tuple[str, ImageInfo]:
-    """(tag, image) of the instance's local image for the kernel; StateError when it is not built."""
-    tag = image_tag(instance, kernel_release)
+def built_image(
+    runtime: ContainerRuntime, instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None
+) -> tuple[str, ImageInfo]:
+    """(tag, image) of the instance's local image for the kernel (and ``arch``, see
+    :func:`image_tag`); StateError when it is not built."""
+    tag = image_tag(instance, kernel_release, arch)
     info = runtime.inspect(tag)
     if info is None:
         raise StateError(

@@ -292,3 +292,22 @@ def test_an_amd64_kernel_refuses_the_arm64_image_with_one_line(built: Built) -> 
         ), result.stderr
         assert FakeKernel(HostPaths(str(root))).loaded_modules() == []
         assert "Invalid architecture" not in "\n".join(FakeKernel(HostPaths(str(root))).dmesg())
+
+
+def test_build_dry_run_with_arch(tmp_path: Path, fake: FakeRuntime) -> None:
+    fake.install([fakeprog.Rule(["image", "inspect"], "", 125, "Error: image not known\n")])
+    root = tmp_path / "root"
+    write_example_conf(root, "demo")
+    env = {**os.environ, "KVC_ROOT": str(root), "PYTHONPATH": str(ROOT / "src")}
+
+    def kvc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kvc", *args], capture_output=True, text=True, env=env)
+
+    dry = kvc("build", "demo", "--kernel", ARCHLESS, "--arch", "aarch64", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith(f"demo-1.0.0:{ARCHLESS}-arm64: build (no image yet)\n")
+    assert "KVC_ARCH=arm64" in dry.stdout
+    assert ("--platform linux/arm64" in dry.stdout) == (os.uname().machine != "aarch64")
+    contradiction = kvc("build", "demo", "--kernel", ARM, "--arch", "amd64", "--dry-run")
+    assert contradiction.returncode == 2
+    assert f"--arch amd64 contradicts kernel {ARM}, which is an arm64 kernel" in contradiction.stderr

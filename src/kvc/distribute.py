@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import kvc
-from kvc.arch import Arch, default_arch
+from kvc.arch import Arch, default_arch, find_arch
 from kvc.build import (
     ACTION_PULL,
     ACTION_UP_TO_DATE,
@@ -283,7 +283,7 @@ def remote_problems(instance: InstanceConfig, kernel_release: str, image: Remote
         instance, kernel_release, labelled_arch(labels)
     ):
         problems.append("it was built from other inputs than this host's build context (kvc.digest differs)")
-    built_for, wanted = labelled_arch(labels), default_arch(kernel_release)
+    built_for, wanted = labelled_arch(labels) or find_arch(image.architecture), default_arch(kernel_release)
     if built_for is not None and wanted is not None and built_for is not wanted:
         problems.append(f"it is an {built_for.value} image, and kernel {kernel_release} here is {wanted.value}")
     return problems

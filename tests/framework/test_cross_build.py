@@ -31,12 +31,14 @@ import pytest
 from kvc.arch import Arch, tag_suffix
 from kvc.build import BuildPlan, context_digest, execute_build, plan_build
 from kvc.config import InstanceConfig
+from kvc.distribute import remote_problems
 from kvc.errors import BuildError, LoadError
 from kvc.images import LABEL_ARCH, candidate_tag, image_labels, image_tag, registry_tags
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.paths import HostPaths
 from kvc.loader import check_architecture, plan_load
+from kvc.registry import Reference, RemoteImage
 from kvc.runtime import PodmanRuntime
 from support import fakeprog
 from support.debian_kernel import current_release
@@ -145,6 +147,29 @@ def test_the_build_refuses_modules_of_another_architecture(tmp_path: Path, fake:
     )
     assert "KVC_CROSS_COMPILE" in failed.value.hint
     assert ["rmi", f"{tag}-kvc-candidate"] in fake.calls()
+
+
+# ---- registries ---------------------------------------------------------------------------------------------
+
+
+def test_a_registry_image_of_another_architecture_is_refused(tmp_path: Path, amd64_host: None) -> None:
+    values = {"KMOD_SOFTWARE_VERSION": "1.0", "KMOD_NAMES": "demo-mod", "KVC_REGISTRY": "reg.example/x"}
+    config = InstanceConfig.from_values("demo", str(tmp_path / "demo.conf"), values)
+    labels = {"name": "demo", "kvc.kernel": ARCHLESS, "kvc.version": "1.0"}
+
+    def remote(labels: dict[str, str], architecture: str = "") -> RemoteImage:
+        digest = "sha256:" + "1" * 64
+        return RemoteImage(Reference.parse("reg.example/x:1"), digest, "", digest, labels, architecture=architecture)
+
+    assert remote_problems(config, ARCHLESS, remote({**labels, LABEL_ARCH: "amd64"})) == []
+    wrong = [f"it is an arm64 image, and kernel {ARCHLESS} here is amd64"]
+    assert remote_problems(config, ARCHLESS, remote({**labels, LABEL_ARCH: "arm64"})) == wrong
+    # An image from before the label: its config's architecture.
+    assert remote_problems(config, ARCHLESS, remote(labels, "arm64")) == wrong
+    assert remote_problems(config, ARCHLESS, remote(labels)) == []
+    # A release that names its architecture: the same on any host.
+    arm_labels = {**labels, "kvc.kernel": ARM, LABEL_ARCH: "arm64"}
+    assert remote_problems(config, ARM, remote(arm_labels)) == []
 
 
 # ---- loading -----------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def build_args(instance: InstanceConfig, kernel_release: str, arch: Optional[Arc
     """What the image is built for, then the instance's own arguments: KVC's KVER and KMODVER; the
     target's architecture (``arch``; None: the release's, else the host's) as KVC_ARCH (Debian's
     name), KVC_KERNEL_ARCH (kbuild's ARCH), and TARGETARCH and TARGETPLATFORM, which podman sets
-    itself with --platform but, before podman 4.4, not for FROM lines."""
+    itself inside stages but (podman 4.3, Debian 12's) not for FROM lines."""
     ours = [("KVER", kernel_release), ("KMODVER", instance.software_version)]
     target = arch or default_arch(kernel_release)
     if target is not None:

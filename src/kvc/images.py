@@ -305,26 +305,34 @@ def prune_plan(
     """(kept images, steps) among ``images``. Only images with a name kvc gave them
     (:func:`kvc_names`) count; untagged images and images with other names only are left alone.
     The image named ``keep_tag`` stays, and its kernel counts first; then the newest image (by
-    creation time) of each of the newest ``keep_kernels`` kernels stays. kvc's names come off
-    older images of a kept kernel (earlier versions), images of older kernels and stale
-    candidates; an image that has other names too is only untagged."""
+    creation time) of each of the newest ``keep_kernels`` kernels of each architecture stays (a
+    build for arm64 never prunes the amd64 images). kvc's names come off older images of a kept
+    kernel (earlier versions), images of older kernels and stale candidates; an image that has
+    other names too is only untagged."""
     ours = [info for info in images if kvc_names(info, instance)]
     keep: list[ImageInfo] = []
     steps: list[PruneStep] = []
-    kernels: list[str] = []
+    kernels: dict[Optional[Arch], list[str]] = {}
+
+    def target(info: ImageInfo) -> tuple[Optional[Arch], str]:
+        kernel = image_kernel(info)
+        return image_arch(info) or default_arch(kernel), kernel
+
     current = [info for info in ours if keep_tag is not None and info.has_name(keep_tag)]
     for info in current:
         keep.append(info)
-        if image_kernel(info) not in kernels:
-            kernels.append(image_kernel(info))
+        arch, kernel = target(info)
+        if kernel not in kernels.setdefault(arch, []):
+            kernels[arch].append(kernel)
     for info in sorted(ours, key=lambda i: (i.created_epoch, i.id), reverse=True):
         if info in current:
             continue
         names = kvc_names(info, instance)
-        kernel = image_kernel(info)
+        arch, kernel = target(info)
+        kept = kernels.setdefault(arch, [])
         tagged = [name for name in names if not _is_candidate(name)]
-        if tagged and kernel not in kernels and len(kernels) < instance.keep_kernels:
-            kernels.append(kernel)
+        if tagged and kernel not in kept and len(kept) < instance.keep_kernels:
+            kept.append(kernel)
             keep.append(info)
         else:
             steps.append(PruneStep(info, names, untag_only=len(names) < len(info.names)))

@@ -14,6 +14,7 @@ image; and ``kvc load`` on an amd64 (fake) kernel refuses it with one line, load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,13 +34,13 @@ from kvc.build import BuildPlan, context_digest, execute_build, plan_build
 from kvc.config import InstanceConfig
 from kvc.distribute import remote_problems
 from kvc.errors import BuildError, LoadError
-from kvc.images import LABEL_ARCH, candidate_tag, image_labels, image_tag, registry_tags
+from kvc.images import LABEL_ARCH, candidate_tag, image_labels, image_tag, prune_plan, registry_tags
 from kvc.kmod.kernel.fake import FakeKernel
 from kvc.kmod.module import ModuleFile
 from kvc.kmod.paths import HostPaths
 from kvc.loader import check_architecture, plan_load
 from kvc.registry import Reference, RemoteImage
-from kvc.runtime import PodmanRuntime
+from kvc.runtime import ImageInfo, PodmanRuntime
 from support import fakeprog
 from support.debian_kernel import current_release
 from support.example import unique_prefix, write_example_conf
@@ -336,3 +337,29 @@ def test_build_dry_run_with_arch(tmp_path: Path, fake: FakeRuntime) -> None:
     contradiction = kvc("build", "demo", "--kernel", ARM, "--arch", "amd64", "--dry-run")
     assert contradiction.returncode == 2
     assert f"--arch amd64 contradicts kernel {ARM}, which is an arm64 kernel" in contradiction.stderr
+
+
+def test_pruning_keeps_the_newest_kernels_of_each_architecture(tmp_path: Path) -> None:
+    config = dataclasses.replace(instance(tmp_path), keep_kernels=2)
+
+    def image(index: int, release: str, arch: Arch) -> ImageInfo:
+        labels = {"name": "demo", "kvc.version": "1.0", "kvc.kernel": release, LABEL_ARCH: arch.value}
+        created = f"2026-11-{10 + index}T00:00:00Z"
+        return ImageInfo(f"{index:064x}", (f"localhost/{image_tag(config, release, arch)}",), labels, created)
+
+    images = [image(i, f"6.1.0-{i}-{arch.value}", arch) for i in range(3) for arch in Arch]
+    images += [image(5, f"{ARCHLESS}", Arch.ARM64), image(6, f"{ARCHLESS}", Arch.AMD64)]
+    assert images[-2].names == (f"localhost/demo-1.0:{ARCHLESS}-arm64",)
+    keep, steps = prune_plan(images, config)
+    kept = sorted(name for info in keep for name in info.names)
+    assert kept == sorted(
+        [
+            f"localhost/demo-1.0:{ARCHLESS}",
+            f"localhost/demo-1.0:{ARCHLESS}-arm64",
+            "localhost/demo-1.0:6.1.0-2-amd64",
+            "localhost/demo-1.0:6.1.0-2-arm64",
+        ]
+    )
+    assert sorted(name for step in steps for name in step.names) == [
+        f"localhost/demo-1.0:6.1.0-{i}-{arch.value}" for i in range(2) for arch in Arch
+    ]

@@ -44,6 +44,16 @@ class Arch(enum.Enum):
         """The kernel's ``ARCH=`` for kbuild."""
         return _KERNEL_ARCHES[self]
 
+    @property
+    def platform(self) -> str:
+        """The OCI platform of its images (``podman build --platform``)."""
+        return f"linux/{self.value}"
+
+    def cross_compile(self, build: Arch) -> str:
+        """kbuild's ``CROSS_COMPILE`` for building for this architecture on ``build``: empty for a
+        native build, else the cross toolchain's prefix (``aarch64-linux-gnu-``)."""
+        return "" if self is build else f"{self.gnu_triplet}-"
+
 
 _MACHINES = {Arch.AMD64: "x86_64", Arch.ARM64: "aarch64"}
 _ELF_MACHINES = {Arch.AMD64: 62, Arch.ARM64: 183}
@@ -58,9 +68,15 @@ _DEBIAN_FLAVOUR = re.compile(r"-(?:[a-z0-9]+-)?(amd64|arm64)(?:-16k)?$")
 _RPM_ARCH = re.compile(r"\.(x86_64|aarch64)(?:\+[a-z0-9]+)?$")
 
 
+def find_arch(name: str) -> Optional[Arch]:
+    """The architecture ``name`` spells (``amd64``/``x86_64``, ``arm64``/``aarch64``, any case), or
+    None."""
+    return _BY_NAME.get(name.strip().lower())
+
+
 def parse_arch(name: str) -> Arch:
-    """``amd64``/``x86_64`` or ``arm64``/``aarch64`` (any case); UsageError otherwise."""
-    arch = _BY_NAME.get(name.strip().lower())
+    """:func:`find_arch`, with UsageError for a name it does not know."""
+    arch = find_arch(name)
     if arch is None:
         known = ", ".join(f"{a.value} ({a.machine})" for a in Arch)
         raise UsageError(f"unknown architecture {name!r}", hint=f"kvc builds and verifies for {known}")
@@ -71,6 +87,34 @@ def arch_of_release(release: str) -> Optional[Arch]:
     """The architecture the release's name says, or None when it says none."""
     match = _DEBIAN_FLAVOUR.search(release) or _RPM_ARCH.search(release)
     return parse_arch(match.group(1)) if match else None
+
+
+def arch_of_elf_machine(machine: int) -> Optional[Arch]:
+    """The architecture whose modules have ``e_machine`` ``machine``; None for any other."""
+    return next((arch for arch, number in _ELF_MACHINES.items() if number == machine), None)
+
+
+def known_host_arch() -> Optional[Arch]:
+    """This host's architecture, or None on a host of one kvc does not build for."""
+    return find_arch(os.uname().machine)
+
+
+def default_arch(release: str) -> Optional[Arch]:
+    """The architecture a target named only by its release has: what the release says, else the
+    host's (None on a host kvc does not build for)."""
+    return arch_of_release(release) or known_host_arch()
+
+
+def tag_suffix(release: str, arch: Optional[Arch]) -> str:
+    """What keeps a target's image names apart from other architectures' (local and registry tags):
+    nothing when the release names its architecture (Debian's flavour, RPM's suffix) or when the
+    target is amd64 (every image kvc and KVC made before architectures existed is an amd64 one, and
+    keeps its name); ``-ARCH`` (``-arm64``) for another architecture of a release that names none,
+    such as Ubuntu's ``6.8.0-45-generic``. It depends on the target only, never on the host, so the
+    build host, the registry and the loading host agree on it."""
+    if arch is None or arch is Arch.AMD64 or arch_of_release(release) is not None:
+        return ""
+    return f"-{arch.value}"
 
 
 def host_arch() -> Arch:

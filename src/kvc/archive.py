@@ -33,7 +33,7 @@ from kvc.config import InstanceConfig
 from kvc.distribute import labelled_image
 from kvc.errors import StateError
 from kvc.imagerecord import images_locked
-from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, LABEL_VERSION, image_labels, image_tag
+from kvc.images import LABEL_DIGEST, LABEL_KERNEL, LABEL_NAME, LABEL_VERSION, image_labels, image_tag, labelled_arch
 from kvc.kmod.digest import file_sha256
 from kvc.layout import Layout
 from kvc.runtime import ContainerRuntime
@@ -256,7 +256,7 @@ def import_archive(
                     instance,
                     kernel,
                     image_tag(instance, kernel),
-                    image_labels(instance, kernel, image.labels.get(LABEL_DIGEST, "")),
+                    image_labels(instance, kernel, image.labels.get(LABEL_DIGEST, ""), labelled_arch(image.labels)),
                     ACTION_PULL,
                     f"imported from {archive}",
                     source=f"oci:{layout_dir}:{image.ref_name}",

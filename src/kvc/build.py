@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from kvc.arch import Arch, arch_of_elf_machine, default_arch, known_host_arch
 from kvc.config import InstanceConfig
 from kvc.errors import BuildError, BuildSkipped, CommandError
 from kvc.images import (
@@ -35,6 +36,7 @@ from kvc.images import (
     LABEL_NAME,
     LABEL_VERSION,
     candidate_tag,
+    image_arch,
     image_labels,
     image_tag,
     match_modules,
@@ -80,10 +82,50 @@ def build_file_path(instance: InstanceConfig) -> str:
     return instance.build_file
 
 
-def build_args(instance: InstanceConfig, kernel_release: str) -> list[tuple[str, str]]:
-    """KVC's build arguments KVER and KMODVER, then the instance's own (which cannot replace them)."""
+# The build arguments kvc sets; an instance's KVC_BUILD_ARGS cannot replace them.
+TARGET_ARGS = ("KVER", "KMODVER", "KVC_ARCH", "KVC_KERNEL_ARCH", "TARGETARCH", "TARGETPLATFORM")
+HOST_ARGS = ("KVC_CROSS_COMPILE", "BUILDARCH", "BUILDPLATFORM")
+
+
+def build_args(instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None) -> list[tuple[str, str]]:
+    """What the image is built for, then the instance's own arguments: KVC's KVER and KMODVER; the
+    target's architecture (``arch``; None: the release's, else the host's) as KVC_ARCH (Debian's
+    name), KVC_KERNEL_ARCH (kbuild's ARCH), and TARGETARCH and TARGETPLATFORM, which podman sets
+    itself inside stages but (podman 4.3, Debian 12's) not for FROM lines."""
     ours = [("KVER", kernel_release), ("KMODVER", instance.software_version)]
-    return ours + [(k, v) for k, v in instance.build_args if k not in ("KVER", "KMODVER")]
+    target = arch or default_arch(kernel_release)
+    if target is not None:
+        ours += [
+            ("KVC_ARCH", target.value),
+            ("KVC_KERNEL_ARCH", target.kernel_arch),
+            ("TARGETARCH", target.value),
+            ("TARGETPLATFORM", target.platform),
+        ]
+    reserved = TARGET_ARGS + HOST_ARGS
+    return ours + [(k, v) for k, v in instance.build_args if k not in reserved]
+
+
+def host_build_args(kernel_release: str, arch: Optional[Arch] = None) -> list[tuple[str, str]]:
+    """What this build host adds for the target: KVC_CROSS_COMPILE (empty for a native build, else
+    the cross toolchain's prefix, ``aarch64-linux-gnu-``), BUILDARCH and BUILDPLATFORM (for ``FROM
+    --platform=$BUILDPLATFORM``: build stages that run here). Not part of the build digest: an image
+    cross-built on amd64 is the one an arm64 host would have built."""
+    target = arch or default_arch(kernel_release)
+    build = known_host_arch()
+    if target is None or build is None:
+        return []
+    return [
+        ("KVC_CROSS_COMPILE", target.cross_compile(build)),
+        ("BUILDARCH", build.value),
+        ("BUILDPLATFORM", build.platform),
+    ]
+
+
+def build_platform(kernel_release: str, arch: Optional[Arch] = None) -> str:
+    """``--platform`` for the build: the target's platform when it is not this host's ("" for a
+    native build, whose image has the host's platform anyway)."""
+    target = arch or default_arch(kernel_release)
+    return "" if target is None or target is known_host_arch() else target.platform
 
 
 # ---- the context digest ----------------------------------------------------------------------------------
@@ -126,7 +168,7 @@ def _hash_tree(update: Callable[[bytes], None], top: str) -> None:
     walk(top, "")
 
 
-def context_digest(instance: InstanceConfig, kernel_release: str) -> str:
+def context_digest(instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None) -> str:
     """sha256 over what the image is built from: the files of a local build context (sorted
     relative paths, type, mode and content; ``.git`` left out), the build file's name (and content
     when it lies outside the context), the software version, the build arguments, the module names
@@ -138,7 +180,7 @@ def context_digest(instance: InstanceConfig, kernel_release: str) -> str:
         instance.build_file,
         instance.software_version,
         kernel_release,
-        repr(build_args(instance, kernel_release)),
+        repr(build_args(instance, kernel_release, arch)),
         repr(list(instance.module_names)),
     ]
     for part in parts:
@@ -169,7 +211,7 @@ def image_is_current(instance: InstanceConfig, kernel_release: str, info: ImageI
     if not instance.build_context:
         named = (labels.get(LABEL_NAME), labels.get(LABEL_VERSION), labels.get(LABEL_KERNEL))
         return named == (instance.name, instance.software_version, kernel_release)
-    return labels.get(LABEL_DIGEST) == context_digest(instance, kernel_release)
+    return labels.get(LABEL_DIGEST) == context_digest(instance, kernel_release, image_arch(info))
 
 
 # ---- planning ---------------------------------------------------------------------------------------------
@@ -194,6 +236,7 @@ class BuildPlan:
     expected_labels: Mapping[str, str] = field(default_factory=dict)  # for "pull": labels it must carry
     # The candidate name a build killed between its last two steps left on the tag's image ("" if none).
     stale_candidate: str = ""
+    arch: Optional[Arch] = None  # the target's architecture (None: the release's, else the host's)
 
     def describe(self) -> str:
         """The plan for --dry-run: a summary line, then the steps."""
@@ -230,10 +273,12 @@ class BuildPlan:
         return "\n".join(lines)
 
 
-def leftover_candidate(instance: InstanceConfig, kernel_release: str, existing: Optional[ImageInfo]) -> str:
+def leftover_candidate(
+    instance: InstanceConfig, kernel_release: str, existing: Optional[ImageInfo], arch: Optional[Arch] = None
+) -> str:
     """The candidate name an interrupted build or pull left on the tag's image ("" when none): an
     up-to-date plan takes it off."""
-    candidate = candidate_tag(instance, kernel_release)
+    candidate = candidate_tag(instance, kernel_release, arch)
     return candidate if existing is not None and existing.has_name(candidate) else ""
 
 
@@ -245,21 +290,28 @@ def plan_build(
     force: bool = False,
     pull: Optional[str] = None,
     no_cache: bool = False,
+    arch: Optional[Arch] = None,
 ) -> BuildPlan:
-    """Decide what to do. Starts no container: one or two ``image inspect`` calls."""
-    tag = image_tag(instance, kernel_release)
-    digest = context_digest(instance, kernel_release)
-    labels = image_labels(instance, kernel_release, digest)
+    """Decide what to do. Starts no container: one or two ``image inspect`` calls. ``arch``: the
+    target's architecture (None: the release's, else the host's)."""
+    arch = arch or default_arch(kernel_release)
+    tag = image_tag(instance, kernel_release, arch)
+    digest = context_digest(instance, kernel_release, arch)
+    labels = image_labels(instance, kernel_release, digest, arch)
     existing = runtime.inspect(tag)
     existing_id = existing.id if existing else ""
-    candidate = candidate_tag(instance, kernel_release)
-    stale = leftover_candidate(instance, kernel_release, existing)
+    candidate = candidate_tag(instance, kernel_release, arch)
+    stale = leftover_candidate(instance, kernel_release, existing, arch)
     if instance.image:
         source = prebuilt_ref(instance.image, kernel_release)
         if force:
-            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL, "--force", source, digest, existing_id)
+            return BuildPlan(
+                instance, kernel_release, tag, labels, ACTION_PULL, "--force", source, digest, existing_id, arch=arch
+            )
         if existing is None:
-            return BuildPlan(instance, kernel_release, tag, labels, ACTION_PULL, "no image yet", source, digest)
+            return BuildPlan(
+                instance, kernel_release, tag, labels, ACTION_PULL, "no image yet", source, digest, arch=arch
+            )
         local = runtime.inspect(source)
         if local is not None and local.id != existing.id:
             return BuildPlan(
@@ -272,6 +324,7 @@ def plan_build(
                 source,
                 digest,
                 existing_id,
+                arch=arch,
             )
         return BuildPlan(
             instance,
@@ -284,16 +337,18 @@ def plan_build(
             digest,
             existing_id,
             stale_candidate=stale,
+            arch=arch,
         )
     command = tuple(
         runtime.build_argv(
             instance.build_context,
             build_file_path(instance),
             candidate,
-            build_args(instance, kernel_release),
+            build_args(instance, kernel_release, arch) + host_build_args(kernel_release, arch),
             labels,
             pull=pull,
             no_cache=no_cache,
+            platform=build_platform(kernel_release, arch),
         )
     )
     url_note = "" if context_is_local(instance) else " (URL context: only the URL string is compared)"
@@ -311,6 +366,7 @@ def plan_build(
             existing_id,
             command if action == ACTION_BUILD else (),
             stale_candidate=stale if action == ACTION_UP_TO_DATE else "",
+            arch=arch,
         )
 
     if force:
@@ -439,15 +495,19 @@ def _elsewhere(files: ImageFiles, names: Sequence[str]) -> list[str]:
 
 
 def verify_image(
-    runtime: ContainerRuntime, image: str, instance: InstanceConfig, kernel_release: str
+    runtime: ContainerRuntime, image: str, instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None
 ) -> list[FoundModule]:
-    """Every KMOD_NAMES module is in the image under /lib/modules/KVER and has a vermagic whose
-    first word is KVER; else BuildError naming each module and what was found."""
+    """Every KMOD_NAMES module is in the image under /lib/modules/KVER, has a vermagic whose first
+    word is KVER and is an ELF file of the target's architecture (``arch``; None: the release's,
+    else the host's); else BuildError naming each module and what was found."""
     with runtime.open_image(image) as files:
-        return _check_modules(files, image, instance, kernel_release)
+        return _check_modules(files, image, instance, kernel_release, arch)
 
 
-def _check_modules(files: ImageFiles, image: str, instance: InstanceConfig, kernel_release: str) -> list[FoundModule]:
+def _check_modules(
+    files: ImageFiles, image: str, instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None
+) -> list[FoundModule]:
+    target = arch or default_arch(kernel_release)
     directory = f"/lib/modules/{kernel_release}"
     listed = files.list(directory)
     found = match_modules(listed, kernel_release, instance.module_names)
@@ -482,9 +542,16 @@ def _check_modules(files: ImageFiles, image: str, instance: InstanceConfig, kern
                 vermagic = (module.vermagic or "").strip()
                 srcversion = module.info_value("srcversion") or ""
                 signature = module.signature
+                machine = module.elf.machine
             except KmodError as exc:
                 problems.append(f"{name} ({path}): not a readable module: {exc}")
                 continue
+            if target is not None and machine != target.elf_machine:
+                built = arch_of_elf_machine(machine)
+                problems.append(
+                    f"{name} ({path}): built for {built.value if built else f'ELF machine {machine}'}, "
+                    f"not {target.value} (ELF machine {machine}, not {target.elf_machine})"
+                )
             release = vermagic.split()[0] if vermagic.split() else ""
             if release != kernel_release:
                 problems.append(
@@ -505,7 +572,8 @@ def _check_modules(files: ImageFiles, image: str, instance: InstanceConfig, kern
         raise BuildError(
             f"image {image} has modules that are not built for kernel {kernel_release}",
             details="\n".join(problems),
-            hint="build against the headers of exactly this kernel release (build arg KVER)",
+            hint="build against the headers of exactly this kernel release (build arg KVER), with the "
+            "toolchain of its architecture (build args KVC_ARCH and KVC_CROSS_COMPILE)",
         )
     return results
 
@@ -521,11 +589,11 @@ def _build_warnings(files: ImageFiles) -> list[str]:
 
 
 def verify_build(
-    runtime: ContainerRuntime, image: str, instance: InstanceConfig, kernel_release: str
+    runtime: ContainerRuntime, image: str, instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None
 ) -> tuple[list[FoundModule], list[str]]:
     """:func:`verify_image`, and the warnings the build left in the image."""
     with runtime.open_image(image) as files:
-        return _check_modules(files, image, instance, kernel_release), _build_warnings(files)
+        return _check_modules(files, image, instance, kernel_release, arch), _build_warnings(files)
 
 
 def skip_reason(output: str) -> str:
@@ -585,7 +653,7 @@ def execute_build(
                 runtime.untag(plan.existing_id, plan.stale_candidate)
         return f"{plan.tag} is up to date"
     instance = plan.instance
-    candidate = candidate_tag(instance, plan.kernel_release)
+    candidate = candidate_tag(instance, plan.kernel_release, plan.arch)
     if plan.action == ACTION_PULL:
         try:
             pulled = runtime.pull(plan.source, options=plan.pull_options)
@@ -603,11 +671,12 @@ def execute_build(
                 instance.build_context,
                 build_file_path(instance),
                 candidate,
-                build_args(instance, plan.kernel_release),
+                build_args(instance, plan.kernel_release, plan.arch) + host_build_args(plan.kernel_release, plan.arch),
                 plan.labels,
                 pull=pull,
                 no_cache=no_cache,
                 stream=stream,
+                platform=build_platform(plan.kernel_release, plan.arch),
             )
         except BuildCommandError as exc:
             _remove_quietly(runtime, candidate)
@@ -621,7 +690,7 @@ def execute_build(
             cause, hint = classify_failure(exc.output, plan.kernel_release)
             raise BuildError(f"{plan.tag}: {cause}", details=exc.output_tail, hint=hint) from None
     try:
-        found, warnings = verify_build(runtime, candidate, instance, plan.kernel_release)
+        found, warnings = verify_build(runtime, candidate, instance, plan.kernel_release, plan.arch)
     except BaseException:
         _remove_quietly(runtime, candidate)
         raise

@@ -50,11 +50,20 @@ def _add_kernel(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
         parser.add_argument("--kernel", "-k", metavar="KVER", help="kernel release (default: running)")
 
 
+def _add_arch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arch",
+        metavar="ARCH",
+        help="the target's architecture, amd64 or arm64 (default: what the kernel release names, else this host's)",
+    )
+
+
 def _add_build(sub: _Commands) -> None:
     p = sub.add_parser("build", help="build the instance image for each kernel")
     p.add_argument("name")
     _add_kernel(p, many=True)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    _add_arch(p)
     p.add_argument(
         "--push",
         nargs="?",
@@ -77,6 +86,7 @@ def _add_push(sub: _Commands) -> None:
     p.add_argument("name")
     p.add_argument("repository", nargs="?", metavar="REPOSITORY", help="REGISTRY/PATH (default: KVC_REGISTRY)")
     _add_kernel(p, many=True)
+    _add_arch(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan, push nothing")
 
 

@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from kvc import systemd
+from kvc.arch import Arch, default_arch, target_arch
 from kvc.config import Delivery, GlobalConfig, InstanceConfig, check_kernel_release, check_name
 from kvc.errors import BuildSkipped, KvcError, StateError, UsageError
 from kvc.extract import (
@@ -29,7 +30,7 @@ from kvc.extract import (
     recorded_extraction,
 )
 from kvc.imagerecord import images_locked, recorded_images, remember_image, remember_images
-from kvc.images import LABEL_KERNEL, LABEL_NAME, image_tag
+from kvc.images import LABEL_KERNEL, LABEL_NAME, image_arch, image_tag
 from kvc.keys import ENROLL_STEPS, HostTrust, generate, host_trust, module_verdicts
 from kvc.kmod.config import load_config
 from kvc.kmod.kernel.environment import kernel_from_env
@@ -37,7 +38,15 @@ from kvc.kmod.kernel.protocol import Kernel
 from kvc.kmod.moddir import ModuleDirectory
 from kvc.kmod.module import ModuleFile
 from kvc.layout import Layout
-from kvc.loader import LOADED_RECORD, LoadPlan, execute_load, execute_unload, plan_load, plan_unload
+from kvc.loader import (
+    LOADED_RECORD,
+    LoadPlan,
+    check_architecture,
+    execute_load,
+    execute_unload,
+    plan_load,
+    plan_unload,
+)
 from kvc.lock import images_in_use, instance_lock
 from kvc.runtime import ContainerRuntime, ImageFiles, ImageInfo, runtime_for
 from kvc.skiprecord import record_skip, recorded_skip
@@ -94,16 +103,19 @@ class Context:
 
         return RegistryClient(self.registry_options)
 
-    def image_plan(self, instance: InstanceConfig, kernel: str, *, force: bool = False) -> BuildPlan:
+    def image_plan(
+        self, instance: InstanceConfig, kernel: str, *, force: bool = False, arch: Optional[Arch] = None
+    ) -> BuildPlan:
         """How the instance's image for the kernel is made: from its registry (KVC_REGISTRY) when it
-        has one, else built (or pulled from KVC_IMAGE)."""
+        has one, else built (or pulled from KVC_IMAGE); ``arch``: the target's architecture (None:
+        what the release names, else the host's)."""
         from kvc.build import plan_build
 
         if instance.registry:
             from kvc.distribute import plan_obtain
 
             return plan_obtain(instance, kernel, self.runtime, self.registry, self.registry_options, force=force)
-        return plan_build(instance, kernel, self.runtime, force=force)
+        return plan_build(instance, kernel, self.runtime, force=force, arch=arch)
 
     def instance(self, name: str) -> InstanceConfig:
         return InstanceConfig.load(self.layout.conf_dir, name)
@@ -184,7 +196,8 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
     instance = ctx.instance(args.name)
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     push_to = _registry_repository(instance, args.push or None, "push") if args.push is not None else None
-    plans = [ctx.image_plan(instance, kernel, force=args.force) for kernel in kernels]
+    arch = getattr(args, "arch", None)
+    plans = [ctx.image_plan(instance, kernel, force=args.force, arch=target_arch(kernel, arch)) for kernel in kernels]
     if args.dry_run:
         for plan in plans:
             say(plan.describe())
@@ -211,7 +224,7 @@ def cmd_build(ctx: Context, args: argparse.Namespace) -> int:
 
                 say(execute_sign(plan_sign(instance, plan.kernel_release, ctx.runtime), ctx.runtime))
             if push_to is not None:
-                _push(ctx, instance, plan.kernel_release, push_to)
+                _push(ctx, instance, plan.kernel_release, push_to, plan.arch)
     if len(skipped) == len(plans) == 1:
         raise skipped[0]
     if skipped and len(skipped) == len(plans):
@@ -269,10 +282,10 @@ def cmd_sign(ctx: Context, args: argparse.Namespace) -> int:
     )
 
 
-def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference) -> None:
+def _push(ctx: Context, instance: InstanceConfig, kernel: str, repo: Reference, arch: Optional[Arch] = None) -> None:
     from kvc.distribute import execute_push, plan_push
 
-    plan = plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout)
+    plan = plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout, arch)
     say(execute_push(plan, ctx.runtime, ctx.layout, ctx.registry_options))
 
 
@@ -284,11 +297,12 @@ def cmd_push(ctx: Context, args: argparse.Namespace) -> int:
     kernels = [ctx.kernel_release(k) for k in (args.kernel or [None])]
     if args.dry_run:
         for kernel in kernels:
-            say(plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout).describe())
+            arch = target_arch(kernel, args.arch)
+            say(plan_push(instance, kernel, repo, ctx.runtime, ctx.registry, ctx.layout, arch).describe())
         return 0
     with images_locked(ctx.layout, instance.name):
         for kernel in kernels:
-            _push(ctx, instance, kernel, repo)
+            _push(ctx, instance, kernel, repo, target_arch(kernel, args.arch))
     return 0
 
 
@@ -457,6 +471,9 @@ def _load(
         manifest = recorded
     else:
         manifest, inspected = extract_image(ctx.layout, instance, kernel, ctx.runtime, tag, force=force)
+    # Before the delivery too: another architecture's modules go neither into the tree nor the kernel.
+    modules = {module.name: ModuleFile.open(manifest.path_of(module.name)) for module in manifest.modules}
+    check_architecture(instance.name, kernel, modules, ctx.kernel)
     delivered = plan_deliver_extracted(instance, kernel, ctx.layout, manifest, delivery=mode)
     if not delivered.empty:
         say(delivered.describe())
@@ -690,6 +707,13 @@ def status_kernels(ctx: Context, instance: InstanceConfig, requested: Optional[l
     return kernels
 
 
+def _status_arch(kernel: str, info: Optional[ImageInfo]) -> Optional[str]:
+    """The architecture of the kernel's image: its own (label or OCI platform), else the one kvc
+    would build it for; None when neither is known."""
+    arch = (image_arch(info) if info is not None else None) or default_arch(kernel)
+    return arch.value if arch is not None else None
+
+
 def instance_status(
     ctx: Context, instance: InstanceConfig, kernels: list[str], *, remote: bool = False
 ) -> dict[str, Any]:
@@ -717,6 +741,7 @@ def instance_status(
         entries.append(
             {
                 "kernel": kernel,
+                "arch": _status_arch(kernel, info),
                 "image": {
                     "tag": tag,
                     "exists": info is not None,
@@ -759,8 +784,9 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
         for entry in item["kernels"]:
             image = entry["image"]
             image_text = ("up to date" if image["up_to_date"] else "outdated") if image["exists"] else "not built"
+            arch = f" ({entry['arch']})" if entry["arch"] else ""
             say(
-                f"  kernel {entry['kernel']}: image {image['tag']} {image_text}, "
+                f"  kernel {entry['kernel']}{arch}: image {image['tag']} {image_text}, "
                 f"{'extracted' if entry['extracted'] else 'not extracted'}, "
                 f"{_verification_text(entry['verification'])}"
             )

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import kvc
+from kvc.arch import Arch, default_arch, find_arch
 from kvc.build import (
     ACTION_PULL,
     ACTION_UP_TO_DATE,
@@ -46,8 +47,10 @@ from kvc.images import (
     LABEL_NAME,
     LABEL_VERSION,
     built_image,
+    image_arch,
     image_labels,
     image_tag,
+    labelled_arch,
     registry_tags,
 )
 from kvc.kmmimage import DIR_NAME as KMM_DIR_NAME
@@ -117,7 +120,7 @@ def publish_labels(
     """The labels a pushed or exported image carries: the build's own (name, kernel, version,
     modules, digest) and what only the built modules and their verification tell."""
     labels = dict(info.labels)
-    labels.update(image_labels(instance, kernel_release, info.labels.get(LABEL_DIGEST, "")))
+    labels.update(image_labels(instance, kernel_release, info.labels.get(LABEL_DIGEST, ""), image_arch(info)))
     labels[LABEL_MODULE_INFO] = label_json(module_info(found))
     labels[LABEL_TOOL_VERSION] = kvc.__version__
     keys = sorted({module.sig_key for module in found if module.sig_key})
@@ -144,11 +147,18 @@ def verification_of(
     return {"status": record["status"], "at": record.get("at"), "kernel": kernel_release}
 
 
-def labelled_image(runtime: ContainerRuntime, layout: Layout, instance: InstanceConfig, kernel_release: str) -> str:
-    """The temporary tag (the caller removes it) of the local image of the instance for the kernel,
-    verified again, with KMM's layout added (:mod:`kvc.kmmimage`) and labelled with what it holds."""
-    tag, info = built_image(runtime, instance, kernel_release)
-    found = verify_image(runtime, tag, instance, kernel_release)
+def labelled_image(
+    runtime: ContainerRuntime,
+    layout: Layout,
+    instance: InstanceConfig,
+    kernel_release: str,
+    arch: Optional[Arch] = None,
+) -> str:
+    """The temporary tag (the caller removes it) of the local image of the instance for the kernel
+    (and ``arch``), verified again, with KMM's layout added (:mod:`kvc.kmmimage`) and labelled with
+    what it holds."""
+    tag, info = built_image(runtime, instance, kernel_release, arch)
+    found = verify_image(runtime, tag, instance, kernel_release, arch)
     labels = publish_labels(
         instance, kernel_release, info, found, verification_of(layout, instance, kernel_release, info.id)
     )
@@ -178,6 +188,7 @@ class PushPlan:
     moving: Reference
     action: str
     reason: str
+    arch: Optional[Arch] = None
 
     def describe(self) -> str:
         if self.action == ACTION_PUSHED:
@@ -201,15 +212,17 @@ def plan_push(
     runtime: ContainerRuntime,
     client: RegistryClient,
     layout: Layout,
+    arch: Optional[Arch] = None,
 ) -> PushPlan:
     """Push unless both tags already name one registry image with the local image's build-input
-    digest and verification (reads two manifests and one config; pulls nothing)."""
-    tag, info = built_image(runtime, instance, kernel_release)
-    fixed_tag, moving_tag = registry_tags(instance, kernel_release)
+    digest and verification (reads two manifests and one config; pulls nothing). ``arch``: the
+    target's architecture (None: the release's, else the host's)."""
+    tag, info = built_image(runtime, instance, kernel_release, arch)
+    fixed_tag, moving_tag = registry_tags(instance, kernel_release, arch)
     fixed, moving = repo.with_tag(fixed_tag), repo.with_tag(moving_tag)
 
     def plan(action: str, reason: str) -> PushPlan:
-        return PushPlan(instance, kernel_release, tag, fixed, moving, action, reason)
+        return PushPlan(instance, kernel_release, tag, fixed, moving, action, reason, arch)
 
     remote = client.inspect(fixed)
     if remote is None:
@@ -227,7 +240,7 @@ def plan_push(
 def execute_push(plan: PushPlan, runtime: ContainerRuntime, layout: Layout, options: RegistryOptions) -> str:
     if plan.action == ACTION_PUSHED:
         return f"{plan.fixed} is up to date"
-    publish_tag = labelled_image(runtime, layout, plan.instance, plan.kernel_release)
+    publish_tag = labelled_image(runtime, layout, plan.instance, plan.kernel_release, plan.arch)
     args = transport_args(options, plan.fixed.registry)
     try:
         with tempfile.TemporaryDirectory(prefix="kvc-push-") as scratch:
@@ -266,8 +279,13 @@ def remote_problems(instance: InstanceConfig, kernel_release: str, image: Remote
         problems.append(
             f"its {LABEL_VERSION} label is {labels.get(LABEL_VERSION, '')!r}, not {instance.software_version!r}"
         )
-    if context_is_local(instance) and labels.get(LABEL_DIGEST) != context_digest(instance, kernel_release):
+    if context_is_local(instance) and labels.get(LABEL_DIGEST) != context_digest(
+        instance, kernel_release, labelled_arch(labels)
+    ):
         problems.append("it was built from other inputs than this host's build context (kvc.digest differs)")
+    built_for, wanted = labelled_arch(labels) or find_arch(image.architecture), default_arch(kernel_release)
+    if built_for is not None and wanted is not None and built_for is not wanted:
+        problems.append(f"it is an {built_for.value} image, and kernel {kernel_release} here is {wanted.value}")
     return problems
 
 
@@ -299,7 +317,12 @@ def pull_plan(
         instance,
         kernel_release,
         image_tag(instance, kernel_release),
-        image_labels(instance, kernel_release, choice.image.labels.get(LABEL_DIGEST, "")),
+        image_labels(
+            instance,
+            kernel_release,
+            choice.image.labels.get(LABEL_DIGEST, ""),
+            labelled_arch(choice.image.labels),
+        ),
         ACTION_PULL,
         reason,
         source=str(digest_ref),

@@ -12,6 +12,12 @@ replaced by the kernel release when it contains ``{kver}``; else, when it alread
 appended (``reg/x`` -> ``reg/x:6.1.0-56-amd64``); a digest reference (``@sha256:...``) is used as
 is.
 
+Architectures: a target is a kernel release and an architecture (:mod:`kvc.arch`). The label
+``kvc.arch`` names the image's (the OCI config's platform says the same); the names of a target
+whose release does not name its architecture and that is not amd64 get ``-ARCH`` after the kernel
+part (:func:`kvc.arch.tag_suffix`: ``NAME-VERSION:6.8.0-45-generic-arm64``), locally and in a
+registry; every other name is as it was.
+
 Pruning removes kvc's own tags only (see :func:`prune_plan`): an untagged image is never removed
 for carrying kvc's labels (podman gives ``--label`` to the build stages of a multi-stage build
 too, and those images are the build cache), and an image someone else also tagged is only
@@ -23,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
+from kvc.arch import Arch, default_arch, find_arch, tag_suffix
 from kvc.config import InstanceConfig
 from kvc.errors import CommandError, ConfigError, StateError
 from kvc.kmod.module import is_module_filename
@@ -37,6 +44,7 @@ LABEL_KERNEL = "kvc.kernel"
 LABEL_VERSION = "kvc.version"
 LABEL_MODULES = "kvc.modules"
 LABEL_DIGEST = "kvc.digest"
+LABEL_ARCH = "kvc.arch"
 CANDIDATE_SUFFIX = "-kvc-candidate"
 
 _TAG_BAD = re.compile(r"[^A-Za-z0-9_.-]")
@@ -94,14 +102,20 @@ def image_repository(instance: InstanceConfig) -> str:
     return repository_name(instance.name, instance.software_version)
 
 
-def image_tag(instance: InstanceConfig, kernel_release: str) -> str:
-    """KVC's image name for the instance and kernel: ``NAME-VERSION:KVER``."""
-    return f"{image_repository(instance)}:{kernel_tag(kernel_release)}"
+def _suffix(kernel_release: str, arch: Optional[Arch]) -> str:
+    return tag_suffix(kernel_release, arch or default_arch(kernel_release))
 
 
-def candidate_tag(instance: InstanceConfig, kernel_release: str) -> str:
+def image_tag(instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None) -> str:
+    """KVC's image name for the instance and kernel: ``NAME-VERSION:KVER``, and the architecture's
+    suffix where the release names none (``arch`` None: the release's, else the host's)."""
+    return f"{image_repository(instance)}:{kernel_tag(kernel_release, _suffix(kernel_release, arch))}"
+
+
+def candidate_tag(instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None) -> str:
     """Where a new build goes until it has been verified."""
-    return f"{image_repository(instance)}:{kernel_tag(kernel_release, CANDIDATE_SUFFIX)}"
+    suffix = _suffix(kernel_release, arch) + CANDIDATE_SUFFIX
+    return f"{image_repository(instance)}:{kernel_tag(kernel_release, suffix)}"
 
 
 # ---- registry tags -------------------------------------------------------------------------------------------
@@ -148,12 +162,13 @@ def decode_tag(tag: str) -> str:
     return text
 
 
-def registry_tags(instance: InstanceConfig, kernel_release: str) -> tuple[str, str]:
+def registry_tags(instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None) -> tuple[str, str]:
     """(fixed, moving) registry tags of the instance's image for a kernel: ``VERSION-KERNEL`` and
-    ``KERNEL``, each part :func:`encode_tag`-ed. The moving tag is what a host or a node that knows
-    only ``uname -r`` looks up; the fixed one names one version's build. ConfigError when the fixed
-    tag would exceed the 128 characters a tag may have."""
-    moving = encode_tag(kernel_release)
+    ``KERNEL``, each part :func:`encode_tag`-ed, then the architecture's suffix where the release
+    names none (``-arm64``; ``arch`` None: the release's, else the host's). The moving tag is what a
+    host or a node that knows only ``uname -r`` looks up; the fixed one names one version's build.
+    ConfigError when the fixed tag would exceed the 128 characters a tag may have."""
+    moving = encode_tag(kernel_release) + _suffix(kernel_release, arch)
     fixed = f"{encode_tag(instance.software_version)}-{moving}"
     if len(fixed) > _MAX_TAG:
         raise ConfigError(
@@ -175,9 +190,12 @@ def prebuilt_ref(image: str, kernel_release: str) -> str:
     return f"{image}:{kernel_tag(kernel_release)}"
 
 
-def built_image(runtime: ContainerRuntime, instance: InstanceConfig, kernel_release: str) -> tuple[str, ImageInfo]:
-    """(tag, image) of the instance's local image for the kernel; StateError when it is not built."""
-    tag = image_tag(instance, kernel_release)
+def built_image(
+    runtime: ContainerRuntime, instance: InstanceConfig, kernel_release: str, arch: Optional[Arch] = None
+) -> tuple[str, ImageInfo]:
+    """(tag, image) of the instance's local image for the kernel (and ``arch``, see
+    :func:`image_tag`); StateError when it is not built."""
+    tag = image_tag(instance, kernel_release, arch)
     info = runtime.inspect(tag)
     if info is None:
         raise StateError(
@@ -190,14 +208,33 @@ def built_image(runtime: ContainerRuntime, instance: InstanceConfig, kernel_rele
 # ---- labels ----------------------------------------------------------------------------------------------
 
 
-def image_labels(instance: InstanceConfig, kernel_release: str, digest: str) -> dict[str, str]:
-    return {
+def image_labels(
+    instance: InstanceConfig, kernel_release: str, digest: str, arch: Optional[Arch] = None
+) -> dict[str, str]:
+    """kvc's labels; ``kvc.arch`` is ``arch``, else the release's or the host's architecture (left
+    out on a host kvc does not build for)."""
+    labels = {
         LABEL_NAME: instance.name,
         LABEL_KERNEL: kernel_release,
         LABEL_VERSION: instance.software_version,
         LABEL_MODULES: " ".join(instance.module_names),
         LABEL_DIGEST: digest,
     }
+    target = arch or default_arch(kernel_release)
+    if target is not None:
+        labels[LABEL_ARCH] = target.value
+    return labels
+
+
+def labelled_arch(labels: Mapping[str, str]) -> Optional[Arch]:
+    """The architecture the kvc.arch label names (None without one)."""
+    return find_arch(labels.get(LABEL_ARCH, ""))
+
+
+def image_arch(info: ImageInfo) -> Optional[Arch]:
+    """The architecture an image is for: its kvc.arch label, else its OCI platform's (images made
+    before the label, or by others); None when neither names one kvc knows."""
+    return labelled_arch(info.labels) or find_arch(info.architecture)
 
 
 def image_kernel(info: ImageInfo) -> str:
@@ -246,7 +283,8 @@ def kvc_names(info: ImageInfo, instance: InstanceConfig) -> tuple[str, ...]:
         return ()
     versions = {instance.software_version, info.labels.get(LABEL_VERSION, instance.software_version)}
     repositories = {repository_name(instance.name, version) for version in versions}
-    tags = (kernel_tag(kernel), kernel_tag(kernel, CANDIDATE_SUFFIX))
+    suffix = _suffix(kernel, image_arch(info))
+    tags = (kernel_tag(kernel, suffix), kernel_tag(kernel, suffix + CANDIDATE_SUFFIX))
     given = {f"{repository}:{tag}" for repository in repositories for tag in tags}
     return tuple(name for name in info.names if normalize_ref(name) in given)
 
@@ -267,26 +305,34 @@ def prune_plan(
     """(kept images, steps) among ``images``. Only images with a name kvc gave them
     (:func:`kvc_names`) count; untagged images and images with other names only are left alone.
     The image named ``keep_tag`` stays, and its kernel counts first; then the newest image (by
-    creation time) of each of the newest ``keep_kernels`` kernels stays. kvc's names come off
-    older images of a kept kernel (earlier versions), images of older kernels and stale
-    candidates; an image that has other names too is only untagged."""
+    creation time) of each of the newest ``keep_kernels`` kernels of each architecture stays (a
+    build for arm64 never prunes the amd64 images). kvc's names come off older images of a kept
+    kernel (earlier versions), images of older kernels and stale candidates; an image that has
+    other names too is only untagged."""
     ours = [info for info in images if kvc_names(info, instance)]
     keep: list[ImageInfo] = []
     steps: list[PruneStep] = []
-    kernels: list[str] = []
+    kernels: dict[Optional[Arch], list[str]] = {}
+
+    def target(info: ImageInfo) -> tuple[Optional[Arch], str]:
+        kernel = image_kernel(info)
+        return image_arch(info) or default_arch(kernel), kernel
+
     current = [info for info in ours if keep_tag is not None and info.has_name(keep_tag)]
     for info in current:
         keep.append(info)
-        if image_kernel(info) not in kernels:
-            kernels.append(image_kernel(info))
+        arch, kernel = target(info)
+        if kernel not in kernels.setdefault(arch, []):
+            kernels[arch].append(kernel)
     for info in sorted(ours, key=lambda i: (i.created_epoch, i.id), reverse=True):
         if info in current:
             continue
         names = kvc_names(info, instance)
-        kernel = image_kernel(info)
+        arch, kernel = target(info)
+        kept = kernels.setdefault(arch, [])
         tagged = [name for name in names if not _is_candidate(name)]
-        if tagged and kernel not in kernels and len(kernels) < instance.keep_kernels:
-            kernels.append(kernel)
+        if tagged and kernel not in kept and len(kept) < instance.keep_kernels:
+            kept.append(kernel)
             keep.append(info)
         else:
             steps.append(PruneStep(info, names, untag_only=len(names) < len(info.names)))

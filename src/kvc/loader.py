@@ -1,6 +1,8 @@
 """Load and unload an instance's modules: preflight, plan, execute, roll back.
 
-Preflight runs before any syscall: every module's vermagic must name the target kernel, and every
+Preflight runs before any syscall: every module must be an ELF file of the kernel's architecture
+(an arm64 image's modules are refused on an amd64 kernel with one line, as the kernel would refuse
+them with "Invalid architecture in ELF header"), every module's vermagic must name the target kernel, and every
 symbol it imports must come from the kernel, from another module of the instance, or from an
 in-tree module of ``/lib/modules/KVER`` (found through kmod's indexes). The plan loads in-tree
 dependencies first, each resolved as modprobe would (:func:`kvc.kmod.modprobe.load_plan`: its
@@ -24,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import AbstractSet, Mapping, Optional, Sequence
 
+from kvc.arch import arch_of_elf_machine
 from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
 from kvc.keys import HostTrust, check_signatures, trust_error, unsigned_warnings
@@ -113,6 +116,29 @@ def _vermagic_release(module: ModuleFile) -> str:
     return vermagic.split()[0] if vermagic.split() else ""
 
 
+def _machine_name(machine: int) -> str:
+    arch = arch_of_elf_machine(machine)
+    return f"{arch.value} (ELF machine {machine})" if arch is not None else f"ELF machine {machine}"
+
+
+def check_architecture(instance: str, kernel_release: str, modules: Mapping[str, ModuleFile], kernel: Kernel) -> None:
+    """LoadError, with one line that says so, when a module is not of the kernel's architecture
+    (``modules``: by name); nothing when the kernel's architecture is unknown."""
+    wanted = kernel.elf_machine()
+    if wanted is None:
+        return
+    foreign = {name: module.elf.machine for name, module in modules.items() if module.elf.machine != wanted}
+    if not foreign:
+        return
+    machines = sorted(set(foreign.values()))
+    raise LoadError(
+        f"{instance}'s modules are built for {', '.join(map(_machine_name, machines))}, but kernel "
+        f"{kernel_release} takes {_machine_name(wanted)} modules",
+        hint="build the instance for this kernel and its architecture ('kvc build NAME --kernel KVER', "
+        "--arch for a release that names none)",
+    )
+
+
 def plan_load(
     instance: str,
     kernel_release: str,
@@ -145,6 +171,8 @@ def plan_load(
         if release != kernel_release:
             problems.append(f"{module.name}: built for kernel {release or '(no vermagic)'}, not {kernel_release}")
         candidates[module.name] = _Candidate(module.name, path, module)
+    if preflight:
+        check_architecture(instance, kernel_release, {name: cand.module for name, cand in candidates.items()}, kernel)
     provided_by_instance = {sym.name: name for name, cand in candidates.items() for sym in cand.module.exported_symbols}
     kernel_symbols = kernel.exported_symbols()
     loaded = {entry.name for entry in kernel.loaded_modules()} - set(unloaded_first)

@@ -243,6 +243,7 @@ class RemoteImage:
     created: str = ""
     layers: tuple[str, ...] = ()
     size: int = 0  # of the compressed layers
+    architecture: str = ""  # the config's (amd64, arm64)
 
 
 class _NoRedirectAuth(urllib.request.HTTPRedirectHandler):
@@ -486,6 +487,7 @@ class RegistryClient:
             created=str(config.get("created", "")) if isinstance(config, dict) else "",
             layers=layers,
             size=size,
+            architecture=str(config.get("architecture", "")) if isinstance(config, dict) else "",
         )
 
     def _platform_manifest(self, ref: Reference, index: Mapping[str, Any]) -> str:

@@ -120,6 +120,7 @@ class ImageInfo:
     names: tuple[str, ...]  # the tags, as the runtime spells them (podman: localhost/NAME:TAG)
     labels: Mapping[str, str] = field(default_factory=dict)
     created: str = ""  # as the runtime printed it; see created_epoch
+    architecture: str = ""  # the OCI config's (amd64, arm64), where the runtime's listing shows it
 
     @property
     def created_epoch(self) -> float:
@@ -143,6 +144,7 @@ def _image_info(data: Mapping[str, object]) -> ImageInfo:
         names=tuple(str(name) for name in names if str(name) != "<none>:<none>") if isinstance(names, list) else (),
         labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
         created=str(data.get("Created", "")),
+        architecture=str(data.get("Architecture", "")),
     )
 
 
@@ -441,9 +443,11 @@ class ContainerRuntime(abc.ABC):
         no_cache: bool = False,
         stream: Optional[bool] = None,
         timestamp: Optional[int] = None,
+        platform: str = "",
     ) -> None:
         """Build ``context`` (a directory, or a git/tarball URL) with ``build_file`` into ``tag``.
         ``pull`` is a base-image policy (always, missing, never, newer; None: the runtime's default).
+        ``platform`` (``linux/arm64``) is the image's OCI platform when it is not the host's.
         ``timestamp`` (seconds since the epoch) fixes the creation time of the image and of the files
         its layers add, where the runtime can, so the same build gives the same image.
         Output is captured, and a failure raises a BuildCommandError carrying all of it; with
@@ -461,6 +465,7 @@ class ContainerRuntime(abc.ABC):
         pull: Optional[str] = None,
         no_cache: bool = False,
         timestamp: Optional[int] = None,
+        platform: str = "",
     ) -> list[str]:
         """The command line :meth:`build` runs (for --dry-run)."""
 
@@ -599,8 +604,11 @@ class CliRuntime(ContainerRuntime):
         pull: Optional[str] = None,
         no_cache: bool = False,
         timestamp: Optional[int] = None,
+        platform: str = "",
     ) -> list[str]:
         args = [*self._build_command(), "-t", tag, "--file", build_file]
+        if platform:
+            args += ["--platform", platform]
         args += [f"--label={key}={value}" for key, value in labels.items()]
         for key, value in _pairs(build_args):
             args += ["--build-arg", f"{key}={value}"]
@@ -626,9 +634,18 @@ class CliRuntime(ContainerRuntime):
         no_cache: bool = False,
         stream: Optional[bool] = None,
         timestamp: Optional[int] = None,
+        platform: str = "",
     ) -> None:
         argv = self.build_argv(
-            context, build_file, tag, build_args, labels, pull=pull, no_cache=no_cache, timestamp=timestamp
+            context,
+            build_file,
+            tag,
+            build_args,
+            labels,
+            pull=pull,
+            no_cache=no_cache,
+            timestamp=timestamp,
+            platform=platform,
         )
         shown = proc.verbose() if stream is None else stream
         result = proc.run(argv, check=False, echo=shown)

@@ -228,6 +228,7 @@ def test_plan_without_an_image_builds(tmp_path: Path, fake: FakeRuntime) -> None
         "kvc.version": "1.0",
         "kvc.modules": "demo-mod",
         "kvc.digest": context_digest(config, KVER),
+        "kvc.arch": "amd64",
     }
     context = str(tmp_path / "ctx")
     assert list(plan.command) == [
@@ -242,12 +243,27 @@ def test_plan_without_an_image_builds(tmp_path: Path, fake: FakeRuntime) -> None
         "--label=kvc.version=1.0",
         "--label=kvc.modules=demo-mod",
         f"--label=kvc.digest={plan.digest}",
+        "--label=kvc.arch=amd64",
         "--build-arg",
         f"KVER={KVER}",
         "--build-arg",
         "KMODVER=1.0",
         "--build-arg",
+        "KVC_ARCH=amd64",
+        "--build-arg",
+        "KVC_KERNEL_ARCH=x86",
+        "--build-arg",
+        "TARGETARCH=amd64",
+        "--build-arg",
+        "TARGETPLATFORM=linux/amd64",
+        "--build-arg",
         "EXTRA=1",
+        "--build-arg",
+        "KVC_CROSS_COMPILE=",
+        "--build-arg",
+        "BUILDARCH=amd64",
+        "--build-arg",
+        "BUILDPLATFORM=linux/amd64",
         context,
     ]
     described = plan.describe().splitlines()

@@ -756,6 +756,9 @@ class FakeKernel(SyscallKernel):
 
     # -- the Kernel protocol ------------------------------------------------------------------
 
+    def elf_machine(self) -> int:
+        return self.config.machine
+
     def release(self) -> str:
         return self.config.release
 

@@ -45,6 +45,26 @@ _SYSCALLS: dict[tuple[str, int], tuple[int, int, int]] = {
 }
 
 
+# uname's machine -> the e_machine of that architecture's kernel modules (elf.h).
+_ELF_MACHINES = {
+    "x86_64": 62,
+    "i386": 3,
+    "i486": 3,
+    "i586": 3,
+    "i686": 3,
+    "aarch64": 183,
+    "arm64": 183,
+    "armv6l": 40,
+    "armv7l": 40,
+    "riscv64": 243,
+    "ppc64le": 21,
+    "ppc64": 21,
+    "ppc": 20,
+    "s390x": 22,
+    "loongarch64": 258,
+}
+
+
 def syscall_numbers(
     machine: Optional[str] = None, pointer_size: Optional[int] = None
 ) -> Optional[tuple[int, int, int]]:
@@ -73,6 +93,9 @@ class LiveKernel(SyscallKernel):
 
     def release(self) -> str:
         return self.paths.kernel_release()
+
+    def elf_machine(self) -> Optional[int]:
+        return _ELF_MACHINES.get(os.uname().machine)
 
     def loaded_modules(self) -> list[LoadedModule]:
         text = read_text(os.path.join(self.paths.proc, "modules"))

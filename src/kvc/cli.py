@@ -214,6 +214,7 @@ def _add_verify(sub: _Commands) -> None:
     p = sub.add_parser("verify", help="load, smoke-test and unload the built modules on the target kernel in a VM")
     p.add_argument("name")
     _add_kernel(p)
+    _add_arch(p)
     p.add_argument(
         "--kernel-dir",
         metavar="DIR",

@@ -901,6 +901,7 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
                     kernel_dir=args.kernel_dir, host_root=ctx.layout.host.root, cache_dir=ctx.layout.cache_dir
                 ),
             ),
+            args.arch,
         )
         if args.dry_run:
             say(plan.describe())

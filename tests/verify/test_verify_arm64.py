@@ -281,3 +281,18 @@ def test_a_module_that_crashes_the_arm64_kernel_is_a_crash_with_its_oops(arm64_e
     assert report["status"] == "crashed" and report["crash"]["during"] == "inserting kvc_bug_on_init (instance)"
     assert any("kernel BUG at" in line for line in report["crash"]["lines"]), report["crash"]["lines"]
     assert report["timings"]["vm_seconds"] < 120
+
+
+def test_verify_takes_the_architecture_from_arch_where_the_release_names_none(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write_conf(
+        root, "m", {"KMOD_CONTAINER_BUILD_CONTEXT": str(tmp_path), "KMOD_SOFTWARE_VERSION": "1", "KMOD_NAMES": "m"}
+    )
+    contradicting = kvc(["verify", "m", "--kernel", "6.1.0-99-arm64", "--arch", "amd64"], {"KVC_ROOT": str(root)})
+    assert contradicting.returncode == 2
+    assert "--arch amd64 contradicts kernel 6.1.0-99-arm64" in contradicting.stderr
+    # An arch-less release built for arm64 has its own tag, which verify looks for.
+    missing = kvc(
+        ["verify", "m", "--kernel", "6.8.0-45-generic", "--arch", "arm64", "--accel", "kvm"], {"KVC_ROOT": str(root)}
+    )
+    assert missing.returncode == 2 and "cannot take --accel kvm" in missing.stderr

@@ -174,16 +174,18 @@ def plan_verify(
     runtime: ContainerRuntime,
     options: VerifyOptions,
     find_kernel: Callable[[str], KernelFiles],
+    arch_name: Optional[str] = None,
 ) -> VerifyPlan:
-    """The image first (a missing build is reported before any kernel download), then the kernel."""
-    arch = target_arch(release)
+    """The image first (a missing build is reported before any kernel download), then the kernel.
+    ``arch_name`` is ``--arch``, for a release that names no architecture."""
+    arch = target_arch(release, arch_name)
     if arch is not host_arch():
         _check_foreign(arch, options)
     certificate = None
     if options.secure_boot_cert:
         certificate = read_certificate(options.secure_boot_cert)
         find_firmware()
-    tag, info = built_image(runtime, instance, release)
+    tag, info = built_image(runtime, instance, release, arch)
     return VerifyPlan(instance, find_kernel(release), tag, info.id, options, arch, certificate)
 
 

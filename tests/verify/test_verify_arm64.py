@@ -2,12 +2,14 @@
 
 Fast tests: the arm64 guest's qemu line and kernel command line, the refusals (KVM, --guest-root,
 --secure-boot for an arm64 target), and the guest Python's package set resolved from apt's
-metadata. The ``vm`` tests cross-compile examples/simple-kmod's modules against Debian's arm64
-headers of the current 6.1 ABI (``aarch64-linux-gnu-gcc`` and the host-architecture kbuild), put
-them with an arm64 busybox into a FROM-scratch ``linux/arm64`` image tagged as kvc's image for
-the arm64 kernel (until ``kvc build --kernel X-arm64`` lands), and verify it on Debian's real arm64
-kernel under ``qemu-system-aarch64``: verified, smoke test included; then the amd64 build of the
-same modules, handed to the arm64 kernel, refused with the kernel's own line.
+metadata. The ``vm`` tests: examples/simple-kmod built by ``kvc build --kernel X-arm64`` on this
+amd64 host and verified on Debian's real arm64 kernel under ``qemu-system-aarch64`` with the
+example's own smoke test (its arm64 spkut); and modules kvc's build of the example does not make
+(simple-kmod's for amd64, tests/kmods' for arm64), compiled here against Debian's headers of the
+current 6.1 ABI (``aarch64-linux-gnu-gcc`` and the host-architecture kbuild for arm64), put with
+an arm64 busybox into a FROM-scratch ``linux/arm64`` image tagged as kvc's image for the arm64
+kernel: the amd64 build refused by the arm64 kernel with its own line, the kernel's
+request_module() served by kvc's modprobe, a crash.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from kvc.verify.debarch import GuestPython, apt_environment, guest_python, libra
 from kvc.verify.qemu import PLATFORMS, GuestMachine
 from kvc.verify.run import GUEST_APPEND, guest_append
 from support.debian_kernel import cache_dir, current_release, unpacked_packages
-from support.example import EXAMPLE, unique_prefix
+from support.example import EXAMPLE, unique_prefix, write_example_conf
 from support.kvccli import kvc
 
 SHARED_CACHE = cache_dir() / "kvc"
@@ -203,6 +205,24 @@ def verify(arm64_env: dict[str, Any], name: str) -> tuple[int, dict[str, Any]]:
     result = kvc(["verify", name, "--kernel", arm64_env["release"], "--json"], arm64_env["env"], timeout=600)
     assert result.stdout, result.stderr
     return result.returncode, json.loads(result.stdout)
+
+
+@pytest.mark.vm
+@pytest.mark.podman
+def test_the_example_built_by_kvc_for_arm64_is_verified_with_its_smoke_test(arm64_env: dict[str, Any]) -> None:
+    name = f"{arm64_env['prefix']}-example"
+    write_example_conf(Path(arm64_env["env"]["KVC_ROOT"]), name)
+    built = kvc(["build", name, "--kernel", arm64_env["release"]], arm64_env["env"], timeout=900)
+    assert built.returncode == 0, built.stdout + built.stderr
+    code, report = verify(arm64_env, name)
+    assert code == 0, json.dumps(report, indent=2)
+    assert report["status"] == "verified" and report["vm"]["arch"] == "arm64"
+    modules = {m["name"]: m for m in report["modules"] if m["origin"] == "instance"}
+    assert list(modules) == ["simple_kmod", "simple_procfs_kmod"] and all(m["loaded"] for m in modules.values())
+    # The example's own smoke test: the procfs entry, its arm64 spkut setting 44, the hello line.
+    smoke = report["smoke"]
+    assert smoke["in_image"] and smoke["exit_code"] == 0 and "spkut 44" in smoke["command"], smoke
+    assert all(u["removed"] for u in report["unload"]), report["unload"]
 
 
 @pytest.mark.vm

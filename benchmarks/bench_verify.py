@@ -8,6 +8,10 @@ the first run), then times ``kvc verify simple-kmod --kernel KVER --json``:
   unpacking of ``vmlinux`` and the agent bundle;
 - warm: the same cache again, ``--repeat`` times.
 
+``--arch arm64`` does the same for Debian's arm64 kernel of the same ABI: the example cross-built
+on this host, the guest emulated by ``qemu-system-aarch64``; its cold run also makes the guest's
+root (Debian's arm64 Python and busybox). The 4 s target is for the host's own architecture.
+
 Per run it prints the wall time, the CPU time of kvc and its children (qemu's emulation is most
 of it: on a busy machine wall time grows, CPU time much less), and the report's phases
 (``timings.phases``): the host's preparation, the kernel's boot to kvc's init, the boot modules,
@@ -22,7 +26,7 @@ status: 0 every run verified (refused as expected, with --secure-boot) and the w
 within the target; 1 a run failed or the target was missed; 2 a missing prerequisite.
 
 Run as root after ``bash scripts/setup.sh --containers``:
-``.venv/bin/python benchmarks/bench_verify.py [--repeat N] [--kvc PATH] [--secure-boot]``
+``.venv/bin/python benchmarks/bench_verify.py [--repeat N] [--kvc PATH] [--secure-boot] [--arch amd64|arm64]``
 """
 
 from __future__ import annotations
@@ -126,11 +130,21 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="warm runs (default 3)")
     parser.add_argument("--kvc", default=KVC, help=f"the kvc to time (default {KVC})")
     parser.add_argument("--secure-boot", action="store_true", help="also time warm runs with --secure-boot (OVMF)")
+    parser.add_argument(
+        "--arch",
+        choices=("amd64", "arm64"),
+        default="amd64",
+        help="the target: Debian's current 6.1 kernel of this flavour (arm64: cross-built, emulated; no target)",
+    )
     args = parser.parse_args()
-    if not os.access(args.kvc, os.X_OK) or shutil.which("qemu-system-x86_64") is None:
-        print(f"bench_verify: needs {args.kvc} and qemu: run scripts/setup.sh --containers", file=sys.stderr)
+    qemu = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}[args.arch]
+    if not os.access(args.kvc, os.X_OK) or shutil.which(qemu) is None:
+        print(f"bench_verify: needs {args.kvc} and {qemu}: run scripts/setup.sh --containers", file=sys.stderr)
         return 2
-    release = current_release()
+    if args.secure_boot and args.arch != "amd64":
+        print("bench_verify: --secure-boot is for amd64 (OVMF)", file=sys.stderr)
+        return 2
+    release = current_release().rsplit("-", 1)[0] + f"-{args.arch}"
     work = Path(tempfile.mkdtemp(prefix="kvc-bench-verify-"))
     try:
         write_example_conf(work / "root")
@@ -153,11 +167,14 @@ def main() -> int:
                 warm.append(seconds)
                 boots.append(report["timings"].get("boot_seconds") or 0.0)
         median = statistics.median(warm)
-        within = median <= WARM_TARGET
-        print(
-            f"  warm best {min(warm):.2f} s, median {median:.2f} s: "
+        # The target is issue 15's, for the host's own architecture; an emulated arm64 guest has none.
+        within = median <= WARM_TARGET or args.arch != "amd64"
+        verdict = (
             f"{'within' if within else 'OVER'} the {WARM_TARGET:g} s target ({median / WARM_TARGET:.2f}x of it)"
+            if args.arch == "amd64"
+            else "no target for an emulated arm64 guest"
         )
+        print(f"  warm best {min(warm):.2f} s, median {median:.2f} s: {verdict}")
         if args.secure_boot:
             failed = (
                 secure_boot_runs(args.kvc, release, env, work, args.repeat, median, statistics.median(boots)) or failed

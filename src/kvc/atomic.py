@@ -10,5 +10,5 @@ from kvc.kmod.atomic import fsync_path, remove_stale, temporary_prefix, write_fi
 __all__ = ["fsync_path", "remove_stale", "temporary_prefix", "write_file", "write_json"]
 
 
-def write_json(path: str, data: object) -> None:
-    write_file(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json(path: str, data: object, *, volatile: bool = False) -> None:
+    write_file(path, json.dumps(data, indent=2, sort_keys=True) + "\n", volatile=volatile)

@@ -420,7 +420,9 @@ def _record_loaded(path: str, plan: LoadPlan, done: Sequence[LoadStep]) -> None:
         "kernel": plan.kernel_release,
         "in_tree": sorted(set(previous.get("in_tree", [])) | set(in_tree)),
     }
-    write_json(path, record)
+    # Not synced: it tells what is loaded in the running kernel, which a power loss takes with it
+    # (a torn or missing record reads as none). The boot path saves two fsyncs, about 10 ms.
+    write_json(path, record, volatile=True)
 
 
 def read_loaded_record(path: str) -> dict[str, list[str]]:

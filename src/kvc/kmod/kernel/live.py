@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
 from typing import Callable, Mapping, Optional, Union
 
@@ -50,7 +49,7 @@ def syscall_numbers(
     machine: Optional[str] = None, pointer_size: Optional[int] = None
 ) -> Optional[tuple[int, int, int]]:
     """(init_module, delete_module, finit_module) for this machine, or None when unknown."""
-    return _SYSCALLS.get((machine or platform.machine(), pointer_size or struct.calcsize("P")))
+    return _SYSCALLS.get((machine or os.uname().machine, pointer_size or struct.calcsize("P")))
 
 
 # glibc's init_module and delete_module (it has no finit_module: that one goes through syscall()).

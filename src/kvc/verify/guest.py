@@ -284,14 +284,14 @@ def _insert_steps(steps: Sequence[LoadStep], kernel: StoryKernel) -> bool:
 def _modaliases() -> list[tuple[str, str]]:
     """(device, modalias) of every device on every bus, as udev sees them at coldplug."""
     found = []
-    for device in sorted(_device_dirs("/sys/bus")):
+    for path in sorted(os.path.join(device, "modalias") for device in _device_dirs("/sys/bus")):
         try:
-            with open(os.path.join(device, "modalias"), encoding="utf-8", errors="replace") as handle:
+            with open(path, encoding="utf-8", errors="replace") as handle:
                 alias = handle.read().strip()
         except OSError:
             continue
         if alias:
-            found.append((device, alias))
+            found.append((os.path.dirname(path), alias))
     return found
 
 

@@ -18,18 +18,14 @@ as modprobe skips it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import errno
 import json
-import logging
-from dataclasses import dataclass, field
-from typing import AbstractSet, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Mapping, NamedTuple, Optional, Sequence
 
 from kvc.arch import arch_of_elf_machine
 from kvc.atomic import write_json
 from kvc.errors import LoadError, StateError
-from kvc.keys import HostTrust, check_signatures, trust_error, unsigned_warnings
 from kvc.kmod.config import ModprobeConfig, Softdep, load_config, parse_softdep
 from kvc.kmod.kernel.protocol import Kernel, KernelError
 from kvc.kmod.moddir import ModuleDirectory
@@ -38,7 +34,10 @@ from kvc.kmod.module import ModuleFile
 from kvc.kmod.names import modname_normalize as normalize_name
 from kvc.kmod.signature import signature_problem
 
-_log = logging.getLogger("kvc")
+if TYPE_CHECKING:
+    import logging
+
+    from kvc.keys import HostTrust
 
 LOADED_RECORD = "loaded.json"
 
@@ -50,8 +49,7 @@ class Origin(str, enum.Enum):
     INSTANCE = "instance"
 
 
-@dataclass(frozen=True)
-class LoadStep:
+class LoadStep(NamedTuple):
     name: str
     path: str
     params: str
@@ -64,8 +62,7 @@ class LoadStep:
         return f"insmod {self.path}{params}  ({self.origin.value}{softdep})"
 
 
-@dataclass(frozen=True)
-class LoadPlan:
+class LoadPlan(NamedTuple):
     instance: str
     kernel_release: str
     steps: tuple[LoadStep, ...]
@@ -80,8 +77,7 @@ class LoadPlan:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class UnloadPlan:
+class UnloadPlan(NamedTuple):
     instance: str
     kernel_release: str
     names: tuple[str, ...]
@@ -100,15 +96,23 @@ class UnloadPlan:
         return "\n".join(lines)
 
 
-@dataclass
 class _Candidate:
-    name: str
-    path: str
-    module: ModuleFile
-    imports: list[str] = field(default_factory=list)
-    # Instance modules to load before this one because of a softdep; ignored where that would
-    # contradict a real dependency (modprobe, too, loads a dependency before its user).
-    soft_before: list[str] = field(default_factory=list)
+    def __init__(self, name: str, path: str, module: ModuleFile) -> None:
+        self.name = name
+        self.path = path
+        self.module = module
+        self.imports: list[str] = []
+        # Instance modules to load before this one because of a softdep; ignored where that would
+        # contradict a real dependency (modprobe, too, loads a dependency before its user).
+        self.soft_before: list[str] = []
+
+
+def _log() -> logging.Logger:
+    """kvc's logger, imported when something is logged: the verification guest's agent plans and
+    loads without logging (its start-up under emulation pays for every import)."""
+    import logging
+
+    return logging.getLogger("kvc")
 
 
 def _vermagic_release(module: ModuleFile) -> str:
@@ -216,6 +220,8 @@ def plan_load(
             hint="rebuild the instance for this kernel ('kvc build NAME --kernel KVER --force')",
         )
     if trust is not None and preflight:
+        from kvc.keys import check_signatures, trust_error, unsigned_warnings
+
         # A signature kvc.kmod cannot read is left for the kernel to judge.
         signatures = {
             name: cand.module.signature
@@ -226,7 +232,7 @@ def plan_load(
         if refused:
             raise trust_error(refused)
         for warning in unsigned_warnings(signatures, trust):
-            _log.warning("%s", warning)
+            _log().warning("%s", warning)
     if moddir is not None and modprobe_config is None:
         modprobe_config = load_config([], module_dir=moddir.path)
     softdeps = {name: _softdep(cand.module, modprobe_config) for name, cand in candidates.items()}
@@ -286,7 +292,7 @@ def _softdep_steps(
         planned = load_plan(moddir, config, name)
     except LookupError:
         return []
-    return [dataclasses.replace(step, required=False) for step in _as_steps(planned)]
+    return [step._replace(required=False) for step in _as_steps(planned)]
 
 
 def _in_tree_steps(
@@ -378,7 +384,7 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
             if exc.errno == errno.EEXIST:
                 # Another loader (udev, modprobe, a racing kvc) loaded it after planning: skipped as
                 # the plan skips a module loaded before, and not ours to roll back or unload.
-                _log.info("%s was loaded meanwhile by someone else: skipped", step.name)
+                _log().info("%s was loaded meanwhile by someone else: skipped", step.name)
                 continue
             if not step.required:
                 continue
@@ -485,7 +491,7 @@ def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path
         except KernelError as exc:
             if exc.errno == errno.ENOENT:
                 # Unloaded after planning by someone else: the goal holds.
-                _log.info("%s was unloaded meanwhile by someone else", name)
+                _log().info("%s was unloaded meanwhile by someone else", name)
                 continue
             failures.append(f"{name}: {exc}")
     if record_path is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import AbstractSet, Callable, Iterator, Optional
 
 from kvc.config import Delivery, InstanceConfig
@@ -166,9 +166,9 @@ def _direct_plan(
     # The load inserts the extracted files, where the scratch copies were read.
     target = layout.kernel_state(instance.name, kernel_release)
     steps = tuple(
-        replace(step, path=os.path.join(target, os.path.relpath(step.path, payload.directory)))
+        step._replace(path=os.path.join(target, os.path.relpath(step.path, payload.directory)))
         if step.path.startswith(payload.directory.rstrip("/") + "/")
         else step
         for step in plan.steps
     )
-    return replace(plan, steps=steps)
+    return plan._replace(steps=steps)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from kvc.kmod.index import fnmatch_c
 from kvc.kmod.kernel.libkmod import LOG_ERR, LibkmodLog
@@ -37,8 +36,7 @@ _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 
 
-@dataclass(frozen=True)
-class Softdep:
+class Softdep(NamedTuple):
     """One ``softdep`` line: the module pattern and its pre/post module names, as written."""
 
     pattern: str
@@ -51,8 +49,7 @@ class Softdep:
         return text + (f"post: {' '.join(self.post)}" if self.post else "")
 
 
-@dataclass(frozen=True)
-class ModprobeConfig:
+class ModprobeConfig(NamedTuple):
     """Everything the configuration files and the kernel command line say, in libkmod's list
     order. Pairs are (module name or pattern, value). ``files`` are the files read, in order;
     ``logs`` what libkmod logged while reading them."""
@@ -255,16 +252,16 @@ def parse_softdep(pattern: str, text: str) -> Softdep:
 # -- building a configuration --------------------------------------------------------------------
 
 
-@dataclass
 class _Builder:
-    blacklists: list[str] = field(default_factory=list)
-    install_commands: list[tuple[str, str]] = field(default_factory=list)
-    remove_commands: list[tuple[str, str]] = field(default_factory=list)
-    aliases: list[tuple[str, str]] = field(default_factory=list)
-    options: list[tuple[str, str]] = field(default_factory=list)
-    softdeps: list[Softdep] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    logs: list[LibkmodLog] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.blacklists: list[str] = []
+        self.install_commands: list[tuple[str, str]] = []
+        self.remove_commands: list[tuple[str, str]] = []
+        self.aliases: list[tuple[str, str]] = []
+        self.options: list[tuple[str, str]] = []
+        self.softdeps: list[Softdep] = []
+        self.files: list[str] = []
+        self.logs: list[LibkmodLog] = []
 
     def error(self, line: int, function: str, message: str) -> None:
         self.logs.append(LibkmodLog(LOG_ERR, _CONFIG_C, line, function, message))

@@ -22,8 +22,7 @@ differ only in the order of equal-priority values (see :mod:`kvc.kmod.index`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Optional, Protocol, Sequence
 
 from kvc.kmod.errors import IndexFormatError
 from kvc.kmod.index import HEADER_SIZE, INDEX_MAGIC, INDEX_VERSION_MAJOR, Index, ReaderKind
@@ -53,8 +52,7 @@ STEP_BUILTIN = "modules.builtin"
 STEP_BUILTIN_ALIAS = "modules.builtin.alias"
 
 
-@dataclass(frozen=True)
-class ModuleEntry:
+class ModuleEntry(NamedTuple):
     """A module as libkmod's lookup creates it.
 
     ``path`` is the absolute path of the module file from its modules.dep line (None when the
@@ -71,8 +69,7 @@ class ModuleEntry:
     step: str = ""
 
 
-@dataclass(frozen=True)
-class DepLine:
+class DepLine(NamedTuple):
     """One modules.dep line: paths as written (relative to the module directory unless absolute)."""
 
     name: str
@@ -151,8 +148,7 @@ def parse_modules_builtin(text: str) -> list[str]:
     return [modname_from_path(line.strip()) for line in text.splitlines() if line[:1].isascii() and line[:1].isalpha()]
 
 
-@dataclass(frozen=True)
-class BuiltinModinfo:
+class BuiltinModinfo(NamedTuple):
     """modules.builtin.modinfo as libkmod-builtin.c (kmod 30) walks it: runs of consecutive
     ``module.key=value`` strings sharing a module name; a module's info is its first run.
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 from kvc.kmod.config import ModprobeConfig
 from kvc.kmod.kernel.libkmod import KMOD_MODULE_BUILTIN, KMOD_MODULE_LIVE, LOG_ERR, LibkmodLog, LibkmodView
@@ -57,8 +56,7 @@ ACTION_INSTALL = "install"
 ACTION_BUILTIN = "builtin"
 
 
-@dataclass(frozen=True)
-class PlannedModule:
+class PlannedModule(NamedTuple):
     """One step of a load plan, as ``modprobe --show-depends`` prints it.
 
     ``action`` is ``insmod`` (insert ``path`` with ``options``), ``install`` (run ``command``,

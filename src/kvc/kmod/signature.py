@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import mmap
 import struct
-from typing import Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
-from kvc.kmod import der
 from kvc.kmod.errors import ModuleFormatError
+
+if TYPE_CHECKING:
+    from kvc.kmod import der
 
 SIG_MAGIC = b"~Module signature appended~\n"
 _SIG_STRUCT = struct.Struct(">BBBBB3xI")
@@ -180,6 +182,10 @@ def _pkcs7(image: Image, start: int, end: int, path: str) -> ModuleSignature:
                 known.id_type, known.signer, known.key_id, known.hash_algo, bytes(image[start + len(prefix) : end])
             )
     data = bytes(image[start:end])
+    # Imported here: reading a module that is unsigned, or whose signature's layout is known,
+    # needs no DER decoder (a start-up cost under emulation: kvc verify's guest agent).
+    from kvc.kmod import der
+
     try:
         parsed, span = _decode_pkcs7(data)
     except der.DerError as exc:
@@ -197,10 +203,12 @@ class _Rejected(Exception):
     """The PKCS#7 decodes, but libkmod's fill_pkcs7() still gives up on it."""
 
 
-_N = TypeVar("_N", der.Value, der.Record, der.Items, der.Name)
+_N = TypeVar("_N", "der.Value", "der.Record", "der.Items", "der.Name")
 
 
 def _get(record: der.Record, name: str, kind: type[_N]) -> _N:
+    from kvc.kmod import der
+
     node = record.fields.get(name)
     if not isinstance(node, kind):
         raise der.DerError(f"decoded {name} is not a {kind.__name__}", 0)  # pragma: no cover
@@ -211,6 +219,8 @@ def _decode_pkcs7(data: bytes) -> Tuple[ModuleSignature, Optional[Tuple[int, int
     """fill_pkcs7(): the signature fields, and where the signature bytes lie in ``data`` (None
     when they were assembled from a constructed OCTET STRING). Raises :class:`der.DerError`
     for an encoding OpenSSL rejects and libkmod's own checks (:class:`_Rejected`)."""
+    from kvc.kmod import der
+
     p7 = der.d2i_pkcs7_bio(data)
     content_type = _get(p7, "type", der.Value).data
     content = p7.fields.get("d")

@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import os
+import subprocess
 import sys
 import time
-from typing import AbstractSet, Any, Optional, Sequence
+from typing import TYPE_CHECKING
 
-from kvc import proc
 from kvc.atomic import write_json
-from kvc.errors import CommandTimeout, KvcError
+from kvc.errors import KvcError
 from kvc.kmod.config import ModprobeConfig, load_config
 from kvc.kmod.kernel.libkmod import LibkmodView
 from kvc.kmod.kernel.live import LiveKernel
@@ -49,6 +48,9 @@ from kvc.kmod.modprobe import Modprobe
 from kvc.kmod.names import modname_from_path
 from kvc.kmod.paths import HostPaths
 from kvc.loader import LoadStep, Origin, plan_load
+
+if TYPE_CHECKING:
+    from typing import AbstractSet, Any, Optional, Sequence
 
 RESULT_SCHEMA = 1
 SMOKE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -282,7 +284,7 @@ def _insert_steps(steps: Sequence[LoadStep], kernel: StoryKernel) -> bool:
 def _modaliases() -> list[tuple[str, str]]:
     """(device, modalias) of every device on every bus, as udev sees them at coldplug."""
     found = []
-    for path in sorted(glob.glob("/sys/bus/*/devices/*/modalias")):
+    for path in sorted(os.path.join(device, "modalias") for device in _device_dirs("/sys/bus")):
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
                 alias = handle.read().strip()
@@ -291,6 +293,22 @@ def _modaliases() -> list[tuple[str, str]]:
         if alias:
             found.append((os.path.dirname(path), alias))
     return found
+
+
+def _device_dirs(buses: str) -> list[str]:
+    """``BUSES/*/devices/*`` (what glob would give, without importing glob and re)."""
+    found = []
+    for bus in _listdir(buses):
+        devices = os.path.join(buses, bus, "devices")
+        found += [os.path.join(devices, name) for name in _listdir(devices)]
+    return found
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return [name for name in os.listdir(path) if not name.startswith(".")]
+    except OSError:
+        return []
 
 
 def _coldplug(engine: Modprobe, kernel: StoryKernel, instance_modules: Sequence[str]) -> dict[str, Any]:
@@ -334,15 +352,18 @@ def _smoke(command: str, image_root: str, tools: str, timeout: float, log: Kerne
     path = f"{tools}:{SMOKE_PATH}" if tools else SMOKE_PATH
     started = time.monotonic()
     result: dict[str, Any] = {"command": command, "in_image": bool(image_root)}
+    environment = {**os.environ, "PATH": path, "HOME": "/root", "TERM": "dumb", "LANG": "C.UTF-8"}
     try:
-        done = proc.run(
-            argv, check=False, timeout=timeout, env={"PATH": path, "HOME": "/root", "TERM": "dumb", "LANG": "C.UTF-8"}
+        # subprocess, not kvc.proc: its command logging (kvc -v) is the host's, and logging would
+        # be the biggest of the agent's imports, paid at every start under emulation.
+        done = subprocess.run(
+            argv, capture_output=True, text=True, errors="replace", timeout=timeout, env=environment, check=False
         )
         result.update(exit_code=done.returncode, stdout=done.stdout, stderr=done.stderr, timed_out=False)
-    except CommandTimeout:
+    except subprocess.TimeoutExpired:
         result.update(exit_code=None, stdout="", stderr=f"did not finish in {timeout:g} s", timed_out=True)
-    except KvcError as exc:
-        result.update(exit_code=127, stdout="", stderr=exc.brief, timed_out=False)
+    except FileNotFoundError:
+        result.update(exit_code=127, stdout="", stderr=f"{argv[0]}: command not found", timed_out=False)
     result["seconds"] = round(time.monotonic() - started, 3)
     outcome = "timed out" if result["timed_out"] else f"exit {result['exit_code']}"
     result["log"] = story.step(f"smoke test: {outcome}", log)

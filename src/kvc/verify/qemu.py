@@ -41,13 +41,17 @@ class Platform:
     tcg_cpu: str
     console: str  # the board's serial port, as the guest kernel names it
     hint: str
+    tcg_append: str = ""  # kernel arguments for an emulated guest only
 
 
 PLATFORMS = {
     # Emulated, the CPU has RDRAND: with it (random.trust_cpu) the guest kernel's RNG is ready at
     # boot, where the first getrandom() or /dev/urandom read -- Python's start -- would otherwise
     # wait 1-2 s for the kernel's jitter entropy.
-    Arch.AMD64: Platform(QEMU, "q35", "qemu64,+rdrand", "ttyS0", QEMU_HINT),
+    # TCG has no TSC-deadline timer, so the kernel would calibrate the local APIC timer against
+    # another clock for 0.1-0.2 s of its boot; without it (noapictimer) the HPET ticks, and nothing
+    # in the guest needs per-CPU timers (it has one CPU). KVM's guest has the deadline timer.
+    Arch.AMD64: Platform(QEMU, "q35", "qemu64,+rdrand", "ttyS0", QEMU_HINT, tcg_append="noapictimer"),
     # cortex-a57, not "max": max emulates pointer authentication, which makes the guest's boot
     # 4-5 times slower under TCG. The virt board's console is its PL011 UART.
     Arch.ARM64: Platform(
@@ -106,6 +110,7 @@ class GuestMachine:
                 f"if=pflash,format=raw,unit=1,file={self.firmware_vars}",
             ]
         argv += ["-cpu", "host" if self.accel == "kvm" else platform.tcg_cpu]
+        append = f"{self.append} {platform.tcg_append}" if self.accel != "kvm" and platform.tcg_append else self.append
         argv += [
             "-m",
             f"{self.memory_mb}M",
@@ -125,7 +130,7 @@ class GuestMachine:
             "-initrd",
             self.initrd,
             "-append",
-            self.append,
+            append,
         ]
         for share in self.shares:
             options = [f"local,path={share.path}", f"mount_tag={share.tag}", "security_model=none", "multidevs=remap"]

@@ -18,8 +18,7 @@ import errno
 import os
 import re
 import struct
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from kvc.kmod import compression as _compression
 from kvc.kmod.elf import ElfFile
@@ -142,8 +141,7 @@ LOG_ERR = 3
 LOG_INFO = 6
 
 
-@dataclass(frozen=True)
-class LibkmodLog:
+class LibkmodLog(NamedTuple):
     """One message libkmod logs: priority, source file, line and function (as kmod 30 built by
     Debian reports them) and the text, which ends with a newline like kmod's."""
 

@@ -4,8 +4,8 @@ of the module syscalls, and :class:`KernelError`, the kernel's refusal."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Protocol, Union
+from types import MappingProxyType
+from typing import Mapping, NamedTuple, Optional, Protocol, Union
 
 from kvc.kmod.module import ModuleFile
 
@@ -38,8 +38,7 @@ class KernelError(Exception):
         return os.strerror(self.errno)
 
 
-@dataclass(frozen=True)
-class LoadedModule:
+class LoadedModule(NamedTuple):
     """One ``/proc/modules`` line (kernel/module/procfs.c). ``users`` are the modules using this
     one, newest first, as the kernel lists them. On a kernel without module unloading the line
     reads ``- -``: ``unload`` is False and ``refcnt`` 0."""
@@ -59,8 +58,7 @@ class LoadedModule:
         return self.users
 
 
-@dataclass(frozen=True)
-class ModuleState:
+class ModuleState(NamedTuple):
     """What ``/sys/module/NAME`` says about one module. ``initstate`` is None for a directory
     without that file (a built-in module with parameters); ``holders`` are in readdir order."""
 
@@ -70,7 +68,7 @@ class ModuleState:
     holders: tuple[str, ...]
     coresize: Optional[int]
     taint: str
-    parameters: Mapping[str, str] = field(default_factory=dict)
+    parameters: Mapping[str, str] = MappingProxyType({})
     initsize: Optional[int] = None
     version: Optional[str] = None
     srcversion: Optional[str] = None

@@ -406,7 +406,7 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
     names = [step.name for step in done]
     if record_path is not None:
         try:
-            _record_loaded(record_path, plan, done)
+            _record_loaded(record_path, plan, done, kernel.boot_id())
         except OSError:
             # No space or a read-only /var/lib/kvc: without the record unload could not tell what
             # this load pulled in, so it is taken back (the error says why).
@@ -417,27 +417,32 @@ def execute_load(plan: LoadPlan, kernel: Kernel, record_path: Optional[str]) -> 
     return names
 
 
-def _record_loaded(path: str, plan: LoadPlan, done: Sequence[LoadStep]) -> None:
+def _record_loaded(path: str, plan: LoadPlan, done: Sequence[LoadStep], boot: Optional[str]) -> None:
     """Remember which in-tree modules this instance pulled in, so unload can drop them again."""
-    previous = read_loaded_record(path)
+    previous = read_loaded_record(path, boot)
     in_tree = [s.name for s in done if s.origin is Origin.IN_TREE]
-    record = {
-        "schema": 1,
-        "kernel": plan.kernel_release,
-        "in_tree": sorted(set(previous.get("in_tree", [])) | set(in_tree)),
-    }
+    _write_loaded_record(path, plan.kernel_release, boot, set(previous.get("in_tree", [])) | set(in_tree))
+
+
+def _write_loaded_record(path: str, kernel_release: str, boot: Optional[str], in_tree: AbstractSet[str]) -> None:
+    record = {"schema": 1, "kernel": kernel_release, "boot": boot, "in_tree": sorted(in_tree)}
     # Not synced: it tells what is loaded in the running kernel, which a power loss takes with it
     # (a torn or missing record reads as none). The boot path saves two fsyncs, about 10 ms.
     write_json(path, record, volatile=True)
 
 
-def read_loaded_record(path: str) -> dict[str, list[str]]:
+def read_loaded_record(path: str, boot: Optional[str]) -> dict[str, list[str]]:
+    """The loaded record of this boot (``boot``: the kernel's boot id); one a host left behind
+    when it went down without an unload is another boot's, and names nothing loaded now by kvc
+    (an in-tree module it lists may have been loaded by someone else since)."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError):
         return {}
-    in_tree = data.get("in_tree", []) if isinstance(data, dict) else []
+    if not isinstance(data, dict) or (boot is not None and data.get("boot") != boot):
+        return {}
+    in_tree = data.get("in_tree", [])
     return {"in_tree": [str(name) for name in in_tree if isinstance(name, str)]}
 
 
@@ -478,7 +483,7 @@ def plan_unload(
                 details="\n".join(held),
                 hint="unload the users first, or pass --force",
             )
-    pulled_in = read_loaded_record(record_path).get("in_tree", []) if record_path is not None else []
+    pulled_in = read_loaded_record(record_path, kernel.boot_id()).get("in_tree", []) if record_path else []
     in_tree = tuple(name for name in reversed(pulled_in) if name in loaded and name not in ours)
     return UnloadPlan(instance, kernel_release, tuple(order), absent, in_tree)
 
@@ -510,7 +515,7 @@ def execute_unload(plan: UnloadPlan, kernel: Kernel, *, force: bool, record_path
                         kernel.remove(name, 0)
                         still_needed.remove(name)
                         removed_one = True
-        write_json(record_path, {"schema": 1, "kernel": plan.kernel_release, "in_tree": sorted(still_needed)})
+        _write_loaded_record(record_path, plan.kernel_release, kernel.boot_id(), set(still_needed))
     if failures:
         raise LoadError(
             f"could not unload every module of {plan.instance}",

@@ -183,3 +183,34 @@ def test_the_keys_parse_and_refuse_what_is_not_a_module_or_a_device() -> None:
         with pytest.raises(ConfigError) as refused:
             InstanceConfig.from_values("x", "x.conf", {**BASE, key: value})
         assert message in refused.value.brief
+
+
+def test_a_load_record_left_by_another_boot_names_nothing_of_this_one(
+    tmp_path: Path, indexed_kernel_tree: DebianKernel, fake_kernel: FakeKernel
+) -> None:
+    """A host that went down without an unload leaves its load record behind. After the reboot an
+    in-tree module it names may be loaded by someone else before kvc: kvc neither merges the old
+    record into the new one nor unloads that module as its own."""
+    release = indexed_kernel_tree.release
+    moddir = ModuleDirectory(str(indexed_kernel_tree.moddir))
+    user = module(tmp_path, indexed_kernel_tree, "user_mod")
+    record = tmp_path / "loaded.json"
+    execute_load(
+        plan_load("demo", release, [user], {}, fake_kernel, moddir, intree_modules=("crc-itu-t",)),
+        fake_kernel,
+        str(record),
+    )
+    assert plan_unload("demo", release, ["user_mod"], fake_kernel, record_path=str(record)).in_tree == ("crc_itu_t",)
+    # The reboot: a new kernel (a new boot id), in which another loader loads crc_itu_t first.
+    before = fake_kernel.boot_id()
+    rebooted = FakeKernel.create(HostPaths(str(tmp_path / "root")), release, symvers=str(indexed_kernel_tree.symvers))
+    assert before is not None and rebooted.boot_id() not in (None, before)
+    rebooted.insert(str(indexed_kernel_tree.moddir / "kernel" / "lib" / "crc-itu-t.ko"))
+    assert plan_unload("demo", release, ["user_mod"], rebooted, record_path=str(record)).in_tree == ()
+    plan = plan_load("demo", release, [user], {}, rebooted, moddir, intree_modules=("crc-itu-t",))
+    assert [step.name for step in plan.steps] == ["user_mod"]
+    execute_load(plan, rebooted, str(record))
+    unload = plan_unload("demo", release, ["user_mod"], rebooted, record_path=str(record))
+    assert (unload.names, unload.in_tree) == (("user_mod",), ())
+    execute_unload(unload, rebooted, force=False, record_path=str(record))
+    assert "crc_itu_t" in {entry.name for entry in rebooted.loaded_modules()}

@@ -3,7 +3,8 @@
 Under a root (``KVC_ROOT``) it keeps what the kernel shows about modules, in the kernel's own
 formats, so that kmod's tools read the same state as ours:
 
-* ``proc/modules`` (kernel/module/procfs.c), ``proc/sys/kernel/{osrelease,tainted,modules_disabled}``;
+* ``proc/modules`` (kernel/module/procfs.c), ``proc/sys/kernel/{osrelease,tainted,modules_disabled}``,
+  ``proc/sys/kernel/random/boot_id`` (new for every fake kernel made);
 * ``sys/module/NAME/{initstate,refcnt,coresize,initsize,taint,version,srcversion}``,
   ``holders/`` (links to the users) and ``parameters/`` (each parameter with a non-zero mode,
   showing its value as the kernel's ``param_get_*`` prints it);
@@ -44,6 +45,7 @@ import re
 import shutil
 import stat
 import struct
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -64,6 +66,7 @@ from kvc.kmod.kernel.protocol import (
 from kvc.kmod.kernel.readers import (
     Export,
     parse_proc_modules,
+    read_boot_id,
     read_module_state,
     read_symvers_exports,
     read_system_map_exports,
@@ -629,6 +632,7 @@ class FakeKernel(SyscallKernel):
         os.makedirs(paths.sys_module, exist_ok=True)
         write_file(paths.host("/proc/sys/kernel/osrelease"), release + "\n", volatile=True)
         write_file(paths.host("/proc/sys/kernel/modules_disabled"), "0\n", volatile=True)
+        write_file(paths.host("/proc/sys/kernel/random/boot_id"), f"{uuid.uuid4()}\n", 0o444, volatile=True)
         write_file(
             os.path.join(kernel.state_dir, "config.json"),
             json.dumps(asdict(config), indent=2) + "\n",
@@ -755,6 +759,9 @@ class FakeKernel(SyscallKernel):
         return int(self._load()["taint"])
 
     # -- the Kernel protocol ------------------------------------------------------------------
+
+    def boot_id(self) -> Optional[str]:
+        return read_boot_id(self.paths)
 
     def elf_machine(self) -> int:
         return self.config.machine

@@ -13,6 +13,7 @@ from kvc.kmod.kernel.libkmod import SyscallKernel
 from kvc.kmod.kernel.protocol import LoadedModule, ModuleState
 from kvc.kmod.kernel.readers import (
     parse_proc_modules,
+    read_boot_id,
     read_module_state,
     read_symvers,
     read_system_map_exports,
@@ -93,6 +94,9 @@ class LiveKernel(SyscallKernel):
 
     def release(self) -> str:
         return self.paths.kernel_release()
+
+    def boot_id(self) -> Optional[str]:
+        return read_boot_id(self.paths)
 
     def elf_machine(self) -> Optional[int]:
         return _ELF_MACHINES.get(os.uname().machine)

@@ -8,6 +8,7 @@ import re
 from typing import NamedTuple, Optional
 
 from kvc.kmod.kernel.protocol import LoadedModule, ModuleState
+from kvc.kmod.paths import HostPaths
 
 
 def parse_proc_modules(text: str) -> list[LoadedModule]:
@@ -38,6 +39,12 @@ def read_text(path: str) -> Optional[str]:
             return handle.read()
     except OSError:
         return None
+
+
+def read_boot_id(paths: HostPaths) -> Optional[str]:
+    """The kernel's boot id (a UUID, new at every boot), or None when it cannot be read."""
+    text = read_text(paths.host("/proc/sys/kernel/random/boot_id"))
+    return (text.strip() or None) if text is not None else None
 
 
 def _int_or_none(text: Optional[str]) -> Optional[int]:

@@ -103,8 +103,8 @@ def read_symvers_exports(path: str, owner: Optional[str] = None) -> Optional[dic
     """``Module.symvers`` as {owner: {symbol: Export}}; the owner is ``vmlinux`` for the core
     kernel, else the module's path in the tree without ``.ko`` (``drivers/net/dummy``). Lines are
     ``crc<TAB>symbol<TAB>owner<TAB>EXPORT_SYMBOL[_GPL]<TAB>namespace``. With ``owner``, only that
-    owner's lines: the boot path wants the core kernel's, and one pattern over the file's bytes
-    finds them several times faster than splitting all 25,000 lines."""
+    owner's lines: the boot path wants the core kernel's, which one pattern over the file's bytes
+    finds without decoding and splitting all 25,000 lines (15 ms against 19 ms on Debian's 6.1)."""
     if owner is not None:
         return _read_owner_exports(path, owner)
     text = read_text(path)
